@@ -1,0 +1,255 @@
+"""The bank stage on Ray Data: sampler actors feed reward actors; shards are committed as they fill.
+
+    ids --(sampler pool: the flow model, SDE/ODE)--> x --(reward pool)--> (x, reward, valid, error)
+
+The two pools are separate actor pools with their own size, CPUs and GPUs. The driver streams the
+results, writes each complete shard of ``bank.shard_size`` ids atomically, and on a rerun skips the
+shards already on disk: nothing stored is sampled or evaluated again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipelines.bankio import Bank, concat_banks, read_bank, write_atomic
+from pipelines.schema import Config, PoolConfig
+
+__all__ = ["SamplerActor", "RewardActor", "generate_bank", "pool_strategy"]
+
+
+def _seed_for(seed: int, label: str, first_id: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{label}:{first_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class SamplerActor:
+    """Ray Data callable class: ids -> samples from the flow model.
+
+    Args:
+        model: ``[ObjectRef]`` (or ``[(config, state_dict)]``) of the velocity network.
+        sampler: dict with ``kind`` (sde | ode), ``steps`` and ``grid``.
+        seed, label: the noise of a batch is a function of (seed, label, first id in the batch).
+    """
+
+    def __init__(self, model: list[Any], sampler: dict[str, Any], seed: int, label: str, dim: int):
+        import ray
+
+        from pipelines.pretrain import build_model
+
+        payload = model[0]
+        if isinstance(payload, ray.ObjectRef):
+            payload = ray.get(payload)
+        config, state = payload
+        torch.set_num_threads(1)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_model(config, state).to(self.device).eval()
+        self.sampler = dict(sampler)
+        self.seed, self.label, self.dim = seed, label, dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tfft.sampling import sample_ode, sample_sde, time_grid
+
+        ids = np.asarray(batch["data"], dtype=np.int64).reshape(-1)
+        gen = torch.Generator().manual_seed(_seed_for(self.seed, self.label, int(ids[0])))
+        x0 = torch.randn(len(ids), self.dim, generator=gen).to(self.device)
+        with torch.no_grad():
+            if self.sampler["kind"] == "sde":
+                sde_gen = torch.Generator(device=self.device).manual_seed(
+                    _seed_for(self.seed + 1, self.label, int(ids[0]))
+                )
+                x1 = sample_sde(self.model, x0, int(self.sampler["steps"]), generator=sde_gen)
+            else:
+                grid = time_grid(int(self.sampler["steps"]), kind=self.sampler["grid"]).to(self.device)
+                x1 = sample_ode(self.model, x0, grid)
+        return {"id": ids, "x": x1.cpu().numpy().astype(np.float64)}
+
+
+class RewardActor:
+    """Ray Data callable class: samples -> rewards, validity and failure reasons.
+
+    A reward that raises marks its batch invalid with error 'exception'; the run goes on.
+    """
+
+    def __init__(self, target: str, kwargs: dict[str, Any]):
+        from rewards.base import load_reward
+
+        torch.set_num_threads(1)
+        self.reward = load_reward(target, kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = np.asarray(batch["x"], dtype=np.float64)
+        n = x.shape[0]
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                out = self.reward.evaluate(torch.from_numpy(x))
+            reward = out.rewards.detach().cpu().numpy().astype(np.float64).reshape(-1)
+            valid = out.valid.cpu().numpy().astype(bool).reshape(-1) & np.isfinite(reward)
+            errors = np.asarray(out.errors if out.errors is not None else [""] * n, dtype=object)
+            errors = np.where(valid, "", np.where(errors == "", "nan", errors))
+        except Exception:  # a failing reward loses the batch's rewards, not the run
+            reward = np.full(n, np.nan)
+            valid = np.zeros(n, dtype=bool)
+            errors = np.full(n, "exception", dtype=object)
+        seconds = np.full(n, (time.perf_counter() - start) / max(n, 1))
+        reward = np.where(valid, reward, np.nan)
+        return {
+            "id": batch["id"],
+            "x": x,
+            "reward": reward,
+            "valid": valid,
+            "error": errors.astype(str),
+            "seconds": seconds,
+        }
+
+
+def pool_strategy(pool: PoolConfig) -> Any:
+    """ActorPoolStrategy of a pool config: fixed size, or autoscaling min/max."""
+    from ray.data import ActorPoolStrategy
+
+    if pool.min_size is not None:
+        return ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size)
+    return ActorPoolStrategy(size=pool.size)
+
+
+def _shard_path(directory: Path, index: int) -> Path:
+    return directory / f"shard-{index:05d}.parquet"
+
+
+def generate_bank(
+    cfg: Config,
+    model: tuple[dict[str, Any], dict[str, torch.Tensor]],
+    *,
+    size: int,
+    label: str,
+    out_path: str | Path,
+    log: Callable[[str], None] = print,
+) -> Bank:
+    """Sample ``size`` points from ``model``, score them, and write ``out_path`` (parquet).
+
+    Shards go to ``<out_path>.shards/``; shards already there are kept (resume).
+    """
+    import ray
+    import ray.data
+
+    out_path = Path(out_path)
+    if out_path.is_file():
+        bank = read_bank(out_path)
+        if len(bank) == size:
+            log(f"[bank {label}] reusing {out_path} ({size} samples)")
+            return bank
+    shard_dir = out_path.with_name(out_path.name + ".shards")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shard_size = cfg.bank.shard_size
+    n_shards = -(-size // shard_size)
+    shard_ranges = [(k * shard_size, min((k + 1) * shard_size, size)) for k in range(n_shards)]
+    done = {k for k in range(n_shards) if _shard_path(shard_dir, k).is_file()}
+    todo = [k for k in range(n_shards) if k not in done]
+    if done:
+        log(f"[bank {label}] resuming: {len(done)}/{n_shards} shards already stored")
+    if todo:
+        _run_pools(cfg, model, label, shard_dir, [shard_ranges[k] + (k,) for k in todo], size, log)
+    bank = concat_banks([read_bank(_shard_path(shard_dir, k)) for k in range(n_shards)])
+    write_atomic(bank, out_path)
+    return bank
+
+
+def _run_pools(
+    cfg: Config,
+    model: tuple[dict[str, Any], dict[str, torch.Tensor]],
+    label: str,
+    shard_dir: Path,
+    shards: list[tuple[int, int, int]],
+    size: int,
+    log: Callable[[str], None],
+) -> None:
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    sampler_pool, reward_pool = cfg.bank.sampler, cfg.bank.reward
+    block = max(1, min(sampler_pool.batch_size, shard_size_of(shards)))
+    chunks = [np.arange(a, b, dtype=np.int64) for a, b, _ in shards]
+    blocks = [c[i : i + block] for c in chunks for i in range(0, len(c), block)]
+    model_ref = ray.put(model)
+    ds = ray.data.from_numpy(blocks)
+    ds = ds.map_batches(
+        SamplerActor,
+        fn_constructor_kwargs={
+            "model": [model_ref],
+            "sampler": {"kind": cfg.sampler.kind, "steps": cfg.sampler.steps, "grid": cfg.sampler.grid},
+            "seed": cfg.seed,
+            "label": label,
+            "dim": int(model[0]["dim"]),
+        },
+        compute=pool_strategy(sampler_pool),
+        num_cpus=sampler_pool.num_cpus,
+        num_gpus=sampler_pool.num_gpus,
+        batch_size=block,
+    )
+    ds = ds.map_batches(
+        RewardActor,
+        fn_constructor_kwargs={"target": cfg.reward.target, "kwargs": dict(cfg.reward.kwargs)},
+        compute=pool_strategy(reward_pool),
+        num_cpus=reward_pool.num_cpus,
+        num_gpus=reward_pool.num_gpus,
+        batch_size=reward_pool.batch_size,
+    )
+    bounds = np.array([a for a, _, _ in shards] + [shards[-1][1]])
+    pending: dict[int, list[dict[str, np.ndarray]]] = {k: [] for _, _, k in shards}
+    filled: dict[int, int] = {k: 0 for _, _, k in shards}
+    need = {k: b - a for a, b, k in shards}
+    total = sum(need.values())
+    done_rows, invalid, start, last_print = 0, 0, time.time(), 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ids = batch["id"]
+        which = np.searchsorted(bounds, ids, side="right") - 1
+        for pos in np.unique(which):
+            a, b, k = shards[pos]
+            sel = which == pos
+            pending[k].append({key: np.asarray(val)[sel] for key, val in batch.items()})
+            filled[k] += int(sel.sum())
+            if filled[k] == need[k]:
+                parts = pending.pop(k)
+                write_atomic(_batch_to_bank(parts), _shard_path(shard_dir, k))
+        done_rows += len(ids)
+        invalid += int((~batch["valid"].astype(bool)).sum())
+        now = time.time()
+        if now - last_print > 5 or done_rows == total:
+            rate = done_rows / max(now - start, 1e-9)
+            log(
+                f"[bank {label}] {done_rows}/{total} samples, {rate:.0f} samples/s, "
+                f"{invalid} invalid so far"
+            )
+            last_print = now
+    if any(filled[k] != need[k] for k in need):
+        missing = {k: need[k] - filled[k] for k in need if filled[k] != need[k]}
+        raise RuntimeError(f"bank {label}: shards incomplete after the pipeline ran: {missing}")
+
+
+def shard_size_of(shards: list[tuple[int, int, int]]) -> int:
+    return max(b - a for a, b, _ in shards)
+
+
+def _batch_to_bank(parts: list[dict[str, np.ndarray]]) -> Bank:
+    cat = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+    return concat_banks(
+        [
+            Bank(
+                ids=cat["id"].astype(np.int64),
+                x=np.asarray(cat["x"], dtype=np.float64).reshape(len(cat["id"]), -1),
+                reward=cat["reward"].astype(np.float64),
+                valid=cat["valid"].astype(bool),
+                error=cat["error"].astype(object),
+                seconds=cat["seconds"].astype(np.float64),
+            )
+        ]
+    )

@@ -1,0 +1,93 @@
+"""Bank storage: parquet shards committed atomically, consolidated into one file per bank.
+
+A bank row is ``(id, x, reward, valid, error, seconds)``: ``x`` is a fixed-size list of d float64,
+``reward`` is NaN when ``valid`` is false and ``error`` names the reason ('' when valid).
+Shards are written to a temporary name and renamed, so a reader never sees a partial shard.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["Bank", "bank_to_table", "table_to_bank", "write_atomic", "read_bank", "concat_banks"]
+
+
+@dataclass(frozen=True)
+class Bank:
+    """Samples with rewards. Shapes: ids (n,), x (n, d), reward (n,), valid (n,), error (n,), seconds (n,)."""
+
+    ids: np.ndarray
+    x: np.ndarray
+    reward: np.ndarray
+    valid: np.ndarray
+    error: np.ndarray
+    seconds: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.valid.sum())
+
+    def failure_counts(self) -> dict[str, int]:
+        """Invalid samples per reason."""
+        reasons, counts = np.unique(self.error[~self.valid], return_counts=True)
+        return {str(r) or "unknown": int(c) for r, c in zip(reasons, counts)}
+
+
+def bank_to_table(bank: Bank) -> pa.Table:
+    d = bank.x.shape[1]
+    flat = pa.array(np.ascontiguousarray(bank.x, dtype=np.float64).reshape(-1))
+    return pa.table(
+        {
+            "id": pa.array(bank.ids.astype(np.int64)),
+            "x": pa.FixedSizeListArray.from_arrays(flat, d),
+            "reward": pa.array(bank.reward.astype(np.float64)),
+            "valid": pa.array(bank.valid.astype(bool)),
+            "error": pa.array([str(e) for e in bank.error], type=pa.string()),
+            "seconds": pa.array(bank.seconds.astype(np.float64)),
+        }
+    )
+
+
+def table_to_bank(table: pa.Table) -> Bank:
+    x_col = table.column("x").combine_chunks()
+    d = x_col.type.list_size
+    x = x_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    return Bank(
+        ids=table.column("id").to_numpy(),
+        x=x,
+        reward=table.column("reward").to_numpy(zero_copy_only=False).astype(np.float64),
+        valid=table.column("valid").to_numpy(zero_copy_only=False).astype(bool),
+        error=np.asarray(table.column("error").to_pylist(), dtype=object),
+        seconds=table.column("seconds").to_numpy(zero_copy_only=False).astype(np.float64),
+    )
+
+
+def write_atomic(bank: Bank, path: str | Path) -> None:
+    """Write ``bank`` to ``path`` so that the file appears complete or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(bank_to_table(bank), tmp)
+    os.replace(tmp, path)
+
+
+def read_bank(path: str | Path) -> Bank:
+    return table_to_bank(pq.read_table(path))
+
+
+def concat_banks(banks: list[Bank]) -> Bank:
+    """Concatenate banks and sort by id."""
+    if not banks:
+        raise ValueError("no banks to concatenate")
+    cat = {f: np.concatenate([getattr(b, f) for b in banks]) for f in Bank.__dataclass_fields__}
+    order = np.argsort(cat["ids"], kind="stable")
+    return Bank(**{k: v[order] for k, v in cat.items()})

@@ -1,0 +1,191 @@
+"""Load, merge and validate configuration before anything expensive starts.
+
+``load_config(path, overrides)`` merges the schema defaults, a YAML file and ``key=value`` overrides,
+then :func:`validate` checks values and import paths. Every problem raises :class:`ConfigError` with
+one line naming the offending key; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipelines.schema import Config
+
+__all__ = ["ConfigError", "load_config", "validate", "to_yaml", "to_flat_dict", "from_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        return f"unknown config key '{key}'" if key else msg
+    return f"bad value for '{key}': {msg}" if key else msg
+
+
+def _merge(sources: Sequence[Any]) -> Config:
+    base = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(base, *sources)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults <- YAML file at ``path`` <- ``key=value`` overrides; validated."""
+    sources: list[Any] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            sources.append(OmegaConf.load(p))
+        except Exception as exc:
+            raise ConfigError(f"cannot parse config file '{path}': {exc}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        key = item.split("=", 1)[0].strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has no key")
+    if overrides:
+        try:
+            sources.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_explain(exc)) from None
+    cfg = _merge(sources)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A Config from a plain nested dict (e.g. a saved ``config.yaml``), validated."""
+    cfg = _merge([OmegaConf.create(values)])
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {message}")
+
+
+def _check_pool(prefix: str, pool: Any) -> None:
+    _require(pool.size >= 1, f"{prefix}.size", f"must be >= 1, got {pool.size}")
+    _require(pool.num_cpus >= 0, f"{prefix}.num_cpus", f"must be >= 0, got {pool.num_cpus}")
+    _require(pool.num_gpus >= 0, f"{prefix}.num_gpus", f"must be >= 0, got {pool.num_gpus}")
+    _require(pool.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {pool.batch_size}")
+    if (pool.min_size is None) != (pool.max_size is None):
+        raise ConfigError(f"'{prefix}.min_size' and '{prefix}.max_size' must be set together")
+    if pool.min_size is not None:
+        _require(
+            1 <= pool.min_size <= pool.max_size,
+            f"{prefix}.min_size",
+            f"must satisfy 1 <= min_size <= max_size, got {pool.min_size} and {pool.max_size}",
+        )
+
+
+def validate(cfg: Config, *, check_imports: bool = True) -> None:
+    """Check every value's range and that import paths resolve. Raises :class:`ConfigError`."""
+    obj = cfg.objective
+    _require(obj.kind in ("mean", "cvar"), "objective.kind", f"must be 'mean' or 'cvar', got {obj.kind!r}")
+    _require(obj.side in ("right", "left"), "objective.side", f"must be 'right' or 'left', got {obj.side!r}")
+    _require(
+        math.isfinite(obj.alpha) and 0.0 < obj.alpha <= 1.0,
+        "objective.alpha",
+        f"must be in (0, 1], got {obj.alpha}",
+    )
+    _require(
+        math.isfinite(obj.kl_weight) and obj.kl_weight > 0.0,
+        "objective.kl_weight",
+        f"must be > 0, got {obj.kl_weight}",
+    )
+    _require(cfg.sampler.kind in ("sde", "ode"), "sampler.kind", f"must be 'sde' or 'ode', got {cfg.sampler.kind!r}")
+    _require(cfg.sampler.steps >= 1, "sampler.steps", f"must be >= 1, got {cfg.sampler.steps}")
+    _require(
+        cfg.sampler.grid in ("uniform", "quadratic"),
+        "sampler.grid",
+        f"must be 'uniform' or 'quadratic', got {cfg.sampler.grid!r}",
+    )
+    _require(cfg.model.hidden >= 1, "model.hidden", f"must be >= 1, got {cfg.model.hidden}")
+    _require(cfg.model.depth >= 1, "model.depth", f"must be >= 1, got {cfg.model.depth}")
+    _require(cfg.model.time_features >= 2, "model.time_features", f"must be >= 2, got {cfg.model.time_features}")
+    pre = cfg.pretrain
+    _require(pre.n_samples >= 1, "pretrain.n_samples", f"must be >= 1, got {pre.n_samples}")
+    _require(pre.steps >= 0, "pretrain.steps", f"must be >= 0, got {pre.steps}")
+    _require(pre.batch_size >= 1, "pretrain.batch_size", f"must be >= 1, got {pre.batch_size}")
+    _require(pre.lr > 0, "pretrain.lr", f"must be > 0, got {pre.lr}")
+    _require(cfg.bank.size >= 2, "bank.size", f"must be >= 2, got {cfg.bank.size}")
+    _require(cfg.bank.shard_size >= 1, "bank.shard_size", f"must be >= 1, got {cfg.bank.shard_size}")
+    _check_pool("bank.sampler", cfg.bank.sampler)
+    _check_pool("bank.reward", cfg.bank.reward)
+    _require(cfg.eval.size >= 2, "eval.size", f"must be >= 2, got {cfg.eval.size}")
+    ft = cfg.finetune
+    _require(
+        ft.solver in ("auto", "adjoint", "weighted"),
+        "finetune.solver",
+        f"must be 'auto', 'adjoint' or 'weighted', got {ft.solver!r}",
+    )
+    _require(ft.steps >= 0, "finetune.steps", f"must be >= 0, got {ft.steps}")
+    _require(ft.num_workers >= 1, "finetune.num_workers", f"must be >= 1, got {ft.num_workers}")
+    _require(
+        ft.batch_size >= ft.num_workers,
+        "finetune.batch_size",
+        f"must be >= finetune.num_workers ({ft.num_workers}), got {ft.batch_size}",
+    )
+    _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
+    _require(ft.sde_steps >= 2, "finetune.sde_steps", f"must be >= 2, got {ft.sde_steps}")
+    _require(0 < ft.late_fraction <= 1, "finetune.late_fraction", f"must be in (0, 1], got {ft.late_fraction}")
+    _require(ft.n_early >= 0, "finetune.n_early", f"must be >= 0, got {ft.n_early}")
+    _require(ft.cpus_per_worker > 0, "finetune.cpus_per_worker", f"must be > 0, got {ft.cpus_per_worker}")
+    _require(ft.log_every >= 1, "finetune.log_every", f"must be >= 1, got {ft.log_every}")
+    _require(ft.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {ft.checkpoint_every}")
+    _require(ft.max_failures >= 0, "finetune.max_failures", f"must be >= 0, got {ft.max_failures}")
+    _require(cfg.threshold.refine_rounds >= 0, "threshold.refine_rounds", "must be >= 0")
+    if check_imports:
+        from rewards.base import import_object, load_reward
+
+        try:
+            source = import_object(cfg.data.source)
+        except ValueError as exc:
+            raise ConfigError(f"'data.source': {exc}") from None
+        _require(callable(source), "data.source", f"{cfg.data.source!r} is not callable")
+        try:
+            load_reward(cfg.reward.target, cfg.reward.kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"'reward.target': {exc}") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_flat_dict(cfg: Config) -> dict[str, Any]:
+    """``{"objective.alpha": 0.1, ...}``: the resolved config flattened (for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            if not node and prefix:
+                out[prefix] = "{}"
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return out
+
+
+def as_dictconfig(cfg: Config) -> DictConfig:
+    return OmegaConf.structured(cfg)

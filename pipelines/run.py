@@ -1,0 +1,210 @@
+"""``tfft run``: config -> base model -> base bank -> threshold -> fine-tune -> evaluate -> record.
+
+Every stage leaves its result in the output directory, and a rerun with the same ``--out`` reuses
+what is there: bank shards, the fine-tuning checkpoints, the final bank.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipelines.bank import generate_bank
+from pipelines.bankio import Bank
+from pipelines.config import ConfigError, to_flat_dict, to_yaml
+from pipelines.finetune import run_finetune
+from pipelines.plots import plot_rewards, plot_samples
+from pipelines.pretrain import load_or_pretrain
+from pipelines.raysession import connect
+from pipelines.schema import Config
+from pipelines.summary import flatten_stats, format_table
+from pipelines.tracking import open_run, resolve_tracking_uri
+from rewards.base import load_reward
+from tfft.tail import Threshold, cvar, solve_threshold
+from tfft.target import summarize, target_summary, tilt_weights
+
+__all__ = ["run_pipeline", "objective_of", "choose_solver"]
+
+
+def objective_of(cfg: Config, threshold: Threshold | None) -> dict[str, Any]:
+    """The pseudo-reward's parameters: eta None means the plain expected reward (objective.kind=mean)."""
+    if cfg.objective.kind == "mean" or threshold is None:
+        return {"eta": None, "side": "right", "alpha": 1.0, "kl_weight": cfg.objective.kl_weight}
+    return {
+        "eta": threshold.eta,
+        "side": cfg.objective.side,
+        "alpha": cfg.objective.alpha,
+        "kl_weight": cfg.objective.kl_weight,
+    }
+
+
+def choose_solver(cfg: Config) -> str:
+    """adjoint when the reward has gradients, else weighted; an explicit choice is checked."""
+    differentiable = bool(load_reward(cfg.reward.target, cfg.reward.kwargs).differentiable)
+    solver = cfg.finetune.solver
+    if solver == "auto":
+        return "adjoint" if differentiable else "weighted"
+    if solver == "adjoint" and not differentiable:
+        raise ConfigError(
+            f"'finetune.solver' is 'adjoint' but reward {cfg.reward.target!r} has no gradients; "
+            "use 'weighted' or 'auto'"
+        )
+    return solver
+
+
+def _prepare_out(cfg: Config, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_yaml(cfg)
+    path = out / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        raise ConfigError(
+            f"'--out {out}' holds a run with a different config.yaml; choose a new --out to start over"
+        )
+    path.write_text(text)
+
+
+def run_pipeline(cfg: Config, out: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage; returns the summary dict (also written to ``out/summary.json``)."""
+    out = Path(out).resolve()
+    solver = choose_solver(cfg)  # config problems surface before Ray starts
+    _prepare_out(cfg, out)
+    started = time.time()
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    run = open_run(tracking_uri, cfg.tracking.experiment, out.name, enabled=cfg.tracking.enabled)
+    run.log_params(to_flat_dict(cfg))
+    if run.enabled:
+        log(f"[mlflow] run {run.run_id} in {tracking_uri}")
+    try:
+        summary = _stages(cfg, out, solver, run, log)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    summary["wall_seconds"] = time.time() - started
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.log_artifact(out / "summary.json")
+    run.finish()
+    log(format_table(summary))
+    return summary
+
+
+def _stages(cfg: Config, out: Path, solver: str, run: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    base = load_or_pretrain(cfg, log=log)
+    connect(cfg.ray, log=log)
+    base_bank = generate_bank(
+        cfg, (base.config, base.state_dict), size=cfg.bank.size, label="base", out_path=out / "bank_base.parquet", log=log
+    )
+    if base_bank.n_valid < 2:
+        raise RuntimeError(f"the base bank has {base_bank.n_valid} valid samples; the threshold needs at least 2")
+    threshold = None
+    if cfg.objective.kind == "cvar":
+        threshold = solve_threshold(
+            base_bank.reward,
+            side=cfg.objective.side,
+            alpha=cfg.objective.alpha,
+            kl_weight=cfg.objective.kl_weight,
+            valid=base_bank.valid,
+        )
+        log(
+            f"[threshold] eta* = {threshold.eta:.4f}, J = {threshold.value:.4f}, ESS = {threshold.ess:.0f}, "
+            f"active fraction = {threshold.active_fraction:.3f} ({threshold.n_invalid} invalid samples excluded)"
+        )
+        if threshold.ess < cfg.threshold.ess_warning:
+            log(
+                f"[threshold] WARNING: ESS {threshold.ess:.0f} < {cfg.threshold.ess_warning:.0f}: the bank sees the "
+                "target poorly; target statistics are unreliable (raise bank.size or kl_weight)"
+            )
+        run.log_metrics({f"threshold.{k}": v for k, v in threshold.to_dict().items()})
+    objective = objective_of(cfg, threshold)
+    tilt = tilt_weights(base_bank.reward, valid=base_bank.valid, **objective)
+
+    ckpt_dir = out / "checkpoint"
+    model_path = ckpt_dir / "model.pt"
+    if model_path.is_file():
+        log(f"[finetune] reusing {model_path}")
+        state = torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
+    else:
+        weighted = solver == "weighted"
+        result = run_finetune(
+            name="finetune",
+            storage_path=str(out / "train"),
+            model_config=base.config,
+            base_state=base.state_dict,
+            objective=objective,
+            finetune=cfg.finetune,
+            reward_target=cfg.reward.target,
+            reward_kwargs=dict(cfg.reward.kwargs),
+            seed=cfg.seed,
+            solver=solver,
+            bank_x=base_bank.x[base_bank.valid] if weighted else None,
+            bank_weights=tilt[base_bank.valid] if weighted else None,
+            mlflow=run.worker_args(),
+            log=log,
+        )
+        state = result.state_dict
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp = model_path.with_suffix(".tmp")
+        torch.save({"config": base.config, "state_dict": state, "solver": solver, "objective": objective}, tmp)
+        tmp.replace(model_path)
+    final_bank = generate_bank(
+        cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet", log=log
+    )
+    return _record(cfg, out, run, base_bank, final_bank, threshold, objective, solver)
+
+
+def _record(
+    cfg: Config,
+    out: Path,
+    run: Any,
+    base_bank: Bank,
+    final_bank: Bank,
+    threshold: Threshold | None,
+    objective: dict[str, Any],
+    solver: str,
+) -> dict[str, Any]:
+    base_stats = summarize(base_bank.reward, valid=base_bank.valid).to_dict()
+    final_stats = summarize(final_bank.reward, valid=final_bank.valid).to_dict()
+    target_stats = target_summary(base_bank.reward, valid=base_bank.valid, **objective).to_dict()
+    summary: dict[str, Any] = {
+        "threshold": threshold.to_dict() if threshold is not None else None,
+        "base": base_stats,
+        "finetuned": final_stats,
+        "target": target_stats,
+        "objective": {"kind": cfg.objective.kind, **objective},
+        "solver": solver,
+        "sampler": cfg.sampler.kind,
+        "failures": {"base": base_bank.failure_counts(), "final": final_bank.failure_counts()},
+    }
+    metrics: dict[str, float] = {}
+    for name in ("base", "finetuned", "target"):
+        metrics.update(flatten_stats(name, summary[name]))
+    run.log_metrics(metrics, step=cfg.finetune.steps)
+    side, alpha = (cfg.objective.side, cfg.objective.alpha) if cfg.objective.kind == "cvar" else ("right", 0.1)
+    plot_rewards(
+        out / "rewards.png",
+        base_bank.reward[base_bank.valid],
+        final_bank.reward[final_bank.valid],
+        eta=objective["eta"],
+        side=side,
+        alpha=alpha,
+        cvar_base=cvar(base_bank.reward[base_bank.valid], side=side, alpha=alpha),
+        cvar_finetuned=cvar(final_bank.reward[final_bank.valid], side=side, alpha=alpha),
+        title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={cfg.objective.kl_weight:g}",
+    )
+    run.log_artifact(out / "rewards.png")
+    if base_bank.x.shape[1] == 2:
+        plot_samples(
+            out / "samples.png",
+            base_bank.x,
+            final_bank.x,
+            base_bank.reward,
+            final_bank.reward,
+            title=f"{cfg.objective.kind} {side} alpha={alpha:g} kl_weight={cfg.objective.kl_weight:g}",
+        )
+        run.log_artifact(out / "samples.png")
+    return summary

@@ -1,0 +1,135 @@
+"""The reward interface: a batch of samples in, rewards and a validity mask out.
+
+Every reward the pipeline sees is a :class:`Reward`. A user may instead give a plain function
+``f(x: Tensor (n, d), **kwargs) -> Tensor (n,)``; :func:`load_reward` wraps it in a
+:class:`FunctionReward` whose gradient comes from autograd. Rewards are loaded from config by import
+path ``package.module:Name`` plus keyword arguments, and must be picklable (they travel to Ray actors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["RewardBatch", "Reward", "FunctionReward", "import_object", "load_reward"]
+
+
+@dataclass(frozen=True)
+class RewardBatch:
+    """Rewards of one batch.
+
+    Attributes:
+        rewards: (n,) float64; NaN where the sample is invalid.
+        valid: (n,) bool; False where the reward could not be computed (failure, NaN, bad sample).
+        errors: per-sample failure reason ('' when valid), or None when every sample is valid.
+    """
+
+    rewards: torch.Tensor
+    valid: torch.Tensor
+    errors: list[str] | None = None
+
+
+class Reward:
+    """Base class of rewards (higher is better).
+
+    Subclasses implement :meth:`evaluate`. Set ``differentiable = True`` when :meth:`evaluate` is
+    differentiable by autograd with respect to ``x`` (then adjoint matching can use it); otherwise the
+    pipeline fine-tunes with the gradient-free weighted solver. ``version`` enters the reward's identity
+    (caching): bump it whenever the reward's values change.
+    """
+
+    name: str = "reward"
+    version: str = "1"
+    differentiable: bool = False
+
+    def evaluate(self, x: torch.Tensor) -> RewardBatch:  # pragma: no cover - interface
+        """x: (n, d) float tensor -> :class:`RewardBatch` of n rewards."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> RewardBatch:
+        return self.evaluate(x)
+
+    def evaluate_with_grad(self, x: torch.Tensor) -> tuple[RewardBatch, torch.Tensor]:
+        """Rewards and their gradient d r / d x, shape (n, d); rows of invalid samples are zero."""
+        if not self.differentiable:
+            raise TypeError(f"reward {self.name!r} has no gradients (differentiable = False)")
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.evaluate(x)
+            valid = out.valid & torch.isfinite(out.rewards)
+            if bool(valid.any()):
+                (grad,) = torch.autograd.grad(out.rewards[valid].sum(), x, allow_unused=True)
+                grad = torch.zeros_like(x) if grad is None else grad
+            else:
+                grad = torch.zeros_like(x)
+        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad)).detach()
+        batch = RewardBatch(out.rewards.detach(), valid, out.errors)
+        return batch, grad
+
+
+class FunctionReward(Reward):
+    """Wraps ``f(x: Tensor (n, d), **kwargs) -> Tensor (n,)``; non-finite outputs mark invalid samples."""
+
+    differentiable = True
+
+    def __init__(self, fn: Callable[..., torch.Tensor], name: str | None = None, **kwargs: Any):
+        self.fn = fn
+        self.kwargs = kwargs
+        self.name = name or f"{fn.__module__}:{fn.__qualname__}"
+
+    def evaluate(self, x: torch.Tensor) -> RewardBatch:
+        out = self.fn(x, **self.kwargs)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(out, dtype=torch.float64)
+        out = out.reshape(-1)
+        if out.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"reward {self.name!r} returned {out.shape[0]} values for a batch of {x.shape[0]} samples"
+            )
+        valid = torch.isfinite(out.detach())
+        errors = None if bool(valid.all()) else ["" if v else "nan" for v in valid.tolist()]
+        return RewardBatch(out, valid, errors)
+
+
+def import_object(path: str) -> Any:
+    """Import ``package.module:attr`` (``attr`` may be dotted). Raises ValueError with the path."""
+    if not isinstance(path, str) or ":" not in path:
+        raise ValueError(f"import path {path!r} must look like 'package.module:Name'")
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or an error raised while importing the module
+        raise ValueError(f"cannot import module {module_name!r} of {path!r}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (import path {path!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_reward(target: str, kwargs: dict[str, Any] | None = None) -> Reward:
+    """Build the reward named by ``target`` with ``kwargs``.
+
+    A :class:`Reward` subclass is instantiated with the kwargs; a plain function is wrapped in
+    :class:`FunctionReward` (kwargs passed on each call); a ready :class:`Reward` instance is returned.
+    """
+    kwargs = dict(kwargs or {})
+    obj = import_object(target)
+    if inspect.isclass(obj):
+        if not issubclass(obj, Reward):
+            raise ValueError(f"reward class {target!r} must subclass rewards.base.Reward")
+        try:
+            return obj(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"reward {target!r} rejected reward.kwargs {kwargs}: {exc}") from exc
+    if isinstance(obj, Reward):
+        if kwargs:
+            raise ValueError(f"reward {target!r} is an instance; it takes no reward.kwargs")
+        return obj
+    if callable(obj):
+        return FunctionReward(obj, name=target, **kwargs)
+    raise ValueError(f"reward {target!r} is neither a Reward class nor a function")

@@ -1,0 +1,90 @@
+"""The built-in 2-D task: a base distribution whose reward has a body, a rare peak and a failure region.
+
+Base data (the pretraining distribution, a Gaussian mixture in R^2):
+
+| component | weight | mean | std | reward there |
+|---|---|---|---|---|
+| body | 0.75 | (0, 0) | 0.8 | about +1 (moderate) |
+| failures | 0.15 | (-2.5, -1.5) | 0.5 | about -5 (very low) |
+| frontier | 0.10 | (2.0, 1.5) | 0.6 | rises to about +8 at a narrow peak at (2.3, 1.8) |
+
+Reward (smooth, differentiable everywhere):
+
+    r(x) = 1 - 0.1 ||x||^2 - 6 exp(-||x - m_F||^2 / (2 * 0.9^2)) + 8 exp(-||x - m_P||^2 / (2 * 0.5^2))
+
+So mean fine-tuning drifts the whole distribution towards higher reward, right-CVaR fine-tuning piles
+mass onto the rare peak, and left-CVaR fine-tuning empties the failure region and leaves the rest alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rewards.base import Reward, RewardBatch
+
+__all__ = ["sample_base", "tail_reward", "TailReward2D", "COMPONENTS"]
+
+# (weight, mean, std) of the base mixture.
+COMPONENTS: tuple[tuple[float, tuple[float, float], float], ...] = (
+    (0.75, (0.0, 0.0), 0.8),
+    (0.15, (-2.5, -1.5), 0.5),
+    (0.10, (2.0, 1.5), 0.6),
+)
+_FAILURE_CENTRE = (-2.5, -1.5)
+_PEAK_CENTRE = (2.3, 1.8)
+
+
+def sample_base(n: int, seed: int) -> np.ndarray:
+    """Draw n pretraining samples, shape (n, 2), deterministically from ``seed``."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = np.random.default_rng(seed)
+    weights = np.array([c[0] for c in COMPONENTS])
+    which = rng.choice(len(COMPONENTS), size=n, p=weights / weights.sum())
+    means = np.array([c[1] for c in COMPONENTS])[which]
+    stds = np.array([c[2] for c in COMPONENTS])[which]
+    return means + stds[:, None] * rng.standard_normal((n, 2))
+
+
+def tail_reward(
+    x: torch.Tensor,
+    *,
+    failure_depth: float = 6.0,
+    peak_height: float = 8.0,
+    peak_width: float = 0.5,
+) -> torch.Tensor:
+    """r(x) for x of shape (n, 2) -> (n,); differentiable."""
+    failure = torch.as_tensor(_FAILURE_CENTRE, dtype=x.dtype, device=x.device)
+    peak = torch.as_tensor(_PEAK_CENTRE, dtype=x.dtype, device=x.device)
+    d_fail = ((x - failure) ** 2).sum(-1)
+    d_peak = ((x - peak) ** 2).sum(-1)
+    return (
+        1.0
+        - 0.1 * (x**2).sum(-1)
+        - failure_depth * torch.exp(-d_fail / (2 * 0.9**2))
+        + peak_height * torch.exp(-d_peak / (2 * peak_width**2))
+    )
+
+
+class TailReward2D(Reward):
+    """The 2-D task's reward as a :class:`Reward` (differentiable; kwargs as in :func:`tail_reward`)."""
+
+    name = "toy2d"
+    version = "1"
+    differentiable = True
+
+    def __init__(self, failure_depth: float = 6.0, peak_height: float = 8.0, peak_width: float = 0.5):
+        if peak_width <= 0:
+            raise ValueError(f"peak_width must be > 0, got {peak_width}")
+        self.failure_depth = float(failure_depth)
+        self.peak_height = float(peak_height)
+        self.peak_width = float(peak_width)
+
+    def evaluate(self, x: torch.Tensor) -> RewardBatch:
+        if x.ndim != 2 or x.shape[1] != 2:
+            raise ValueError(f"TailReward2D expects samples of shape (n, 2), got {tuple(x.shape)}")
+        r = tail_reward(
+            x, failure_depth=self.failure_depth, peak_height=self.peak_height, peak_width=self.peak_width
+        )
+        return RewardBatch(r, torch.isfinite(r.detach()))

@@ -1,0 +1,172 @@
+"""Flow model, flow-matching loss and a closed-form Gaussian velocity (DESIGN.md sections 2, 6, 7).
+
+Conventions (DESIGN.md section 2): t = 0 is noise x0 ~ N(0, I), t = 1 is data, and the linear (rectified-flow)
+interpolant is x_t = t x1 + (1 - t) x0, whose conditional velocity is x1 - x0. A velocity field is any
+`nn.Module` or callable `velocity(x: Tensor (n, d), t: Tensor (n,)) -> Tensor (n, d)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "VelocityField",
+    "VelocityMLP",
+    "GaussianVelocity",
+    "flow_matching_loss",
+    "gaussian_velocity_coefficient",
+]
+
+VelocityField = Callable[[Tensor, Tensor], Tensor]
+"""`velocity(x (n, d), t (n,)) -> (n, d)`; an `nn.Module` qualifies."""
+
+
+def _expand_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """Broadcast a time (scalar, (1,), (n,) or (n, 1)) to shape (n,) on x's device and dtype."""
+    t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() > 1:
+        raise ValueError(f"t must be a scalar or have shape (n,), got {tuple(t.shape)}")
+    return t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
+def gaussian_velocity_coefficient(t: Tensor) -> Tensor:
+    """c(t) = (2t - 1) / (t^2 + (1 - t)^2), the slope of the exact velocity for data N(m, I) (DESIGN.md section 6).
+
+    With x_t = t x1 + (1 - t) x0, x1 ~ N(m, I): Cov(x1 - x0, x_t) = (2t - 1) I and Var(x_t) = (t^2 + (1-t)^2) I,
+    so E[x1 - x0 | x_t = x] = m + c(t) (x - t m).
+    """
+    return (2.0 * t - 1.0) / (t * t + (1.0 - t) * (1.0 - t))
+
+
+class VelocityMLP(nn.Module):
+    """SiLU MLP velocity v_theta(x, t) on [x, phi(t)] with a Fourier time embedding phi.
+
+    phi(t) = [sin(w_j t), cos(w_j t)]_{j < F/2}, frequencies w_j geometric in [1, 100] (t lives in [0, 1]).
+    `self.config` holds the constructor arguments so that `VelocityMLP(**model.config)` rebuilds the architecture.
+
+    Args:
+        dim: data dimension d.
+        hidden: width of the hidden layers.
+        depth: number of hidden layers (>= 1).
+        time_features: F, size of the time embedding (even, >= 2).
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_features: int = 16) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if time_features < 2 or time_features % 2:
+            raise ValueError(f"time_features must be an even number >= 2, got {time_features}")
+        self.config: dict[str, int] = {
+            "dim": dim,
+            "hidden": hidden,
+            "depth": depth,
+            "time_features": time_features,
+        }
+        half = time_features // 2
+        self.register_buffer("frequencies", torch.exp(torch.linspace(0.0, math.log(100.0), half)))
+        layers: list[nn.Module] = [nn.Linear(dim + time_features, hidden), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        layers.append(nn.Linear(hidden, dim))
+        self.net = nn.Sequential(*layers)
+
+    def time_embedding(self, t: Tensor) -> Tensor:
+        """phi(t): (n,) -> (n, F)."""
+        angles = t[:, None] * self.frequencies[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """v_theta(x, t): x (n, d), t scalar or (n,) -> (n, d)."""
+        t = _expand_time(t, x)
+        return self.net(torch.cat([x, self.time_embedding(t)], dim=1))
+
+
+class GaussianVelocity(nn.Module):
+    """Exact velocity for data N(m, I): v(x, t) = m + c(t) (x - t m), c(t) = (2t - 1)/(t^2 + (1 - t)^2).
+
+    With `mean=None` (m = 0) this is the closed-form base of DESIGN.md section 6, v(x, t) = c(t) x, valid in any
+    dimension. It has no parameters; it is a module so that it can stand in for a trained model anywhere.
+
+    Args:
+        mean: m, shape (d,), or None for m = 0.
+    """
+
+    def __init__(self, mean: Tensor | Sequence[float] | None = None) -> None:
+        super().__init__()
+        mean_tensor = None if mean is None else torch.as_tensor(mean, dtype=torch.get_default_dtype())
+        if mean_tensor is not None and mean_tensor.dim() != 1:
+            raise ValueError(f"mean must have shape (d,), got {tuple(mean_tensor.shape)}")
+        self.mean: Tensor | None
+        self.register_buffer("mean", mean_tensor)
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """v(x, t): x (n, d), t scalar or (n,) -> (n, d)."""
+        t = _expand_time(t, x)[:, None]
+        slope = gaussian_velocity_coefficient(t)
+        if self.mean is None:
+            return slope * x
+        mean = self.mean.to(device=x.device, dtype=x.dtype)
+        return mean + slope * (x - t * mean)
+
+
+def flow_matching_loss(
+    velocity: VelocityField,
+    x1: Tensor,
+    *,
+    weights: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    t: Tensor | None = None,
+    x0: Tensor | None = None,
+) -> Tensor:
+    """Rectified-flow conditional flow-matching loss, optionally weighted (DESIGN.md sections 2 and 7).
+
+    L = sum_i w_i || v(x_t_i, t_i) - (x1_i - x0_i) ||^2,   x_t_i = t_i x1_i + (1 - t_i) x0_i,
+    with fresh t_i ~ U(0, 1) and x0_i ~ N(0, I); w_i = 1/n without weights, otherwise the given non-negative
+    weights normalised to sum to 1 (the weighted flow matching of section 7 with w_i ∝ exp(g(x_i)/gamma)).
+
+    Draw order with a generator: t = rand(n), then x0 = randn(n, d), so a seeded call is reproducible.
+
+    Args:
+        velocity: v(x (n, d), t (n,)) -> (n, d).
+        x1: data samples, (n, d).
+        weights: optional non-negative sample weights, (n,); need not be normalised.
+        generator: optional torch.Generator for t and x0.
+        t: optional fixed times, (n,), instead of fresh U(0, 1) draws.
+        x0: optional fixed noise, (n, d), instead of fresh N(0, I) draws.
+
+    Returns:
+        Scalar loss.
+    """
+    if x1.dim() != 2:
+        raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
+    n = x1.shape[0]
+    if t is None:
+        t = torch.rand(n, generator=generator, device=x1.device, dtype=x1.dtype)
+    if x0 is None:
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    if t.shape != (n,) or x0.shape != x1.shape:
+        raise ValueError(f"t must be (n,) and x0 (n, d); got {tuple(t.shape)} and {tuple(x0.shape)}")
+    x_t = t[:, None] * x1 + (1.0 - t[:, None]) * x0
+    squared_error = (velocity(x_t, t) - (x1 - x0)).pow(2).sum(dim=1)
+    if weights is None:
+        return squared_error.mean()
+    if weights.shape != (n,):
+        raise ValueError(f"weights must have shape (n,) = ({n},), got {tuple(weights.shape)}")
+    if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights must be finite and non-negative")
+    total = weights.sum()
+    if not bool(total > 0):
+        raise ValueError("weights must not all be zero")
+    weights = (weights / total).to(dtype=squared_error.dtype)
+    return (weights * squared_error).sum()
