@@ -88,7 +88,7 @@ class RewardActor:
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                out = self.reward.evaluate(torch.from_numpy(x))
+                out = self.reward.evaluate(torch.from_numpy(x.copy()))
             reward = out.rewards.detach().cpu().numpy().astype(np.float64).reshape(-1)
             valid = out.valid.cpu().numpy().astype(bool).reshape(-1) & np.isfinite(reward)
             errors = np.asarray(out.errors if out.errors is not None else [""] * n, dtype=object)

@@ -143,6 +143,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
         f"must be >= finetune.num_workers ({ft.num_workers}), got {ft.batch_size}",
     )
     _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
+    _require(ft.grad_clip > 0, "finetune.grad_clip", f"must be > 0, got {ft.grad_clip}")
     _require(ft.sde_steps >= 2, "finetune.sde_steps", f"must be >= 2, got {ft.sde_steps}")
     _require(0 < ft.late_fraction <= 1, "finetune.late_fraction", f"must be in (0, 1], got {ft.late_fraction}")
     _require(ft.n_early >= 0, "finetune.n_early", f"must be >= 0, got {ft.n_early}")

@@ -39,7 +39,7 @@ def _objective_terms(rewards: torch.Tensor, objective: dict[str, Any]) -> torch.
     )
 
 
-def _batch_metrics(rewards: np.ndarray, valid: np.ndarray, active: np.ndarray, alpha: float) -> list[float]:
+def _batch_metrics(rewards: np.ndarray, valid: np.ndarray, active: np.ndarray) -> list[float]:
     """Sums that can be all-reduced: [n, n_valid, sum reward, n_active]."""
     r = rewards[valid]
     return [float(len(valid)), float(valid.sum()), float(r.sum()) if r.size else 0.0, float(active.sum())]
@@ -56,6 +56,9 @@ def train_loop(config: dict[str, Any]) -> None:
     from tfft.adjoint import adjoint_matching_step
     from tfft.model import flow_matching_loss
 
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.ERROR)  # one progress line per report, from rank 0
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -115,7 +118,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 n_early=config["n_early"],
                 generator=gen,
             )
-            batch_stats = _batch_metrics(stash["reward"], stash["valid"], stash["active"], objective["alpha"])
+            batch_stats = _batch_metrics(stash["reward"], stash["valid"], stash["active"])
         else:
             idx = torch.multinomial(bank_w, local_batch, replacement=True, generator=torch.Generator().manual_seed(
                 config["seed"] * 100_003 + step * 1009 + rank))
@@ -143,6 +146,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["active_fraction"] = n_active / max(n_valid, 1)
             sums[:] = 0
             save = step % config["checkpoint_every"] == 0 or step == config["steps"]
+            if rank == 0:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
+                print(f"[finetune] step {step}/{config['steps']}: {shown}", flush=True)
             if tracker is not None:
                 tracker.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
             if save and rank == 0:
@@ -176,7 +182,7 @@ def run_finetune(
     log: Callable[[str], None] = print,
 ) -> FinetuneResult:
     """Run the TorchTrainer; rerunning with the same ``(storage_path, name)`` resumes its checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     loop_config = {
@@ -196,7 +202,7 @@ def run_finetune(
         "n_early": finetune.n_early,
         "log_every": finetune.log_every,
         "checkpoint_every": finetune.checkpoint_every,
-        "grad_clip": 10.0,
+        "grad_clip": finetune.grad_clip,
         "threads": max(1, int(finetune.cpus_per_worker)),
         "bank_x": bank_x,
         "bank_weights": bank_weights,
@@ -216,6 +222,9 @@ def run_finetune(
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=finetune.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Train's INFO lines repeat every report, and without the dashboard its placement-group
+            # cleaner warns every few seconds that the state API is down; rank 0 prints progress instead.
+            logging_config=LoggingConfig(log_level="ERROR"),
         ),
     )
     log(

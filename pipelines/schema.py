@@ -119,21 +119,22 @@ class FinetuneConfig:
 
     ``solver``: adjoint (adjoint matching, needs reward gradients) | weighted (weighted flow matching on
     the bank, DESIGN §7) | auto (adjoint when the reward is differentiable). ``batch_size`` is global
-    (split over workers). ``sde_steps``, ``late_fraction``, ``n_early``: adjoint-matching trajectory and
+    (split over workers); ``grad_clip`` caps the gradient norm. ``sde_steps``, ``late_fraction``, ``n_early``: adjoint-matching trajectory and
     time-step subset. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every`` steps.
     """
 
     solver: str = "auto"
-    steps: int = 400
-    batch_size: int = 256
-    lr: float = 1e-3
+    steps: int = 600
+    batch_size: int = 512
+    lr: float = 3e-3
+    grad_clip: float = 1000.0
     sde_steps: int = 40
     late_fraction: float = 0.25
     n_early: int = 10
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    log_every: int = 10
+    log_every: int = 25
     checkpoint_every: int = 100
     max_failures: int = 2
 

@@ -6,11 +6,11 @@ Base data (the pretraining distribution, a Gaussian mixture in R^2):
 |---|---|---|---|---|
 | body | 0.75 | (0, 0) | 0.8 | about +1 (moderate) |
 | failures | 0.15 | (-2.5, -1.5) | 0.5 | about -5 (very low) |
-| frontier | 0.10 | (2.0, 1.5) | 0.6 | rises to about +8 at a narrow peak at (2.3, 1.8) |
+| frontier | 0.10 | (2.0, 1.5) | 0.6 | rises to about +7 at a peak at (2.2, 1.7) |
 
 Reward (smooth, differentiable everywhere):
 
-    r(x) = 1 - 0.1 ||x||^2 - 6 exp(-||x - m_F||^2 / (2 * 0.9^2)) + 8 exp(-||x - m_P||^2 / (2 * 0.5^2))
+    r(x) = 1 - 0.1 ||x||^2 - 6 exp(-||x - m_F||^2 / (2 * 0.9^2)) + 7 exp(-||x - m_P||^2 / (2 * 0.7^2))
 
 So mean fine-tuning drifts the whole distribution towards higher reward, right-CVaR fine-tuning piles
 mass onto the rare peak, and left-CVaR fine-tuning empties the failure region and leaves the rest alone.
@@ -32,7 +32,7 @@ COMPONENTS: tuple[tuple[float, tuple[float, float], float], ...] = (
     (0.10, (2.0, 1.5), 0.6),
 )
 _FAILURE_CENTRE = (-2.5, -1.5)
-_PEAK_CENTRE = (2.3, 1.8)
+_PEAK_CENTRE = (2.2, 1.7)
 
 
 def sample_base(n: int, seed: int) -> np.ndarray:
@@ -51,8 +51,8 @@ def tail_reward(
     x: torch.Tensor,
     *,
     failure_depth: float = 6.0,
-    peak_height: float = 8.0,
-    peak_width: float = 0.5,
+    peak_height: float = 7.0,
+    peak_width: float = 0.7,
 ) -> torch.Tensor:
     """r(x) for x of shape (n, 2) -> (n,); differentiable."""
     failure = torch.as_tensor(_FAILURE_CENTRE, dtype=x.dtype, device=x.device)
@@ -74,7 +74,7 @@ class TailReward2D(Reward):
     version = "1"
     differentiable = True
 
-    def __init__(self, failure_depth: float = 6.0, peak_height: float = 8.0, peak_width: float = 0.5):
+    def __init__(self, failure_depth: float = 6.0, peak_height: float = 7.0, peak_width: float = 0.7):
         if peak_width <= 0:
             raise ValueError(f"peak_width must be > 0, got {peak_width}")
         self.failure_depth = float(failure_depth)
