@@ -151,7 +151,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(ft.log_every >= 1, "finetune.log_every", f"must be >= 1, got {ft.log_every}")
     _require(ft.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {ft.checkpoint_every}")
     _require(ft.max_failures >= 0, "finetune.max_failures", f"must be >= 0, got {ft.max_failures}")
-    _require(cfg.threshold.refine_rounds >= 0, "threshold.refine_rounds", "must be >= 0")
+    _require(cfg.threshold.ess_warning >= 0, "threshold.ess_warning", "must be >= 0")
     if check_imports:
         from rewards.base import import_object, load_reward
 

@@ -11,6 +11,7 @@ worker group continues from the latest checkpoint.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -58,7 +59,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     import logging
 
-    logging.getLogger("ray.train").setLevel(logging.ERROR)  # one progress line per report, from rank 0
+    # Train logs every report at INFO; rank 0 prints one progress line per report instead.
+    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -148,7 +151,9 @@ def train_loop(config: dict[str, Any]) -> None:
             save = step % config["checkpoint_every"] == 0 or step == config["steps"]
             if rank == 0:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
-                print(f"[finetune] step {step}/{config['steps']}: {shown}", flush=True)
+                # sys.stdout directly: Train's patched print() would echo the line twice
+                sys.stdout.write(f"[finetune] step {step}/{config['steps']}: {shown}\n")
+                sys.stdout.flush()
             if tracker is not None:
                 tracker.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
             if save and rank == 0:

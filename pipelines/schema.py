@@ -70,7 +70,7 @@ class ObjectiveConfig:
     kind: str = "cvar"
     side: str = "right"
     alpha: float = 0.1
-    kl_weight: float = 1.0
+    kl_weight: float = 10.0
 
 
 @dataclass
@@ -141,10 +141,8 @@ class FinetuneConfig:
 
 @dataclass
 class ThresholdConfig:
-    """``refine_rounds``: rounds of threshold refinement from the fine-tuned model (DESIGN §5);
-    ``ess_warning``: warn when the ESS of the tilt weights is below this."""
+    """``ess_warning``: warn when the ESS of the bank's tilt weights is below this."""
 
-    refine_rounds: int = 0
     ess_warning: float = 1000.0
 
 

@@ -1,0 +1,72 @@
+"""Config: merge order, validation messages naming the key, exit code 2 before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import ConfigError, from_dict, load_config, to_flat_dict, to_yaml
+
+CONFIGS = sorted((Path(__file__).parents[2] / "tune_configs").glob("*.yaml"))
+
+
+def test_defaults_file_and_overrides_merge_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("objective:\n  alpha: 0.2\n  side: left\nbank:\n  size: 100\n")
+    cfg = load_config(path, ["objective.alpha=0.05", "reward.kwargs.peak_height=3"])
+    assert cfg.objective.alpha == 0.05 and cfg.objective.side == "left"
+    assert cfg.bank.size == 100 and cfg.eval.size == 20_000
+    assert cfg.reward.kwargs == {"peak_height": 3}
+    assert from_dict(__import__("yaml").safe_load(to_yaml(cfg))) == cfg
+    assert to_flat_dict(cfg)["objective.alpha"] == 0.05
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("objective.alhpa=0.1", "objective.alhpa"),
+        ("objective.alpha=0", "objective.alpha"),
+        ("objective.alpha=1.5", "objective.alpha"),
+        ("objective.kl_weight=0", "objective.kl_weight"),
+        ("objective.kl_weight=-2", "objective.kl_weight"),
+        ("objective.side=up", "objective.side"),
+        ("objective.kind=median", "objective.kind"),
+        ("reward.target=nonexistent_mod:R", "reward.target"),
+        ("data.source=rewards.toy2d:nothing", "data.source"),
+        ("bank.size=abc", "bank.size"),
+        ("bank.reward.num_cpus=-1", "bank.reward.num_cpus"),
+        ("finetune.solver=magic", "finetune.solver"),
+    ],
+)
+def test_bad_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, [override])
+
+
+def test_cli_config_error_is_one_line_and_exit_code_2(capsys, tmp_path):
+    import ray
+
+    code = main(["run", str(CONFIGS[0]), "objective.alpha=2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "objective.alpha" in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_config_prints_resolved_yaml(capsys):
+    assert main(["config", str(CONFIGS[0]), "seed=7"]) == 0
+    assert "seed: 7" in capsys.readouterr().out
+
+
+def test_cli_rejects_stray_arguments():
+    with pytest.raises(SystemExit) as exc:
+        main(["config", str(CONFIGS[0]), "--bogus"])
+    assert exc.value.code == 2

@@ -1,0 +1,166 @@
+"""End to end on the 2-D task: mean, right-CVaR and left-CVaR fine-tuning through the whole pipeline.
+
+One local Ray session for the module. Sizes are the shipped configs' own (20k banks, 600 steps), so
+the comparison is the one a user sees; the module takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.bankio import read_bank
+from pipelines.cli import main
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).parents[2]
+STAT_KEYS = {"n", "n_valid", "mean", "cvar_right", "cvar_left"}
+LEVELS = {"0.05", "0.1", "0.2"}
+
+USER_MODULE = '''
+import numpy as np
+import torch
+
+def source(n, seed):
+    return np.random.default_rng(seed).normal(size=(n, 3))
+
+def reward(x):
+    return -((x - 1.0) ** 2).sum(-1)
+'''
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A shared Ray session whose workers see a user module on PYTHONPATH, plus shared stores."""
+    import ray
+
+    from pipelines.raysession import connect
+    from pipelines.schema import RayConfig
+
+    root = tmp_path_factory.mktemp("e2e")
+    user_dir = root / "user_modules"
+    user_dir.mkdir()
+    (user_dir / "my_task.py").write_text(USER_MODULE)
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(user_dir), old) if p)
+    sys.path.insert(0, str(user_dir))
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(RayConfig(num_cpus=2))
+    common = [f"pretrain.cache_dir={root / 'cache'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"]
+    yield {"root": root, "common": common, "uri": f"sqlite:///{root / 'mlflow.db'}"}
+    ray.shutdown()
+    sys.path.remove(str(user_dir))
+    os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def runs(env):
+    """Run the three shipped 2-D configs; returns {name: (out_dir, summary)}."""
+    out = {}
+    for name in ("mean", "right", "left"):
+        out_dir = env["root"] / name
+        code = main(["run", str(ROOT / f"tune_configs/toy2d_{name}.yaml"), "--out", str(out_dir), *env["common"]])
+        assert code == 0
+        out[name] = (out_dir, json.loads((out_dir / "summary.json").read_text()))
+    return out
+
+
+def test_outputs_follow_the_contract(runs):
+    for name, (out_dir, summary) in runs.items():
+        for f in ("config.yaml", "bank_base.parquet", "bank_final.parquet", "summary.json", "rewards.png", "samples.png"):
+            assert (out_dir / f).is_file(), f"{name}: {f} missing"
+        assert (out_dir / "checkpoint" / "model.pt").is_file()
+        for block in ("base", "finetuned", "target"):
+            stats = summary[block]
+            assert STAT_KEYS <= set(stats)
+            assert set(stats["cvar_right"]) == LEVELS and set(stats["cvar_left"]) == LEVELS
+            assert stats["n"] == stats["n_valid"] == 20_000
+        if name == "mean":
+            assert summary["threshold"] is None
+        else:
+            assert set(summary["threshold"]) == {"eta", "value", "tail_mass", "ess", "active_fraction"}
+            assert summary["threshold"]["tail_mass"] == pytest.approx(0.1, abs=0.01)
+        bank = read_bank(out_dir / "bank_final.parquet")
+        assert len(bank) == 20_000 and sorted(bank.ids.tolist()) == list(range(20_000))
+
+
+def test_each_tail_objective_beats_the_expected_reward_model_on_its_side(runs):
+    mean, right, left = runs["mean"][1], runs["right"][1], runs["left"][1]
+    assert right["finetuned"]["cvar_right"]["0.1"] > mean["finetuned"]["cvar_right"]["0.1"]
+    assert left["finetuned"]["cvar_left"]["0.1"] > mean["finetuned"]["cvar_left"]["0.1"]
+    # and every fine-tuned model improved its own objective over the base model
+    assert right["finetuned"]["cvar_right"]["0.1"] > right["base"]["cvar_right"]["0.1"]
+    assert left["finetuned"]["cvar_left"]["0.1"] > left["base"]["cvar_left"]["0.1"]
+    assert mean["finetuned"]["mean"] > mean["base"]["mean"]
+
+
+def test_fine_tuned_statistics_match_the_exact_target(runs):
+    for name, side in (("right", "right"), ("left", "left")):
+        out_dir, summary = runs[name]
+        base = read_bank(out_dir / "bank_base.parquet")
+        reward_range = float(np.ptp(base.reward[base.valid]))
+        assert summary["threshold"]["ess"] > 1000
+        got = summary["finetuned"][f"cvar_{side}"]["0.1"]
+        want = summary["target"][f"cvar_{side}"]["0.1"]
+        assert abs(got - want) <= 0.1 * reward_range, (name, got, want, reward_range)
+    mean = runs["mean"][1]
+    assert abs(mean["finetuned"]["mean"] - mean["target"]["mean"]) <= 0.1 * reward_range
+
+
+def test_mlflow_holds_params_step_metrics_and_artifacts(runs, env):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["uri"])
+    exp = client.get_experiment_by_name("tfft")
+    found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    for name in ("mean", "right", "left"):
+        run = found[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["objective.kind"] == ("mean" if name == "mean" else "cvar")
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert len({m.step for m in history}) >= 5
+        for key in ("mean_reward", "active_fraction", "finetuned.cvar_right_0.1", "target.cvar_left_0.1"):
+            assert key in run.data.metrics, (name, key)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"summary.json", "rewards.png", "samples.png"} <= artifacts
+
+
+def test_rerun_with_same_out_reuses_every_stage(runs, env, capsys):
+    out_dir, before = runs["right"]
+    mtime = (out_dir / "bank_final.parquet").stat().st_mtime
+    assert main(["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), *env["common"]]) == 0
+    text = capsys.readouterr().out
+    assert "[bank base] reusing" in text and "[finetune] reusing" in text and "[bank final] reusing" in text
+    after = json.loads((out_dir / "summary.json").read_text())
+    assert after["finetuned"] == before["finetuned"] and after["threshold"] == before["threshold"]
+    assert (out_dir / "bank_final.parquet").stat().st_mtime == mtime
+
+
+def test_changed_config_in_same_out_is_refused(runs, env, capsys):
+    out_dir, _ = runs["left"]
+    args = ["run", str(ROOT / "tune_configs/toy2d_left.yaml"), "--out", str(out_dir), "objective.alpha=0.2"]
+    assert main([*args, *env["common"]]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_plain_function_reward_and_data_source_from_pythonpath(env):
+    """A user module on PYTHONPATH: 3-D data source and a plain torch function as the reward."""
+    out_dir = env["root"] / "user"
+    args = [
+        "run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir),
+        "data.source=my_task:source", "reward.target=my_task:reward",
+        "bank.size=1000", "eval.size=1000", "pretrain.steps=200", "finetune.steps=20", "finetune.log_every=5",
+        *env["common"],
+    ]
+    assert main(args) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 1000
+    assert read_bank(out_dir / "bank_final.parquet").x.shape == (1000, 3)
+    assert not (out_dir / "samples.png").exists()  # only 2-D tasks get the scatter
