@@ -94,7 +94,7 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
         loss.backward()
         opt.step()
         sched.step()
-        running += float(loss)
+        running += float(loss.detach())
         if step % report_every == 0 or step == steps:
             n = report_every if step % report_every == 0 else step % report_every
             log(f"[pretrain] step {step}/{steps} loss {running / n:.4f} ({time.time() - start:.0f}s)")
