@@ -20,16 +20,16 @@ from pipelines.bankio import Bank
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
 from pipelines.plots import plot_rewards, plot_samples
-from pipelines.pretrain import load_or_pretrain
+from pipelines.pretrain import BaseModel, load_or_pretrain
 from pipelines.raysession import connect
 from pipelines.schema import Config
 from pipelines.summary import flatten_stats, format_table
-from pipelines.tracking import open_run, resolve_tracking_uri
+from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import load_reward
 from tfft.tail import Threshold, cvar, solve_threshold
 from tfft.target import summarize, target_summary, tilt_weights
 
-__all__ = ["run_pipeline", "objective_of", "choose_solver"]
+__all__ = ["run_pipeline", "prepare_base", "solve_objective", "run_from_bank", "objective_of", "choose_solver"]
 
 
 def objective_of(cfg: Config, threshold: Threshold | None) -> dict[str, Any]:
@@ -94,6 +94,12 @@ def run_pipeline(cfg: Config, out: str | Path, *, log: Callable[[str], None] = p
 
 
 def _stages(cfg: Config, out: Path, solver: str, run: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    base, base_bank = prepare_base(cfg, out, log=log)
+    return run_from_bank(cfg, out, base, base_bank, run=run, solver=solver, log=log)
+
+
+def prepare_base(cfg: Config, out: Path, *, log: Callable[[str], None] = print) -> tuple[BaseModel, Bank]:
+    """The pretrained base model (cached) and its bank ``out/bank_base.parquet`` (resumable)."""
     base = load_or_pretrain(cfg, log=log)
     connect(cfg.ray, log=log)
     base_bank = generate_bank(
@@ -101,6 +107,13 @@ def _stages(cfg: Config, out: Path, solver: str, run: Any, log: Callable[[str], 
     )
     if base_bank.n_valid < 2:
         raise RuntimeError(f"the base bank has {base_bank.n_valid} valid samples; the threshold needs at least 2")
+    return base, base_bank
+
+
+def solve_objective(
+    cfg: Config, base_bank: Bank, *, run: Any = None, log: Callable[[str], None] = print
+) -> tuple[Threshold | None, dict[str, Any]]:
+    """Threshold eta* on the bank's valid rewards (None for objective.kind=mean) and the pseudo-reward params."""
     threshold = None
     if cfg.objective.kind == "cvar":
         threshold = solve_threshold(
@@ -119,10 +132,27 @@ def _stages(cfg: Config, out: Path, solver: str, run: Any, log: Callable[[str], 
                 f"[threshold] WARNING: ESS {threshold.ess:.0f} < {cfg.threshold.ess_warning:.0f}: the bank sees the "
                 "target poorly; target statistics are unreliable (raise bank.size or kl_weight)"
             )
-        run.log_metrics({f"threshold.{k}": v for k, v in threshold.to_dict().items()})
-    objective = objective_of(cfg, threshold)
-    tilt = tilt_weights(base_bank.reward, valid=base_bank.valid, **objective)
+        if run is not None:  # a TrackedRun (possibly disabled)
+            run.log_metrics({f"threshold.{k}": v for k, v in threshold.to_dict().items()})
+    return threshold, objective_of(cfg, threshold)
 
+
+def run_from_bank(
+    cfg: Config,
+    out: Path,
+    base: BaseModel,
+    base_bank: Bank,
+    *,
+    run: TrackedRun,
+    solver: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Threshold -> fine-tune -> evaluate -> record, from an existing base bank, into ``out``.
+
+    Each stage's result in ``out`` (``checkpoint/model.pt``, ``bank_final.parquet``) is reused on a rerun.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    threshold, objective = solve_objective(cfg, base_bank, run=run, log=log)
     ckpt_dir = out / "checkpoint"
     model_path = ckpt_dir / "model.pt"
     if model_path.is_file():
@@ -130,6 +160,7 @@ def _stages(cfg: Config, out: Path, solver: str, run: Any, log: Callable[[str], 
         state = torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
     else:
         weighted = solver == "weighted"
+        tilt = tilt_weights(base_bank.reward, valid=base_bank.valid, **objective) if weighted else None
         result = run_finetune(
             name="finetune",
             storage_path=str(out / "train"),
