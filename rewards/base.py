@@ -26,11 +26,14 @@ class RewardBatch:
         rewards: (n,) float64; NaN where the sample is invalid.
         valid: (n,) bool; False where the reward could not be computed (failure, NaN, bad sample).
         errors: per-sample failure reason ('' when valid), or None when every sample is valid.
+            Reasons used by the pipeline: 'timeout', 'crash', 'nan', 'malformed', 'exception'.
+        attempts: (n,) int, calls that each sample took (retries included), or None (one each).
     """
 
     rewards: torch.Tensor
     valid: torch.Tensor
     errors: list[str] | None = None
+    attempts: torch.Tensor | None = None
 
 
 class Reward:
