@@ -71,41 +71,74 @@ class SamplerActor:
 
 
 class RewardActor:
-    """Ray Data callable class: samples -> rewards, validity and failure reasons.
+    """Ray Data callable class: samples -> rewards, validity, failure reasons, attempts, timing.
 
-    A reward that raises marks its batch invalid with error 'exception'; the run goes on.
+    Rewards already in the persistent cache are not evaluated again. The rest are scored by the robust
+    engine (chunks of ``call_size``, ``max_in_flight`` calls at once, retries with back-off, bisection of
+    failing chunks): a failing reward marks samples invalid with a reason and the run goes on.
     """
 
-    def __init__(self, target: str, kwargs: dict[str, Any]):
+    def __init__(self, target: str, kwargs: dict[str, Any], pool: dict[str, Any], cache_dir: str | None):
+        from pipelines.reward_cache import RewardCache, reward_identity
         from rewards.base import load_reward
 
         torch.set_num_threads(1)
         self.reward = load_reward(target, kwargs)
+        self.pool = dict(pool)
+        self.cache = None
+        if cache_dir:
+            identity = reward_identity(target, kwargs, getattr(self.reward, "version", "1"))
+            self.cache = RewardCache(cache_dir, identity)
+
+    def _score(self, x: np.ndarray) -> Any:
+        from rewards.simulator import evaluate_reward_robust
+
+        if hasattr(self.reward, "evaluate_detailed"):  # e.g. an external command: it has its own settings
+            return self.reward.evaluate_detailed(x)
+        return evaluate_reward_robust(
+            self.reward,
+            x,
+            batch_size=self.pool["call_size"] or len(x),
+            max_in_flight=self.pool["max_in_flight"],
+            retries=self.pool["retries"],
+            backoff_s=self.pool["backoff_s"],
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = np.asarray(batch["x"], dtype=np.float64)
+        from pipelines.reward_cache import sample_keys
+
+        x = np.array(batch["x"], dtype=np.float64)
         n = x.shape[0]
-        start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                out = self.reward.evaluate(torch.from_numpy(x.copy()))
-            reward = out.rewards.detach().cpu().numpy().astype(np.float64).reshape(-1)
-            valid = out.valid.cpu().numpy().astype(bool).reshape(-1) & np.isfinite(reward)
-            errors = np.asarray(out.errors if out.errors is not None else [""] * n, dtype=object)
-            errors = np.where(valid, "", np.where(errors == "", "nan", errors))
-        except Exception:  # a failing reward loses the batch's rewards, not the run
-            reward = np.full(n, np.nan)
-            valid = np.zeros(n, dtype=bool)
-            errors = np.full(n, "exception", dtype=object)
-        seconds = np.full(n, (time.perf_counter() - start) / max(n, 1))
-        reward = np.where(valid, reward, np.nan)
+        reward = np.full(n, np.nan)
+        valid = np.zeros(n, dtype=bool)
+        error = np.full(n, "", dtype=object)
+        attempts = np.zeros(n, dtype=np.int64)
+        seconds = np.zeros(n)
+        cached = np.zeros(n, dtype=bool)
+        keys = sample_keys(x) if self.cache is not None else None
+        if self.cache is not None:
+            cached, reward, valid, error = self.cache.lookup(keys)
+        todo = np.flatnonzero(~cached)
+        if todo.size:
+            res = self._score(x[todo])
+            reward[todo] = np.asarray(res.rewards, dtype=np.float64)
+            valid[todo] = np.asarray(res.valid, dtype=bool)
+            error[todo] = np.asarray(res.errors, dtype=object)
+            attempts[todo] = np.asarray(res.attempts, dtype=np.int64)
+            seconds[todo] = np.asarray(res.seconds, dtype=np.float64)
+            if self.cache is not None:
+                self.cache.add([keys[i] for i in todo], reward[todo], valid[todo], error[todo])
+        valid &= np.isfinite(reward)
+        error = np.where(valid, "", np.where(error == "", "nan", error))
         return {
             "id": batch["id"],
             "x": x,
-            "reward": reward,
+            "reward": np.where(valid, reward, np.nan),
             "valid": valid,
-            "error": errors.astype(str),
+            "error": error.astype(str),
+            "attempts": attempts,
             "seconds": seconds,
+            "cached": cached,
         }
 
 
@@ -197,7 +230,12 @@ def _run_pools(
     )
     ds = ds.map_batches(
         RewardActor,
-        fn_constructor_kwargs={"target": cfg.reward.target, "kwargs": dict(cfg.reward.kwargs)},
+        fn_constructor_kwargs={
+            "target": cfg.reward.target,
+            "kwargs": dict(cfg.reward.kwargs),
+            "pool": {k: getattr(reward_pool, k) for k in ("call_size", "max_in_flight", "retries", "backoff_s")},
+            "cache_dir": cfg.bank.cache_dir if cfg.bank.cache else None,
+        },
         compute=pool_strategy(reward_pool),
         num_cpus=reward_pool.num_cpus,
         num_gpus=reward_pool.num_gpus,
@@ -208,7 +246,7 @@ def _run_pools(
     filled: dict[int, int] = {k: 0 for _, _, k in shards}
     need = {k: b - a for a, b, k in shards}
     total = sum(need.values())
-    done_rows, invalid, start, last_print = 0, 0, time.time(), 0.0
+    done_rows, invalid, from_cache, start, last_print = 0, 0, 0, time.time(), 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         ids = batch["id"]
         which = np.searchsorted(bounds, ids, side="right") - 1
@@ -222,12 +260,13 @@ def _run_pools(
                 write_atomic(_batch_to_bank(parts), _shard_path(shard_dir, k))
         done_rows += len(ids)
         invalid += int((~batch["valid"].astype(bool)).sum())
+        from_cache += int(batch["cached"].astype(bool).sum())
         now = time.time()
         if now - last_print > 5 or done_rows == total:
             rate = done_rows / max(now - start, 1e-9)
             log(
                 f"[bank {label}] {done_rows}/{total} samples, {rate:.0f} samples/s, "
-                f"{invalid} invalid so far"
+                f"{invalid} invalid so far, {from_cache} from the reward cache"
             )
             last_print = now
     if any(filled[k] != need[k] for k in need):
@@ -250,6 +289,8 @@ def _batch_to_bank(parts: list[dict[str, np.ndarray]]) -> Bank:
                 valid=cat["valid"].astype(bool),
                 error=cat["error"].astype(object),
                 seconds=cat["seconds"].astype(np.float64),
+                attempts=cat["attempts"].astype(np.int64),
+                cached=cat["cached"].astype(bool),
             )
         ]
     )

@@ -1,7 +1,9 @@
 """Bank storage: parquet shards committed atomically, consolidated into one file per bank.
 
-A bank row is ``(id, x, reward, valid, error, seconds)``: ``x`` is a fixed-size list of d float64,
-``reward`` is NaN when ``valid`` is false and ``error`` names the reason ('' when valid).
+A bank row is ``(id, x, reward, valid, error, attempts, seconds, cached)``: ``x`` is a fixed-size list of
+d float64, ``reward`` is NaN when ``valid`` is false, ``error`` names the reason ('' when valid:
+'timeout', 'crash', 'nan', 'malformed', 'exception'), ``attempts`` counts reward calls that involved the
+sample, ``seconds`` is its share of reward wall time and ``cached`` says it came from the reward cache.
 Shards are written to a temporary name and renamed, so a reader never sees a partial shard.
 """
 
@@ -20,7 +22,7 @@ __all__ = ["Bank", "bank_to_table", "table_to_bank", "write_atomic", "read_bank"
 
 @dataclass(frozen=True)
 class Bank:
-    """Samples with rewards. Shapes: ids (n,), x (n, d), reward (n,), valid (n,), error (n,), seconds (n,)."""
+    """Samples with rewards. Shapes: ids (n,), x (n, d); every other field (n,)."""
 
     ids: np.ndarray
     x: np.ndarray
@@ -28,6 +30,8 @@ class Bank:
     valid: np.ndarray
     error: np.ndarray
     seconds: np.ndarray
+    attempts: np.ndarray
+    cached: np.ndarray
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -35,6 +39,17 @@ class Bank:
     @property
     def n_valid(self) -> int:
         return int(self.valid.sum())
+
+    def accounting(self) -> dict[str, int]:
+        """Totals for summaries: requested, valid, invalid per reason, cached, reward calls attempted."""
+        return {
+            "requested": len(self),
+            "valid": self.n_valid,
+            "invalid": len(self) - self.n_valid,
+            "cached": int(self.cached.sum()),
+            "attempts": int(self.attempts.sum()),
+            **{f"invalid_{k}": v for k, v in self.failure_counts().items()},
+        }
 
     def failure_counts(self) -> dict[str, int]:
         """Invalid samples per reason."""
@@ -53,6 +68,8 @@ def bank_to_table(bank: Bank) -> pa.Table:
             "valid": pa.array(bank.valid.astype(bool)),
             "error": pa.array([str(e) for e in bank.error], type=pa.string()),
             "seconds": pa.array(bank.seconds.astype(np.float64)),
+            "attempts": pa.array(bank.attempts.astype(np.int32)),
+            "cached": pa.array(bank.cached.astype(bool)),
         }
     )
 
@@ -68,6 +85,8 @@ def table_to_bank(table: pa.Table) -> Bank:
         valid=table.column("valid").to_numpy(zero_copy_only=False).astype(bool),
         error=np.asarray(table.column("error").to_pylist(), dtype=object),
         seconds=table.column("seconds").to_numpy(zero_copy_only=False).astype(np.float64),
+        attempts=table.column("attempts").to_numpy(zero_copy_only=False).astype(np.int64),
+        cached=table.column("cached").to_numpy(zero_copy_only=False).astype(bool),
     )
 
 

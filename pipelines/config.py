@@ -128,6 +128,11 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(cfg.bank.shard_size >= 1, "bank.shard_size", f"must be >= 1, got {cfg.bank.shard_size}")
     _check_pool("bank.sampler", cfg.bank.sampler)
     _check_pool("bank.reward", cfg.bank.reward)
+    rp = cfg.bank.reward
+    _require(rp.call_size >= 0, "bank.reward.call_size", f"must be >= 0, got {rp.call_size}")
+    _require(rp.max_in_flight >= 1, "bank.reward.max_in_flight", f"must be >= 1, got {rp.max_in_flight}")
+    _require(rp.retries >= 0, "bank.reward.retries", f"must be >= 0, got {rp.retries}")
+    _require(rp.backoff_s >= 0, "bank.reward.backoff_s", f"must be >= 0, got {rp.backoff_s}")
     _require(cfg.eval.size >= 2, "eval.size", f"must be >= 2, got {cfg.eval.size}")
     ft = cfg.finetune
     _require(

@@ -209,11 +209,13 @@ def _record(
         "objective": {"kind": cfg.objective.kind, **objective},
         "solver": solver,
         "sampler": cfg.sampler.kind,
-        "failures": {"base": base_bank.failure_counts(), "final": final_bank.failure_counts()},
+        "failures": {"base": base_bank.accounting(), "final": final_bank.accounting()},
     }
     metrics: dict[str, float] = {}
     for name in ("base", "finetuned", "target"):
         metrics.update(flatten_stats(name, summary[name]))
+    for label, counts in summary["failures"].items():
+        metrics.update({f"bank_{label}.{k}": float(v) for k, v in counts.items()})
     run.log_metrics(metrics, step=cfg.finetune.steps)
     side, alpha = (cfg.objective.side, cfg.objective.alpha) if cfg.objective.kind == "cvar" else ("right", 0.1)
     plot_rewards(

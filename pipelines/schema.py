@@ -17,6 +17,7 @@ __all__ = [
     "ObjectiveConfig",
     "SamplerConfig",
     "PoolConfig",
+    "RewardPoolConfig",
     "BankConfig",
     "EvalConfig",
     "FinetuneConfig",
@@ -97,13 +98,30 @@ class PoolConfig:
 
 
 @dataclass
+class RewardPoolConfig(PoolConfig):
+    """The reward pool, plus how each actor calls the reward: ``call_size`` samples per reward call
+    (0: the whole batch), up to ``max_in_flight`` calls at once per actor (threads: for latency-bound
+    simulators), failed calls retried ``retries`` times with back-off from ``backoff_s`` seconds, a batch
+    that keeps failing bisected to isolate the samples that cause it."""
+
+    call_size: int = 0
+    max_in_flight: int = 1
+    retries: int = 2
+    backoff_s: float = 0.1
+
+
+@dataclass
 class BankConfig:
-    """A bank of samples with rewards: ``size`` samples, written in shards of ``shard_size`` rows."""
+    """A bank of samples with rewards: ``size`` samples, written in shards of ``shard_size`` rows.
+    ``cache``: reuse rewards from the persistent cache at ``cache_dir`` (keyed by sample content and
+    reward identity; share it on a cluster)."""
 
     size: int = 20_000
     shard_size: int = 5000
+    cache: bool = True
+    cache_dir: str = "~/.cache/tfft/rewards"
     sampler: PoolConfig = field(default_factory=PoolConfig)
-    reward: PoolConfig = field(default_factory=PoolConfig)
+    reward: RewardPoolConfig = field(default_factory=RewardPoolConfig)
 
 
 @dataclass
