@@ -91,10 +91,9 @@ class RewardActor:
             self.cache = RewardCache(cache_dir, identity)
 
     def _score(self, x: np.ndarray) -> Any:
-        from rewards.simulator import evaluate_reward_robust
+        from rewards.robust import evaluate_reward_robust
 
-        if hasattr(self.reward, "evaluate_detailed"):  # e.g. an external command: it has its own settings
-            return self.reward.evaluate_detailed(x)
+        # an external command (evaluate_detailed) applies its own settings instead of the pool's
         return evaluate_reward_robust(
             self.reward,
             x,

@@ -1,6 +1,7 @@
 """The ``tfft`` command line.
 
     tfft run CONFIG [key=value ...] --out DIR [--address ADDR]   the whole pipeline
+    tfft bank CONFIG [key=value ...] --out DIR                   base bank only (resumable)
     tfft pretrain CONFIG [key=value ...]                         pretrain (or find cached) base model
     tfft config CONFIG [key=value ...]                           validate and print the resolved config
 
@@ -46,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p_run)
     p_run.add_argument("--out", required=True, metavar="DIR", help="output directory (summary.json, banks, plots)")
 
+    p_bank = sub.add_parser(
+        "bank",
+        help="pretrain (cached) and compute the base bank only",
+        description="Compute DIR/bank_base.parquet through the Ray Data sampler and reward pools, the "
+        "same bank `tfft run` uses; an interrupted bank resumes from its committed shards and the reward cache.",
+    )
+    add_config_args(p_bank)
+    p_bank.add_argument("--out", required=True, metavar="DIR", help="output directory")
+
     p_pre = sub.add_parser("pretrain", help="pretrain the base flow model (cached)", description="Flow-matching "
                            "pretraining on samples of data.source; reused by later runs with the same settings.")
     add_config_args(p_pre)
@@ -87,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             model = load_or_pretrain(cfg)
             print(model.path)
+            return 0
+        if args.command == "bank":
+            from pipelines.run import run_bank_only
+
+            run_bank_only(cfg, args.out)
             return 0
         if args.command == "run":
             from pipelines.run import run_pipeline

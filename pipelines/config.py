@@ -157,6 +157,12 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(ft.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {ft.checkpoint_every}")
     _require(ft.max_failures >= 0, "finetune.max_failures", f"must be >= 0, got {ft.max_failures}")
     _require(cfg.threshold.ess_warning >= 0, "threshold.ess_warning", "must be >= 0")
+    th = cfg.threshold
+    _require(th.refine_rounds >= 0, "threshold.refine_rounds", f"must be >= 0, got {th.refine_rounds}")
+    _require(th.refine_size >= 2, "threshold.refine_size", f"must be >= 2, got {th.refine_size}")
+    _require(th.refine_steps >= 0, "threshold.refine_steps", f"must be >= 0, got {th.refine_steps}")
+    if th.refine_rounds and cfg.objective.kind == "mean":
+        raise ConfigError("'threshold.refine_rounds' needs objective.kind=cvar (the mean has no threshold)")
     if check_imports:
         from rewards.base import import_object, load_reward
 

@@ -69,7 +69,7 @@ def train_loop(config: dict[str, Any]) -> None:
     base = build_model(config["model_config"], config["base_state"]).to(device).eval()
     for p in base.parameters():
         p.requires_grad_(False)
-    model = build_model(config["model_config"], config["base_state"]).to(device)
+    model = build_model(config["model_config"], config.get("init_state") or config["base_state"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -85,8 +85,8 @@ def train_loop(config: dict[str, Any]) -> None:
     reward = load_reward(config["reward_target"], config["reward_kwargs"]) if solver == "adjoint" else None
     local_batch = max(1, config["batch_size"] // world)
     if solver == "weighted":
-        bank_x = torch.as_tensor(config["bank_x"], dtype=torch.float32, device=device)
-        bank_w = torch.as_tensor(config["bank_weights"], dtype=torch.float64)
+        bank_x = torch.as_tensor(np.array(config["bank_x"]), dtype=torch.float32, device=device)
+        bank_w = torch.as_tensor(np.array(config["bank_weights"]), dtype=torch.float64)
     tracker = None
     if rank == 0 and config.get("mlflow"):
         from pipelines.tracking import MetricLogger
@@ -184,22 +184,29 @@ def run_finetune(
     bank_x: np.ndarray | None = None,
     bank_weights: np.ndarray | None = None,
     mlflow: dict[str, Any] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+    steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> FinetuneResult:
-    """Run the TorchTrainer; rerunning with the same ``(storage_path, name)`` resumes its checkpoints."""
+    """Run the TorchTrainer; rerunning with the same ``(storage_path, name)`` resumes its checkpoints.
+
+    ``init_state`` warm-starts the fine-tuned network (threshold refinement); the base stays the base.
+    ``steps`` overrides ``finetune.steps``.
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     loop_config = {
         "model_config": model_config,
         "base_state": base_state,
+        "init_state": init_state,
         "objective": objective,
         "solver": solver,
         "reward_target": reward_target,
         "reward_kwargs": dict(reward_kwargs),
         "seed": seed,
         "dim": int(model_config["dim"]),
-        "steps": finetune.steps,
+        "steps": finetune.steps if steps is None else steps,
         "batch_size": finetune.batch_size,
         "lr": finetune.lr,
         "sde_steps": finetune.sde_steps,
@@ -233,7 +240,7 @@ def run_finetune(
         ),
     )
     log(
-        f"[finetune] solver={solver}, {finetune.num_workers} workers, {finetune.steps} steps, "
+        f"[finetune] solver={solver}, {finetune.num_workers} workers, {loop_config['steps']} steps, "
         f"global batch {finetune.batch_size}"
     )
     result = trainer.fit()

@@ -26,10 +26,11 @@ from pipelines.schema import Config
 from pipelines.summary import flatten_stats, format_table
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import load_reward
-from tfft.tail import Threshold, cvar, solve_threshold
-from tfft.target import summarize, target_summary, tilt_weights
+from tfft.refine import Bracket, next_threshold, update_bracket
+from tfft.tail import Threshold, cvar, solve_threshold, var
+from tfft.target import effective_sample_size, summarize, target_summary, tilt_weights
 
-__all__ = ["run_pipeline", "prepare_base", "solve_objective", "run_from_bank", "objective_of", "choose_solver"]
+__all__ = ["run_pipeline", "run_bank_only", "prepare_base", "solve_objective", "run_from_bank", "objective_of", "choose_solver"]
 
 
 def objective_of(cfg: Config, threshold: Threshold | None) -> dict[str, Any]:
@@ -93,6 +94,15 @@ def run_pipeline(cfg: Config, out: str | Path, *, log: Callable[[str], None] = p
     return summary
 
 
+def run_bank_only(cfg: Config, out: str | Path, *, log: Callable[[str], None] = print) -> Bank:
+    """``tfft bank``: the base model and ``out/bank_base.parquet``; prints the bank's accounting."""
+    out = Path(out).resolve()
+    _prepare_out(cfg, out)
+    _, bank = prepare_base(cfg, out, log=log)
+    log("[bank base] " + ", ".join(f"{k} {v}" for k, v in bank.accounting().items()))
+    return bank
+
+
 def _stages(cfg: Config, out: Path, solver: str, run: Any, log: Callable[[str], None]) -> dict[str, Any]:
     base, base_bank = prepare_base(cfg, out, log=log)
     return run_from_bank(cfg, out, base, base_bank, run=run, solver=solver, log=log)
@@ -153,39 +163,122 @@ def run_from_bank(
     """
     out.mkdir(parents=True, exist_ok=True)
     threshold, objective = solve_objective(cfg, base_bank, run=run, log=log)
-    ckpt_dir = out / "checkpoint"
-    model_path = ckpt_dir / "model.pt"
-    if model_path.is_file():
-        log(f"[finetune] reusing {model_path}")
-        state = torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
-    else:
-        weighted = solver == "weighted"
-        tilt = tilt_weights(base_bank.reward, valid=base_bank.valid, **objective) if weighted else None
-        result = run_finetune(
-            name="finetune",
-            storage_path=str(out / "train"),
-            model_config=base.config,
-            base_state=base.state_dict,
-            objective=objective,
-            finetune=cfg.finetune,
-            reward_target=cfg.reward.target,
-            reward_kwargs=dict(cfg.reward.kwargs),
-            seed=cfg.seed,
-            solver=solver,
-            bank_x=base_bank.x[base_bank.valid] if weighted else None,
-            bank_weights=tilt[base_bank.valid] if weighted else None,
-            mlflow=run.worker_args(),
-            log=log,
-        )
-        state = result.state_dict
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = model_path.with_suffix(".tmp")
-        torch.save({"config": base.config, "state_dict": state, "solver": solver, "objective": objective}, tmp)
-        tmp.replace(model_path)
+    state = _finetune_cached(cfg, out, base, base_bank, objective, solver, run, log)
+    refinement = None
+    if cfg.threshold.refine_rounds and threshold is not None:
+        state, objective, refinement = _refine(cfg, out, base, base_bank, objective, state, solver, run, log)
     final_bank = generate_bank(
         cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet", log=log
     )
-    return _record(cfg, out, run, base_bank, final_bank, threshold, objective, solver)
+    summary = _record(cfg, out, run, base_bank, final_bank, threshold, objective, solver)
+    if refinement is not None:
+        summary["refinement"] = refinement
+    return summary
+
+
+def _finetune_cached(
+    cfg: Config,
+    out: Path,
+    base: BaseModel,
+    base_bank: Bank,
+    objective: dict[str, Any],
+    solver: str,
+    run: TrackedRun,
+    log: Callable[[str], None],
+    *,
+    init_state: dict[str, torch.Tensor] | None = None,
+    steps: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Fine-tune into ``out/checkpoint/model.pt``, or load it when a previous run finished it."""
+    model_path = out / "checkpoint" / "model.pt"
+    if model_path.is_file():
+        log(f"[finetune] reusing {model_path}")
+        return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
+    weighted = solver == "weighted"
+    tilt = tilt_weights(base_bank.reward, valid=base_bank.valid, **objective) if weighted else None
+    if weighted:
+        log(f"[finetune] weighted flow matching on {int(base_bank.valid.sum())} bank samples, "
+            f"ESS of the frozen weights {effective_sample_size(tilt):.0f}")
+    started = time.time()
+    result = run_finetune(
+        name="finetune",
+        storage_path=str(out / "train"),
+        model_config=base.config,
+        base_state=base.state_dict,
+        objective=objective,
+        finetune=cfg.finetune,
+        reward_target=cfg.reward.target,
+        reward_kwargs=dict(cfg.reward.kwargs),
+        seed=cfg.seed,
+        solver=solver,
+        bank_x=base_bank.x[base_bank.valid] if weighted else None,
+        bank_weights=tilt[base_bank.valid] if weighted else None,
+        mlflow=run.worker_args(),
+        init_state=init_state,
+        steps=steps,
+        log=log,
+    )
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_path.with_suffix(".tmp")
+    seconds = time.time() - started
+    log(f"[finetune] done in {seconds:.0f}s")
+    blob = {"config": base.config, "state_dict": result.state_dict, "solver": solver, "objective": objective,
+            "seconds": seconds}
+    torch.save(blob, tmp)
+    tmp.replace(model_path)
+    return result.state_dict
+
+
+def _finetune_seconds(out: Path) -> float | None:
+    """Wall time of the fine-tuning stage as recorded with its checkpoint (None if unknown)."""
+    path = out / "checkpoint" / "model.pt"
+    if not path.is_file():
+        return None
+    seconds = torch.load(path, map_location="cpu", weights_only=True).get("seconds")
+    return None if seconds is None else float(seconds)
+
+
+def _refine(
+    cfg: Config,
+    out: Path,
+    base: BaseModel,
+    base_bank: Bank,
+    objective: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    solver: str,
+    run: TrackedRun,
+    log: Callable[[str], None],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, float]]]:
+    """Threshold refinement (DESIGN §5): measure the fine-tuned model's tail mass beyond eta, bracket eta*,
+    fine-tune again warm-started at the next eta. Each round lives in ``out/refine/round-K/`` (resumable)."""
+    side, alpha = objective["side"], objective["alpha"]
+    rewards = base_bank.reward[base_bank.valid]
+    step = float(np.std(rewards)) or 1.0
+    bracket, rounds = Bracket(), []
+    for k in range(1, cfg.threshold.refine_rounds + 1):
+        eta = float(objective["eta"])
+        bank = generate_bank(
+            cfg, (base.config, state), size=cfg.threshold.refine_size, label=f"refine{k}",
+            out_path=out / "refine" / f"bank-{k}.parquet", log=log,
+        )
+        r = bank.reward[bank.valid]
+        mass = float(np.mean(r > eta) if side == "right" else np.mean(r < eta))
+        bracket = update_bracket(bracket, eta, mass, alpha=alpha, side=side)
+        open_side = not (np.isfinite(bracket.lo) and np.isfinite(bracket.hi))
+        new_eta = next_threshold(
+            bracket, alpha=alpha, step=step * 2 ** (k - 1) if open_side else step,
+            proposal=var(r, side=side, alpha=alpha), floor=0.5 / max(len(r), 1),
+        )
+        rounds.append({"round": k, "eta": eta, "tail_mass": mass, "lo": bracket.lo, "hi": bracket.hi, "next_eta": new_eta})
+        log(f"[refine] round {k}: eta {eta:.4f} -> tail mass {mass:.4f} (alpha {alpha}); bracket "
+            f"({bracket.lo:.4g}, {bracket.hi:.4g}); next eta {new_eta:.4f}")
+        run.log_metrics({"refine.eta": eta, "refine.tail_mass": mass}, step=k)
+        objective = {**objective, "eta": new_eta}
+        state = _finetune_cached(
+            cfg, out / "refine" / f"round-{k}", base, base_bank, objective, solver, run, log,
+            init_state=state, steps=cfg.threshold.refine_steps or None,
+        )
+    return state, objective, rounds
 
 
 def _record(
@@ -208,6 +301,7 @@ def _record(
         "target": target_stats,
         "objective": {"kind": cfg.objective.kind, **objective},
         "solver": solver,
+        "finetune_seconds": _finetune_seconds(out),
         "sampler": cfg.sampler.kind,
         "failures": {"base": base_bank.accounting(), "final": final_bank.accounting()},
     }

@@ -159,8 +159,13 @@ class FinetuneConfig:
 
 @dataclass
 class ThresholdConfig:
-    """``ess_warning``: warn when the ESS of the bank's tilt weights is below this."""
+    """``ess_warning``: warn when the ESS of the bank's tilt weights is below this. ``refine_rounds``:
+    rounds of threshold refinement from the fine-tuned model's own tail mass (DESIGN §5), each a bank of
+    ``refine_size`` samples and ``refine_steps`` warm-started fine-tuning steps (0: finetune.steps)."""
 
+    refine_rounds: int = 0
+    refine_size: int = 5000
+    refine_steps: int = 0
     ess_warning: float = 1000.0
 
 

@@ -1,0 +1,163 @@
+"""A stochastic epidemic with a lockdown, run as an external simulator (issue 3, item 8).
+
+Run: ``python -m rewards.examples.epidemic IN.npy OUT.npy``: reads samples x (B, 2) float64, writes
+rewards (B,) float64. Used through :class:`rewards.simulator:Command` (``tune_configs/epidemic_left.yaml``).
+
+Model: a metapopulation SEIR over K = 16 towns of Zipf-distributed sizes (1.35 M people), towns coupled
+by a gravity kernel (10% of contacts outside one's town), simulated by tau-leaping (dt = 0.25 day,
+240 days): per town k and step,
+
+    new exposures   ~ Binomial(S_k, 1 - exp(-beta(t) * dt * sum_j C_kj I_j / N_j))
+    new infectious  ~ Binomial(E_k, 1 - exp(-sigma * dt)),  new removed ~ Binomial(I_k, 1 - exp(-gamma * dt))
+
+with a latent period 1/sigma = 3 days, infectious period 1/gamma = 5 days and R0 = beta0 / gamma
+uncertain: drawn per run from U(1.8, 3.0). The epidemic starts with 5 cases in a random town.
+
+A sample x = (x0, x1) is a lockdown policy: strength s = 0.9 sigmoid(x0) (contact reduction) from day
+t0 = 60 sigmoid(x1) for 60 days. The reward (higher is better, roughly in [-25, 0]) is minus the cost
+
+    cost = 10 * attack rate  +  overload  +  4 * s
+
+where the attack rate is the fraction ever infected and overload is the person-days above hospital
+capacity (prevalence 1.5% in a town) per 1,000 people. The randomness of a run (R0, seeding,
+small numbers) comes from a seed derived from the bytes of x and ``--seed``: the same sample always gets
+the same reward, and bad luck makes a heavy lower tail, which left-CVaR fine-tuning targets.
+
+For fault-injection demos only, ``TFFT_EPIDEMIC_FAULT`` = nan | crash | hang makes samples with
+||x|| > ``TFFT_EPIDEMIC_FAULT_RADIUS`` (default 3.5) give NaN, crash the call (exit 3) or hang it. Unset
+(the default) nothing fails on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Outcome", "policy", "simulate", "epidemic_reward", "rewards_of", "main"]
+
+N_TOWNS = 16
+POPULATION = np.floor(400_000 / np.arange(1, N_TOWNS + 1)).astype(np.int64)
+OUTSIDE_CONTACTS = 0.10
+LATENT_DAYS, INFECTIOUS_DAYS = 3.0, 5.0
+R0_RANGE = (1.8, 3.0)
+HORIZON_DAYS, DT = 240.0, 0.25
+LOCKDOWN_DAYS = 60.0
+CAPACITY = 0.015  # prevalence a town's hospitals can take
+
+
+def _coupling() -> np.ndarray:
+    """(K, K) row-stochastic contact matrix: own town 1 - OUTSIDE_CONTACTS, rest by gravity N_j / dist^2."""
+    position = np.arange(N_TOWNS, dtype=np.float64)
+    dist = np.abs(position[:, None] - position[None, :])
+    gravity = np.where(dist > 0, POPULATION[None, :] / np.maximum(dist, 1.0) ** 2, 0.0)
+    gravity /= gravity.sum(1, keepdims=True)
+    return (1 - OUTSIDE_CONTACTS) * np.eye(N_TOWNS) + OUTSIDE_CONTACTS * gravity
+
+
+COUPLING = _coupling()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One simulated epidemic: ``attack_rate`` (fraction ever infected), ``overload`` (person-days above
+    capacity per 1,000 people), ``peak`` (largest town prevalence), ``r0`` (the drawn R0)."""
+
+    attack_rate: float
+    overload: float
+    peak: float
+    r0: float
+
+
+def policy(x: np.ndarray) -> tuple[float, float]:
+    """Sample x (2,) -> (lockdown strength s in (0, 0.9), start day t0 in (0, 60))."""
+    sig = 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+    return 0.9 * float(sig[0]), 60.0 * float(sig[1])
+
+
+def simulate(strength: float, start_day: float, rng: np.random.Generator) -> Outcome:
+    """Tau-leaping metapopulation SEIR under a lockdown of ``strength`` from ``start_day`` (module doc)."""
+    r0 = rng.uniform(*R0_RANGE)
+    beta0, sigma, gamma = r0 / INFECTIOUS_DAYS, 1.0 / LATENT_DAYS, 1.0 / INFECTIOUS_DAYS
+    p_onset, p_removal = 1 - np.exp(-sigma * DT), 1 - np.exp(-gamma * DT)
+    n = POPULATION
+    susceptible, exposed, infectious = n.copy(), np.zeros_like(n), np.zeros_like(n)
+    town = rng.choice(N_TOWNS, p=n / n.sum())
+    infectious[town] = 5
+    susceptible[town] -= 5
+    above, peak = 0.0, 0.0
+    for step in range(int(HORIZON_DAYS / DT)):
+        t = step * DT
+        beta = beta0 * (1 - strength) if start_day <= t < start_day + LOCKDOWN_DAYS else beta0
+        pressure = COUPLING @ (infectious / n)
+        new_exposed = rng.binomial(susceptible, -np.expm1(-beta * DT * pressure))
+        new_infectious = rng.binomial(exposed, p_onset)
+        new_removed = rng.binomial(infectious, p_removal)
+        susceptible -= new_exposed
+        exposed += new_exposed - new_infectious
+        infectious += new_infectious - new_removed
+        prevalence = infectious / n
+        peak = max(peak, float(prevalence.max()))
+        above += float(np.maximum(infectious - CAPACITY * n, 0).sum()) * DT
+    attack_rate = 1.0 - float(susceptible.sum()) / float(n.sum())
+    return Outcome(attack_rate, 1000.0 * above / float(n.sum()), peak, float(r0))
+
+
+def _seed_of(x: np.ndarray, seed: int) -> int:
+    digest = hashlib.sha256(np.ascontiguousarray(x, dtype="<f8").tobytes() + seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def epidemic_reward(x: np.ndarray, seed: int = 0) -> float:
+    """Reward of one sample x (2,): minus the cost of the module doc, deterministic in (x, seed)."""
+    strength, start_day = policy(x)
+    out = simulate(strength, start_day, np.random.default_rng(_seed_of(x, seed)))
+    return -(10.0 * out.attack_rate + out.overload + 4.0 * strength)
+
+
+def rewards_of(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Rewards of samples x (B, 2) -> (B,) float64, one simulation each."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"the epidemic simulator takes samples of shape (B, 2), got {x.shape}")
+    return np.array([epidemic_reward(row, seed) for row in x], dtype=np.float64)
+
+
+def _inject_faults(x: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+    """Deliberate failures for demos, only when TFFT_EPIDEMIC_FAULT is set (module doc)."""
+    mode = os.environ.get("TFFT_EPIDEMIC_FAULT", "")
+    if not mode:
+        return rewards
+    if mode not in ("nan", "crash", "hang"):
+        raise SystemExit(f"TFFT_EPIDEMIC_FAULT must be nan, crash or hang, got {mode!r}")
+    odd = np.linalg.norm(x, axis=1) > float(os.environ.get("TFFT_EPIDEMIC_FAULT_RADIUS", "3.5"))
+    if odd.any() and mode == "crash":
+        print(f"epidemic: deliberate crash on {int(odd.sum())} odd sample(s)", file=sys.stderr)
+        raise SystemExit(3)
+    if odd.any() and mode == "hang":
+        time.sleep(3600)
+    return np.where(odd, np.nan, rewards)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``INPUT.npy OUTPUT.npy [--seed S]``."""
+    parser = argparse.ArgumentParser(prog="python -m rewards.examples.epidemic", description=__doc__.splitlines()[0])
+    parser.add_argument("input", help=".npy float64 samples, shape (B, 2)")
+    parser.add_argument("output", help="where to write the .npy rewards, shape (B,)")
+    parser.add_argument("--seed", type=int, default=0, help="seed mixed into every sample's own seed")
+    args = parser.parse_args(argv)
+    x = np.load(args.input, allow_pickle=False)
+    rewards = _inject_faults(x, rewards_of(x, args.seed))
+    tmp = args.output + ".part.npy"
+    np.save(tmp, rewards)
+    os.replace(tmp, args.output)  # the output appears complete or not at all
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

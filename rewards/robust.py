@@ -1,0 +1,311 @@
+"""Robust evaluation of a slow, failure-prone reward: chunks, calls in flight, retries, bisection.
+
+    x (n, d) --chunks of batch_size--> call(chunk (b, d)) -> rewards (b,)     (max_in_flight calls at once)
+
+``call`` evaluates one chunk. It fails by raising :class:`CallFailure` with a reason ('timeout', 'crash',
+'malformed'); any other ``Exception`` is a failure with reason 'exception', and a result that is not b
+numbers is 'malformed'. A returned NaN or inf marks that one sample invalid with reason 'nan' (a verdict
+on the sample, not a failed call: it is not retried). ``call`` may also return ``(rewards, reasons)``
+with one reason per sample ('' when valid) to mark samples invalid with its own reason.
+
+Failure policy (issue 3, item 1):
+
+- a failed chunk of several samples is bisected (``split=True``): both halves are called again after
+  ``backoff_s``. A good sample that shared a chunk with a bad one still gets its reward; a bad sample
+  ends up alone. With ``split=False`` the whole chunk is called again instead.
+- a chunk that cannot be split any further is called again after ``backoff_s * 2**k`` (k = 0, 1, ...,
+  plus up to 10% jitter) until its samples have been in ``retries + 1`` failed calls; then they are
+  invalid with the reason of the last failure. Bisection counts towards that budget, so a sample that
+  fails consistently costs ``max(retries + 1, ceil(log2(batch_size)) + 1)`` calls, and with ``split``
+  it is only ever declared invalid alone, never with a good sample.
+
+Every requested sample is accounted for exactly once. Calls run on ``max_in_flight`` threads (in the
+caller's thread when it is 1); only the caller's thread touches the bookkeeping, so ``call`` is the only
+thing that has to be thread-safe. Back-off waits never hold a thread: other chunks run meanwhile.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is only needed by the adapters below, imported when they run
+    from rewards.base import Reward, RewardBatch
+
+__all__ = ["CALL_FAILURES", "CallFailure", "RobustResult", "evaluate_robust", "evaluate_reward_robust"]
+
+CALL_FAILURES = ("timeout", "crash", "malformed", "exception")
+_log = logging.getLogger(__name__)
+_jitter = random.Random()
+
+
+class CallFailure(Exception):
+    """A failed call of a reward on one chunk: ``reason`` in :data:`CALL_FAILURES`, ``detail`` for logs."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in CALL_FAILURES:
+            raise ValueError(f"CallFailure reason must be one of {CALL_FAILURES}, got {reason!r}")
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+@dataclass(frozen=True)
+class RobustResult:
+    """Rewards of n samples with failure accounting.
+
+    Attributes:
+        rewards: (n,) float64; NaN where invalid.
+        valid: (n,) bool.
+        errors: n reasons, '' when valid, else 'timeout', 'crash', 'malformed', 'exception' or 'nan'.
+        attempts: (n,) int64, calls that involved each sample (bisection and retries included).
+        seconds: (n,) float64; valid: wall time of the successful call / its chunk size; invalid: the sum
+            of its shares (call time / chunk size) over every call that involved it.
+        n_calls: calls made in all.
+    """
+
+    rewards: np.ndarray
+    valid: np.ndarray
+    errors: list[str]
+    attempts: np.ndarray
+    seconds: np.ndarray
+    n_calls: int
+
+    def failure_counts(self) -> dict[str, int]:
+        """Invalid samples per reason, e.g. ``{'timeout': 2, 'nan': 1}`` (reasons with 0 left out)."""
+        counts: dict[str, int] = {}
+        for reason in self.errors:
+            if reason:
+                counts[reason] = counts.get(reason, 0) + 1
+        return counts
+
+    def to_reward_batch(self) -> RewardBatch:
+        """The same numbers as a :class:`rewards.base.RewardBatch` (errors None when all are valid)."""
+        import torch
+
+        from rewards.base import RewardBatch
+
+        return RewardBatch(
+            rewards=torch.from_numpy(self.rewards.copy()),
+            valid=torch.from_numpy(self.valid.copy()),
+            errors=None if bool(self.valid.all()) else list(self.errors),
+            attempts=torch.from_numpy(self.attempts.astype(np.int64)),
+        )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Samples ``indices`` to evaluate in one call; ``failures``: failed calls of its lineage so far;
+    ``repeats``: identical re-calls so far (the back-off exponent)."""
+
+    indices: np.ndarray
+    failures: int
+    repeats: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What one call gave: rewards and per-sample reasons, or a failure reason; its wall time."""
+
+    rewards: np.ndarray | None
+    reasons: list[str] | None
+    failure: str
+    detail: str
+    seconds: float
+
+
+def _parse(out: Any, size: int) -> tuple[np.ndarray, list[str] | None]:
+    """A call's return value -> ((size,) float64 rewards, reasons or None); CallFailure if malformed."""
+    reasons = None
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise CallFailure("malformed", f"expected (rewards, reasons), got a tuple of {len(out)}")
+        out, reasons = out
+        reasons = [str(r) for r in reasons]
+        if len(reasons) != size:
+            raise CallFailure("malformed", f"{len(reasons)} reasons for {size} samples")
+    try:
+        rewards = np.asarray(out, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CallFailure("malformed", f"rewards are not numbers: {exc}") from None
+    if rewards.shape != (size,):
+        raise CallFailure("malformed", f"expected rewards of shape ({size},), got {rewards.shape}")
+    return rewards, reasons
+
+
+def _attempt(call: Callable[[np.ndarray], Any], chunk: np.ndarray) -> _Outcome:
+    start = time.perf_counter()
+    try:
+        rewards, reasons = _parse(call(chunk), len(chunk))
+    except CallFailure as exc:
+        return _Outcome(None, None, exc.reason, exc.detail, time.perf_counter() - start)
+    except Exception as exc:  # any error of the reward is a failed call, never the end of the run
+        return _Outcome(None, None, "exception", f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+    return _Outcome(rewards, reasons, "", "", time.perf_counter() - start)
+
+
+def _check_args(x: np.ndarray, batch_size: int, max_in_flight: int, retries: int, backoff_s: float) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (n, d), got {x.shape}")
+    for name, value, low in (("batch_size", batch_size, 1), ("max_in_flight", max_in_flight, 1), ("retries", retries, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not (isinstance(backoff_s, (int, float)) and math.isfinite(backoff_s) and backoff_s >= 0):
+        raise ValueError(f"backoff_s must be a finite number >= 0, got {backoff_s!r}")
+
+
+def evaluate_robust(
+    call: Callable[[np.ndarray], Any],
+    x: np.ndarray,
+    *,
+    batch_size: int,
+    max_in_flight: int = 1,
+    retries: int = 2,
+    backoff_s: float = 0.1,
+    split: bool = True,
+) -> RobustResult:
+    """Evaluate ``call`` on every row of ``x`` (n, d) in chunks of ``batch_size``; see the module doc."""
+    x = np.asarray(x)
+    _check_args(x, batch_size, max_in_flight, retries, backoff_s)
+    n = x.shape[0]
+    rewards = np.full(n, np.nan)
+    valid = np.zeros(n, dtype=bool)
+    errors = [""] * n
+    attempts = np.zeros(n, dtype=np.int64)
+    share = np.zeros(n)  # seconds of the calls each sample took part in, split evenly over the chunk
+    seconds = np.zeros(n)
+    finished = np.zeros(n, dtype=bool)
+    counter = iter(range(1 << 62))
+    ready: deque[_Job] = deque(
+        _Job(np.arange(a, min(a + batch_size, n)), 0, 0, next(counter)) for a in range(0, n, batch_size)
+    )
+    waiting: list[tuple[float, int, _Job]] = []  # (ready time, seq, job): back-off without a thread
+    running: dict[Future[_Outcome], _Job] = {}
+    n_calls = 0
+
+    def later(indices: np.ndarray, failures: int, repeats: int, delay: float) -> None:
+        job = _Job(indices, failures, repeats, next(counter))
+        heapq.heappush(waiting, (time.monotonic() + delay * (1 + 0.1 * _jitter.random()), job.seq, job))
+
+    def finish(i: int, reward: float, reason: str, spent: float) -> None:
+        assert not finished[i], f"sample {i} accounted for twice"
+        finished[i] = True
+        if reason:
+            errors[i], seconds[i] = reason, share[i]
+        else:
+            rewards[i], valid[i], seconds[i] = reward, True, spent
+
+    def settle(job: _Job, out: _Outcome) -> None:
+        idx = job.indices
+        attempts[idx] += 1
+        share[idx] += out.seconds / len(idx)
+        if not out.failure:
+            assert out.rewards is not None
+            for k, i in enumerate(idx):
+                reason = out.reasons[k] if out.reasons is not None else ""
+                if not reason and not math.isfinite(out.rewards[k]):
+                    reason = "nan"
+                finish(int(i), float(out.rewards[k]), reason, out.seconds / len(idx))
+            return
+        failures = job.failures + 1
+        _log.debug("call on %d samples failed (%s): %s", len(idx), out.failure, out.detail)
+        if split and len(idx) > 1:
+            half = len(idx) // 2
+            later(idx[:half], failures, 0, backoff_s)
+            later(idx[half:], failures, 0, backoff_s)
+        elif failures <= retries:
+            later(idx, failures, job.repeats + 1, backoff_s * 2**job.repeats)
+        else:
+            _log.warning("%d sample(s) invalid after %d failed calls: %s %s", len(idx), failures, out.failure, out.detail)
+            for i in idx:
+                finish(int(i), math.nan, out.failure, 0.0)
+
+    pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="reward-call") if max_in_flight > 1 else None
+
+    def submit(job: _Job) -> Future[_Outcome]:
+        chunk = x[job.indices]
+        if pool is not None:
+            return pool.submit(_attempt, call, chunk)
+        future: Future[_Outcome] = Future()
+        future.set_result(_attempt(call, chunk))
+        return future
+
+    try:
+        while ready or waiting or running:
+            now = time.monotonic()
+            while waiting and waiting[0][0] <= now:
+                ready.append(heapq.heappop(waiting)[2])
+            while ready and len(running) < max_in_flight:
+                job = ready.popleft()
+                running[submit(job)] = job
+            pause = max(0.0, waiting[0][0] - now) if waiting else None
+            if not running:
+                time.sleep(pause or 0.0)
+                continue
+            done, _ = wait(list(running), timeout=pause, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: running[f].seq):
+                job = running.pop(future)
+                n_calls += 1
+                settle(job, future.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    assert finished.all(), "a sample was never accounted for"
+    return RobustResult(rewards, valid, errors, attempts, seconds, n_calls)
+
+
+def evaluate_reward_robust(
+    reward: Reward,
+    x: np.ndarray,
+    *,
+    batch_size: int,
+    max_in_flight: int = 1,
+    retries: int = 0,
+    backoff_s: float = 0.0,
+    split: bool = True,
+) -> RobustResult:
+    """Evaluate an in-process :class:`rewards.base.Reward` on ``x`` (n, d) with :func:`evaluate_robust`.
+
+    An exception raised by ``reward.evaluate`` fails its chunk (reason 'exception'; bisected and retried
+    like any failure); samples the reward marks invalid keep its reason ('nan' when it gives none).
+    Nothing can time out in a thread. With ``max_in_flight > 1`` the reward must be thread-safe. A reward
+    with its own robust evaluation (``evaluate_detailed(x) -> RobustResult``, e.g.
+    :class:`rewards.simulator.Command`) is used as is and the other arguments are ignored.
+    """
+    detailed = getattr(reward, "evaluate_detailed", None)
+    if callable(detailed):
+        return detailed(np.asarray(x, dtype=np.float64))
+    import torch
+
+    def call(chunk: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        with torch.no_grad():  # grad mode is per thread: set it where the reward runs
+            out = reward.evaluate(torch.from_numpy(np.array(chunk, dtype=np.float64)))
+        values = out.rewards.detach().cpu().to(torch.float64).numpy().reshape(-1)
+        ok = out.valid.detach().cpu().numpy().astype(bool).reshape(-1)
+        given = list(out.errors) if out.errors is not None else [""] * len(ok)
+        if len(given) != len(ok):
+            raise CallFailure("malformed", f"{len(given)} errors for {len(ok)} samples")
+        return values, ["" if v else (e or "nan") for v, e in zip(ok.tolist(), given)]
+
+    return evaluate_robust(
+        call,
+        np.asarray(x, dtype=np.float64),
+        batch_size=batch_size,
+        max_in_flight=max_in_flight,
+        retries=retries,
+        backoff_s=backoff_s,
+        split=split,
+    )
