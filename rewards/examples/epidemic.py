@@ -4,22 +4,23 @@ Run: ``python -m rewards.examples.epidemic IN.npy OUT.npy``: reads samples x (B,
 rewards (B,) float64. Used through :class:`rewards.simulator:Command` (``tune_configs/epidemic_left.yaml``).
 
 Model: a metapopulation SEIR over K = 16 towns of Zipf-distributed sizes (1.35 M people), towns coupled
-by a gravity kernel (10% of contacts outside one's town), simulated by tau-leaping (dt = 0.25 day,
+by a gravity kernel (10% of contacts outside one's town), simulated by tau-leaping (dt = 0.5 day,
 240 days): per town k and step,
 
     new exposures   ~ Binomial(S_k, 1 - exp(-beta(t) * dt * sum_j C_kj I_j / N_j))
     new infectious  ~ Binomial(E_k, 1 - exp(-sigma * dt)),  new removed ~ Binomial(I_k, 1 - exp(-gamma * dt))
 
 with a latent period 1/sigma = 3 days, infectious period 1/gamma = 5 days and R0 = beta0 / gamma
-uncertain: drawn per run from U(1.8, 3.0). The epidemic starts with 5 cases in a random town.
+uncertain: drawn per run from U(1.4, 2.6). The epidemic starts with 5 cases in a random town.
 
 A sample x = (x0, x1) is a lockdown policy: strength s = 0.9 sigmoid(x0) (contact reduction) from day
-t0 = 60 sigmoid(x1) for 60 days. The reward (higher is better, roughly in [-25, 0]) is minus the cost
+t0 = 60 sigmoid(x1) for 90 days. The reward (higher is better, about -21 to 0) is minus the cost
 
-    cost = 10 * attack rate  +  overload  +  4 * s
+    cost = 10 * attack rate  +  2 * overload  +  8 * s^2
 
-where the attack rate is the fraction ever infected and overload is the person-days above hospital
-capacity (prevalence 1.5% in a town) per 1,000 people. The randomness of a run (R0, seeding,
+where the attack rate is the fraction ever infected and overload the person-days spent above hospital
+capacity (prevalence 1.5% in a town) per person. Strong early lockdowns can stamp the epidemic out but
+cost the most; weak or late ones let it run; R0 is not known in advance. The randomness of a run (R0, seeding,
 small numbers) comes from a seed derived from the bytes of x and ``--seed``: the same sample always gets
 the same reward, and bad luck makes a heavy lower tail, which left-CVaR fine-tuning targets.
 
@@ -45,9 +46,9 @@ N_TOWNS = 16
 POPULATION = np.floor(400_000 / np.arange(1, N_TOWNS + 1)).astype(np.int64)
 OUTSIDE_CONTACTS = 0.10
 LATENT_DAYS, INFECTIOUS_DAYS = 3.0, 5.0
-R0_RANGE = (1.8, 3.0)
-HORIZON_DAYS, DT = 240.0, 0.25
-LOCKDOWN_DAYS = 60.0
+R0_RANGE = (1.4, 2.6)
+HORIZON_DAYS, DT = 240.0, 0.5
+LOCKDOWN_DAYS = 90.0
 CAPACITY = 0.015  # prevalence a town's hospitals can take
 
 
@@ -66,7 +67,7 @@ COUPLING = _coupling()
 @dataclass(frozen=True)
 class Outcome:
     """One simulated epidemic: ``attack_rate`` (fraction ever infected), ``overload`` (person-days above
-    capacity per 1,000 people), ``peak`` (largest town prevalence), ``r0`` (the drawn R0)."""
+    capacity per person), ``peak`` (largest town prevalence), ``r0`` (the drawn R0)."""
 
     attack_rate: float
     overload: float
@@ -105,7 +106,7 @@ def simulate(strength: float, start_day: float, rng: np.random.Generator) -> Out
         peak = max(peak, float(prevalence.max()))
         above += float(np.maximum(infectious - CAPACITY * n, 0).sum()) * DT
     attack_rate = 1.0 - float(susceptible.sum()) / float(n.sum())
-    return Outcome(attack_rate, 1000.0 * above / float(n.sum()), peak, float(r0))
+    return Outcome(attack_rate, above / float(n.sum()), peak, float(r0))
 
 
 def _seed_of(x: np.ndarray, seed: int) -> int:
@@ -117,7 +118,7 @@ def epidemic_reward(x: np.ndarray, seed: int = 0) -> float:
     """Reward of one sample x (2,): minus the cost of the module doc, deterministic in (x, seed)."""
     strength, start_day = policy(x)
     out = simulate(strength, start_day, np.random.default_rng(_seed_of(x, seed)))
-    return -(10.0 * out.attack_rate + out.overload + 4.0 * strength)
+    return -(10.0 * out.attack_rate + 2.0 * out.overload + 8.0 * strength**2)
 
 
 def rewards_of(x: np.ndarray, seed: int = 0) -> np.ndarray:

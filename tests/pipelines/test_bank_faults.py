@@ -70,25 +70,43 @@ def expected_reason(x: np.ndarray) -> str:
     return ""
 
 
+def start_head(env: dict[str, str], port: int) -> subprocess.Popen:
+    """``ray start --head --block`` in its own process group (stopping it stops only this cluster)."""
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=false", "--disable-usage-stats", "--block"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    probe = "import ray, sys; ray.init(address=sys.argv[1]); print(int(ray.cluster_resources()['CPU']))"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        ok = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], env=env, capture_output=True, text=True)
+        if ok.returncode == 0:
+            return head
+        time.sleep(1)
+    os.killpg(head.pid, signal.SIGTERM)
+    raise RuntimeError("the Ray head did not come up")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    import secrets
+
     root = tmp_path_factory.mktemp("faults")
     (root / "user").mkdir()
     (root / "user" / "counting_reward.py").write_text(COUNTING_REWARD)
     (root / "faulty_sim.py").write_text(FAULTY_SIMULATOR)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "user"), str(ROOT)]))
-    port = 46379
-    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
-    subprocess.run(
-        [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True,
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(root / "user"), str(ROOT)]),
+        RAY_AUTH_MODE="token",  # token authentication stays on, with a token of this test's own
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
     )
+    port = 46379
+    head = start_head(env, port)
     yield {"root": root, "env": env, "address": f"127.0.0.1:{port}"}
-    import ray
-
-    ray.shutdown()
-    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(60)
 
 
 def common(root: Path) -> list[str]:

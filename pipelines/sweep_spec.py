@@ -1,0 +1,259 @@
+"""The ``sweep:`` section of a sweep config: parameter domains, their expansion into named trials.
+
+A sweep config is a run config plus a ``sweep:`` section::
+
+    sweep:
+      parameters:                        # any config key, dotted or nested
+        objective.alpha: {grid: [0.05, 0.1, 0.2]}
+        objective.kl_weight: {grid: [5, 10]}
+        seed: {choice: [0, 1, 2]}        # also {uniform: [lo, hi]}, {loguniform: [lo, hi]}
+      num_samples: 1                     # repeats of the grid (random domains redrawn each time)
+      seed: 0                            # seeds the random draws
+      max_concurrent_trials: 0           # 0: derived from the cluster's resources
+      scheduler: {kind: asha, metric: active_fraction, mode: max}   # optional early stopping
+
+Expansion follows Ray Tune's semantics (every grid point, ``num_samples`` times), but happens here,
+before Ray starts: every trial's config is validated up front, and trial names are derived from the
+parameter values (``alpha=0.05_kl_weight=5``), so a restarted sweep finds the trials it finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipelines.config import ConfigError, from_dict
+from pipelines.schema import Config
+
+__all__ = ["Domain", "SchedulerConfig", "SweepConfig", "TrialSpec", "Sweep", "load_sweep", "parse_sweep", "expand"]
+
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
+# Sections whose values fix the base model and its bank (pipelines.run.prepare_base): trials that agree
+# on them share one base bank.
+BANK_SECTIONS = ("seed", "data", "model", "pretrain", "reward", "sampler", "bank")
+_NOT_SWEEPABLE = ("ray", "tracking")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One swept key: ``grid``/``choice`` hold the values, ``uniform``/``loguniform`` hold (low, high)."""
+
+    key: str
+    kind: str
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """ASHA early stopping on an intermediate training metric reported every ``finetune.log_every`` steps."""
+
+    metric: str = "active_fraction"
+    mode: str = "max"
+    grace_period: int = 2
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    parameters: tuple[Domain, ...]
+    num_samples: int = 1
+    seed: int = 0
+    max_concurrent_trials: int = 0
+    scheduler: SchedulerConfig | None = None
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """A trial: its name, the swept values (dotted keys) and its validated config."""
+
+    name: str
+    params: dict[str, Any]
+    config: Config
+
+    @property
+    def bank_group(self) -> str:
+        """Name of the base bank this trial shares ("" when every trial shares one)."""
+        return _name({k: v for k, v in self.params.items() if k.split(".")[0] in BANK_SECTIONS}, None)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A loaded sweep: the base run config (without ``sweep:``), its section, and the trials."""
+
+    base: Config
+    base_values: dict[str, Any]
+    sweep: SweepConfig
+    trials: list[TrialSpec]
+
+
+def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:
+    if isinstance(node, dict) and not (set(node) & set(DOMAIN_KINDS)):
+        if not node:
+            raise ConfigError(f"'sweep.parameters{'.' + prefix if prefix else ''}' is empty")
+        for k, v in node.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = node
+
+
+def _domain(key: str, spec: Any) -> Domain:
+    where = f"'sweep.parameters.{key}'"
+    if key.split(".")[0] in _NOT_SWEEPABLE or key.split(".")[0] == "sweep":
+        raise ConfigError(f"{where} cannot be swept (one value for the whole sweep)")
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAIN_KINDS:
+        raise ConfigError(f"{where} must be one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, "
+                          f"{{loguniform: [low, high]}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
+        raise ConfigError(f"{where}: '{kind}' needs a non-empty list of plain values, got {values!r}")
+    if kind in ("uniform", "loguniform"):
+        ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        ok = ok and values[0] < values[1] and (kind == "uniform" or values[0] > 0)
+        if not ok:
+            raise ConfigError(f"{where}: '{kind}' needs [low, high] with low < high" + (" and low > 0" if kind == "loguniform" else ""))
+    return Domain(key, kind, tuple(values))
+
+
+def _int(raw: dict[str, Any], key: str, default: int, minimum: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"'sweep.{key}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_sweep(raw: Any) -> SweepConfig:
+    """The ``sweep:`` section as a plain dict -> :class:`SweepConfig`; problems raise ConfigError naming the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'sweep' must be a mapping, got {raw!r}")
+    known = {"parameters", "num_samples", "seed", "max_concurrent_trials", "scheduler"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown config key 'sweep.{key}'")
+    flat: dict[str, Any] = {}
+    _flatten("", raw.get("parameters") or {}, flat)
+    scheduler = None
+    sched = raw.get("scheduler")
+    if sched is not None:
+        if not isinstance(sched, dict):
+            raise ConfigError(f"'sweep.scheduler' must be a mapping or null, got {sched!r}")
+        fields = {"kind", "metric", "mode", "grace_period", "reduction_factor"}
+        for key in sched:
+            if key not in fields:
+                raise ConfigError(f"unknown config key 'sweep.scheduler.{key}'")
+        if sched.get("kind", "asha") != "asha":
+            raise ConfigError(f"'sweep.scheduler.kind' must be 'asha', got {sched['kind']!r}")
+        if sched.get("mode", "max") not in ("max", "min"):
+            raise ConfigError(f"'sweep.scheduler.mode' must be 'max' or 'min', got {sched['mode']!r}")
+        defaults = SchedulerConfig()
+        scheduler = SchedulerConfig(
+            metric=str(sched.get("metric", defaults.metric)),
+            mode=sched.get("mode", defaults.mode),
+            grace_period=_int(sched, "grace_period", defaults.grace_period, 1),
+            reduction_factor=_int(sched, "reduction_factor", defaults.reduction_factor, 2),
+        )
+    return SweepConfig(
+        parameters=tuple(_domain(k, v) for k, v in flat.items()),
+        num_samples=_int(raw, "num_samples", 1, 1),
+        seed=_int(raw, "seed", 0, 0),
+        max_concurrent_trials=_int(raw, "max_concurrent_trials", 0, 0),
+        scheduler=scheduler,
+    )
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-") or "x"
+
+
+def _name(params: dict[str, Any], sample: int | None) -> str:
+    """``alpha=0.05_kl_weight=5``: last key component unless two swept keys share it."""
+    lasts = [k.split(".")[-1] for k in params]
+    parts = [f"{k.split('.')[-1] if lasts.count(k.split('.')[-1]) == 1 else k}={_format(v)}" for k, v in params.items()]
+    if sample is not None:
+        parts.append(f"sample={sample}")
+    return "_".join(parts)
+
+
+def expand(sweep: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, params)`` of every trial: each grid point ``num_samples`` times, random domains drawn from
+    ``sweep.seed`` in a fixed order (raising ``num_samples`` later keeps the earlier trials)."""
+    grid = [d for d in sweep.parameters if d.kind == "grid"]
+    rng = np.random.default_rng(sweep.seed)
+    trials = []
+    for sample in range(sweep.num_samples):
+        for point in itertools.product(*(d.values for d in grid)):
+            chosen = dict(zip((d.key for d in grid), point))
+            params = {}
+            for d in sweep.parameters:
+                if d.kind == "grid":
+                    params[d.key] = chosen[d.key]
+                elif d.kind == "choice":
+                    params[d.key] = d.values[int(rng.integers(len(d.values)))]
+                else:  # rounded so that the name states the value exactly
+                    low, high = d.values
+                    u = rng.uniform(low, high) if d.kind == "uniform" else math.exp(rng.uniform(math.log(low), math.log(high)))
+                    params[d.key] = float(f"{u:.4g}")
+            trials.append((_name(params, sample if sweep.num_samples > 1 else None) or "trial", params))
+    names = [n for n, _ in trials]
+    if len(set(names)) != len(names):
+        raise ConfigError("'sweep.parameters' give two trials the same name; make the values distinct")
+    return trials
+
+
+def _with(values: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    node = OmegaConf.create(values)
+    for key, value in params.items():
+        OmegaConf.update(node, key, value, merge=False, force_add=True)
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
+    """Read a sweep config, apply ``key=value`` overrides (``sweep.*`` ones go to the sweep section) and
+    validate the base config and every trial's config. Raises :class:`ConfigError` naming the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse config file '{path}': {exc}") from None
+    if not isinstance(raw, dict) or "sweep" not in raw:
+        raise ConfigError(f"'{path}' has no 'sweep' section (a sweep config is a run config plus 'sweep:')")
+    sweep_raw = raw.pop("sweep")
+    run_overrides, sweep_overrides = [], []
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override '{item}' must look like key=value")
+        if item.startswith("sweep."):
+            sweep_overrides.append(item[len("sweep."):])
+        else:
+            run_overrides.append(item)
+    try:
+        if run_overrides:
+            raw = OmegaConf.to_container(OmegaConf.merge(raw, OmegaConf.from_dotlist(run_overrides)), resolve=True)
+        if sweep_overrides:
+            merged = OmegaConf.merge(OmegaConf.create(sweep_raw or {}), OmegaConf.from_dotlist(sweep_overrides))
+            sweep_raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
+    base = from_dict(raw)
+    sweep = parse_sweep(sweep_raw)
+    trials = []
+    for name, params in expand(sweep):
+        try:
+            cfg = from_dict(_with(raw, params))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep trial '{name}': {exc}") from None
+        trials.append(TrialSpec(name, params, cfg))
+    return Sweep(base, raw, sweep, trials)
