@@ -4,6 +4,8 @@
     tfft bank CONFIG [key=value ...] --out DIR                   base bank only (resumable)
     tfft pretrain CONFIG [key=value ...]                         pretrain (or find cached) base model
     tfft config CONFIG [key=value ...]                           validate and print the resolved config
+    tfft sweep CONFIG [key=value ...] --out DIR                  Ray Tune sweep (alpha, kl_weight, any key)
+    tfft report DIR                                              table and plots of a sweep's trials
 
 Configuration errors print one line naming the key and exit with code 2.
 """
@@ -62,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
     add_config_args(p_cfg)
+
+    p_sweep = sub.add_parser(
+        "sweep",
+        help="Ray Tune sweep over alpha, kl_weight or any key, from one shared base bank",
+        description="Run every trial of CONFIG's 'sweep:' section (grid / choice / uniform / loguniform over "
+        "any key) as a Ray Tune trial into DIR/trials/<name>/, sharing one base bank, then write DIR/report/. "
+        "Rerunning with the same --out runs only the trials without a summary.json. Exit code 1 if a trial failed.",
+    )
+    add_config_args(p_sweep)
+    p_sweep.add_argument("--out", required=True, metavar="DIR", help="sweep directory (trials/, report/, trials.log)")
+
+    p_rep = sub.add_parser(
+        "report",
+        help="table and plots of a sweep's trials",
+        description="Write DIR/report/: report.csv, report.md (CVaRs at each trial's alpha, both sides; base, "
+        "fine-tuned, target; KL of the target), cvar_vs_alpha.png, tradeoff.png, histograms.png; logged to the "
+        "sweep's parent MLflow run.",
+    )
+    p_rep.add_argument("dir", metavar="DIR", help="the --out directory of `tfft sweep`")
     return parser
 
 
@@ -81,11 +102,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
     from pipelines.config import ConfigError
 
     try:
+        if args.command == "sweep":
+            from pipelines.sweep import run_sweep
+            from pipelines.sweep_spec import load_sweep
+
+            overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+            statuses = run_sweep(load_sweep(args.config, overrides), args.out)
+            return 0 if all(s in ("done", "stopped") for s in statuses.values()) else 1
+        if args.command == "report":
+            from pipelines.report import report_sweep
+
+            report_sweep(args.dir)
+            return 0
         cfg = _load(args)
         if args.command == "config":
             from pipelines.config import to_yaml

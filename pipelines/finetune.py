@@ -186,12 +186,14 @@ def run_finetune(
     mlflow: dict[str, Any] | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
     steps: int | None = None,
+    callbacks: list[Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> FinetuneResult:
     """Run the TorchTrainer; rerunning with the same ``(storage_path, name)`` resumes its checkpoints.
 
     ``init_state`` warm-starts the fine-tuned network (threshold refinement); the base stays the base.
-    ``steps`` overrides ``finetune.steps``.
+    ``steps`` overrides ``finetune.steps``. ``callbacks`` go to the trainer's ``RunConfig`` (e.g. a Tune
+    trial's ``TuneReportCallback``).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -237,6 +239,7 @@ def run_finetune(
             # Train's INFO lines repeat every report, and without the dashboard its placement-group
             # cleaner warns every few seconds that the state API is down; rank 0 prints progress instead.
             logging_config=LoggingConfig(log_level="ERROR"),
+            callbacks=callbacks,
         ),
     )
     log(

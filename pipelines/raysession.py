@@ -27,6 +27,7 @@ def connect(ray_cfg: RayConfig, *, log=print) -> None:
         kwargs = {"num_cpus": ray_cfg.num_cpus} if ray_cfg.num_cpus > 0 else {}
         # The dashboard serves the state API that Ray Train's controller polls (without it, the
         # controller warns every few seconds) and the job API; it listens on loopback only.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, **kwargs)
+        # address="local": always a fresh local Ray, never a leftover `ray start` cluster on this machine
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, **kwargs)
     res = ray.cluster_resources()
     log(f"[ray] {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs, python {sys.version.split()[0]}")

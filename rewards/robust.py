@@ -160,7 +160,8 @@ def _attempt(call: Callable[[np.ndarray], Any], chunk: np.ndarray) -> _Outcome:
 def _check_args(x: np.ndarray, batch_size: int, max_in_flight: int, retries: int, backoff_s: float) -> None:
     if x.ndim != 2:
         raise ValueError(f"x must have shape (n, d), got {x.shape}")
-    for name, value, low in (("batch_size", batch_size, 1), ("max_in_flight", max_in_flight, 1), ("retries", retries, 0)):
+    limits = (("batch_size", batch_size, 1), ("max_in_flight", max_in_flight, 1), ("retries", retries, 0))
+    for name, value, low in limits:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not (isinstance(backoff_s, (int, float)) and math.isfinite(backoff_s) and backoff_s >= 0):
@@ -229,7 +230,8 @@ def evaluate_robust(
         elif failures <= retries:
             later(idx, failures, job.repeats + 1, backoff_s * 2**job.repeats)
         else:
-            _log.warning("%d sample(s) invalid after %d failed calls: %s %s", len(idx), failures, out.failure, out.detail)
+            what = f"{out.failure} {out.detail}"
+            _log.warning("%d sample(s) invalid after %d failed calls: %s", len(idx), failures, what)
             for i in idx:
                 finish(int(i), math.nan, out.failure, 0.0)
 

@@ -107,7 +107,8 @@ def _read_rewards(path: str, size: int) -> np.ndarray:
         out.close()
         raise CallFailure("malformed", "output is not a single .npy array")
     if out.dtype.kind not in "biuf" or out.shape != (size,):
-        raise CallFailure("malformed", f"expected float output of shape ({size},), got {out.dtype} {out.shape}")
+        wanted = f"expected float output of shape ({size},)"
+        raise CallFailure("malformed", f"{wanted}, got {out.dtype} {out.shape}")
     return out.astype(np.float64)
 
 
@@ -120,7 +121,8 @@ def _as_int(name: str, value: Any, low: int) -> int:
 def _as_float(name: str, value: Any, positive: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
-        raise ValueError(f"Command: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"Command: {name} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 
@@ -165,10 +167,15 @@ class Command(Reward):
         text = "\0".join(self.argv)
         missing = [p for p in ("{input}", "{output}") if p not in text]
         if missing:
-            raise ValueError(f"Command: argv must contain the placeholders {{input}} and {{output}}; {missing} missing in {self.argv!r}")
+            raise ValueError(
+                f"Command: argv must contain the placeholders {{input}} and {{output}}; "
+                f"{' and '.join(missing)} missing in {self.argv!r}"
+            )
         program = self.argv[0]
         if program != "{python}" and os.sep not in program and shutil.which(program) is None:
-            raise ValueError(f"Command: argv[0] {program!r} is not a program on PATH (for Python use '{{python}}')")
+            raise ValueError(
+                f"Command: argv[0] {program!r} is not a program on PATH (for Python use '{{python}}')"
+            )
         self.timeout_s = _as_float("timeout_s", timeout_s, positive=True)
         self.retries = _as_int("retries", retries, 0)
         self.batch_size = _as_int("batch_size", batch_size, 1)
@@ -210,7 +217,8 @@ class Command(Reward):
             with open(os.path.join(workdir, "stdout.txt"), "wb") as out, open(stderr_path, "wb") as err:
                 try:  # files, not pipes: a chatty command cannot block on a full pipe
                     proc = subprocess.Popen(
-                        argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True
+                        argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                        start_new_session=True,  # its own process group, killed as a whole below
                     )
                 except OSError as exc:
                     raise CallFailure("crash", f"cannot start {argv[0]!r}: {exc}") from None

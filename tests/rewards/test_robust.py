@@ -87,11 +87,13 @@ def test_random_faults_every_sample_accounted_exactly_once(seed):
     rng = np.random.default_rng(seed)
     n, batch_size, retries = int(rng.integers(1, 60)), int(rng.integers(1, 17)), int(rng.integers(0, 3))
     bad = rng.random(n) < 0.2
-    x, calls = samples(n, bad=np.flatnonzero(bad)), Recorder(reason=["crash", "timeout", "exception"][seed % 3])
-    result = evaluate_robust(calls, x, batch_size=batch_size, max_in_flight=1 + seed % 3, retries=retries, backoff_s=0)
+    reason = ["crash", "timeout", "exception"][seed % 3]
+    x, calls = samples(n, bad=np.flatnonzero(bad)), Recorder(reason=reason)
+    result = evaluate_robust(
+        calls, x, batch_size=batch_size, max_in_flight=1 + seed % 3, retries=retries, backoff_s=0
+    )
     check_accounting(result, x, bad, calls)
     assert (result.attempts[bad] >= retries + 1).all()
-    reason = calls.reason
     assert result.failure_counts() == ({reason: int(bad.sum())} if bad.any() else {})
 
 
@@ -102,7 +104,9 @@ def test_split_false_fails_the_whole_chunk_after_its_retries():
     assert calls.sizes == [4, 4, 4, 4] and result.attempts.tolist() == [3] * 4 + [1] * 4
 
 
-@pytest.mark.parametrize("fail_first, retries, valid", [(1, 2, True), (2, 2, True), (3, 2, False), (1, 0, False)])
+@pytest.mark.parametrize(
+    "fail_first, retries, valid", [(1, 2, True), (2, 2, True), (3, 2, False), (1, 0, False)]
+)
 def test_transient_failures_are_retried(fail_first, retries, valid):
     seen: dict[bytes, int] = {}
 
@@ -140,7 +144,12 @@ def test_nan_and_inf_are_invalid_without_retry():
 
 @pytest.mark.parametrize(
     "returned, reason",
-    [(np.zeros(3), "malformed"), (np.zeros((2, 1)), "malformed"), ("abc", "malformed"), (RuntimeError, "exception")],
+    [
+        (np.zeros(3), "malformed"),
+        (np.zeros((2, 1)), "malformed"),
+        ("abc", "malformed"),
+        (RuntimeError, "exception"),
+    ],
 )
 def test_bad_returns_and_exceptions_fail_the_call(returned, reason):
     def call(chunk: np.ndarray) -> np.ndarray:
@@ -196,7 +205,10 @@ def test_single_slot_runs_in_the_callers_thread_and_results_are_deterministic():
             raise CallFailure("crash")
         return chunk.sum(1)
 
-    runs = [evaluate_robust(jittery, samples(40), batch_size=4, max_in_flight=4, retries=1, backoff_s=0) for _ in range(2)]
+    runs = [
+        evaluate_robust(jittery, samples(40), batch_size=4, max_in_flight=4, retries=1, backoff_s=0)
+        for _ in range(2)
+    ]
     np.testing.assert_array_equal(runs[0].rewards, runs[1].rewards)
     assert runs[0].errors == runs[1].errors and (runs[0].attempts == runs[1].attempts).all()
 

@@ -116,7 +116,8 @@ def test_temporary_directories_are_removed(fault_command, tmp_path, monkeypatch)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    fault_command(batch_size=2, timeout_s=0.3, retries=0).evaluate_detailed(coded([GOOD, GARBAGE, HANG, GOOD]))
+    command = fault_command(batch_size=2, timeout_s=0.3, retries=0)
+    command.evaluate_detailed(coded([GOOD, GARBAGE, HANG, GOOD]))
     assert list(scratch.iterdir()) == []
 
 

@@ -1,0 +1,356 @@
+"""``tfft sweep``: Ray Tune over the tail level, the KL weight or any other key, from one shared base bank.
+
+    sweep config --(pipelines.sweep_spec: validated trials, before Ray starts)--> base model + bank
+    (once per bank group) --> Tune: one driver function per trial, each runs threshold -> fine-tune
+    (its own TorchTrainer) -> evaluate into DIR/trials/<name>/ --> DIR/report/ (pipelines.report)
+
+Each trial is a Tune function trainable that builds and fits a TorchTrainer (the Train V2 way); the
+trainer's reports reach Tune (and the optional ASHA scheduler) through ``TuneReportCallback``. MLflow
+holds a parent run for the sweep and a nested run per trial, all created by this driver before Tune
+starts; trials only log metrics and artifacts into them, with retries. A trial is done when its
+``summary.json`` exists: a restarted sweep skips those trials and resumes the others from their stages
+(fine-tuning checkpoints, banks). ``DIR/trials.log`` records what happened to every trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pipelines.config import ConfigError, to_flat_dict, to_yaml
+from pipelines.run import choose_solver, prepare_base, run_from_bank
+from pipelines.schema import Config, PoolConfig
+from pipelines.sweep_spec import Sweep, TrialSpec
+from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
+
+__all__ = ["run_sweep", "plan_concurrency", "fit_trial", "RetryingRun", "TRAIN_METRICS"]
+
+DRIVER_CPUS = 0.01  # a Tune trial only drives its TorchTrainer and Ray Data pools; 0 CPUs is refused
+# What finetune.train_loop reports every log_every steps (the last two with the adjoint solver only).
+TRAIN_METRICS = ("loss", "valid_fraction", "invalid_count", "mean_reward", "active_fraction")
+
+
+class RetryingRun(TrackedRun):
+    """A TrackedRun whose writes retry: concurrent trials share one SQLite store, and SQLite can answer
+    'database is locked' at once (without waiting) when two transactions upgrade to writing together."""
+
+    def _retry(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        for attempt in range(8):
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                if attempt == 7:
+                    raise
+                time.sleep(0.1 * 2**attempt)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._retry(super().log_params, params)
+
+    def log_artifact(self, path: Any) -> None:
+        self._retry(super().log_artifact, path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._retry(super().set_tag, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._retry(super().finish, status)
+
+    def resume(self) -> None:
+        """Mark a run of an interrupted sweep as running again."""
+        if self.enabled:
+            self._retry(self._client().update_run, self.run_id, status="RUNNING")
+
+
+def _pool_cpus(pool: PoolConfig) -> float:
+    return pool.num_cpus * (pool.max_size if pool.min_size is not None else pool.size)
+
+
+def _peak_cpus(cfg: Config) -> float:
+    """CPUs one trial holds at its busiest: the worker group while training, the two pools while evaluating."""
+    train = cfg.finetune.num_workers * cfg.finetune.cpus_per_worker
+    return max(train, _pool_cpus(cfg.bank.sampler) + _pool_cpus(cfg.bank.reward))
+
+
+def plan_concurrency(resources: dict[str, float], configs: list[Config], requested: int = 0) -> int:
+    """How many trials run at once: ``requested``, or as many as fit at the configured sizes (at least 1)."""
+    if requested:
+        return requested
+    cpus = resources.get("CPU", 0.0)
+    fit = max(1, math.floor(cpus / max(_peak_cpus(c) + DRIVER_CPUS for c in configs) + 1e-9))
+    gpu_workers = max((c.finetune.num_workers for c in configs if c.finetune.use_gpu), default=0)
+    if gpu_workers:
+        fit = min(fit, max(1, math.floor(resources.get("GPU", 0.0) / gpu_workers)))
+    return fit
+
+
+def _floor(x: float) -> float:
+    return math.floor(x * 1000) / 1000  # Ray counts resources in units of 1e-4
+
+
+def fit_trial(cfg: Config, budget: float) -> Config:
+    """A copy of ``cfg`` whose worker group and bank pools each fit in ``budget`` CPUs (fractions allowed).
+
+    Without this, concurrent trials (or one trial on a small machine) ask for more CPUs than exist and wait
+    forever; the fine-tuning and the pools run in turn, so each may use the whole budget.
+    """
+    cfg = copy.deepcopy(cfg)
+    ft = cfg.finetune
+    ft.cpus_per_worker = min(ft.cpus_per_worker, _floor(budget / ft.num_workers))
+    pools = _pool_cpus(cfg.bank.sampler) + _pool_cpus(cfg.bank.reward)
+    scale = min(1.0, budget / pools) if pools > 0 else 1.0
+    for pool in (cfg.bank.sampler, cfg.bank.reward):
+        pool.num_cpus = _floor(pool.num_cpus * scale) if pool.num_cpus > 0 and scale < 1 else pool.num_cpus
+    if min(ft.cpus_per_worker, cfg.bank.sampler.num_cpus or 1, cfg.bank.reward.num_cpus or 1) <= 0:
+        raise ConfigError(f"'sweep.max_concurrent_trials': {budget:.3f} CPUs per trial are too few")
+    return cfg
+
+
+def _append_log(out: Path, line: str) -> None:
+    with open(out / "trials.log", "a") as f:  # O_APPEND: whole short lines from concurrent trials
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+
+
+@contextmanager
+def _tune_reporting() -> Iterator[None]:
+    """Give the trial's TorchTrainer a ``TuneReportCallback`` (its reports become this Tune trial's results).
+
+    ``run_from_bank`` builds the trainer through ``pipelines.run.run_finetune``; each Tune trial runs in its
+    own actor process, so swapping that name here affects this trial only.
+    """
+    import pipelines.run as stages
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    original = stages.run_finetune
+    stages.run_finetune = functools.partial(original, callbacks=[TuneReportCallback()])
+    try:
+        yield
+    finally:
+        stages.run_finetune = original
+
+
+def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], bases: dict[str, Any]) -> None:
+    """The Tune trainable: one trial, from the shared base bank to ``summary.json``."""
+    job = jobs[config["trial"]]
+    name, out, sweep_dir = job["name"], Path(job["out"]), Path(job["sweep_dir"])
+    cfg: Config = job["config"]
+    run = RetryingRun(job["uri"], job["run_id"])
+    base, base_bank = bases[job["group"]]
+
+    def log(message: str) -> None:
+        print(f"[{name}] {message}", flush=True)
+
+    started = time.time()
+    _append_log(sweep_dir, f"started {name}")
+    run.resume()
+    try:
+        with _tune_reporting():
+            summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=job["solver"], log=log)
+        summary["wall_seconds"] = time.time() - started
+        summary["sweep"] = {"trial": name, "params": job["params"], "resources": job["resources"]}
+        # summary.json marks the trial done: it appears only once MLflow holds everything.
+        pending = out / ".pending" / "summary.json"
+        pending.parent.mkdir(exist_ok=True)
+        pending.write_text(json.dumps(summary, indent=2))
+        run.log_artifact(pending)
+        run.finish()
+        pending.replace(out / "summary.json")
+    except BaseException as exc:
+        _append_log(sweep_dir, f"failed {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        run.finish("FAILED")
+        raise
+    _append_log(sweep_dir, f"finished {name} in {summary['wall_seconds']:.0f}s")
+
+
+def _check_dir(path: Path, text: str, what: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.read_text() != text:
+        raise ConfigError(f"'{path.parent}' holds {what} with a different config.yaml; choose a new --out to start over")
+    path.write_text(text)
+
+
+def _open_or_reuse(uri: str, sweep: Sweep, run_name: str, run_id: str | None, parent: str | None) -> RetryingRun:
+    """The MLflow run ``run_id`` when it exists in this store (a restarted sweep), else a new one."""
+    tracking = sweep.base.tracking
+    if not tracking.enabled:
+        return RetryingRun(None, None)
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri=uri).get_run(run_id)
+            return RetryingRun(uri, run_id)
+        except Exception:
+            pass
+    run = open_run(uri, tracking.experiment, run_name, parent_run_id=parent)
+    return RetryingRun(run.uri, run.run_id)
+
+
+def _check_scheduler(sweep: Sweep, solvers: dict[str, str]) -> None:
+    sched = sweep.sweep.scheduler
+    if sched is None:
+        return
+    allowed = TRAIN_METRICS if all(s == "adjoint" for s in solvers.values()) else TRAIN_METRICS[:3]
+    if sched.metric not in allowed:
+        raise ConfigError(f"'sweep.scheduler.metric' must be one of {', '.join(allowed)} (reported during "
+                          f"fine-tuning with these trials' solvers), got {sched.metric!r}")
+
+
+def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run every trial not yet done; write ``out/report/``. Returns ``{trial name: status}`` with status
+    done | stopped (ASHA) | failed | not run."""
+    out = Path(out).resolve()
+    solvers = {t.name: choose_solver(t.config) for t in sweep.trials}  # config problems before Ray starts
+    _check_scheduler(sweep, solvers)
+    _check_dir(out / "config.yaml", to_yaml(sweep.base), "a sweep")
+    state_path = out / "sweep.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    uri = resolve_tracking_uri(sweep.base.tracking.uri)
+    if state.get("tracking_uri") != uri:
+        state = {}  # another store: new runs there
+    todo = []
+    for trial in sweep.trials:
+        trial_dir = out / "trials" / trial.name
+        _check_dir(trial_dir / "config.yaml", to_yaml(trial.config), f"trial '{trial.name}'")
+        status = _status(trial_dir)
+        if status in ("done", "stopped"):
+            why = "summary.json exists" if status == "done" else "stopped early by the scheduler"
+            _append_log(out, f"skipped {trial.name} ({why})")
+            log(f"[sweep] {trial.name}: skipped ({why})")
+        else:
+            todo.append(trial)
+    parent = _open_or_reuse(uri, sweep, out.name, state.get("parent_run_id"), None)
+    if parent.run_id != state.get("parent_run_id"):
+        parent.log_params(to_flat_dict(sweep.base))
+        parent.log_params({"sweep.parameters": json.dumps({d.key: {d.kind: list(d.values)} for d in sweep.sweep.parameters}),
+                           "sweep.num_samples": sweep.sweep.num_samples, "sweep.trials": len(sweep.trials)})
+    parent.resume()
+    if parent.enabled:
+        log(f"[mlflow] parent run {parent.run_id} in {uri}")
+    runs = dict(state.get("runs", {}))
+    for trial in todo:
+        run = _open_or_reuse(uri, sweep, trial.name, runs.get(trial.name), parent.run_id)
+        if run.run_id != runs.get(trial.name):
+            run.log_params(to_flat_dict(trial.config))
+            run.set_tag("tfft.sweep_trial", trial.name)
+        runs[trial.name] = run.run_id
+    banks = {t.bank_group: (f"bases/{t.bank_group}/" if t.bank_group else "") + "bank_base.parquet" for t in sweep.trials}
+    state = {
+        "tracking_uri": uri,
+        "experiment": sweep.base.tracking.experiment,
+        "parent_run_id": parent.run_id,
+        "runs": runs,
+        "trials": [{"name": t.name, "params": t.params, "bank": banks[t.bank_group]} for t in sweep.trials],
+    }
+    state_path.write_text(json.dumps(state, indent=2))
+    if todo:
+        try:
+            _tune(sweep, out, todo, solvers, banks, runs, uri, log)
+        except BaseException:
+            parent.finish("KILLED")
+            raise
+    statuses = {t.name: _status(out / "trials" / t.name) for t in sweep.trials}
+    from pipelines.report import write_report
+
+    write_report(out, run=parent, log=log)
+    parent.finish("FINISHED" if all(s in ("done", "stopped") for s in statuses.values()) else "FAILED")
+    counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
+    log("[sweep] " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; report in {out / 'report'}")
+    return statuses
+
+
+def _status(trial_dir: Path) -> str:
+    if (trial_dir / "summary.json").is_file():
+        return "done"
+    marker = trial_dir / "status.json"
+    return json.loads(marker.read_text())["status"] if marker.is_file() else "not run"
+
+
+def _tune(
+    sweep: Sweep,
+    out: Path,
+    todo: list[TrialSpec],
+    solvers: dict[str, str],
+    banks: dict[str, str],
+    runs: dict[str, str | None],
+    uri: str,
+    log: Callable[[str], None],
+) -> None:
+    import ray
+    from ray import tune
+
+    bases = {}
+    for trial in todo:  # one base model and bank per group, before any trial starts
+        if trial.bank_group not in bases:
+            bank_dir = (out / banks[trial.bank_group]).parent
+            bases[trial.bank_group] = prepare_base(trial.config, bank_dir, log=log)
+    resources = ray.cluster_resources()
+    concurrent = plan_concurrency(resources, [t.config for t in todo], sweep.sweep.max_concurrent_trials)
+    budget = resources.get("CPU", 0.0) / concurrent - DRIVER_CPUS
+    jobs = {}
+    for trial in todo:
+        cfg = fit_trial(trial.config, budget)
+        jobs[trial.name] = {
+            "name": trial.name,
+            "params": trial.params,
+            "config": cfg,
+            "out": str(out / "trials" / trial.name),
+            "sweep_dir": str(out),
+            "group": trial.bank_group,
+            "solver": solvers[trial.name],
+            "uri": uri if runs[trial.name] else None,
+            "run_id": runs[trial.name],
+            "resources": {
+                "driver_cpus": DRIVER_CPUS,
+                "cpus_per_worker": cfg.finetune.cpus_per_worker,
+                "pool_cpus": [cfg.bank.sampler.num_cpus, cfg.bank.reward.num_cpus],
+            },
+        }
+        (out / "trials" / trial.name / "status.json").unlink(missing_ok=True)
+    first = jobs[todo[0].name]["config"]
+    log(
+        f"[sweep] {len(todo)} trials to run, {concurrent} at a time on {resources.get('CPU', 0):g} CPUs: "
+        f"{first.finetune.num_workers} workers x {first.finetune.cpus_per_worker:g} CPU, pools "
+        f"{first.bank.sampler.num_cpus:g} + {first.bank.reward.num_cpus:g} CPU per actor"
+    )
+    scheduler = None
+    if sweep.sweep.scheduler is not None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        s = sweep.sweep.scheduler
+        reports = max(math.ceil(t.config.finetune.steps / t.config.finetune.log_every) for t in todo)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=max(reports, s.grace_period),
+            grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+        )
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_main, jobs=jobs, bases=bases), {"CPU": DRIVER_CPUS}
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.name for t in todo])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrent,
+            scheduler=scheduler,
+            reuse_actors=False,
+            trial_name_creator=lambda t: t.config["trial"],
+            trial_dirname_creator=lambda t: t.config["trial"],
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out / "tune"), verbose=1),
+    )
+    results = tuner.fit()
+    for result in results:
+        name = result.config["trial"]
+        trial_dir = out / "trials" / name
+        if (trial_dir / "summary.json").is_file():
+            continue
+        status = "failed" if result.error is not None else "stopped"
+        (trial_dir / "status.json").write_text(json.dumps({"status": status, "error": repr(result.error) if result.error else None}))
+        if status == "stopped":
+            _append_log(out, f"stopped {name} by the ASHA scheduler")
+            RetryingRun(uri if runs[name] else None, runs[name]).finish("KILLED")

@@ -1,0 +1,265 @@
+"""``tfft sweep``: the sweep section (fast, no Ray), concurrent MLflow writers, and one real sweep on Ray.
+
+The Ray part runs one 3 x 2 grid (alpha x kl_weight, right side) of the shipped smoke config: it is killed
+after two trials finish, restarted with the same --out, and then checked for resumption, MLflow runs,
+Tune's intermediate results and the expected trends of the report table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import ConfigError
+from pipelines.schema import Config
+from pipelines.sweep import DRIVER_CPUS, RetryingRun, fit_trial, plan_concurrency
+from pipelines.sweep_spec import load_sweep
+
+ROOT = Path(__file__).parents[2]
+SMOKE = ROOT / "tune_configs" / "sweep_toy2d_smoke.yaml"
+
+GRID = """
+objective: {side: right}
+sweep:
+  parameters:
+    objective.alpha: {grid: [0.05, 0.1, 0.2]}
+    objective.kl_weight: {grid: [5, 10]}
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- the sweep section --------------------------------------------------------------------------------
+
+
+def test_grid_expands_into_named_validated_trials(tmp_path):
+    sweep = load_sweep(_write(tmp_path, GRID), ["finetune.steps=7"])
+    names = [t.name for t in sweep.trials]
+    assert len(names) == 6 and len(set(names)) == 6
+    assert "alpha=0.05_kl_weight=5" in names and "alpha=0.2_kl_weight=10" in names
+    for t in sweep.trials:
+        assert isinstance(t.config, Config)
+        assert t.config.objective.alpha == t.params["objective.alpha"]
+        assert t.config.objective.kl_weight == t.params["objective.kl_weight"]
+        assert t.config.finetune.steps == 7 and t.config.objective.side == "right"
+        assert t.bank_group == ""  # alpha and kl_weight leave the base bank alone
+    assert sweep.base.finetune.steps == 7
+
+
+def test_random_domains_are_reproducible_and_num_samples_extends(tmp_path):
+    text = """
+sweep:
+  parameters:
+    objective: {kl_weight: {loguniform: [1, 100]}, side: {choice: [left, right]}}
+    seed: {choice: [0, 1, 2]}
+    finetune.lr: {uniform: [0.001, 0.01]}
+  num_samples: 3
+  seed: 7
+"""
+    path = _write(tmp_path, text)
+    first = load_sweep(path)
+    again = load_sweep(path)
+    more = load_sweep(path, ["sweep.num_samples=4"])
+    assert [t.params for t in first.trials] == [t.params for t in again.trials]
+    assert [t.name for t in more.trials[:3]] == [t.name for t in first.trials]
+    for t in more.trials:
+        assert 1 <= t.config.objective.kl_weight <= 100 and 0.001 <= t.config.finetune.lr <= 0.01
+        assert t.config.objective.side in ("left", "right") and t.config.seed in (0, 1, 2)
+        assert t.name.endswith(f"sample={more.trials.index(t)}")
+        assert t.bank_group == f"seed={t.config.seed}"  # the seed changes the base model and its bank
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("sweep: {parameters: {objective.alpah: {grid: [0.1]}}}", "objective.alpah"),
+        ("sweep: {parameters: {objective.alpha: {grid: [0.1, 1.5]}}}", "objective.alpha"),
+        ("sweep: {parameters: {objective.alpha: [0.1, 0.2]}}", "sweep.parameters.objective.alpha"),
+        ("sweep: {parameters: {ray.num_cpus: {grid: [1, 2]}}}", "sweep.parameters.ray.num_cpus"),
+        ("sweep: {parameters: {seed: {grid: [0]}}, num_sample: 2}", "sweep.num_sample"),
+        ("sweep: {parameters: {seed: {grid: [0]}}, scheduler: {metric: loss, mode: up}}", "sweep.scheduler.mode"),
+        ("sweep: {parameters: {seed: {grid: [0]}}, scheduler: {metric: cvar}}", "sweep.scheduler.metric"),
+        ("finetune: {stepz: 3}\nsweep: {parameters: {seed: {grid: [0]}}}", "finetune.stepz"),
+        ("objective: {side: right}", "sweep"),
+    ],
+)
+def test_config_problems_exit_2_naming_the_key_before_ray_starts(tmp_path, capsys, text, key):
+    import ray
+
+    path = _write(tmp_path, text)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"'{key}'" in err, err
+    assert not ray.is_initialized()
+
+
+def test_concurrency_and_per_trial_resources_follow_the_cluster():
+    cfg = Config()  # 2 workers x 1 CPU, pools 1 + 1 CPU
+    assert plan_concurrency({"CPU": 2.0}, [cfg]) == 1
+    assert plan_concurrency({"CPU": 16.0}, [cfg]) == 7
+    assert plan_concurrency({"CPU": 2.0}, [cfg], requested=2) == 2
+    one = fit_trial(cfg, 2.0 - DRIVER_CPUS)
+    assert one.finetune.cpus_per_worker == 0.995 and cfg.finetune.cpus_per_worker == 1.0
+    assert one.bank.sampler.num_cpus + one.bank.reward.num_cpus <= 2.0 - DRIVER_CPUS
+    two = fit_trial(cfg, 1.0 - DRIVER_CPUS)
+    assert 2 * (2 * two.finetune.cpus_per_worker + DRIVER_CPUS) <= 2.0
+    assert 2 * (two.bank.sampler.num_cpus + two.bank.reward.num_cpus + DRIVER_CPUS) <= 2.0
+    roomy = fit_trial(cfg, 7.0)
+    assert roomy.finetune.cpus_per_worker == 1.0 and roomy.bank.reward.num_cpus == 1.0
+
+
+# --- MLflow: concurrent writers on one SQLite store ---------------------------------------------------
+
+
+def _hammer(uri: str, run_id: str, artifact: str) -> None:
+    from pipelines.tracking import MetricLogger
+
+    logger = MetricLogger(uri, run_id)
+    run = RetryingRun(uri, run_id)
+    for step in range(40):
+        logger.log({"loss": float(step), "active_fraction": 0.5}, step=step)
+    run.log_artifact(artifact)
+    run.finish()
+
+
+def test_concurrent_trials_write_one_sqlite_store_without_lock_errors(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import open_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = open_run(uri, "stress", "parent")
+    runs = [open_run(uri, "stress", f"t{i}", parent_run_id=parent.run_id).run_id for i in range(6)]
+    artifact = _write(tmp_path, "x", "a.txt")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hammer, args=(uri, r, str(artifact))) for r in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    client = MlflowClient(tracking_uri=uri)
+    for run_id in runs:
+        assert len(client.get_metric_history(run_id, "loss")) == 40
+        assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# --- one real sweep on Ray ----------------------------------------------------------------------------
+
+
+def _wait_for(path: Path, word: str, count: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if sum(f" {word} " in f" {line} " for line in lines) >= count:
+            return
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(1)
+    raise AssertionError(f"no {count} '{word}' lines in {path} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """The smoke grid, interrupted (SIGKILL to its process group) after two trials, then run again."""
+    import ray
+
+    root = tmp_path_factory.mktemp("sweep")
+    out = root / "grid"
+    args = [str(SMOKE), "--out", str(out), f"pretrain.cache_dir={root / 'cache'}",
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2"]
+    started = time.time()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", *args], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(out / "trials.log", "finished", 2, proc, timeout=900)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_after = time.time() - started
+    done_before = {p.parent.name: p.stat().st_mtime for p in (out / "trials").glob("*/summary.json")}
+    if ray.is_initialized():
+        ray.shutdown()
+    assert main(["sweep", *args]) == 0
+    ray.shutdown()
+    return {"out": out, "root": root, "done_before": done_before, "seconds": time.time() - started,
+            "killed_after": killed_after}
+
+
+def _log_lines(out: Path) -> list[list[str]]:
+    return [line.split()[1:3] for line in (out / "trials.log").read_text().splitlines()]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_restarted_sweep_runs_only_the_unfinished_trials(sweep_dir):
+    out, done_before = sweep_dir["out"], sweep_dir["done_before"]
+    print(f"sweep: killed after {sweep_dir['killed_after']:.0f} s, all done after {sweep_dir['seconds']:.0f} s")
+    assert len(done_before) >= 2
+    for name, mtime in done_before.items():
+        assert (out / "trials" / name / "summary.json").stat().st_mtime == mtime
+    lines = _log_lines(out)
+    for name in done_before:
+        assert ["skipped", name] in lines
+        assert lines.count(["started", name]) == 1 and lines.count(["finished", name]) == 1
+    names = [t["name"] for t in json.loads((out / "sweep.json").read_text())["trials"]]
+    assert len(names) == 6
+    for name in set(names) - set(done_before):
+        assert lines.count(["finished", name]) == 1
+        assert (out / "trials" / name / "summary.json").is_file()
+    # Tune saw the fine-tuning reports of the trials it ran (TuneReportCallback), not only the end
+    for name in set(names) - set(done_before):
+        results = (out / "tune" / "tune" / name / "result.json").read_text().splitlines()
+        assert len(results) >= 3 and "active_fraction" in json.loads(results[-1])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_mlflow_holds_one_parent_and_six_nested_runs_with_step_metrics(sweep_dir):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir['root'] / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tfft")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 6 and len(runs) == 7
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert {"objective.alpha", "objective.kl_weight"} <= set(run.data.params)
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+        assert len(steps) >= 3, (run.info.run_name, steps)
+        assert "finetuned.cvar_right_0.1" in run.data.metrics
+        assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.csv", "report.md", "tradeoff.png"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_shows_the_tail_rising_as_kl_weight_falls(sweep_dir):
+    with open(sweep_dir["out"] / "report" / "report.csv") as f:
+        rows = [r for r in csv.DictReader(f)]
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"done"}
+    for side in {r["side"] for r in rows}:
+        for alpha in {r["alpha"] for r in rows if r["side"] == side}:
+            cell = sorted((r for r in rows if r["side"] == side and r["alpha"] == alpha),
+                          key=lambda r: float(r["kl_weight"]))
+            tails = [float(r[f"finetuned_cvar_{side}"]) for r in cell]
+            assert all(a > b for a, b in zip(tails, tails[1:])), (side, alpha, tails)
+            for r in cell:
+                assert float(r[f"finetuned_cvar_{side}"]) > float(r[f"base_cvar_{side}"]), r
