@@ -167,8 +167,6 @@ def generate_bank(
 
     Shards go to ``<out_path>.shards/``; shards already there are kept (resume).
     """
-    import ray
-    import ray.data
 
     out_path = Path(out_path)
     if out_path.is_file():

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from pipelines.bank import generate_bank
@@ -26,8 +24,8 @@ from pipelines.schema import Config
 from pipelines.summary import flatten_stats, format_table
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import load_reward
-from tfft.refine import Bracket, next_threshold, update_bracket
-from tfft.tail import Threshold, cvar, solve_threshold, var
+from pipelines.refinement import refine_threshold
+from tfft.tail import Threshold, cvar, solve_threshold
 from tfft.target import effective_sample_size, summarize, target_summary, tilt_weights
 
 __all__ = ["run_pipeline", "run_bank_only", "prepare_base", "solve_objective", "run_from_bank", "objective_of", "choose_solver"]
@@ -166,7 +164,13 @@ def run_from_bank(
     state = _finetune_cached(cfg, out, base, base_bank, objective, solver, run, log)
     refinement = None
     if cfg.threshold.refine_rounds and threshold is not None:
-        state, objective, refinement = _refine(cfg, out, base, base_bank, objective, state, solver, run, log)
+        state, objective, refinement = refine_threshold(
+            cfg, out, base, base_bank, objective, state, run=run, log=log,
+            finetune=lambda out_k, objective_k, init: _finetune_cached(
+                cfg, out_k, base, base_bank, objective_k, solver, run, log,
+                init_state=init, steps=cfg.threshold.refine_steps or None,
+            ),
+        )
     final_bank = generate_bank(
         cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet", log=log
     )
@@ -236,49 +240,6 @@ def _finetune_seconds(out: Path) -> float | None:
         return None
     seconds = torch.load(path, map_location="cpu", weights_only=True).get("seconds")
     return None if seconds is None else float(seconds)
-
-
-def _refine(
-    cfg: Config,
-    out: Path,
-    base: BaseModel,
-    base_bank: Bank,
-    objective: dict[str, Any],
-    state: dict[str, torch.Tensor],
-    solver: str,
-    run: TrackedRun,
-    log: Callable[[str], None],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, float]]]:
-    """Threshold refinement (DESIGN §5): measure the fine-tuned model's tail mass beyond eta, bracket eta*,
-    fine-tune again warm-started at the next eta. Each round lives in ``out/refine/round-K/`` (resumable)."""
-    side, alpha = objective["side"], objective["alpha"]
-    rewards = base_bank.reward[base_bank.valid]
-    step = float(np.std(rewards)) or 1.0
-    bracket, rounds = Bracket(), []
-    for k in range(1, cfg.threshold.refine_rounds + 1):
-        eta = float(objective["eta"])
-        bank = generate_bank(
-            cfg, (base.config, state), size=cfg.threshold.refine_size, label=f"refine{k}",
-            out_path=out / "refine" / f"bank-{k}.parquet", log=log,
-        )
-        r = bank.reward[bank.valid]
-        mass = float(np.mean(r > eta) if side == "right" else np.mean(r < eta))
-        bracket = update_bracket(bracket, eta, mass, alpha=alpha, side=side)
-        open_side = not (np.isfinite(bracket.lo) and np.isfinite(bracket.hi))
-        new_eta = next_threshold(
-            bracket, alpha=alpha, step=step * 2 ** (k - 1) if open_side else step,
-            proposal=var(r, side=side, alpha=alpha), floor=0.5 / max(len(r), 1),
-        )
-        rounds.append({"round": k, "eta": eta, "tail_mass": mass, "lo": bracket.lo, "hi": bracket.hi, "next_eta": new_eta})
-        log(f"[refine] round {k}: eta {eta:.4f} -> tail mass {mass:.4f} (alpha {alpha}); bracket "
-            f"({bracket.lo:.4g}, {bracket.hi:.4g}); next eta {new_eta:.4f}")
-        run.log_metrics({"refine.eta": eta, "refine.tail_mass": mass}, step=k)
-        objective = {**objective, "eta": new_eta}
-        state = _finetune_cached(
-            cfg, out / "refine" / f"round-{k}", base, base_bank, objective, solver, run, log,
-            init_state=state, steps=cfg.threshold.refine_steps or None,
-        )
-    return state, objective, rounds
 
 
 def _record(

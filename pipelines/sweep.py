@@ -111,6 +111,10 @@ def fit_trial(cfg: Config, budget: float) -> Config:
     return cfg
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 def _append_log(out: Path, line: str) -> None:
     with open(out / "trials.log", "a") as f:  # O_APPEND: whole short lines from concurrent trials
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
@@ -160,8 +164,8 @@ def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], base
         run.log_artifact(pending)
         run.finish()
         pending.replace(out / "summary.json")
-    except BaseException as exc:
-        _append_log(sweep_dir, f"failed {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    except Exception as exc:  # a stop by the scheduler or an interrupt is not a failure
+        _append_log(sweep_dir, f"failed {name}: {_one_line(exc)}")
         run.finish("FAILED")
         raise
     _append_log(sweep_dir, f"finished {name} in {summary['wall_seconds']:.0f}s")
@@ -258,10 +262,27 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     from pipelines.report import write_report
 
     write_report(out, run=parent, log=log)
-    parent.finish("FINISHED" if all(s in ("done", "stopped") for s in statuses.values()) else "FAILED")
     counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
+    parent.finish("FAILED" if "failed" in counts else "KILLED" if "not run" in counts else "FINISHED")
     log("[sweep] " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; report in {out / 'report'}")
+    if "not run" in counts:
+        log("[sweep] interrupted: run the same command again to finish the remaining trials")
     return statuses
+
+
+def _completed_callback() -> Any:
+    from ray import tune
+
+    class Completed(tune.Callback):
+        """Names of the trials Tune saw end normally (finished, or stopped by the scheduler)."""
+
+        def __init__(self) -> None:
+            self.names: set[str] = set()
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self.names.add(trial.config["trial"])
+
+    return Completed()
 
 
 def _status(trial_dir: Path) -> str:
@@ -328,6 +349,7 @@ def _tune(
             time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=max(reports, s.grace_period),
             grace_period=s.grace_period, reduction_factor=s.reduction_factor,
         )
+    completed = _completed_callback()
     trainable = tune.with_resources(
         tune.with_parameters(_trial_main, jobs=jobs, bases=bases), {"CPU": DRIVER_CPUS}
     )
@@ -341,16 +363,19 @@ def _tune(
             trial_name_creator=lambda t: t.config["trial"],
             trial_dirname_creator=lambda t: t.config["trial"],
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out / "tune"), verbose=1),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out / "tune"), verbose=1, callbacks=[completed]),
     )
-    results = tuner.fit()
-    for result in results:
+    for result in tuner.fit():
         name = result.config["trial"]
         trial_dir = out / "trials" / name
         if (trial_dir / "summary.json").is_file():
             continue
-        status = "failed" if result.error is not None else "stopped"
-        (trial_dir / "status.json").write_text(json.dumps({"status": status, "error": repr(result.error) if result.error else None}))
-        if status == "stopped":
+        if result.error is not None:
+            status = {"status": "failed", "error": _one_line(result.error)}
+        elif name in completed.names:  # ended without an error or a summary: the scheduler stopped it
+            status = {"status": "stopped", "error": None}
             _append_log(out, f"stopped {name} by the ASHA scheduler")
             RetryingRun(uri if runs[name] else None, runs[name]).finish("KILLED")
+        else:  # interrupted (Ctrl-C): left to the next run
+            continue
+        (trial_dir / "status.json").write_text(json.dumps(status))

@@ -172,8 +172,8 @@ def test_epidemic_is_deterministic_in_a_sensible_range_and_takes_tens_of_ms():
     rewards = rewards_of(x)
     per_sample = (time.perf_counter() - start) / len(x)
     np.testing.assert_array_equal(rewards, rewards_of(x))
-    assert np.isfinite(rewards).all() and (rewards <= 0).all() and (rewards > -25).all()
-    assert rewards.std() > 1.0  # policies and luck matter
+    assert np.isfinite(rewards).all() and (rewards < -4).all() and (rewards > -16).all()
+    assert rewards.std() > 0.3  # the policy matters
     assert rewards_of(x, seed=1).tolist() != rewards.tolist()  # the seed enters every run
     assert 0.003 < per_sample < 0.25, per_sample
 
