@@ -87,7 +87,11 @@ class RewardActor:
         self.pool = dict(pool)
         self.cache = None
         if cache_dir:
-            identity = reward_identity(target, kwargs, getattr(self.reward, "version", "1"))
+            # a reward may say which kwargs change its values (Command: not timeouts or batching)
+            value_kwargs = getattr(self.reward, "value_kwargs", None)
+            identity = reward_identity(
+                target, value_kwargs() if callable(value_kwargs) else kwargs, getattr(self.reward, "version", "1")
+            )
             self.cache = RewardCache(cache_dir, identity)
 
     def _score(self, x: np.ndarray) -> Any:

@@ -13,11 +13,12 @@ Failure policy (issue 3, item 1):
 - a failed chunk of several samples is bisected (``split=True``): both halves are called again after
   ``backoff_s``. A good sample that shared a chunk with a bad one still gets its reward; a bad sample
   ends up alone. With ``split=False`` the whole chunk is called again instead.
-- a chunk that cannot be split any further is called again after ``backoff_s * 2**k`` (k = 0, 1, ...,
-  plus up to 10% jitter) until its samples have been in ``retries + 1`` failed calls; then they are
-  invalid with the reason of the last failure. Bisection counts towards that budget, so a sample that
-  fails consistently costs ``max(retries + 1, ceil(log2(batch_size)) + 1)`` calls, and with ``split``
-  it is only ever declared invalid alone, never with a good sample.
+- a chunk that is not split (one sample, or any chunk with ``split=False``) is called again after
+  ``backoff_s * 2**k`` (k = 0, 1, ..., plus up to 10% jitter) until its samples have been in
+  ``retries + 1`` failed calls; then they are invalid with the reason of the last failure. Bisection
+  counts towards that budget, so a sample that fails consistently costs about
+  ``max(retries + 1, log2(batch_size) + 1)`` calls, and with ``split`` it is only ever declared invalid
+  alone, never with a good sample.
 
 Every requested sample is accounted for exactly once. Calls run on ``max_in_flight`` threads (in the
 caller's thread when it is 1); only the caller's thread touches the bookkeeping, so ``call`` is the only
@@ -195,6 +196,7 @@ def evaluate_robust(
     )
     waiting: list[tuple[float, int, _Job]] = []  # (ready time, seq, job): back-off without a thread
     running: dict[Future[_Outcome], _Job] = {}
+    last_failure: dict[str, str] = {}  # reason -> detail of the last call that made samples invalid
     n_calls = 0
 
     def later(indices: np.ndarray, failures: int, repeats: int, delay: float) -> None:
@@ -230,8 +232,7 @@ def evaluate_robust(
         elif failures <= retries:
             later(idx, failures, job.repeats + 1, backoff_s * 2**job.repeats)
         else:
-            what = f"{out.failure} {out.detail}"
-            _log.warning("%d sample(s) invalid after %d failed calls: %s", len(idx), failures, what)
+            last_failure[out.failure] = out.detail
             for i in idx:
                 finish(int(i), math.nan, out.failure, 0.0)
 
@@ -266,6 +267,10 @@ def evaluate_robust(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     assert finished.all(), "a sample was never accounted for"
+    if last_failure:  # one line per evaluation, not per sample: a bank may lose thousands
+        lost = sum(1 for e in errors if e in last_failure)
+        details = "; ".join(f"{reason}: {detail}" for reason, detail in sorted(last_failure.items()))
+        _log.warning("%d of %d samples invalid after their retries (last failures: %s)", lost, n, details)
     return RobustResult(rewards, valid, errors, attempts, seconds, n_calls)
 
 

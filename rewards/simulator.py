@@ -139,7 +139,8 @@ class Command(Reward):
         backoff_s: base back-off before calling again after a failure (doubles per repeat).
         name: identity of the reward (default: ``command:`` + argv); ``version``: bump it when the
             command's results change (it keys caches).
-        env: extra environment variables for the command (merged over the caller's environment).
+        env: extra environment variables for the command (merged over the caller's environment;
+            numbers are turned into strings).
 
     Picklable (plain attributes only); ``differentiable = False``, so the pipeline uses the weighted
     solver.
@@ -157,7 +158,7 @@ class Command(Reward):
         backoff_s: float = 0.1,
         name: str | None = None,
         version: str = "1",
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str | int | float] | None = None,
     ):
         if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence) or not argv:
             raise ValueError(f"Command: argv must be a non-empty list of strings, got {argv!r}")
@@ -188,10 +189,11 @@ class Command(Reward):
             raise ValueError(f"Command: version must be a string, got {version!r}")
         self.version = str(version)
         if env is not None and not isinstance(env, Mapping):
-            raise ValueError(f"Command: env must be a mapping of strings to strings, got {env!r}")
-        self.env = {str(k): v for k, v in (env or {}).items()}
-        if not all(isinstance(v, str) for v in self.env.values()):
-            raise ValueError(f"Command: env values must be strings, got {self.env!r}")
+            raise ValueError(f"Command: env must be a mapping of names to strings, got {env!r}")
+        env = dict(env or {})
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in env.values()):
+            raise ValueError(f"Command: env values must be strings (or numbers), got {env!r}")
+        self.env = {str(k): str(v) for k, v in env.items()}  # numbers as a YAML override types them
 
     def resolve_argv(self, input_path: str, output_path: str) -> list[str]:
         """argv with the placeholders replaced (``{python}`` by this process's ``sys.executable``)."""
@@ -252,6 +254,10 @@ class Command(Reward):
         if x.ndim != 2:
             raise ValueError(f"Command expects samples of shape (n, d), got {tuple(x.shape)}")
         return self.evaluate_detailed(x.detach().cpu().to(torch.float64).numpy()).to_reward_batch()
+
+    def value_kwargs(self) -> dict[str, Any]:
+        """The kwargs that change reward values (the cache key): not timeouts, retries or batching."""
+        return {"argv": self.argv, "env": self.env, "name": self.name}
 
     def __repr__(self) -> str:
         return f"Command(argv={self.argv!r}, timeout_s={self.timeout_s}, batch_size={self.batch_size})"

@@ -139,20 +139,21 @@ def rewards_of(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.array([epidemic_reward(row, seed) for row in x], dtype=np.float64)
 
 
-def _inject_faults(x: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-    """Deliberate failures for demos, only when TFFT_EPIDEMIC_FAULT is set (module doc)."""
+def _deliberate_faults(x: np.ndarray) -> np.ndarray:
+    """Failures for demos, only when TFFT_EPIDEMIC_FAULT is set (module doc): crash or hang right away
+    on a chunk with an odd sample; in 'nan' mode return the (B,) mask of samples to report as NaN."""
     mode = os.environ.get("TFFT_EPIDEMIC_FAULT", "")
-    if not mode:
-        return rewards
-    if mode not in ("nan", "crash", "hang"):
+    if mode not in ("", "nan", "crash", "hang"):
         raise SystemExit(f"TFFT_EPIDEMIC_FAULT must be nan, crash or hang, got {mode!r}")
     odd = np.linalg.norm(x, axis=1) > float(os.environ.get("TFFT_EPIDEMIC_FAULT_RADIUS", "3.5"))
-    if odd.any() and mode == "crash":
+    if not mode or not odd.any():
+        return np.zeros(len(x), dtype=bool)
+    if mode == "crash":
         print(f"epidemic: deliberate crash on {int(odd.sum())} odd sample(s)", file=sys.stderr)
         raise SystemExit(3)
-    if odd.any() and mode == "hang":
+    if mode == "hang":
         time.sleep(3600)
-    return np.where(odd, np.nan, rewards)
+    return odd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed mixed into every sample's own seed")
     args = parser.parse_args(argv)
     x = np.load(args.input, allow_pickle=False)
-    rewards = _inject_faults(x, rewards_of(x, args.seed))
+    nan = _deliberate_faults(x)
+    rewards = np.where(nan, np.nan, rewards_of(x, args.seed))
     tmp = args.output + ".part.npy"
     np.save(tmp, rewards)
     os.replace(tmp, args.output)  # the output appears complete or not at all

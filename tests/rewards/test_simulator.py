@@ -128,6 +128,7 @@ def test_evaluate_returns_a_reward_batch_and_pickles(fault_command):
     batch = clone.evaluate(torch.from_numpy(coded([GOOD, NAN, GOOD])))
     assert batch.valid.tolist() == [True, False, True] and batch.errors == ["", "nan", ""]
     assert batch.rewards.dtype == torch.float64 and batch.attempts.dtype == torch.int64
+    assert Command(command.argv, env={"N": 2.5}).env == {"N": "2.5"}
     all_good = clone.evaluate(torch.from_numpy(coded([GOOD])))
     assert all_good.errors is None and all_good.rewards.tolist() == [0.5]
 
@@ -156,7 +157,7 @@ def test_argv_placeholders_and_a_missing_program():
         ({"max_in_flight": 0}, "max_in_flight"),
         ({"backoff_s": -0.1}, "backoff_s"),
         ({"name": ""}, "name"),
-        ({"env": {"A": 1}}, "env"),
+        ({"env": {"A": None}}, "env"),
         ({"env": ["A"]}, "env"),
     ],
 )
@@ -198,3 +199,29 @@ def test_epidemic_config_loads():
     assert cfg.objective.side == "left" and cfg.finetune.solver == "weighted"
     reward = load_reward(cfg.reward.target, cfg.reward.kwargs)
     assert isinstance(reward, Command) and not reward.differentiable
+
+
+def test_epidemic_nan_mode_marks_only_odd_samples(tmp_path, monkeypatch):
+    from rewards.examples.epidemic import main
+
+    x = np.array([[0.0, 0.0], [3.0, 3.0], [-1.0, 0.5]])
+    np.save(tmp_path / "in.npy", x)
+    monkeypatch.setenv("TFFT_EPIDEMIC_FAULT", "nan")
+    monkeypatch.setenv("TFFT_EPIDEMIC_FAULT_RADIUS", "3")
+    assert main([str(tmp_path / "in.npy"), str(tmp_path / "out.npy")]) == 0
+    out = np.load(tmp_path / "out.npy")
+    assert np.isnan(out).tolist() == [False, True, False]
+    np.testing.assert_array_equal(out[[0, 2]], rewards_of(x[[0, 2]]))
+
+
+def test_cache_identity_ignores_operational_kwargs():
+    """Timeouts, retries and batching do not change reward values, so they stay out of the cache key."""
+    from pipelines.reward_cache import reward_identity
+    from rewards.simulator import Command
+
+    argv = ["{python}", "-c", "pass", "{input}", "{output}"]
+    a = Command(argv=argv, timeout_s=5, retries=1, batch_size=4)
+    b = Command(argv=argv, timeout_s=50, retries=3, batch_size=16, max_in_flight=4)
+    c = Command(argv=argv + ["--other"])
+    key = lambda r: reward_identity("rewards.simulator:Command", r.value_kwargs(), r.version)  # noqa: E731
+    assert key(a) == key(b) != key(c)
