@@ -171,11 +171,9 @@ def test_per_sample_reasons_from_the_call():
 
 def test_calls_in_flight_overlap_and_max_in_flight_is_respected():
     calls = Recorder(sleep_s=0.1)
-    start = time.perf_counter()
     result = evaluate_robust(calls, samples(16), batch_size=2, max_in_flight=4, retries=0, backoff_s=0.0)
-    wall = time.perf_counter() - start
     assert result.n_calls == 8 and result.valid.all()
-    assert calls.max_running == 4 and wall < 0.35  # serially: 8 x 0.1 s
+    assert calls.max_running == 4  # four calls were running at the same moment
     np.testing.assert_allclose(result.seconds, 0.05, rtol=0.5)  # call time / chunk size
 
 

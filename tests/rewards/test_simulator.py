@@ -71,7 +71,7 @@ def test_mixed_faults_are_isolated_and_counted(fault_command):
     calls = logged_calls(fault_command.log)
     assert result.n_calls == len(calls) and result.attempts.sum() == sum(map(len, calls))
     assert result.attempts[codes.index(HANG)] == 4  # 8 -> 4 -> 2 -> 1, then no retry left
-    assert wall < 8 * 0.5  # timeouts are respected: 4 timeouts in one chain, other chunks overlap
+    assert wall < 20  # timeouts are enforced: a hanging call would sleep 60 s
 
 
 def test_timeout_kills_the_process_group_and_is_bounded(fault_command):
@@ -80,7 +80,7 @@ def test_timeout_kills_the_process_group_and_is_bounded(fault_command):
     result = command.evaluate_detailed(coded([HANG, GOOD]))
     wall = time.perf_counter() - start
     assert result.errors == ["timeout", ""] and result.attempts.tolist() == [2, 1]
-    assert 1.0 <= wall < 2.5  # two timed-out calls plus one quick call
+    assert 1.0 <= wall < 20  # two timed-out calls of 0.5 s; the hang itself would last 60 s
     grandchildren = [int(p.read_text()) for p in fault_command.dir.glob("grandchild-*")]
     assert len(grandchildren) == 2
     deadline = time.monotonic() + 2.0
@@ -109,7 +109,8 @@ def test_calls_in_flight_overlap(fault_command):
     result = command.evaluate_detailed(coded([SLOW] * 8))
     wall = time.perf_counter() - start
     assert result.valid.all() and result.n_calls == 8
-    assert wall < 0.8  # 8 calls of 0.2 s: 1.6 s one at a time, 0.4 s four at a time
+    # 8 calls of 0.2 s: 1.6 s one at a time, 0.4 s four at a time; under 1.2 s only if calls overlapped
+    assert wall < 1.2
 
 
 def test_temporary_directories_are_removed(fault_command, tmp_path, monkeypatch):
