@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add_config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", metavar="CONFIG", help="YAML file, e.g. tune_configs/toy2d_right.yaml")
+    def add_config_args(p: argparse.ArgumentParser, example: str = "e.g. tune_configs/toy2d_right.yaml") -> None:
+        p.add_argument("config", metavar="CONFIG", help=f"YAML file, {example}")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
 
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "any key) as a Ray Tune trial into DIR/trials/<name>/, sharing one base bank, then write DIR/report/. "
         "Rerunning with the same --out runs only the trials without a summary.json. Exit code 1 if a trial failed.",
     )
-    add_config_args(p_sweep)
+    add_config_args(p_sweep, example="a run config plus a 'sweep:' section, e.g. tune_configs/sweep_toy2d.yaml")
     p_sweep.add_argument("--out", required=True, metavar="DIR", help="sweep directory (trials/, report/, trials.log)")
 
     p_rep = sub.add_parser(

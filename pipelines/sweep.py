@@ -14,7 +14,6 @@ starts; trials only log metrics and artifacts into them, with retries. A trial i
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -25,90 +24,16 @@ from typing import Any, Callable, Iterator
 
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.run import choose_solver, prepare_base, run_from_bank
-from pipelines.schema import Config, PoolConfig
+from pipelines.schema import Config
+from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
 from pipelines.sweep_spec import Sweep, TrialSpec
-from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
+from pipelines.sweep_tracking import RetryingRun, open_or_reuse
+from pipelines.tracking import resolve_tracking_uri
 
-__all__ = ["run_sweep", "plan_concurrency", "fit_trial", "RetryingRun", "TRAIN_METRICS"]
+__all__ = ["run_sweep", "asha_scheduler", "TRAIN_METRICS"]
 
-DRIVER_CPUS = 0.01  # a Tune trial only drives its TorchTrainer and Ray Data pools; 0 CPUs is refused
 # What finetune.train_loop reports every log_every steps (the last two with the adjoint solver only).
 TRAIN_METRICS = ("loss", "valid_fraction", "invalid_count", "mean_reward", "active_fraction")
-
-
-class RetryingRun(TrackedRun):
-    """A TrackedRun whose writes retry: concurrent trials share one SQLite store, and SQLite can answer
-    'database is locked' at once (without waiting) when two transactions upgrade to writing together."""
-
-    def _retry(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        for attempt in range(8):
-            try:
-                return fn(*args, **kwargs)
-            except Exception:
-                if attempt == 7:
-                    raise
-                time.sleep(0.1 * 2**attempt)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self._retry(super().log_params, params)
-
-    def log_artifact(self, path: Any) -> None:
-        self._retry(super().log_artifact, path)
-
-    def set_tag(self, key: str, value: str) -> None:
-        self._retry(super().set_tag, key, value)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self._retry(super().finish, status)
-
-    def resume(self) -> None:
-        """Mark a run of an interrupted sweep as running again."""
-        if self.enabled:
-            self._retry(self._client().update_run, self.run_id, status="RUNNING")
-
-
-def _pool_cpus(pool: PoolConfig) -> float:
-    return pool.num_cpus * (pool.max_size if pool.min_size is not None else pool.size)
-
-
-def _peak_cpus(cfg: Config) -> float:
-    """CPUs one trial holds at its busiest: the worker group while training, the two pools while evaluating."""
-    train = cfg.finetune.num_workers * cfg.finetune.cpus_per_worker
-    return max(train, _pool_cpus(cfg.bank.sampler) + _pool_cpus(cfg.bank.reward))
-
-
-def plan_concurrency(resources: dict[str, float], configs: list[Config], requested: int = 0) -> int:
-    """How many trials run at once: ``requested``, or as many as fit at the configured sizes (at least 1)."""
-    if requested:
-        return requested
-    cpus = resources.get("CPU", 0.0)
-    fit = max(1, math.floor(cpus / max(_peak_cpus(c) + DRIVER_CPUS for c in configs) + 1e-9))
-    gpu_workers = max((c.finetune.num_workers for c in configs if c.finetune.use_gpu), default=0)
-    if gpu_workers:
-        fit = min(fit, max(1, math.floor(resources.get("GPU", 0.0) / gpu_workers)))
-    return fit
-
-
-def _floor(x: float) -> float:
-    return math.floor(x * 1000) / 1000  # Ray counts resources in units of 1e-4
-
-
-def fit_trial(cfg: Config, budget: float) -> Config:
-    """A copy of ``cfg`` whose worker group and bank pools each fit in ``budget`` CPUs (fractions allowed).
-
-    Without this, concurrent trials (or one trial on a small machine) ask for more CPUs than exist and wait
-    forever; the fine-tuning and the pools run in turn, so each may use the whole budget.
-    """
-    cfg = copy.deepcopy(cfg)
-    ft = cfg.finetune
-    ft.cpus_per_worker = min(ft.cpus_per_worker, _floor(budget / ft.num_workers))
-    pools = _pool_cpus(cfg.bank.sampler) + _pool_cpus(cfg.bank.reward)
-    scale = min(1.0, budget / pools) if pools > 0 else 1.0
-    for pool in (cfg.bank.sampler, cfg.bank.reward):
-        pool.num_cpus = _floor(pool.num_cpus * scale) if pool.num_cpus > 0 and scale < 1 else pool.num_cpus
-    if min(ft.cpus_per_worker, cfg.bank.sampler.num_cpus or 1, cfg.bank.reward.num_cpus or 1) <= 0:
-        raise ConfigError(f"'sweep.max_concurrent_trials': {budget:.3f} CPUs per trial are too few")
-    return cfg
 
 
 def _one_line(exc: BaseException) -> str:
@@ -178,23 +103,6 @@ def _check_dir(path: Path, text: str, what: str) -> None:
     path.write_text(text)
 
 
-def _open_or_reuse(uri: str, sweep: Sweep, run_name: str, run_id: str | None, parent: str | None) -> RetryingRun:
-    """The MLflow run ``run_id`` when it exists in this store (a restarted sweep), else a new one."""
-    tracking = sweep.base.tracking
-    if not tracking.enabled:
-        return RetryingRun(None, None)
-    if run_id:
-        from mlflow.tracking import MlflowClient
-
-        try:
-            MlflowClient(tracking_uri=uri).get_run(run_id)
-            return RetryingRun(uri, run_id)
-        except Exception:
-            pass
-    run = open_run(uri, tracking.experiment, run_name, parent_run_id=parent)
-    return RetryingRun(run.uri, run.run_id)
-
-
 def _check_scheduler(sweep: Sweep, solvers: dict[str, str]) -> None:
     sched = sweep.sweep.scheduler
     if sched is None:
@@ -228,17 +136,20 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
             log(f"[sweep] {trial.name}: skipped ({why})")
         else:
             todo.append(trial)
-    parent = _open_or_reuse(uri, sweep, out.name, state.get("parent_run_id"), None)
+    tracking = sweep.base.tracking
+    parent = open_or_reuse(uri, tracking.experiment, out.name, state.get("parent_run_id"), None,
+                           enabled=tracking.enabled)
     if parent.run_id != state.get("parent_run_id"):
-        parent.log_params(to_flat_dict(sweep.base))
-        parent.log_params({"sweep.parameters": json.dumps({d.key: {d.kind: list(d.values)} for d in sweep.sweep.parameters}),
+        domains = {d.key: {d.kind: list(d.values)} for d in sweep.sweep.parameters}
+        parent.log_params({**to_flat_dict(sweep.base), "sweep.parameters": json.dumps(domains),
                            "sweep.num_samples": sweep.sweep.num_samples, "sweep.trials": len(sweep.trials)})
     parent.resume()
     if parent.enabled:
         log(f"[mlflow] parent run {parent.run_id} in {uri}")
     runs = dict(state.get("runs", {}))
-    for trial in todo:
-        run = _open_or_reuse(uri, sweep, trial.name, runs.get(trial.name), parent.run_id)
+    for trial in todo:  # every run exists before Tune starts: trials only log into them
+        run = open_or_reuse(uri, tracking.experiment, trial.name, runs.get(trial.name), parent.run_id,
+                            enabled=tracking.enabled)
         if run.run_id != runs.get(trial.name):
             run.log_params(to_flat_dict(trial.config))
             run.set_tag("tfft.sweep_trial", trial.name)
@@ -246,7 +157,6 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     banks = {t.bank_group: (f"bases/{t.bank_group}/" if t.bank_group else "") + "bank_base.parquet" for t in sweep.trials}
     state = {
         "tracking_uri": uri,
-        "experiment": sweep.base.tracking.experiment,
         "parent_run_id": parent.run_id,
         "runs": runs,
         "trials": [{"name": t.name, "params": t.params, "bank": banks[t.bank_group]} for t in sweep.trials],
@@ -268,6 +178,23 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     if "not run" in counts:
         log("[sweep] interrupted: run the same command again to finish the remaining trials")
     return statuses
+
+
+def asha_scheduler(sweep: Sweep, trials: list[TrialSpec]) -> Any:
+    """The ASHA scheduler of ``sweep.scheduler`` (None without one), on Tune's count of training reports.
+
+    ``stop_last_trials=False``: a trial that reaches its last report must go on to evaluate and record.
+    """
+    s = sweep.sweep.scheduler
+    if s is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    reports = max(math.ceil(t.config.finetune.steps / t.config.finetune.log_every) for t in trials)
+    return ASHAScheduler(
+        time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=max(reports, s.grace_period),
+        grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False,
+    )
 
 
 def _completed_callback() -> Any:
@@ -339,16 +266,7 @@ def _tune(
         f"{first.finetune.num_workers} workers x {first.finetune.cpus_per_worker:g} CPU, pools "
         f"{first.bank.sampler.num_cpus:g} + {first.bank.reward.num_cpus:g} CPU per actor"
     )
-    scheduler = None
-    if sweep.sweep.scheduler is not None:
-        from ray.tune.schedulers import ASHAScheduler
-
-        s = sweep.sweep.scheduler
-        reports = max(math.ceil(t.config.finetune.steps / t.config.finetune.log_every) for t in todo)
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=max(reports, s.grace_period),
-            grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-        )
+    scheduler = asha_scheduler(sweep, todo)
     completed = _completed_callback()
     trainable = tune.with_resources(
         tune.with_parameters(_trial_main, jobs=jobs, bases=bases), {"CPU": DRIVER_CPUS}

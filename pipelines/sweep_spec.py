@@ -63,6 +63,9 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
+    """The ``sweep:`` section: domains, repeats of the grid, seed of the random draws, trials at once
+    (0: derived from the cluster, :mod:`pipelines.sweep_resources`), optional early stopping."""
+
     parameters: tuple[Domain, ...]
     num_samples: int = 1
     seed: int = 0
@@ -86,10 +89,9 @@ class TrialSpec:
 
 @dataclass(frozen=True)
 class Sweep:
-    """A loaded sweep: the base run config (without ``sweep:``), its section, and the trials."""
+    """A loaded sweep: the base run config (the file without ``sweep:``), the section, and the trials."""
 
     base: Config
-    base_values: dict[str, Any]
     sweep: SweepConfig
     trials: list[TrialSpec]
 
@@ -122,10 +124,10 @@ def _domain(key: str, spec: Any) -> Domain:
     return Domain(key, kind, tuple(values))
 
 
-def _int(raw: dict[str, Any], key: str, default: int, minimum: int) -> int:
+def _int(raw: dict[str, Any], key: str, default: int, minimum: int, section: str = "sweep") -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"'sweep.{key}' must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"'{section}.{key}' must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -156,8 +158,8 @@ def parse_sweep(raw: Any) -> SweepConfig:
         scheduler = SchedulerConfig(
             metric=str(sched.get("metric", defaults.metric)),
             mode=sched.get("mode", defaults.mode),
-            grace_period=_int(sched, "grace_period", defaults.grace_period, 1),
-            reduction_factor=_int(sched, "reduction_factor", defaults.reduction_factor, 2),
+            grace_period=_int(sched, "grace_period", defaults.grace_period, 1, "sweep.scheduler"),
+            reduction_factor=_int(sched, "reduction_factor", defaults.reduction_factor, 2, "sweep.scheduler"),
         )
     return SweepConfig(
         parameters=tuple(_domain(k, v) for k, v in flat.items()),
@@ -256,4 +258,4 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         except ConfigError as exc:
             raise ConfigError(f"sweep trial '{name}': {exc}") from None
         trials.append(TrialSpec(name, params, cfg))
-    return Sweep(base, raw, sweep, trials)
+    return Sweep(base, sweep, trials)

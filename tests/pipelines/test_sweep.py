@@ -22,7 +22,9 @@ import pytest
 from pipelines.cli import main
 from pipelines.config import ConfigError
 from pipelines.schema import Config
-from pipelines.sweep import DRIVER_CPUS, RetryingRun, fit_trial, plan_concurrency
+from pipelines.sweep import asha_scheduler
+from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
+from pipelines.sweep_tracking import RetryingRun
 from pipelines.sweep_spec import load_sweep
 
 ROOT = Path(__file__).parents[2]
@@ -98,13 +100,12 @@ sweep:
     ],
 )
 def test_config_problems_exit_2_naming_the_key_before_ray_starts(tmp_path, capsys, text, key):
-    import ray
-
     path = _write(tmp_path, text)
     assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"'{key}'" in err, err
-    assert not ray.is_initialized()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not (tmp_path / "out").exists()
 
 
 def test_concurrency_and_per_trial_resources_follow_the_cluster():
@@ -122,6 +123,15 @@ def test_concurrency_and_per_trial_resources_follow_the_cluster():
     assert roomy.finetune.cpus_per_worker == 1.0 and roomy.bank.reward.num_cpus == 1.0
 
 
+def test_asha_counts_training_reports_and_lets_finished_trials_record(tmp_path):
+    text = GRID + "  scheduler: {kind: asha, metric: active_fraction, grace_period: 3}\n"
+    sweep = load_sweep(_write(tmp_path, text), ["finetune.steps=100", "finetune.log_every=10"])
+    scheduler = asha_scheduler(sweep, sweep.trials)
+    assert scheduler._metric == "active_fraction" and scheduler._time_attr == "training_iteration"
+    assert scheduler._max_t == 10 and scheduler._stop_last_trials is False
+    assert asha_scheduler(load_sweep(_write(tmp_path, GRID)), sweep.trials) is None
+
+
 # --- MLflow: concurrent writers on one SQLite store ---------------------------------------------------
 
 
@@ -136,6 +146,7 @@ def _hammer(uri: str, run_id: str, artifact: str) -> None:
     run.finish()
 
 
+@pytest.mark.slow
 def test_concurrent_trials_write_one_sqlite_store_without_lock_errors(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -172,9 +183,16 @@ def _wait_for(path: Path, word: str, count: int, proc: subprocess.Popen, timeout
     raise AssertionError(f"no {count} '{word}' lines in {path} after {timeout} s")
 
 
+def _checkpointed(out: Path) -> set[str]:
+    """Unfinished trials that hold a fine-tuning checkpoint."""
+    ckpts = (out / "trials").glob("*/train/finetune/checkpoint_*")
+    return {p.parents[2].name for p in ckpts if not (p.parents[2] / "summary.json").is_file()}
+
+
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
-    """The smoke grid, interrupted (SIGKILL to its process group) after two trials, then run again."""
+    """The smoke grid, killed (SIGKILL to its process group) once two trials have finished and another
+    holds a fine-tuning checkpoint, then run again with the same --out."""
     import ray
 
     root = tmp_path_factory.mktemp("sweep")
@@ -187,17 +205,21 @@ def sweep_dir(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(out / "trials.log", "finished", 2, proc, timeout=900)
+        deadline = time.time() + 300
+        while not _checkpointed(out) and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_after = time.time() - started
     done_before = {p.parent.name: p.stat().st_mtime for p in (out / "trials").glob("*/summary.json")}
+    interrupted = _checkpointed(out)
     if ray.is_initialized():
         ray.shutdown()
     assert main(["sweep", *args]) == 0
     ray.shutdown()
-    return {"out": out, "root": root, "done_before": done_before, "seconds": time.time() - started,
-            "killed_after": killed_after}
+    return {"out": out, "root": root, "done_before": done_before, "interrupted": interrupted,
+            "seconds": time.time() - started, "killed_after": killed_after}
 
 
 def _log_lines(out: Path) -> list[list[str]]:
@@ -213,9 +235,8 @@ def test_restarted_sweep_runs_only_the_unfinished_trials(sweep_dir):
     for name, mtime in done_before.items():
         assert (out / "trials" / name / "summary.json").stat().st_mtime == mtime
     lines = _log_lines(out)
-    for name in done_before:
-        assert ["skipped", name] in lines
-        assert lines.count(["started", name]) == 1 and lines.count(["finished", name]) == 1
+    for name in done_before:  # skipped on the restart, started only once
+        assert ["skipped", name] in lines and lines.count(["started", name]) == 1
     names = [t["name"] for t in json.loads((out / "sweep.json").read_text())["trials"]]
     assert len(names) == 6
     for name in set(names) - set(done_before):
@@ -225,6 +246,17 @@ def test_restarted_sweep_runs_only_the_unfinished_trials(sweep_dir):
     for name in set(names) - set(done_before):
         results = (out / "tune" / "tune" / name / "result.json").read_text().splitlines()
         assert len(results) >= 3 and "active_fraction" in json.loads(results[-1])
+    # a trial killed mid-way resumed from its fine-tuning checkpoint (step >= 100): the rank-0 worker logged
+    # the loss of step 25 to MLflow once, before the kill, and the restart went on from the checkpoint
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir['root'] / 'mlflow.db'}")
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert sweep_dir["interrupted"], "the sweep was not killed during a fine-tuning run"
+    for name in sweep_dir["interrupted"]:
+        assert lines.count(["started", name]) == 2
+        steps = sorted(m.step for m in client.get_metric_history(runs[name], "loss"))
+        assert steps.count(25) == 1 and steps[-1] == 300, steps
 
 
 @pytest.mark.ray
