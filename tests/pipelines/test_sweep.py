@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-from pipelines.config import ConfigError
 from pipelines.schema import Config
 from pipelines.sweep import asha_scheduler
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
@@ -172,13 +171,13 @@ def test_concurrent_trials_write_one_sqlite_store_without_lock_errors(tmp_path):
 # --- one real sweep on Ray ----------------------------------------------------------------------------
 
 
-def _wait_for(path: Path, word: str, count: int, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for(path: Path, word: str, count: int, proc: subprocess.Popen, output: Path, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         lines = path.read_text().splitlines() if path.is_file() else []
         if sum(f" {word} " in f" {line} " for line in lines) >= count:
             return
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + output.read_text()[-3000:]
         time.sleep(1)
     raise AssertionError(f"no {count} '{word}' lines in {path} after {timeout} s")
 
@@ -201,10 +200,12 @@ def sweep_dir(tmp_path_factory):
             f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2"]
     started = time.time()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", *args], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    output = root / "interrupted_sweep.log"
+    with open(output, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", *args], cwd=root, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(out / "trials.log", "finished", 2, proc, timeout=900)
+        _wait_for(out / "trials.log", "finished", 2, proc, output, timeout=900)
         deadline = time.time() + 300
         while not _checkpointed(out) and time.time() < deadline and proc.poll() is None:
             time.sleep(1)
