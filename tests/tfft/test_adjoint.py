@@ -8,7 +8,6 @@ v_base + (w/gamma)(1 - t)/(t^2 + (1 - t)^2), a function of t only.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,13 +18,6 @@ from tfft.model import GaussianVelocity, VelocityMLP
 from tfft.sampling import Trajectory, kappa, sample_ode, sample_sde, sigma, time_grid
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # Tiny tensors in long Python loops: one thread is fastest and immune to other processes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _drift_slope(t: float, h: float) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,13 +10,6 @@ from tfft.model import GaussianVelocity, VelocityMLP, flow_matching_loss, gaussi
 from tfft.sampling import sample_ode, time_grid
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # Tiny tensors: one thread is faster and immune to other processes on a 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _train(

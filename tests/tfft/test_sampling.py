@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,12 +11,6 @@ from tfft.model import GaussianVelocity, gaussian_velocity_coefficient
 from tfft.sampling import Trajectory, kappa, sample_ode, sample_sde, sigma, time_grid
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _euler_maruyama_variance(steps: int) -> float:
