@@ -107,6 +107,11 @@ def cluster(tmp_path_factory):
     yield {"root": root, "env": env, "address": f"127.0.0.1:{port}"}
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(60)
+    # `ray start` records its address for later `ray.init()` calls; a stale record would misdirect
+    # Ray Train's placement-group cleaner in the test modules that follow.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 def common(root: Path) -> list[str]:

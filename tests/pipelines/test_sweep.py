@@ -135,7 +135,11 @@ def test_asha_counts_training_reports_and_lets_finished_trials_record(tmp_path):
 
 
 def _hammer(uri: str, run_id: str, artifact: str) -> None:
+    import faulthandler
+
     from pipelines.tracking import MetricLogger
+
+    faulthandler.dump_traceback_later(120)  # a stuck writer leaves its stack in the test's output
 
     logger = MetricLogger(uri, run_id)
     run = RetryingRun(uri, run_id)
@@ -160,7 +164,7 @@ def test_concurrent_trials_write_one_sqlite_store_without_lock_errors(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(600)  # slow under load (each writer imports mlflow and waits on SQLite locks), never stuck
     assert [p.exitcode for p in procs] == [0] * len(procs)
     client = MlflowClient(tracking_uri=uri)
     for run_id in runs:
