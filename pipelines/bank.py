@@ -210,7 +210,7 @@ def _run_pools(
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     sampler_pool, reward_pool = cfg.bank.sampler, cfg.bank.reward
-    block = max(1, min(sampler_pool.batch_size, shard_size_of(shards)))
+    block = max(1, min(sampler_pool.batch_size, max(b - a for a, b, _ in shards)))
     chunks = [np.arange(a, b, dtype=np.int64) for a, b, _ in shards]
     blocks = [c[i : i + block] for c in chunks for i in range(0, len(c), block)]
     model_ref = ray.put(model)
@@ -273,10 +273,6 @@ def _run_pools(
     if any(filled[k] != need[k] for k in need):
         missing = {k: need[k] - filled[k] for k in need if filled[k] != need[k]}
         raise RuntimeError(f"bank {label}: shards incomplete after the pipeline ran: {missing}")
-
-
-def shard_size_of(shards: list[tuple[int, int, int]]) -> int:
-    return max(b - a for a, b, _ in shards)
 
 
 def _batch_to_bank(parts: list[dict[str, np.ndarray]]) -> Bank:

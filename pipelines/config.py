@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.schema import Config
@@ -197,7 +197,3 @@ def to_flat_dict(cfg: Config) -> dict[str, Any]:
 
     walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     return out
-
-
-def as_dictconfig(cfg: Config) -> DictConfig:
-    return OmegaConf.structured(cfg)
