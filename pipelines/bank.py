@@ -37,7 +37,9 @@ class SamplerActor:
         seed, label: the noise of a batch is a function of (seed, label, first id in the batch).
     """
 
-    def __init__(self, model: list[Any], sampler: dict[str, Any], seed: int, label: str, dim: int):
+    def __init__(
+        self, model: list[Any], sampler: dict[str, Any], seed: int, label: str, dim: int, use_gpu: bool = False
+    ):
         import ray
 
         from pipelines.pretrain import build_model
@@ -47,7 +49,8 @@ class SamplerActor:
             payload = ray.get(payload)
         config, state = payload
         torch.set_num_threads(1)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # a GPU only when the pool asked for one (Ray then sets CUDA_VISIBLE_DEVICES for this actor)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = build_model(config, state).to(self.device).eval()
         self.sampler = dict(sampler)
         self.seed, self.label, self.dim = seed, label, dim
@@ -154,6 +157,15 @@ def pool_strategy(pool: PoolConfig) -> Any:
     return ActorPoolStrategy(size=pool.size)
 
 
+def _remote_args(pool: PoolConfig) -> dict[str, Any]:
+    """Extra Ray actor options of a pool: custom resources; a killed actor is restarted and the
+    batch it held is retried (on the restarted actor or another one of the pool)."""
+    args: dict[str, Any] = {"max_restarts": -1, "max_task_retries": -1}
+    if pool.resources:
+        args["resources"] = {k: float(v) for k, v in pool.resources.items()}
+    return args
+
+
 def _shard_path(directory: Path, index: int) -> Path:
     return directory / f"shard-{index:05d}.parquet"
 
@@ -209,6 +221,9 @@ def _run_pools(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # every actor of a pool is up before work flows (so work spreads over the pool's nodes), and a
+    # pool the cluster has no room for fails with Ray's "Timed out while starting actors" error
+    ctx.wait_for_min_actors_s = max(1, int(round(cfg.bank.start_timeout_s)))
     sampler_pool, reward_pool = cfg.bank.sampler, cfg.bank.reward
     block = max(1, min(sampler_pool.batch_size, max(b - a for a, b, _ in shards)))
     chunks = [np.arange(a, b, dtype=np.int64) for a, b, _ in shards]
@@ -223,11 +238,13 @@ def _run_pools(
             "seed": cfg.seed,
             "label": label,
             "dim": int(model[0]["dim"]),
+            "use_gpu": sampler_pool.num_gpus > 0,
         },
         compute=pool_strategy(sampler_pool),
         num_cpus=sampler_pool.num_cpus,
         num_gpus=sampler_pool.num_gpus,
         batch_size=block,
+        **_remote_args(sampler_pool),
     )
     ds = ds.map_batches(
         RewardActor,
@@ -241,6 +258,7 @@ def _run_pools(
         num_cpus=reward_pool.num_cpus,
         num_gpus=reward_pool.num_gpus,
         batch_size=reward_pool.batch_size,
+        **_remote_args(reward_pool),
     )
     bounds = np.array([a for a, _, _ in shards] + [shards[-1][1]])
     pending: dict[int, list[dict[str, np.ndarray]]] = {k: [] for _, _, k in shards}

@@ -79,11 +79,18 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"'{key}' {message}")
 
 
+def _check_resources(key: str, resources: dict[str, float]) -> None:
+    for name, amount in resources.items():
+        _require(name not in ("CPU", "GPU"), key, f"names custom resources; set CPUs/GPUs with their own keys, got {name!r}")
+        _require(isinstance(amount, (int, float)) and amount >= 0, f"{key}.{name}", f"must be a number >= 0, got {amount!r}")
+
+
 def _check_pool(prefix: str, pool: Any) -> None:
     _require(pool.size >= 1, f"{prefix}.size", f"must be >= 1, got {pool.size}")
     _require(pool.num_cpus >= 0, f"{prefix}.num_cpus", f"must be >= 0, got {pool.num_cpus}")
     _require(pool.num_gpus >= 0, f"{prefix}.num_gpus", f"must be >= 0, got {pool.num_gpus}")
     _require(pool.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {pool.batch_size}")
+    _check_resources(f"{prefix}.resources", pool.resources)
     if (pool.min_size is None) != (pool.max_size is None):
         raise ConfigError(f"'{prefix}.min_size' and '{prefix}.max_size' must be set together")
     if pool.min_size is not None:
@@ -126,6 +133,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(pre.lr > 0, "pretrain.lr", f"must be > 0, got {pre.lr}")
     _require(cfg.bank.size >= 2, "bank.size", f"must be >= 2, got {cfg.bank.size}")
     _require(cfg.bank.shard_size >= 1, "bank.shard_size", f"must be >= 1, got {cfg.bank.shard_size}")
+    _require(cfg.bank.start_timeout_s > 0, "bank.start_timeout_s", f"must be > 0, got {cfg.bank.start_timeout_s}")
     _check_pool("bank.sampler", cfg.bank.sampler)
     _check_pool("bank.reward", cfg.bank.reward)
     rp = cfg.bank.reward
@@ -155,6 +163,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(ft.cpus_per_worker > 0, "finetune.cpus_per_worker", f"must be > 0, got {ft.cpus_per_worker}")
     _require(ft.log_every >= 1, "finetune.log_every", f"must be >= 1, got {ft.log_every}")
     _require(ft.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {ft.checkpoint_every}")
+    _check_resources("finetune.resources_per_worker", ft.resources_per_worker)
     _require(ft.max_failures >= 0, "finetune.max_failures", f"must be >= 0, got {ft.max_failures}")
     _require(cfg.threshold.ess_warning >= 0, "threshold.ess_warning", "must be >= 0")
     th = cfg.threshold

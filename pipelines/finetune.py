@@ -222,7 +222,7 @@ def run_finetune(
         "bank_weights": bank_weights,
         "mlflow": mlflow,
     }
-    resources = {"CPU": finetune.cpus_per_worker}
+    resources = {"CPU": finetune.cpus_per_worker, **{k: float(v) for k, v in finetune.resources_per_worker.items()}}
     if finetune.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(

@@ -51,12 +51,14 @@ def pretrain_key(cfg: Config) -> str:
         "seed": cfg.seed,
         "torch": torch.__version__.split("+")[0],
     }
+    if cfg.data.kwargs:  # only when set: caches made before data.kwargs existed keep their key
+        payload["data_kwargs"] = dict(cfg.data.kwargs)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _draw_data(cfg: Config) -> np.ndarray:
     source: Callable[[int, int], Any] = import_object(cfg.data.source)
-    data = np.asarray(source(cfg.pretrain.n_samples, cfg.seed), dtype=np.float32)
+    data = np.asarray(source(cfg.pretrain.n_samples, cfg.seed, **dict(cfg.data.kwargs)), dtype=np.float32)
     if data.ndim != 2 or data.shape[0] != cfg.pretrain.n_samples:
         raise ValueError(
             f"data.source {cfg.data.source!r} must return an array of shape (n, d) with n = "

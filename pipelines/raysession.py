@@ -20,6 +20,8 @@ def connect(ray_cfg: RayConfig, *, log=print) -> None:
     # Workers must import the same project modules and user reward modules as the driver.
     paths = [p for p in [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p]
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        runtime_env = {}  # under `ray job submit` the job's own runtime env (--working-dir) ships the code
     if address:
         log(f"[ray] connecting to {address}")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

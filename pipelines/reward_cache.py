@@ -46,13 +46,17 @@ class RewardCache:
         self.writer = uuid.uuid4().hex[:12]
         self._count = 0
         self._index: dict[bytes, tuple[float, bool, str]] = {}
+        self._parts: set[str] = set()
         self.reload()
 
     def reload(self) -> None:
-        """Read every committed part (temporary files start with '.' and are skipped)."""
+        """Read the committed parts not read yet (temporary files start with '.' and are skipped)."""
         if not self.dir.is_dir():
             return
         for part in sorted(self.dir.glob("part-*.parquet")):
+            if part.name in self._parts:
+                continue
+            self._parts.add(part.name)
             try:
                 table = pq.read_table(part)
             except Exception:  # an unreadable part is ignored, never fatal
@@ -68,7 +72,12 @@ class RewardCache:
         return len(self._index)
 
     def lookup(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(hit (n,) bool, reward (n,), valid (n,), error (n,) object) for each key."""
+        """(hit (n,) bool, reward (n,), valid (n,), error (n,) object) for each key.
+
+        On a miss, parts committed since the last read (by other actors, e.g. one that died after
+        scoring a batch that is now retried here) are read first."""
+        if any(k not in self._index for k in keys):
+            self.reload()
         n = len(keys)
         hit = np.zeros(n, dtype=bool)
         reward = np.full(n, np.nan)
@@ -100,6 +109,7 @@ class RewardCache:
         tmp = self.dir / f".{name}.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, self.dir / name)
+        self._parts.add(name)
         for i in keep:
             self._index[keys[i]] = (float(reward[i]), bool(valid[i]), str(error[i]))
         return len(keep)

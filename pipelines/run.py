@@ -269,6 +269,12 @@ def _record(
     metrics: dict[str, float] = {}
     for name in ("base", "finetuned", "target"):
         metrics.update(flatten_stats(name, summary[name]))
+    reward = load_reward(cfg.reward.target, cfg.reward.kwargs)
+    extra = _describe(reward, base_bank, final_bank)
+    if extra:
+        summary["samples"] = extra
+        for label, values in extra.items():
+            metrics.update({f"{label}.{k}": float(v) for k, v in values.items()})
     for label, counts in summary["failures"].items():
         metrics.update({f"bank_{label}.{k}": float(v) for k, v in counts.items()})
     run.log_metrics(metrics, step=cfg.finetune.steps)
@@ -295,4 +301,19 @@ def _record(
             title=f"{cfg.objective.kind} {side} alpha={alpha:g} kl_weight={cfg.objective.kl_weight:g}",
         )
         run.log_artifact(out / "samples.png")
+    figures = getattr(reward, "figures", None)
+    if callable(figures):
+        for path in figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
+            run.log_artifact(path)
     return summary
+
+
+def _describe(reward: Any, base_bank: Bank, final_bank: Bank) -> dict[str, dict[str, float]]:
+    """A reward's own statistics of the samples (``Reward.describe``, optional), per bank."""
+    describe = getattr(reward, "describe", None)
+    if not callable(describe):
+        return {}
+    return {
+        "base": {k: float(v) for k, v in describe(base_bank.x, base_bank.valid).items()},
+        "finetuned": {k: float(v) for k, v in describe(final_bank.x, final_bank.valid).items()},
+    }

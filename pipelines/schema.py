@@ -30,9 +30,11 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    """Pretraining data: ``source`` is ``module:callable`` with ``f(n: int, seed: int) -> array (n, d)``."""
+    """Pretraining data: ``source`` is ``module:callable`` with ``f(n: int, seed: int, **kwargs) -> array
+    (n, d)``; ``kwargs`` go to it (e.g. ``smiles: ${task.smiles}``)."""
 
     source: str = "rewards.toy2d:sample_base"
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,7 +89,9 @@ class SamplerConfig:
 @dataclass
 class PoolConfig:
     """A Ray Data actor pool: fixed ``size``, or autoscaling between ``min_size`` and ``max_size`` when
-    both are set; resources per actor; rows per call (``batch_size``)."""
+    both are set; resources per actor (``num_cpus``, ``num_gpus``, and custom ``resources`` such as
+    ``{reward_node: 1}`` that pin the pool to the nodes offering them); rows per call (``batch_size``).
+    Actors on a ``num_gpus > 0`` pool use CUDA."""
 
     size: int = 1
     min_size: Optional[int] = None
@@ -95,6 +99,7 @@ class PoolConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     batch_size: int = 1024
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,12 +119,14 @@ class RewardPoolConfig(PoolConfig):
 class BankConfig:
     """A bank of samples with rewards: ``size`` samples, written in shards of ``shard_size`` rows.
     ``cache``: reuse rewards from the persistent cache at ``cache_dir`` (keyed by sample content and
-    reward identity; share it on a cluster)."""
+    reward identity; share it on a cluster). ``start_timeout_s``: every pool starts all its actors (its
+    ``min_size``) before samples flow; a cluster without room for them fails after this many seconds."""
 
     size: int = 20_000
     shard_size: int = 5000
     cache: bool = True
     cache_dir: str = "~/.cache/tfft/rewards"
+    start_timeout_s: float = 600.0
     sampler: PoolConfig = field(default_factory=PoolConfig)
     reward: RewardPoolConfig = field(default_factory=RewardPoolConfig)
 
@@ -139,6 +146,9 @@ class FinetuneConfig:
     the bank, DESIGN §7) | auto (adjoint when the reward is differentiable). ``batch_size`` is global
     (split over workers); ``grad_clip`` caps the gradient norm. ``sde_steps``, ``late_fraction``, ``n_early``: adjoint-matching trajectory and
     time-step subset. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every`` steps.
+    Workers: ``num_workers`` (DDP), ``cpus_per_worker``, one GPU each when ``use_gpu``, plus custom
+    ``resources_per_worker`` (e.g. ``{train_node: 1}``); a failed worker group restarts from the latest
+    checkpoint up to ``max_failures`` times.
     """
 
     solver: str = "auto"
@@ -152,6 +162,7 @@ class FinetuneConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     log_every: int = 25
     checkpoint_every: int = 100
     max_failures: int = 2
@@ -189,9 +200,13 @@ class RayConfig:
 
 @dataclass
 class Config:
-    """The whole configuration of ``tfft run`` / ``tfft pretrain``."""
+    """The whole configuration of ``tfft run`` / ``tfft pretrain``.
+
+    ``task`` is free-form: values shared by the data source and the reward through interpolation, e.g.
+    ``task: {smiles: CCO}`` with ``data.kwargs.smiles: ${task.smiles}`` (override ``task.smiles=...``)."""
 
     seed: int = 0
+    task: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

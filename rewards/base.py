@@ -56,6 +56,19 @@ class Reward:
     def __call__(self, x: torch.Tensor) -> RewardBatch:
         return self.evaluate(x)
 
+    def describe(self, x: Any, valid: Any) -> dict[str, float]:
+        """Optional task statistics of a bank's samples x (n, d) with mask valid (n,), e.g. diversity.
+
+        The pipeline records them for the base and the fine-tuned bank (``summary.json["samples"]``,
+        MLflow ``base.<key>`` / ``finetuned.<key>``). Default: none.
+        """
+        return {}
+
+    def figures(self, out_dir: Any, base_x: Any, base_valid: Any, final_x: Any, final_valid: Any) -> list[Any]:
+        """Optional task figures of the base against the fine-tuned samples, written into ``out_dir``;
+        returns their paths (logged to MLflow). Default: none."""
+        return []
+
     def evaluate_with_grad(self, x: torch.Tensor) -> tuple[RewardBatch, torch.Tensor]:
         """Rewards and their gradient d r / d x, shape (n, d); rows of invalid samples are zero."""
         if not self.differentiable:

@@ -1,6 +1,6 @@
 """Slow, failing simulators through the Ray Data bank: failure accounting, cache, kill and resume.
 
-A Ray head started with ``ray start`` (loopback only) outlives the drivers that these tests kill.
+The session's loopback cluster (``ray start``, conftest.py) outlives the drivers that these tests kill.
 """
 
 from __future__ import annotations
@@ -70,48 +70,14 @@ def expected_reason(x: np.ndarray) -> str:
     return ""
 
 
-def start_head(env: dict[str, str], port: int) -> subprocess.Popen:
-    """``ray start --head --block`` in its own process group (stopping it stops only this cluster)."""
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false", "--disable-usage-stats", "--block"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    probe = "import ray, sys; ray.init(address=sys.argv[1]); print(int(ray.cluster_resources()['CPU']))"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        ok = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], env=env, capture_output=True, text=True)
-        if ok.returncode == 0:
-            return head
-        time.sleep(1)
-    os.killpg(head.pid, signal.SIGTERM)
-    raise RuntimeError("the Ray head did not come up")
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    import secrets
-
-    root = tmp_path_factory.mktemp("faults")
-    (root / "user").mkdir()
-    (root / "user" / "counting_reward.py").write_text(COUNTING_REWARD)
+def cluster(loopback_cluster):
+    """The session's two-node loopback cluster (conftest.py), with this module's reward and simulator."""
+    root = loopback_cluster["root"] / "faults"
+    root.mkdir()
+    (loopback_cluster["root"] / "user" / "counting_reward.py").write_text(COUNTING_REWARD)
     (root / "faulty_sim.py").write_text(FAULTY_SIMULATOR)
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(root / "user"), str(ROOT)]),
-        RAY_AUTH_MODE="token",  # token authentication stays on, with a token of this test's own
-        RAY_AUTH_TOKEN=secrets.token_hex(16),
-    )
-    port = 46379
-    head = start_head(env, port)
-    yield {"root": root, "env": env, "address": f"127.0.0.1:{port}"}
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(60)
-    # `ray start` records its address for later `ray.init()` calls; a stale record would misdirect
-    # Ray Train's placement-group cleaner in the test modules that follow.
-    current = Path("/tmp/ray/ray_current_cluster")
-    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-        current.unlink()
+    return {**loopback_cluster, "root": root}
 
 
 def common(root: Path) -> list[str]:

@@ -1,0 +1,111 @@
+"""A two-node Ray cluster on loopback, started with the commands of docs/cluster.md's rehearsal.
+
+One cluster per test session, shared by the modules that need one (test_cluster.py, test_bank_faults.py):
+the head and a second node each offer 2 CPUs and one ``reward_node`` and one ``train_node`` slot. Both
+``ray start`` processes run with ``--block`` in a process group of their own, so stopping them stops
+only this cluster (never ``ray stop``: that would end every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+VENV_BIN = Path(sys.executable).parent
+DOC = ROOT / "docs" / "cluster.md"
+
+
+def rehearsal_commands() -> list[str]:
+    """The shell lines of the rehearsal block of docs/cluster.md, in order."""
+    text = DOC.read_text()
+    match = re.search(r"<!-- rehearsal:start -->\s*```bash\n(.*?)```\s*<!-- rehearsal:end -->", text, re.S)
+    assert match, f"{DOC} has no rehearsal block"
+    return [line.strip() for line in match.group(1).splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_ports(line: str, ports: dict[str, int]) -> str:
+    for default, port in ports.items():
+        line = line.replace(default, str(port))
+    return line
+
+
+def _start_node(line: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    argv = shlex.split(line) + ["--block"]
+    argv[0] = str(VENV_BIN / "ray")
+    with open(log, "ab") as fh:
+        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 120) -> None:
+    probe = (
+        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+        "print(sum(1 for x in ray.nodes() if x['Alive']))"
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ok = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        if ok.returncode == 0 and ok.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"the loopback cluster at {address} did not reach {n} live nodes")
+
+
+@pytest.fixture(scope="session")
+def loopback_cluster(tmp_path_factory):
+    """Start the rehearsal's two nodes; yields address, dashboard URL, env, the shared dir and the lines."""
+    root = tmp_path_factory.mktemp("cluster")
+    ports = {"6379": free_port(), "8265": free_port()}
+    env = dict(
+        os.environ,
+        PATH=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(root / "user"), str(ROOT)]),
+        RAY_AUTH_MODE="token",  # token authentication stays on, with a token of this session's own
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        TFFT_SHARED=str(root / "shared"),
+    )
+    (root / "user").mkdir()
+    lines = [with_ports(line, ports) for line in rehearsal_commands()]
+    starts = [line for line in lines if line.startswith("ray start")]
+    assert len(starts) == 2 and "--head" in starts[0], starts
+    address = f"127.0.0.1:{ports['6379']}"
+    nodes = [_start_node(starts[0], env, root / "head.log")]
+    try:
+        _wait_for_nodes(address, env, 1)
+        nodes.append(_start_node(starts[1], env, root / "worker.log"))
+        _wait_for_nodes(address, env, 2)
+        yield {
+            "root": root,
+            "env": env,
+            "address": address,
+            "dashboard": f"http://127.0.0.1:{ports['8265']}",
+            "lines": lines,
+        }
+    finally:
+        for proc in reversed(nodes):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+        # `ray start` records its address for later `ray.init()` calls; a stale record would misdirect
+        # Ray Train's placement-group cleaner in the test modules that follow.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{ports['6379']}"):
+            current.unlink()

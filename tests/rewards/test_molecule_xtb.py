@@ -1,0 +1,183 @@
+"""XTBEnergy: values and gradients against tblite itself, autograd path, validity, hooks, pickling.
+
+Units: tblite takes Bohr and returns Hartree and Hartree/Bohr; the reward is in kcal/mol and kcal/mol/Å.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from tblite.interface import Calculator
+
+from rewards.base import Reward
+from rewards.molecule import (
+    ALANINE_DIPEPTIDE,
+    XTBEnergy,
+    molecular_graph,
+    sample_conformers,
+    xtb_backend,
+)
+from rewards.molecule import reference as reference_module
+
+HARTREE = 627.509474  # kcal/mol
+BOHR = 0.529177210903  # Å
+E_REF = -21940.0  # an explicit reference (kcal/mol), near alanine dipeptide's GFN1 minimum
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.as_tensor(sample_conformers(6, 0), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def reward() -> XTBEnergy:
+    return XTBEnergy(reference=E_REF, cache_dir=None)
+
+
+def tblite_direct(structure: np.ndarray, method: str = "GFN1-xTB") -> tuple[float, np.ndarray]:
+    numbers = molecular_graph(ALANINE_DIPEPTIDE).numbers
+    calc = Calculator(method, numbers, structure.reshape(-1, 3) / BOHR, logger=lambda _: None)
+    calc.set("verbosity", 0)
+    res = calc.singlepoint()
+    return float(res.get("energy")), np.asarray(res.get("gradient"))
+
+
+def test_rewards_and_gradients_equal_tblite_with_unit_conversions(reward, x):
+    batch, grad = reward.evaluate_with_grad(x)
+    assert batch.valid.all() and batch.errors is None
+    assert grad.shape == x.shape and grad.dtype == x.dtype
+    for k in range(2):
+        e_ha, g_ha_bohr = tblite_direct(x[k].numpy())
+        assert batch.rewards[k].item() == pytest.approx(-(e_ha * HARTREE - E_REF), abs=1e-8)
+        np.testing.assert_allclose(grad[k].numpy(), -(g_ha_bohr * HARTREE / BOHR).reshape(-1), atol=1e-9)
+
+
+def test_gradient_matches_central_finite_differences(reward, x):
+    """Step 1e-4 Å: the truncation error (~h^2 E''' ~ 1e-7) is negligible; the SCF energy is variational,
+    so its convergence error is second order in the density residual (observed |fd - analytic| up to
+    ~3e-3 kcal/mol/Å). Components are O(1-80) kcal/mol/Å, so atol 0.02 plus 0.1 % is a strict check
+    that still catches any unit slip (a Bohr/Å mix-up is a factor 1.9)."""
+    h = 1e-4
+    _, grad = reward.evaluate_with_grad(x[:1])
+    coords = [0, 13, 40]  # x of atom 0, y of atom 4 (alpha carbon), y of atom 13 (a hydrogen)
+    shifted = x[:1].repeat(2 * len(coords), 1).clone()
+    for k, c in enumerate(coords):
+        shifted[2 * k, c] += h
+        shifted[2 * k + 1, c] -= h
+    r = reward.evaluate(shifted).rewards.numpy()
+    fd = (r[0::2] - r[1::2]) / (2 * h)
+    np.testing.assert_allclose(fd, grad[0, coords].numpy(), rtol=1e-3, atol=0.02)
+
+
+def test_autograd_sees_the_analytic_gradient(reward, x):
+    xg = x.clone().requires_grad_(True)
+    out = reward.evaluate(xg)
+    (auto,) = torch.autograd.grad(out.rewards.sum(), xg)
+    _, analytic = reward.evaluate_with_grad(x)
+    torch.testing.assert_close(auto, analytic)
+    # the base class's autograd route through evaluate() agrees as well
+    _, via_base = Reward.evaluate_with_grad(reward, x)
+    torch.testing.assert_close(via_base, analytic)
+    assert not reward.evaluate(x).rewards.requires_grad
+
+
+def test_invalid_samples_are_flagged_and_do_not_stop_the_batch(reward, x):
+    g = molecular_graph(ALANINE_DIPEPTIDE)
+    bad = x[:4].clone().reshape(4, 22, 3)
+    i, j = g.bonds[3]
+    bad[0, j] = bad[0, i] + 3.0 * (bad[0, j] - bad[0, i]) / (bad[0, j] - bad[0, i]).norm()  # bond at 3 Å
+    bad[1, 7, 2] = float("nan")
+    batch, grad = reward.evaluate_with_grad(bad.reshape(4, -1))
+    assert batch.valid.tolist() == [False, False, True, True]
+    assert batch.errors == ["topology", "malformed", "", ""]
+    assert torch.isnan(batch.rewards[:2]).all() and torch.isfinite(batch.rewards[2:]).all()
+    assert (grad[:2] == 0).all() and (grad[2:] != 0).any()
+    clean = reward.evaluate(x[2:4]).rewards
+    torch.testing.assert_close(batch.rewards[2:], clean)
+    wrong = reward.evaluate(torch.zeros(3, 65, dtype=torch.float64))
+    assert wrong.errors == ["malformed"] * 3 and not wrong.valid.any()
+
+
+def test_scf_failures_are_per_sample(x, monkeypatch):
+    unconverged = XTBEnergy(reference=E_REF, cache_dir=None, max_iterations=2).evaluate(x[:2])
+    assert unconverged.errors == ["unconverged", "unconverged"] and not unconverged.valid.any()
+    original = xtb_backend._one_point
+    calls = iter(range(100))
+
+    def flaky(*args, **kwargs):
+        if next(calls) == 0:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(xtb_backend, "_one_point", flaky)
+    out = XTBEnergy(reference=E_REF, cache_dir=None).evaluate(x[:2])
+    assert out.errors == ["exception", ""] and out.valid.tolist() == [False, True]
+
+
+def test_auto_reference_is_the_minimum_over_conformers_and_cached(tmp_path, x, monkeypatch):
+    auto = XTBEnergy(reference_samples=4, reference_seed=0, cache_dir=str(tmp_path))
+    rewards = auto.evaluate(x[:4]).rewards  # x[:4] are the same 4 conformers (seed 0)
+    assert rewards.max().item() == pytest.approx(0.0, abs=1e-9) and (rewards <= 1e-9).all()
+    (cached,) = tmp_path.glob("xtb-reference-*.json")
+    assert json.loads(cached.read_text())["energy_kcal_mol"] == pytest.approx(auto.reference_energy())
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the cached reference should have been used")
+
+    monkeypatch.setattr(reference_module, "compute_reference_energy", must_not_run)
+    again = XTBEnergy(reference_samples=4, reference_seed=0, cache_dir=str(tmp_path))
+    assert again.reference_energy() == auto.reference_energy()
+
+
+def test_explicit_reference_and_argument_checks(reward, x):
+    other = XTBEnergy(reference=E_REF + 10.0, cache_dir=None)
+    torch.testing.assert_close(other.evaluate(x[:2]).rewards, reward.evaluate(x[:2]).rewards + 10.0)
+    with pytest.raises(ValueError, match="method"):
+        XTBEnergy(method="GFN0-xTB")
+    with pytest.raises(ValueError, match="reference"):
+        XTBEnergy(reference="lowest")
+    with pytest.raises(ValueError, match="C1CC"):
+        XTBEnergy(smiles="C1CC")
+
+
+def test_picklable_and_hooks(reward, x, tmp_path):
+    clone = pickle.loads(pickle.dumps(reward))
+    torch.testing.assert_close(clone.evaluate(x[:2]).rewards, reward.evaluate(x[:2]).rewards)
+    assert clone.value_kwargs()["tblite"] == xtb_backend.tblite_version()
+    data = x.numpy()
+    stats = reward.describe(data, np.ones(len(data), dtype=bool))
+    assert set(stats) == {"diversity_rmsd", "topology_valid"}
+    assert stats["diversity_rmsd"] > 0.3 and stats["topology_valid"] == 1.0
+    broken = data.copy()
+    broken[0, :3] += 50.0  # one atom far away: bonds missing
+    assert reward.describe(broken, np.ones(len(data), dtype=bool))["topology_valid"] == pytest.approx(5 / 6)
+    valid = np.ones(len(data), dtype=bool)
+    (path,) = reward.figures(tmp_path, data, valid, data[:3], valid[:3])
+    assert path.name == "ramachandran.png" and path.stat().st_size > 1000
+
+
+def test_small_molecule_end_to_end(tmp_path):
+    smiles = "CCO"
+    data = sample_conformers(5, 2, smiles=smiles)
+    ethanol = XTBEnergy(smiles=smiles, reference_samples=3, cache_dir=str(tmp_path))
+    xs = torch.as_tensor(data, dtype=torch.float64)
+    batch, grad = ethanol.evaluate_with_grad(xs)
+    assert batch.valid.all() and grad.shape == (5, 27)
+    assert (batch.rewards < 5.0).all()  # within a few kcal/mol of the best of 3 conformers
+    assert ethanol.figures(tmp_path, data, np.ones(5, bool), data, np.ones(5, bool)) == []
+    assert set(ethanol.describe(data, np.ones(5, bool))) == {"diversity_rmsd", "topology_valid"}
+
+
+def test_openmp_thread_limit_is_applied_and_restored():
+    lib = xtb_backend._openmp_runtime()
+    if lib is None:
+        pytest.skip("tblite built without OpenMP")
+    before = lib.omp_get_max_threads()
+    with xtb_backend.openmp_threads(1):
+        assert lib.omp_get_max_threads() == 1
+    assert lib.omp_get_max_threads() == before
