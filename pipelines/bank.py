@@ -10,6 +10,7 @@ shards already on disk: nothing stored is sampled or evaluated again.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -221,9 +222,9 @@ def _run_pools(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # every actor of a pool is up before work flows (so work spreads over the pool's nodes), and a
-    # pool the cluster has no room for fails with Ray's "Timed out while starting actors" error
-    ctx.wait_for_min_actors_s = max(1, int(round(cfg.bank.start_timeout_s)))
+    # > 0: every actor of a pool is up before work flows (so work spreads over the pool's nodes), and
+    # a pool the cluster has no room for fails with Ray's "Timed out while starting actors" error
+    ctx.wait_for_min_actors_s = int(math.ceil(cfg.bank.start_timeout_s)) if cfg.bank.start_timeout_s > 0 else -1
     sampler_pool, reward_pool = cfg.bank.sampler, cfg.bank.reward
     block = max(1, min(sampler_pool.batch_size, max(b - a for a, b, _ in shards)))
     chunks = [np.arange(a, b, dtype=np.int64) for a, b, _ in shards]

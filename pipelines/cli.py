@@ -1,10 +1,10 @@
 """The ``tfft`` command line.
 
     tfft run CONFIG [key=value ...] --out DIR [--address ADDR]   the whole pipeline
-    tfft bank CONFIG [key=value ...] --out DIR                   base bank only (resumable)
+    tfft bank CONFIG [key=value ...] --out DIR [--address ADDR]  base bank only (resumable)
     tfft pretrain CONFIG [key=value ...]                         pretrain (or find cached) base model
     tfft config CONFIG [key=value ...]                           validate and print the resolved config
-    tfft sweep CONFIG [key=value ...] --out DIR                  Ray Tune sweep (alpha, kl_weight, any key)
+    tfft sweep CONFIG [key=value ...] --out DIR [--address ADDR] Ray Tune sweep (alpha, kl_weight, any key)
     tfft report DIR                                              table and plots of a sweep's trials
 
 Configuration errors print one line naming the key and exit with code 2.
@@ -23,6 +23,8 @@ Overrides are OmegaConf dot-lists, e.g. objective.side=left objective.alpha=0.05
 Every key is documented in the README ("Configuration") and in pipelines/schema.py.
 MLflow: runs go to sqlite:///<cwd>/mlflow.db unless tracking.uri is set; view them with
   mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db
+Cluster: every command takes --address (or RAY_ADDRESS) and runs under `ray job submit`; see
+docs/cluster.md for the walk-through from `ray up cluster.yaml` to the MLflow UI.
 """
 
 

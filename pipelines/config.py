@@ -133,7 +133,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(pre.lr > 0, "pretrain.lr", f"must be > 0, got {pre.lr}")
     _require(cfg.bank.size >= 2, "bank.size", f"must be >= 2, got {cfg.bank.size}")
     _require(cfg.bank.shard_size >= 1, "bank.shard_size", f"must be >= 1, got {cfg.bank.shard_size}")
-    _require(cfg.bank.start_timeout_s > 0, "bank.start_timeout_s", f"must be > 0, got {cfg.bank.start_timeout_s}")
+    _require(cfg.bank.start_timeout_s >= 0, "bank.start_timeout_s", f"must be >= 0, got {cfg.bank.start_timeout_s}")
     _check_pool("bank.sampler", cfg.bank.sampler)
     _check_pool("bank.reward", cfg.bank.reward)
     rp = cfg.bank.reward
@@ -157,6 +157,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     )
     _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
     _require(ft.grad_clip > 0, "finetune.grad_clip", f"must be > 0, got {ft.grad_clip}")
+    _require(ft.reward_grad_clip >= 0, "finetune.reward_grad_clip", f"must be >= 0, got {ft.reward_grad_clip}")
     _require(ft.sde_steps >= 2, "finetune.sde_steps", f"must be >= 2, got {ft.sde_steps}")
     _require(0 < ft.late_fraction <= 1, "finetune.late_fraction", f"must be in (0, 1], got {ft.late_fraction}")
     _require(ft.n_early >= 0, "finetune.n_early", f"must be >= 0, got {ft.n_early}")

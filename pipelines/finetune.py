@@ -100,6 +100,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
             def reward_grad_fn(x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64))
+                if config["reward_grad_clip"] > 0:  # a few samples with huge forces must not swamp the batch
+                    norms = grad_r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                    grad_r = grad_r * (config["reward_grad_clip"] / norms).clamp(max=1.0)
                 valid = out.valid.to(torch.bool)
                 r = torch.where(valid, out.rewards.to(torch.float64), torch.zeros_like(out.rewards, dtype=torch.float64))
                 scale = _objective_terms(r, objective)
@@ -217,6 +220,7 @@ def run_finetune(
         "log_every": finetune.log_every,
         "checkpoint_every": finetune.checkpoint_every,
         "grad_clip": finetune.grad_clip,
+        "reward_grad_clip": finetune.reward_grad_clip,
         "threads": max(1, int(finetune.cpus_per_worker)),
         "bank_x": bank_x,
         "bank_weights": bank_weights,

@@ -119,14 +119,16 @@ class RewardPoolConfig(PoolConfig):
 class BankConfig:
     """A bank of samples with rewards: ``size`` samples, written in shards of ``shard_size`` rows.
     ``cache``: reuse rewards from the persistent cache at ``cache_dir`` (keyed by sample content and
-    reward identity; share it on a cluster). ``start_timeout_s``: every pool starts all its actors (its
-    ``min_size``) before samples flow; a cluster without room for them fails after this many seconds."""
+    reward identity; share it on a cluster). ``start_timeout_s``: 0 lets samples flow as soon as a
+    pool's first actor is up; > 0 waits until every pool has all its actors (its ``min_size``), so work
+    spreads over the pool's nodes from the start, and fails with Ray's "Timed out while starting actors"
+    after this many seconds when the cluster has no room for them."""
 
     size: int = 20_000
     shard_size: int = 5000
     cache: bool = True
     cache_dir: str = "~/.cache/tfft/rewards"
-    start_timeout_s: float = 600.0
+    start_timeout_s: float = 0.0
     sampler: PoolConfig = field(default_factory=PoolConfig)
     reward: RewardPoolConfig = field(default_factory=RewardPoolConfig)
 
@@ -144,7 +146,9 @@ class FinetuneConfig:
 
     ``solver``: adjoint (adjoint matching, needs reward gradients) | weighted (weighted flow matching on
     the bank, DESIGN §7) | auto (adjoint when the reward is differentiable). ``batch_size`` is global
-    (split over workers); ``grad_clip`` caps the gradient norm. ``sde_steps``, ``late_fraction``, ``n_early``: adjoint-matching trajectory and
+    (split over workers); ``grad_clip`` caps the gradient norm; ``reward_grad_clip`` (0: off) caps the
+    norm of each sample's reward gradient before it enters the adjoint (rewards with steep walls, e.g.
+    atom clashes in an energy). ``sde_steps``, ``late_fraction``, ``n_early``: adjoint-matching trajectory and
     time-step subset. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every`` steps.
     Workers: ``num_workers`` (DDP), ``cpus_per_worker``, one GPU each when ``use_gpu``, plus custom
     ``resources_per_worker`` (e.g. ``{train_node: 1}``); a failed worker group restarts from the latest
@@ -156,6 +160,7 @@ class FinetuneConfig:
     batch_size: int = 512
     lr: float = 3e-3
     grad_clip: float = 1000.0
+    reward_grad_clip: float = 0.0
     sde_steps: int = 40
     late_fraction: float = 0.25
     n_early: int = 10

@@ -31,6 +31,7 @@ import rdkit
 import torch
 
 from rewards.base import Reward, RewardBatch
+from rewards.molecule.conformers import from_sample_space
 from rewards.molecule.geometry import mean_pairwise_rmsd
 from rewards.molecule.molecule import ALANINE_DIPEPTIDE, molecular_graph
 from rewards.molecule.ramachandran import phi_psi_angles, plot_ramachandran
@@ -77,6 +78,9 @@ class XTBEnergy(Reward):
         reference_samples, reference_seed: the conformer set of the 'auto' reference.
         cache_dir: directory of the reference-energy cache; None disables it.
         threads: OpenMP threads per calculation; None = OMP_NUM_THREADS if set, else 1.
+        scale: None when samples are Å coordinates; else samples are displacements from the
+            reference structure in units of ``scale`` Å (as ``sample_conformers(..., scale=)`` makes
+            them), and gradients are with respect to those displacements.
     """
 
     name = "xtb_energy"
@@ -96,6 +100,7 @@ class XTBEnergy(Reward):
         reference_seed: int = 0,
         cache_dir: str | None = "~/.cache/tfft/molecule",
         threads: int | None = None,
+        scale: float | None = None,
     ):
         self.graph = molecular_graph(smiles)  # raises ValueError naming an invalid SMILES
         self.smiles = smiles
@@ -123,6 +128,9 @@ class XTBEnergy(Reward):
         self.reference_samples = int(reference_samples)
         self.reference_seed = int(reference_seed)
         self.cache_dir = cache_dir
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale must be > 0 Å or None, got {scale}")
+        self.scale = None if scale is None else float(scale)
 
     # -- identity -------------------------------------------------------------------------------
     def value_kwargs(self) -> dict[str, Any]:
@@ -137,6 +145,7 @@ class XTBEnergy(Reward):
             "accuracy": self.settings.accuracy,
             "reference_samples": self.reference_samples,
             "reference_seed": self.reference_seed,
+            "scale": self.scale,
             "tblite": tblite_version(),
             "rdkit": rdkit.__version__,
         }
@@ -158,6 +167,8 @@ class XTBEnergy(Reward):
             )
         arr = x.detach().to("cpu", torch.float64).numpy()
         n, d = arr.shape
+        if d == self.graph.dim:
+            arr = from_sample_space(arr, self.smiles, self.scale)
         rewards = np.full(n, np.nan)
         grad = np.zeros((n, d))
         if d != self.graph.dim:
@@ -174,7 +185,8 @@ class XTBEnergy(Reward):
                 errors[row] = points.errors[k]
                 if not points.errors[k]:
                     rewards[row] = -(points.energy[k] - e_ref)
-                    grad[row] = -points.gradient[k].reshape(-1)
+                    # dr/dz = scale * dr/dx in the displacement form (x = x_ref + scale z)
+                    grad[row] = -points.gradient[k].reshape(-1) * (self.scale or 1.0)
         return rewards, grad, errors
 
     @staticmethod
@@ -209,6 +221,7 @@ class XTBEnergy(Reward):
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.graph.dim or x.shape[0] == 0:
             return {"diversity_rmsd": float("nan"), "topology_valid": float("nan")}
+        x = from_sample_space(x, self.smiles, self.scale)
         topology = bonded_topology_ok(x, self.smiles, self.tolerance)
         keep = np.asarray(valid, dtype=bool).reshape(-1) & np.isfinite(x).all(axis=1)
         chosen = x[keep]
@@ -235,6 +248,7 @@ class XTBEnergy(Reward):
             x = np.asarray(x, dtype=np.float64)
             if x.ndim != 2 or x.shape[1] != self.graph.dim:
                 return []
+            x = from_sample_space(x, self.smiles, self.scale)
             keep = np.asarray(valid, dtype=bool).reshape(-1) & np.isfinite(x).all(axis=1)
             angles = phi_psi_angles(x[keep], self.smiles)
             if angles is None:

@@ -186,3 +186,33 @@ def test_plain_function_reward_and_data_source_from_pythonpath(env):
     assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 1000
     assert read_bank(out_dir / "bank_final.parquet").x.shape == (1000, 3)
     assert not (out_dir / "samples.png").exists()  # only 2-D tasks get the scatter
+
+
+def test_molecule_config_runs_for_another_molecule_by_override(env):
+    """tune_configs/molecule_left.yaml with task.smiles=CCO (ethanol, 9 atoms): the data source and the
+    GFN1-xTB reward follow the override; the reward's own statistics reach summary.json and MLflow."""
+    out_dir = env["root"] / "ethanol"
+    args = [
+        "run", str(ROOT / "tune_configs/molecule_left.yaml"), "--out", str(out_dir), "task.smiles=CCO",
+        "pretrain.n_samples=1000", "pretrain.steps=1500", "bank.size=200", "bank.shard_size=100", "eval.size=100",
+        "bank.reward.size=1", "finetune.steps=4", "finetune.log_every=2", "finetune.batch_size=8",
+        "reward.kwargs.reference_samples=5", f"reward.kwargs.cache_dir={env['root'] / 'molecule'}",
+        *env["common"],
+    ]
+    assert main(args) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert read_bank(out_dir / "bank_base.parquet").x.shape == (200, 27)
+    assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 100
+    assert summary["failures"]["base"]["valid"] >= 100  # most generated ethanols keep their bonds
+    for label in ("base", "finetuned"):
+        stats = summary["samples"][label]
+        assert 0.0 < stats["diversity_rmsd"] < 3.0 and 0.5 <= stats["topology_valid"] <= 1.0
+    assert summary["base"]["cvar_right"]["0.1"] <= 0.5  # rewards are minus energies above the best ETKDG one
+    assert not (out_dir / "ramachandran.png").exists()  # ethanol has no peptide backbone
+    import mlflow
+
+    runs = mlflow.MlflowClient(tracking_uri=env["uri"]).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=env["uri"]).search_experiments()],
+        "attributes.run_name = 'ethanol'",
+    )
+    assert runs and "finetuned.diversity_rmsd" in runs[0].data.metrics

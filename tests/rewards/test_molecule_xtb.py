@@ -181,3 +181,30 @@ def test_openmp_thread_limit_is_applied_and_restored():
     with xtb_backend.openmp_threads(1):
         assert lib.omp_get_max_threads() == 1
     assert lib.omp_get_max_threads() == before
+
+
+def test_displacement_form_gives_the_same_rewards_and_chain_ruled_gradients(reward, x):
+    """sample_conformers(scale=s) and XTBEnergy(scale=s): z = (x - x_ref) / s, r(z) = r(x),
+    dr/dz = s dr/dx (checked against the Å form and a finite difference in z)."""
+    from rewards.molecule import reference_structure
+
+    s = 0.3
+    z_data = sample_conformers(3, 0, scale=s)
+    np.testing.assert_allclose(
+        z_data * s + reference_structure(ALANINE_DIPEPTIDE).reshape(-1), x[:3].numpy(), atol=1e-5
+    )
+    scaled = XTBEnergy(reference=E_REF, cache_dir=None, scale=s)
+    z = (x[:2] - torch.as_tensor(reference_structure(ALANINE_DIPEPTIDE).reshape(-1))) / s
+    out_z, grad_z = scaled.evaluate_with_grad(z)
+    out_x, grad_x = reward.evaluate_with_grad(x[:2])
+    np.testing.assert_allclose(out_z.rewards.numpy(), out_x.rewards.numpy(), atol=1e-8)
+    np.testing.assert_allclose(grad_z.numpy(), s * grad_x.numpy(), atol=1e-8)
+    h, c = 1e-4, 13
+    pair = z[:1].repeat(2, 1).clone()
+    pair[0, c] += h
+    pair[1, c] -= h
+    r = scaled.evaluate(pair).rewards.numpy()
+    assert (r[0] - r[1]) / (2 * h) == pytest.approx(float(grad_z[0, c]), rel=1e-3, abs=0.02)
+    assert scaled.describe(z.numpy(), np.ones(2, bool))["topology_valid"] == 1.0
+    with pytest.raises(ValueError, match="scale"):
+        XTBEnergy(scale=0.0)

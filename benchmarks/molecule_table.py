@@ -1,0 +1,158 @@
+"""Alanine dipeptide on GFN1-xTB: base vs expected-reward vs right-/left-TFFT over several seeds.
+
+    python -m benchmarks.molecule_table                       # 3 seeds x 3 configs, about 40 min on 2 cores
+    python -m benchmarks.molecule_table --seeds 0 --quick     # smaller banks and fewer steps (smoke)
+
+Runs ``tune_configs/molecule_{mean,right,left}.yaml`` for each seed (each run in
+``<work>/<config>_seed<k>``; a finished run is reused, so an interrupted benchmark resumes), then writes
+``benchmarks/results/molecule.{md,json}``: per model, mean ± std over seeds of the mean energy, the
+reward's right- and left-CVaR(0.1), validity and diversity, plus the reward throughput (molecules/s)
+of one and of two reward actors, measured in the same session.
+
+Energies are in kcal/mol above the best of the reference ETKDG structures; reward = -energy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("mean", "right", "left")
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _run(name: str, seed: int, work: Path, overrides: list[str]) -> dict[str, Any]:
+    from pipelines.config import load_config
+    from pipelines.run import run_pipeline
+
+    out = work / f"{name}_seed{seed}"
+    done = out / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = load_config(ROOT / "tune_configs" / f"molecule_{name}.yaml", [f"seed={seed}", *overrides])
+    return run_pipeline(cfg, out)
+
+
+def _throughput(work: Path, overrides: list[str], n: int) -> dict[str, float]:
+    """Molecules/s of the reward pool with 1 and 2 actors (fresh samples, reward cache off)."""
+    from pipelines.bank import generate_bank
+    from pipelines.config import load_config
+    from pipelines.pretrain import load_or_pretrain
+
+    rates = {}
+    for actors in (1, 2):
+        cfg = load_config(
+            ROOT / "tune_configs" / "molecule_right.yaml",
+            [*overrides, "bank.cache=false", f"bank.reward.size={actors}", f"bank.shard_size={n}",
+             "seed=0"],
+        )
+        base = load_or_pretrain(cfg)
+        path = work / f"throughput_{actors}.parquet"
+        for stale in (path, path.with_name(path.name + ".shards")):
+            if stale.is_file():
+                stale.unlink()
+            elif stale.is_dir():
+                for f in stale.iterdir():
+                    f.unlink()
+        started = time.time()
+        generate_bank(cfg, (base.config, base.state_dict), size=n, label=f"throughput{actors}", out_path=path)
+        rates[f"{actors}_actor"] = n / (time.time() - started)
+    return rates
+
+
+def _stat(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, Any]]:
+    """Markdown rows and the JSON record: one row per model, columns mean ± std over seeds."""
+    rows: dict[str, list[dict[str, Any]]] = {"base": [], "expected reward": [], "right-TFFT": [], "left-TFFT": []}
+    for name, label in (("mean", "expected reward"), ("right", "right-TFFT"), ("left", "left-TFFT")):
+        for s in summaries[name]:
+            rows[label].append({"stats": s["finetuned"], "samples": s.get("samples", {}).get("finetuned", {}),
+                                "failures": s["failures"]["final"]})
+            if name == "mean":
+                rows["base"].append({"stats": s["base"], "samples": s.get("samples", {}).get("base", {}),
+                                     "failures": s["failures"]["base"]})
+
+    def columns(entry: dict[str, Any]) -> dict[str, float]:
+        st, fails = entry["stats"], entry["failures"]
+        return {
+            "mean_energy": -float(st["mean"]),
+            "r_cvar_0.1": float(st["cvar_right"]["0.1"]),
+            "l_cvar_0.1": float(st["cvar_left"]["0.1"]),
+            "validity_pct": 100.0 * fails["valid"] / fails["requested"],
+            "diversity_rmsd": float(entry["samples"].get("diversity_rmsd", float("nan"))),
+        }
+
+    record: dict[str, Any] = {}
+    lines = [
+        "| model | mean energy (kcal/mol) | R-CVaR(0.1) of reward | L-CVaR(0.1) of reward | validity % | diversity RMSD (Å) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, entries in rows.items():
+        cols = [columns(e) for e in entries]
+        record[label] = cols
+        keys = ("mean_energy", "r_cvar_0.1", "l_cvar_0.1", "validity_pct", "diversity_rmsd")
+        lines.append(f"| {label} | " + " | ".join(_stat([c[k] for c in cols]) for k in keys) + " |")
+    return lines, record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", default=str(ROOT / "runs" / "molecule_bench"), help="run directories")
+    parser.add_argument("--quick", action="store_true", help="banks of 500, 60 fine-tuning steps")
+    parser.add_argument("--throughput-samples", type=int, default=400)
+    parser.add_argument("--out", default=str(RESULTS / "molecule"), help="writes OUT.md and OUT.json")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = [f"tracking.uri=sqlite:///{work.resolve() / 'mlflow.db'}"]
+    if args.quick:
+        overrides += ["bank.size=500", "eval.size=500", "finetune.steps=60"]
+    started = time.time()
+    rates = _throughput(work, overrides, args.throughput_samples)  # first, while nothing else runs
+    summaries = {name: [_run(name, seed, work, overrides) for seed in args.seeds] for name in CONFIGS}
+    lines, record = table(summaries)
+    s0 = summaries["right"][0]
+    header = [
+        "# Alanine dipeptide, GFN1-xTB energy: base vs fine-tuned models",
+        "",
+        f"Seeds {args.seeds}; each cell mean ± std over seeds. kl_weight {s0['objective']['kl_weight']}, "
+        f"alpha 0.1; reward = -(energy above the reference), so R-CVaR is the mean of the best 10% and "
+        f"L-CVaR the mean of the worst 10% of rewards. Written by `python -m benchmarks.molecule_table"
+        f"{' --quick' if args.quick else ''}` in {(time.time() - started) / 60:.0f} min.",
+        "",
+    ]
+    footer = [
+        "",
+        f"Reward throughput (GFN1-xTB energy + topology check, {args.throughput_samples} fresh samples, "
+        f"same session): 1 actor {rates['1_actor']:.1f} molecules/s, 2 actors {rates['2_actor']:.1f} "
+        f"molecules/s (ratio {rates['2_actor'] / rates['1_actor']:.2f}).",
+        "",
+        "Thresholds and active fractions (right, left; per seed): "
+        + "; ".join(
+            f"seed {seed}: eta {r['threshold']['eta']:.2f} / {lf['threshold']['eta']:.2f}, "
+            f"ESS {r['threshold']['ess']:.0f} / {lf['threshold']['ess']:.0f}"
+            for seed, r, lf in zip(args.seeds, summaries["right"], summaries["left"])
+        ),
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(header + lines + footer) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"seeds": args.seeds, "quick": args.quick, "models": record, "throughput": rates,
+         "runs": {name: [str(work / f"{name}_seed{s}") for s in args.seeds] for name in CONFIGS}}, indent=2))
+    print("\n".join(header + lines + footer))
+
+
+if __name__ == "__main__":
+    main()
