@@ -62,6 +62,12 @@ def train_loop(config: dict[str, Any]) -> None:
     # Train logs every report at INFO; rank 0 prints one progress line per report instead.
     for name in ("ray.train", "ray.train.v2._internal.execution.context"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # that module names its logger by file path ("Reporting training result ..." on every report)
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: only the noise stays
+        pass
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))

@@ -166,7 +166,7 @@ def test_rehearsal_spreads_reward_actors_and_training_workers_over_both_nodes(lo
                           timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     out = Path(cluster["env"]["TFFT_SHARED"]) / "runs" / "smoke"
-    assert_complete(out, 2000, 2000)
+    assert_complete(out, 1000, 1000)
     nodes = {n["node_id"] for n in state(cluster, "nodes")}
     assert len(nodes) == 2
     reward_nodes = {a["node_id"] for a in actors(cluster, "RewardActor")}

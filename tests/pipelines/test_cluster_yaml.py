@@ -16,5 +16,13 @@ def test_cluster_yaml_is_valid_for_the_installed_ray():
     validate_config(config)  # raises on a schema violation
     types = config["available_node_types"]
     assert types["gpu_train"]["resources"]["GPU"] >= 1
-    assert types["cpu_reward"]["resources"].get("reward_node") == 1
     assert config["head_node_type"] == "head"
+    # the custom resources that pin the pools (docs/cluster.md): reward actors only on cpu_reward
+    # nodes, one slot per core; training workers only on gpu_train nodes, one slot per GPU
+    hosts = {
+        kind: {name for name, t in types.items() if t["resources"].get(kind, 0) >= 1}
+        for kind in ("reward_node", "train_node")
+    }
+    assert hosts == {"reward_node": {"cpu_reward"}, "train_node": {"gpu_train"}}
+    assert types["cpu_reward"]["resources"]["reward_node"] == types["cpu_reward"]["resources"]["CPU"]
+    assert types["gpu_train"]["resources"]["train_node"] == types["gpu_train"]["resources"]["GPU"]
