@@ -81,7 +81,7 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
     for name, label in (("mean", "expected reward"), ("right", "right-TFFT"), ("left", "left-TFFT")):
         for s in summaries[name]:
             rows[label].append({"stats": s["finetuned"], "samples": s.get("samples", {}).get("finetuned", {}),
-                                "failures": s["failures"]["final"]})
+                                "failures": s["failures"]["final"], "target": s["target"]})
             if name == "mean":
                 rows["base"].append({"stats": s["base"], "samples": s.get("samples", {}).get("base", {}),
                                      "failures": s["failures"]["base"]})
@@ -94,6 +94,8 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
             "l_cvar_0.1": float(st["cvar_left"]["0.1"]),
             "validity_pct": 100.0 * fails["valid"] / fails["requested"],
             "diversity_rmsd": float(entry["samples"].get("diversity_rmsd", float("nan"))),
+            "target_r_cvar_0.1": float(entry["target"]["cvar_right"]["0.1"]) if "target" in entry else float("nan"),
+            "target_l_cvar_0.1": float(entry["target"]["cvar_left"]["0.1"]) if "target" in entry else float("nan"),
         }
 
     record: dict[str, Any] = {}
@@ -107,6 +109,26 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
         keys = ("mean_energy", "r_cvar_0.1", "l_cvar_0.1", "validity_pct", "diversity_rmsd")
         lines.append(f"| {label} | " + " | ".join(_stat([c[k] for c in cols]) for k in keys) + " |")
     return lines, record
+
+
+def claims(record: dict[str, Any]) -> list[str]:
+    """The issue's claims, checked on the seed means: a line each, with the numbers."""
+    def m(label: str, key: str) -> float:
+        return statistics.mean(c[key] for c in record[label])
+
+    out = []
+    for side, key, model in (("right", "r_cvar_0.1", "right-TFFT"), ("left", "l_cvar_0.1", "left-TFFT")):
+        own, base, exp = m(model, key), m("base", key), m("expected reward", key)
+        target = m(model, f"target_{key}")
+        out.append(
+            f"- {model} raises {side[0].upper()}-CVaR(0.1) above the base model: {'yes' if own > base else 'NO'} "
+            f"({own:.2f} vs {base:.2f}); above the expected-reward model: {'yes' if own > exp else 'NO'} "
+            f"({own:.2f} vs {exp:.2f}); exact target on the base bank {target:.2f}."
+        )
+    for model in ("expected reward", "right-TFFT", "left-TFFT"):
+        gap = m(model, "validity_pct") - m("base", "validity_pct")
+        out.append(f"- validity of {model} within 2 points of the base model: {'yes' if abs(gap) <= 2 else 'NO'} ({gap:+.2f} points).")
+    return out
 
 
 def main() -> None:
@@ -141,6 +163,7 @@ def main() -> None:
         return
     summaries = {name: [_run(name, seed, work, overrides) for seed in args.seeds] for name in CONFIGS}
     lines, record = table(summaries)
+    lines += ["", "Claims, on the means over seeds:", *claims(record)]
     s0 = summaries["right"][0]
     header = [
         "# Alanine dipeptide, GFN1-xTB energy: base vs fine-tuned models",

@@ -194,7 +194,7 @@ def test_displacement_form_gives_the_same_rewards_and_chain_ruled_gradients(rewa
         z_data * s + reference_structure(ALANINE_DIPEPTIDE).reshape(-1), x[:3].numpy(), atol=1e-5
     )
     scaled = XTBEnergy(reference=E_REF, cache_dir=None, scale=s)
-    z = (x[:2] - torch.as_tensor(reference_structure(ALANINE_DIPEPTIDE).reshape(-1))) / s
+    z = (x[:2] - torch.tensor(reference_structure(ALANINE_DIPEPTIDE).reshape(-1))) / s
     out_z, grad_z = scaled.evaluate_with_grad(z)
     out_x, grad_x = reward.evaluate_with_grad(x[:2])
     np.testing.assert_allclose(out_z.rewards.numpy(), out_x.rewards.numpy(), atol=1e-8)
