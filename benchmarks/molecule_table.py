@@ -69,6 +69,14 @@ def throughput(work: Path, overrides: list[str], n: int) -> dict[str, float]:
     return rates
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results files carry no machine paths)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
 def _stat(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -191,7 +199,8 @@ def main() -> None:
     out.with_suffix(".md").write_text("\n".join(header + lines + footer) + "\n")
     out.with_suffix(".json").write_text(json.dumps(
         {"seeds": args.seeds, "quick": args.quick, "models": record,
-         "runs": {name: [str(work / f"{name}_seed{s}") for s in args.seeds] for name in CONFIGS}}, indent=2))
+         "work": _shown(work), "runs": {name: [f"{name}_seed{s}" for s in args.seeds] for name in CONFIGS}},
+        indent=2))
     print("\n".join(header + lines + footer))
 
 

@@ -25,6 +25,26 @@ ROOT = Path(__file__).parents[2]
 VENV_BIN = Path(sys.executable).parent
 DOC = ROOT / "docs" / "cluster.md"
 
+# A reward module on the cluster's PYTHONPATH: sleeps per sample, then appends one line per evaluated
+# sample to ``log``, so tests can count how often each sample was scored.
+COUNTING_REWARD = '''
+import os, time
+import torch
+from rewards.base import Reward, RewardBatch
+
+class Counting(Reward):
+    """Sleeps per sample and appends one line per evaluated sample to ``log`` (count of calls)."""
+    name = "counting"
+    def __init__(self, log, seconds=0.01):
+        self.log, self.seconds = log, seconds
+    def evaluate(self, x):
+        time.sleep(self.seconds * len(x))
+        with open(self.log, "a") as f:
+            f.write("".join(f"{float(row[0])!r},{float(row[1])!r}\\n" for row in x))
+        r = x.sum(-1).to(torch.float64)
+        return RewardBatch(r, torch.ones(len(r), dtype=torch.bool))
+'''
+
 
 def rehearsal_commands() -> list[str]:
     """The shell lines of the rehearsal block of docs/cluster.md, in order."""
@@ -81,6 +101,7 @@ def loopback_cluster(tmp_path_factory):
         TFFT_SHARED=str(root / "shared"),
     )
     (root / "user").mkdir()
+    (root / "user" / "counting_reward.py").write_text(COUNTING_REWARD)
     lines = [with_ports(line, ports) for line in rehearsal_commands()]
     starts = [line for line in lines if line.startswith("ray start")]
     assert len(starts) == 2 and "--head" in starts[0], starts

@@ -39,23 +39,6 @@ r[x[:, 1] > 2.3] = np.nan      # invalid samples
 np.save(sys.argv[2], r)
 '''
 
-COUNTING_REWARD = '''
-import os, time
-import torch
-from rewards.base import Reward, RewardBatch
-
-class Counting(Reward):
-    """Sleeps per sample and appends one line per evaluated sample to ``log`` (count of calls)."""
-    name = "counting"
-    def __init__(self, log, seconds=0.01):
-        self.log, self.seconds = log, seconds
-    def evaluate(self, x):
-        time.sleep(self.seconds * len(x))
-        with open(self.log, "a") as f:
-            f.write("".join(f"{float(row[0])!r},{float(row[1])!r}\\n" for row in x))
-        r = x.sum(-1).to(torch.float64)
-        return RewardBatch(r, torch.ones(len(r), dtype=torch.bool))
-'''
 
 
 def expected_reason(x: np.ndarray) -> str:
@@ -75,7 +58,6 @@ def cluster(loopback_cluster):
     """The session's two-node loopback cluster (conftest.py), with this module's reward and simulator."""
     root = loopback_cluster["root"] / "faults"
     root.mkdir()
-    (loopback_cluster["root"] / "user" / "counting_reward.py").write_text(COUNTING_REWARD)
     (root / "faulty_sim.py").write_text(FAULTY_SIMULATOR)
     return {**loopback_cluster, "root": root}
 

@@ -31,23 +31,6 @@ SMOKE = ROOT / "tune_configs" / "cluster_smoke.yaml"
 STEP = re.compile(r"\[finetune\] step (\d+)/(\d+)")
 PID = re.compile(r"pid=(\d+)")
 
-COUNTING_REWARD = '''
-import time
-import torch
-from rewards.base import Reward, RewardBatch
-
-class SlowCounting(Reward):
-    """Sleeps per sample, then appends one line per evaluated sample to ``log``."""
-    name = "slow-counting"
-    def __init__(self, log, seconds=0.01):
-        self.log, self.seconds = log, seconds
-    def evaluate(self, x):
-        time.sleep(self.seconds * len(x))
-        with open(self.log, "a") as f:
-            f.write("".join(f"{float(row[0])!r},{float(row[1])!r}\\n" for row in x))
-        r = x.sum(-1).to(torch.float64)
-        return RewardBatch(r, torch.ones(len(r), dtype=torch.bool))
-'''
 
 
 STATE_QUERY = """
@@ -199,12 +182,11 @@ def test_killed_training_worker_restarts_from_the_latest_checkpoint(loopback_clu
 
 def test_killed_reward_actor_has_its_batch_redone_once(loopback_cluster):
     cluster = loopback_cluster
-    (cluster["root"] / "user" / "slow_counting.py").write_text(COUNTING_REWARD)
     out = cluster["root"] / "kill-reward"
     log = cluster["root"] / "reward-calls.log"
     args = tfft(
         cluster, "bank", out, "bank.size=1000", "bank.reward.batch_size=50",
-        "reward.target=slow_counting:SlowCounting", f"reward.kwargs={{log: '{log}', seconds: 0.01}}",
+        "reward.target=counting_reward:Counting", f"reward.kwargs={{log: '{log}', seconds: 0.01}}",
     )
     run = Driver(args, cluster["env"])
     run.wait_for(lambda d: log.is_file() and len(log.read_text().splitlines()) >= 200)
