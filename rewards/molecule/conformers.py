@@ -143,9 +143,9 @@ def sample_conformers(
     rotation) onto :func:`reference_structure`. Atom order as in
     :func:`rewards.molecule.molecule.molecule_with_hydrogens`. Units: Å when ``scale`` is None, else
     displacements from the reference in units of ``scale`` Å (:func:`to_sample_space`). With a plain
-    MLP velocity the displacement form matters: measured on alanine dipeptide (5000 structures, 12k
-    pretraining steps), absolute coordinates gave 0% of generated structures with the right bonds,
-    displacements at scale 0.3 Å gave 98%.
+    MLP velocity the displacement form matters: on alanine dipeptide (5000 structures, 12k pretraining
+    steps) absolute coordinates gave 1.0% of generated structures with the right bonds, displacements
+    at scale 0.3 Å 98.7% (``python -m benchmarks.molecule_representation``).
     """
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be > 0 Å or None, got {scale}")
