@@ -97,10 +97,10 @@ class SinglePoints:
 
 
 def tblite_version() -> str:
-    """The tblite library version as 'major.minor.patch'."""
-    from tblite.library import get_version
+    """The installed tblite version as 'major.minor.patch' (package metadata)."""
+    from importlib.metadata import version
 
-    return ".".join(str(v) for v in get_version())
+    return version("tblite")
 
 
 def default_thread_count() -> int:
