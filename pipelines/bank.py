@@ -159,12 +159,9 @@ def pool_strategy(pool: PoolConfig) -> Any:
 
 
 def _remote_args(pool: PoolConfig) -> dict[str, Any]:
-    """Extra Ray actor options of a pool: custom resources; a killed actor is restarted and the
-    batch it held is retried (on the restarted actor or another one of the pool)."""
-    args: dict[str, Any] = {"max_restarts": -1, "max_task_retries": -1}
-    if pool.resources:
-        args["resources"] = {k: float(v) for k, v in pool.resources.items()}
-    return args
+    """Extra Ray actor options of a pool: its custom resources. (Ray Data's own defaults restart a
+    killed actor and retry the batches it held; tests/pipelines/test_cluster.py checks that.)"""
+    return {"resources": {k: float(v) for k, v in pool.resources.items()}} if pool.resources else {}
 
 
 def _shard_path(directory: Path, index: int) -> Path:

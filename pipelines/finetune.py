@@ -60,9 +60,8 @@ def train_loop(config: dict[str, Any]) -> None:
     import logging
 
     # Train logs every report at INFO; rank 0 prints one progress line per report instead.
-    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:  # that module names its logger by file path ("Reporting training result ..." on every report)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this module names its logger by file path ("Reporting training result ..." on every report)
         from ray.train.v2._internal.execution import context as _train_context
 
         logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)

@@ -23,7 +23,7 @@ from pipelines.raysession import connect
 from pipelines.schema import Config
 from pipelines.summary import flatten_stats, format_table
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
-from rewards.base import load_reward
+from rewards.base import Reward, load_reward
 from pipelines.refinement import refine_threshold
 from tfft.tail import Threshold, cvar, solve_threshold
 from tfft.target import effective_sample_size, summarize, target_summary, tilt_weights
@@ -301,19 +301,15 @@ def _record(
             title=f"{cfg.objective.kind} {side} alpha={alpha:g} kl_weight={cfg.objective.kl_weight:g}",
         )
         run.log_artifact(out / "samples.png")
-    figures = getattr(reward, "figures", None)
-    if callable(figures):
-        for path in figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
-            run.log_artifact(path)
+    for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
+        run.log_artifact(path)
     return summary
 
 
-def _describe(reward: Any, base_bank: Bank, final_bank: Bank) -> dict[str, dict[str, float]]:
-    """A reward's own statistics of the samples (``Reward.describe``, optional), per bank."""
-    describe = getattr(reward, "describe", None)
-    if not callable(describe):
-        return {}
-    return {
-        "base": {k: float(v) for k, v in describe(base_bank.x, base_bank.valid).items()},
-        "finetuned": {k: float(v) for k, v in describe(final_bank.x, final_bank.valid).items()},
+def _describe(reward: Reward, base_bank: Bank, final_bank: Bank) -> dict[str, dict[str, float]]:
+    """A reward's own statistics of the samples (``Reward.describe``; none by default), per bank."""
+    stats = {
+        "base": {k: float(v) for k, v in reward.describe(base_bank.x, base_bank.valid).items()},
+        "finetuned": {k: float(v) for k, v in reward.describe(final_bank.x, final_bank.valid).items()},
     }
+    return stats if stats["base"] or stats["finetuned"] else {}
