@@ -1,57 +1,107 @@
-"""Adjoint Matching (Domingo-Enrich et al., ICLR 2025), the fine-tuning solver for differentiable rewards.
+"""Adjoint Matching (Domingo-Enrich et al., ICLR 2025) for the law-preserving SDE of `tfft.sampling`.
 
-DESIGN.md section 6. Trajectories come from the memoryless SDE of the current model (`tfft.sampling`), without
-gradients; the lean adjoint runs backwards with the BASE drift b_base(x, t) = 2 v_base(x, t) - kappa_t x; the loss
-regresses the control (2/sigma)(v_theta - v_base) onto -sigma a. Its optimum is p_theta ∝ q exp(g / gamma).
+DESIGN.md section 6. Trajectories come from the SDE of the current model without gradients; the lean adjoint
+is the exact discrete adjoint of that Euler-Maruyama recursion with the BASE drift; the loss regresses the control
+u_k = (lambda_k / sigma_k)(v_theta - v_base)(X_k, t_k) of step k onto -sigma_k a_{k+1}, the adjoint at the
+state X_{k+1} that this step's control moves. Its optimum is p_theta ∝ q exp(g / gamma).
+
+The regression is conditioned (`Conditioning`): each step's squared residual is divided by a running
+stop-gradient scale of ||sigma_k a_{k+1}||^2 / d, and ||sigma_k a_{k+1}|| is clipped per sample at a running high
+quantile. Both leave each step's minimiser unchanged or nearly so; without them early steps (large sigma^2) and
+trajectories near a boundary between modes (huge adjoints) drive every update.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from tfft.model import VelocityField
-from tfft.sampling import Trajectory, kappa, sample_sde, sigma
+from tfft.sampling import Trajectory, sde_drift, sigma, velocity_gain
 
-__all__ = ["adjoint_matching_loss", "adjoint_matching_step", "lean_adjoint", "select_time_steps"]
+__all__ = [
+    "Adjoint",
+    "Conditioning",
+    "LossTerms",
+    "adjoint_matching_loss",
+    "control",
+    "girsanov_kl",
+    "lean_adjoint",
+    "select_time_steps",
+]
 
-RewardGradFn = Callable[[Tensor], tuple[Tensor, Tensor]]
-"""`reward_grad_fn(x1 (n, d)) -> (grad_g (n, d), valid (n,) bool)`: pseudo-reward gradient and validity mask."""
+
+@dataclass(frozen=True)
+class Adjoint:
+    """The lean adjoint along a trajectory.
+
+    Attributes:
+        states: a_k, (K + 1, n, d), aligned with `Trajectory.xs`; a_K = the terminal value.
+        base_velocities: v_base(X_k, t_k) for k < K, (K, n, d): computed on the way, reused by the loss and KL.
+    """
+
+    states: Tensor
+    base_velocities: Tensor
 
 
-def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tensor) -> Tensor:
-    """Lean adjoint a_k = a(t_k), integrated backwards with the base drift (DESIGN.md section 6).
+def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tensor) -> Adjoint:
+    """Exact discrete adjoint of the sampler's recursion with the base drift (DESIGN.md section 6).
 
-    a_K = terminal;   a_{k-1} = a_k + h VJP_x[b_base(X_k, t_k)](a_k),   b_base(x, t) = 2 v_base(x, t) - kappa_t x,
-    i.e. a(t - h) = a(t) + h a(t)^T grad_x b_base(X_t, t). The VJPs are batched over the n samples; the result
-    is detached (no graph is kept).
+        a_K = terminal,   a_k = a_{k+1} + h_K VJP_x[b_base(X_k, t_k)](a_{k+1}),   k = K - 1, ..., 0,
+
+    b_base = lambda(t) v_base - x / (t + offset). The Jacobian is taken at (X_k, t_k), the point where the sampler
+    evaluated step k, so a_k = d(a_K . X_K)/dX_k along the base model's deterministic Euler chain. The VJPs are
+    batched over the n samples; nothing is kept in the autograd graph.
 
     Args:
         base_velocity: the pretrained v_base(x (n, d), t (n,)) -> (n, d).
-        traj: SDE trajectory with xs (K + 1, n, d), ts (K + 1,) and step h.
-        terminal: a(1), (n, d); the caller passes -grad g(X_1) / kl_weight.
+        traj: trajectory with xs (K + 1, n, d), ts (K + 1,), step h and offset.
+        terminal: a_K, (n, d); the caller passes -grad g(X_K) / gamma.
 
     Returns:
-        Adjoint states, (K + 1, n, d), aligned with traj.xs.
+        `Adjoint` with states (K + 1, n, d) and base velocities (K, n, d).
     """
-    xs, ts, h = traj.xs, traj.ts, traj.h
+    xs, h = traj.xs, traj.h
     if terminal.shape != xs.shape[1:]:
         raise ValueError(f"terminal must have shape {tuple(xs.shape[1:])}, got {tuple(terminal.shape)}")
-    n = xs.shape[1]
+    n, steps = xs.shape[1], traj.steps
     a = terminal.detach().to(dtype=xs.dtype)
-    adjoints = [a]
-    for k in range(ts.numel() - 1, 0, -1):
+    states, base_velocities = [a], []
+    for k in range(steps - 1, -1, -1):
+        t = k * h
         with torch.enable_grad():
             x = xs[k].detach().requires_grad_(True)
-            drift = 2.0 * base_velocity(x, ts[k].expand(n)) - kappa(float(ts[k]), h) * x
+            v_base = base_velocity(x, traj.ts[k].expand(n))
+            drift = sde_drift(v_base, x, t, traj.offset)
             (vjp,) = torch.autograd.grad(drift, x, grad_outputs=a)
         a = a + h * vjp.detach()
-        adjoints.append(a)
-    adjoints.reverse()
-    return torch.stack(adjoints)
+        states.append(a)
+        base_velocities.append(v_base.detach())
+    states.reverse()
+    base_velocities.reverse()
+    return Adjoint(states=torch.stack(states), base_velocities=torch.stack(base_velocities))
+
+
+def control(traj: Trajectory, velocity: Tensor, base_velocity: Tensor, step_indices: Tensor) -> Tensor:
+    """u_k = (lambda_k / sigma_k)(v_theta - v_base), (m, n, d), for velocities (m, n, d) at the chosen steps."""
+    t = step_indices.to(dtype=traj.xs.dtype) * traj.h
+    gain = (velocity_gain(t, traj.offset) / sigma(t, traj.offset)).reshape(-1, 1, 1)
+    return gain * (velocity - base_velocity)
+
+
+def girsanov_kl(traj: Trajectory, adjoint: Adjoint) -> Tensor:
+    """Per-sample KL(p_theta || q) along the path, sum_k h ||u_k||^2 / 2 over all K steps, (n,) (DESIGN §6).
+
+    Uses the velocities recorded by the sampler and by the adjoint: no network call.
+    """
+    if traj.velocities is None:
+        raise ValueError("the trajectory has no recorded velocities (sample_sde(..., return_trajectory=True))")
+    steps = torch.arange(traj.steps, device=traj.xs.device)
+    u = control(traj, traj.velocities, adjoint.base_velocities, steps)
+    return 0.5 * traj.h * u.pow(2).sum(dim=(0, 2))
 
 
 def select_time_steps(
@@ -85,117 +135,190 @@ def select_time_steps(
     return torch.sort(torch.cat([early, late])).values
 
 
+@dataclass
+class Conditioning:
+    """Running, stop-gradient statistics that condition the regression (DESIGN.md section 6).
+
+    For each step k, on the regression targets y = sigma_k a_{k+1} (n, d):
+    - clip: ||y_i|| is capped at c_k, a running mean (decay `decay`) of the batch's `clip_quantile`-quantile of
+      ||y|| (0 disables);
+    - normalise: the step's squared residual is divided by d s_k, s_k a running mean of the batch mean of
+      ||y_clipped||^2 (off when `normalize` is False).
+    The statistics start from the first batch that has a non-zero target at that step.
+
+    Attributes:
+        steps: K.
+        normalize, clip_quantile, decay: the switches above.
+        scale, clip: running s_k and c_k, (K,), NaN until seen.
+    """
+
+    steps: int
+    normalize: bool = True
+    clip_quantile: float = 0.95
+    decay: float = 0.9
+    scale: Tensor = field(default=None)  # type: ignore[assignment]
+    clip: Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.clip_quantile <= 1.0:
+            raise ValueError(f"clip_quantile must be in [0, 1] (0: no clipping), got {self.clip_quantile}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.scale is None:
+            self.scale = torch.full((self.steps,), math.nan, dtype=torch.float64)
+        if self.clip is None:
+            self.clip = torch.full((self.steps,), math.nan, dtype=torch.float64)
+
+    def _blend(self, running: Tensor, rows: Tensor, batch: Tensor) -> Tensor:
+        """Running mean at `rows` updated with positive batch values; NaN entries start at the batch value."""
+        old = running[rows]
+        new = torch.where(torch.isnan(old), batch, self.decay * old + (1.0 - self.decay) * batch)
+        new = torch.where(batch > 0, new, old)
+        running[rows] = new
+        return new
+
+    def apply(self, target: Tensor, step_indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Update the statistics with a batch and return (clipped target, per-step divisor (m,), clipped mask).
+
+        Args:
+            target: y = sigma_k a_{k+1}, (m, n, d) at the chosen steps.
+            step_indices: the chosen k, (m,).
+            weights: per-sample weights (n,), zero for samples that do not count.
+        """
+        m, n, d = target.shape
+        rows = step_indices.cpu()
+        norms = target.detach().norm(dim=2).to(torch.float64)  # (m, n)
+        counted = (weights > 0).cpu()
+        clipped = torch.zeros(m, n, dtype=torch.bool, device=target.device)
+        if self.clip_quantile > 0 and bool(counted.any()):
+            batch_q = torch.quantile(norms.cpu()[:, counted], self.clip_quantile, dim=1)
+            cap = self._blend(self.clip, rows, batch_q).to(device=target.device)  # (m,)
+            cap = torch.where(torch.isnan(cap), torch.full_like(cap, math.inf), cap)
+            over = norms > cap[:, None]
+            clipped = over & counted.to(target.device)[None, :]
+            factor = torch.where(over, cap[:, None] / norms.clamp_min(1e-300), torch.ones_like(norms))
+            target = target * factor.to(target.dtype)[:, :, None]
+        divisor = torch.ones(m, dtype=torch.float64)
+        if self.normalize:
+            w = weights.detach().cpu().to(torch.float64)
+            total = w.sum()
+            if total > 0:
+                energy = (target.detach().pow(2).sum(dim=2).cpu().to(torch.float64) * w).sum(dim=1) / total / d
+                s = self._blend(self.scale, rows, energy)
+                divisor = torch.where(torch.isnan(s) | (s <= 0), torch.ones_like(s), s)
+        return target, divisor.to(device=target.device, dtype=target.dtype), clipped
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The running statistics (for checkpoints)."""
+        return {"scale": self.scale.clone(), "clip": self.clip.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore `state_dict()`; shapes must match K."""
+        for name in ("scale", "clip"):
+            value = torch.as_tensor(state[name], dtype=torch.float64)
+            if value.shape != (self.steps,):
+                raise ValueError(f"conditioning {name} has shape {tuple(value.shape)}, expected ({self.steps},)")
+            setattr(self, name, value.clone())
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The adjoint-matching loss and its diagnostics (all detached except `loss`).
+
+    Attributes:
+        loss: scalar, attached to v_theta's parameters.
+        per_sample: each sample's weighted share of the loss w_i L_i, (n,); sums to `loss`.
+        loss_at_base: the same loss with v_theta = v_base (the irreducible part plus the signal), scalar.
+        delta_v: mean over samples (weighted) and chosen steps of ||v_theta - v_base||^2, scalar.
+        clipped_fraction: fraction of (counted sample, chosen step) targets that were clipped, scalar.
+    """
+
+    loss: Tensor
+    per_sample: Tensor
+    loss_at_base: Tensor
+    delta_v: Tensor
+    clipped_fraction: Tensor
+
+
 def adjoint_matching_loss(
     velocity: VelocityField,
-    base_velocity: VelocityField,
     traj: Trajectory,
-    adjoint: Tensor,
+    adjoint: Adjoint,
     step_indices: Tensor,
     *,
-    sample_mask: Tensor | None = None,
-) -> Tensor:
+    sample_weights: Tensor | None = None,
+    conditioning: Conditioning | None = None,
+) -> LossTerms:
     """Adjoint Matching loss (DESIGN.md section 6), X and a held constant:
 
-    L = (1 / |valid|) sum_{i valid} sum_{k in steps} || (2 / sigma_k)(v_theta(X_k^i, t_k) - v_base(X_k^i, t_k))
-                                                           + sigma_k a_k^i ||^2,
-    sigma_k = sigma(t_k, h). The sign is a plus because a_K = -grad g / gamma. Both networks are called once on
-    the chosen steps flattened to (m n, d); v_base runs without gradients.
+        L = sum_i w_i (1/m) sum_{k in steps} || u_k^i + y_k^i ||^2 / (d s_k),
+        u_k = (lambda_k / sigma_k)(v_theta - v_base)(X_k^i, t_k),   y_k = sigma_k a_{k+1}^i,
+
+    the sign a plus because a_K = -grad g / gamma. Without `conditioning`, d s_k = 1: the plain squared residual
+    summed over dimensions and averaged over steps (the unconditioned regression); with it, y is clipped and s_k
+    is the running scale of `Conditioning`. w_i are `sample_weights` (default uniform 1/n); samples with weight 0
+    are dropped before the network call (a NaN there cannot reach the gradient). v_theta is called once on the
+    chosen steps flattened to (m n', d); v_base comes from the adjoint pass.
 
     Args:
         velocity: v_theta, trained.
-        base_velocity: v_base, frozen.
-        traj: trajectory with xs (K + 1, n, d), ts (K + 1,).
-        adjoint: lean adjoint, (K + 1, n, d), from `lean_adjoint`.
-        step_indices: m indices in [0, K), e.g. from `select_time_steps`.
-        sample_mask: optional (n,) bool; False samples (invalid rewards) contribute nothing.
+        traj: trajectory with xs (K + 1, n, d).
+        adjoint: `lean_adjoint` of this trajectory.
+        step_indices: m distinct indices in [0, K), e.g. from `select_time_steps`.
+        sample_weights: optional (n,) non-negative weights (they are used as given, not renormalised).
+        conditioning: optional running statistics, updated in place.
 
     Returns:
-        Scalar loss (zero, still attached to v_theta, when no sample is valid).
+        `LossTerms`; a zero loss still attached to v_theta when no sample counts.
     """
-    xs, ts, h = traj.xs, traj.ts, traj.h
-    if adjoint.shape != xs.shape:
-        raise ValueError(f"adjoint must have shape {tuple(xs.shape)}, got {tuple(adjoint.shape)}")
-    steps = ts.numel() - 1
+    xs = traj.xs
+    if adjoint.states.shape != xs.shape:
+        raise ValueError(f"adjoint must have shape {tuple(xs.shape)}, got {tuple(adjoint.states.shape)}")
+    steps, n, d = traj.steps, xs.shape[1], xs.shape[2]
     step_indices = torch.as_tensor(step_indices, dtype=torch.long, device=xs.device)
     if step_indices.dim() != 1 or step_indices.numel() == 0:
         raise ValueError("step_indices must be a non-empty 1-D tensor")
-    if bool((step_indices < 0).any()) or bool((step_indices >= steps).any()):
+    if int(step_indices.min()) < 0 or int(step_indices.max()) >= steps:
         raise ValueError(f"step_indices must lie in [0, {steps})")
-    if sample_mask is not None:
-        if sample_mask.shape != (xs.shape[1],):
-            raise ValueError(f"sample_mask must have shape ({xs.shape[1]},), got {tuple(sample_mask.shape)}")
-        # Drop masked-out samples before the network calls: a NaN there must not reach the gradient.
-        keep = sample_mask.to(device=xs.device, dtype=torch.bool)
-        xs, adjoint = xs[:, keep], adjoint[:, keep]
-    m, n, d = step_indices.numel(), xs.shape[1], xs.shape[2]
-
-    x_flat = xs[step_indices].reshape(m * n, d)  # (m n, d)
-    t_flat = ts[step_indices].repeat_interleave(n)  # (m n,), matches the row-major flattening
+    weights = torch.full((n,), 1.0 / max(n, 1), dtype=xs.dtype, device=xs.device)
+    if sample_weights is not None:
+        if sample_weights.shape != (n,):
+            raise ValueError(f"sample_weights must have shape ({n},), got {tuple(sample_weights.shape)}")
+        weights = sample_weights.detach().to(device=xs.device, dtype=xs.dtype)
+    keep = weights > 0
+    per_sample_full = torch.zeros(n, dtype=xs.dtype, device=xs.device)
+    zero = torch.zeros((), dtype=xs.dtype, device=xs.device)
+    if not bool(keep.any()):
+        anchor = sum((p.sum() * 0.0 for p in _parameters(velocity)), zero)
+        return LossTerms(anchor, per_sample_full, zero, zero, zero)
+    w = weights[keep]
+    m = step_indices.numel()
+    x = xs[step_indices][:, keep]  # (m, n', d)
+    target = sigma(step_indices.to(xs.dtype) * traj.h, traj.offset).reshape(m, 1, 1) * adjoint.states[
+        step_indices + 1
+    ][:, keep]
+    divisor = torch.full((m,), 1.0 / d, dtype=xs.dtype, device=xs.device)  # plain sum over dimensions
+    clipped = torch.zeros((), dtype=xs.dtype, device=xs.device)
+    if conditioning is not None:
+        target, divisor, clipped_mask = conditioning.apply(target, step_indices, w)
+        clipped = clipped_mask.to(xs.dtype).mean()
+    n_kept = x.shape[1]
+    t_flat = (step_indices.to(xs.dtype) * traj.h).repeat_interleave(n_kept)
+    v_theta = velocity(x.reshape(m * n_kept, d), t_flat).reshape(m, n_kept, d)
+    v_base = adjoint.base_velocities[step_indices][:, keep]
+    u = control(traj, v_theta, v_base, step_indices)
+    norm = (d * divisor).reshape(m, 1)
+    per_step = (u + target).pow(2).sum(dim=2) / norm  # (m, n')
+    per_sample = per_step.mean(dim=0) * w  # (n',)
+    loss = per_sample.sum()
     with torch.no_grad():
-        v_base = base_velocity(x_flat, t_flat)
-    v_theta = velocity(x_flat, t_flat)
-    sigma_k = sigma(ts[step_indices], h).reshape(m, 1, 1)  # (m, 1, 1)
-    residual = (2.0 / sigma_k) * (v_theta - v_base).reshape(m, n, d) + sigma_k * adjoint[step_indices]
-    per_sample = residual.pow(2).sum(dim=(0, 2))  # (n,)
-    # With no valid sample the empty sum is 0 and still attached to v_theta's parameters.
-    return per_sample.mean() if n > 0 else per_sample.sum()
+        at_base = ((target.pow(2).sum(dim=2) / norm).mean(dim=0) * w).sum()
+        delta_v = ((v_theta - v_base).pow(2).sum(dim=2).mean(dim=0) * w).sum() / w.sum()
+        per_sample_full[keep] = per_sample.detach()
+    return LossTerms(loss, per_sample_full, at_base.detach(), delta_v.detach(), clipped.detach())
 
 
-def adjoint_matching_step(
-    velocity: VelocityField,
-    base_velocity: VelocityField,
-    x0: Tensor,
-    reward_grad_fn: RewardGradFn,
-    *,
-    kl_weight: float,
-    steps: int,
-    late_fraction: float = 0.25,
-    n_early: int = 10,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, Tensor | float]]:
-    """One Adjoint Matching loss evaluation on fresh trajectories of the current model (DESIGN.md section 6).
-
-    1. Sample a memoryless-SDE trajectory from `velocity` (no gradients), K = `steps`.
-    2. (grad_g, valid) = reward_grad_fn(X_1); a sample whose gradient is not finite counts as invalid; terminal
-       adjoint a_K = -grad_g / kl_weight, zero where invalid.
-    3. Lean adjoint with `base_velocity`; choose steps; return the loss, invalid samples masked out.
-
-    Args:
-        velocity: v_theta, the model being fine-tuned.
-        base_velocity: v_base, the frozen pretrained model.
-        x0: start noise, (n, d).
-        reward_grad_fn: x1 (n, d) -> (grad g (n, d), valid (n,) bool).
-        kl_weight: gamma > 0.
-        steps: K, SDE steps.
-        late_fraction, n_early: time-step subset (`select_time_steps`).
-        generator: optional torch.Generator for the SDE noise and the step subset.
-
-    Returns:
-        (loss, info) with info["x1"] the samples (n, d), info["valid_fraction"] the fraction of valid rewards and
-        info["active_fraction"] the fraction of valid samples whose pseudo-reward gradient is non-zero.
-    """
-    if not kl_weight > 0:
-        raise ValueError(f"kl_weight must be > 0, got {kl_weight}")
-    traj = sample_sde(velocity, x0, steps, generator=generator, return_trajectory=True)
-    assert isinstance(traj, Trajectory)
-    x1 = traj.x1
-    grad_g, valid = reward_grad_fn(x1.detach().clone())
-    grad_g = grad_g.detach().to(device=x1.device, dtype=x1.dtype)
-    valid = valid.to(device=x1.device, dtype=torch.bool)
-    if grad_g.shape != x1.shape or valid.shape != (x1.shape[0],):
-        raise ValueError(
-            f"reward_grad_fn must return ((n, d), (n,)); got {tuple(grad_g.shape)}, {tuple(valid.shape)}"
-        )
-    valid = valid & torch.isfinite(grad_g).all(dim=1)
-    terminal = torch.where(valid[:, None], -grad_g / kl_weight, torch.zeros_like(grad_g))
-    adjoint = lean_adjoint(base_velocity, traj, terminal)
-    step_indices = select_time_steps(steps, late_fraction=late_fraction, n_early=n_early, generator=generator)
-    loss = adjoint_matching_loss(velocity, base_velocity, traj, adjoint, step_indices, sample_mask=valid)
-    n_valid = int(valid.sum())
-    active = (grad_g[valid] != 0).any(dim=1).sum() if n_valid else torch.tensor(0)
-    info: dict[str, Tensor | float] = {
-        "x1": x1,
-        "valid_fraction": n_valid / x1.shape[0],
-        "active_fraction": float(active) / max(n_valid, 1),
-    }
-    return loss, info
+def _parameters(velocity: VelocityField) -> list[Tensor]:
+    return list(velocity.parameters()) if isinstance(velocity, torch.nn.Module) else []

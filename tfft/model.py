@@ -17,6 +17,7 @@ __all__ = [
     "VelocityField",
     "VelocityMLP",
     "GaussianVelocity",
+    "GaussianMixtureVelocity",
     "flow_matching_loss",
     "gaussian_velocity_coefficient",
 ]
@@ -118,6 +119,49 @@ class GaussianVelocity(nn.Module):
             return slope * x
         mean = self.mean.to(device=x.device, dtype=x.dtype)
         return mean + slope * (x - t * mean)
+
+
+class GaussianMixtureVelocity(nn.Module):
+    """Exact velocity for data sum_j pi_j N(m_j, s_j^2 I): a closed-form multi-modal (stiff) flow.
+
+    Given component j, x_t = t x1 + (1 - t) x0 ~ N(t m_j, (t^2 s_j^2 + (1 - t)^2) I) and
+    E[x1 - x0 | x_t = x, j] = m_j + (t s_j^2 - (1 - t)) / (t^2 s_j^2 + (1 - t)^2) (x - t m_j); the velocity is the
+    posterior mixture of these over j. Near the boundary between modes it is steep in x at late t, which makes the
+    adjoint of its flow huge there (DESIGN.md section 6, conditioning).
+
+    Args:
+        means: m_j, (J, d).
+        stds: s_j, (J,).
+        weights: pi_j, (J,), default uniform.
+    """
+
+    def __init__(self, means: Tensor | Sequence[Sequence[float]], stds: Tensor | Sequence[float],
+                 weights: Tensor | Sequence[float] | None = None) -> None:
+        super().__init__()
+        m = torch.as_tensor(means, dtype=torch.get_default_dtype())
+        s = torch.as_tensor(stds, dtype=torch.get_default_dtype())
+        if m.dim() != 2 or s.shape != (m.shape[0],) or not bool((s > 0).all()):
+            raise ValueError(f"means must be (J, d) and stds (J,) positive; got {tuple(m.shape)}, {tuple(s.shape)}")
+        pi = torch.full((m.shape[0],), 1.0 / m.shape[0]) if weights is None else torch.as_tensor(weights, dtype=m.dtype)
+        if pi.shape != s.shape or not bool((pi > 0).all()):
+            raise ValueError("weights must be (J,) and positive")
+        self.register_buffer("means", m)
+        self.register_buffer("stds", s)
+        self.register_buffer("log_weights", torch.log(pi / pi.sum()))
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """v(x, t): x (n, d), t scalar or (n,) -> (n, d)."""
+        t = _expand_time(t, x)[:, None, None]  # (n, 1, 1)
+        means = self.means.to(x)[None]  # (1, J, d)
+        var_data = self.stds.to(x).pow(2)[None, :, None]  # (1, J, 1)
+        centre = t * means
+        var_t = t * t * var_data + (1.0 - t) ** 2  # (n, J, 1)
+        diff = x[:, None, :] - centre  # (n, J, d)
+        d = x.shape[1]
+        log_post = self.log_weights.to(x)[None] - 0.5 * (diff.pow(2).sum(2) / var_t[..., 0] + d * torch.log(var_t[..., 0]))
+        post = torch.softmax(log_post, dim=1)[..., None]  # (n, J, 1)
+        velocity = means + (t * var_data - (1.0 - t)) / var_t * diff
+        return (post * velocity).sum(dim=1)
 
 
 def flow_matching_loss(

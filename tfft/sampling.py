@@ -1,4 +1,4 @@
-"""Samplers for a velocity field: the flow ODE and the memoryless SDE (DESIGN.md sections 2 and 6).
+"""Samplers for a velocity field: the flow ODE and the law-preserving SDE (DESIGN.md sections 2 and 6).
 
 Time runs from t = 0 (noise, x0 ~ N(0, I)) to t = 1 (data). Both samplers run without gradients; the SDE can
 return its whole trajectory, which is what Adjoint Matching trains on (`tfft.adjoint`).
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from tfft.model import VelocityField
 
-__all__ = ["Trajectory", "kappa", "sample_ode", "sample_sde", "sigma", "time_grid"]
+__all__ = ["Trajectory", "kappa", "sample_ode", "sample_sde", "sde_drift", "sigma", "time_grid", "velocity_gain"]
 
 _GRID_KINDS = ("uniform", "quadratic")
 
@@ -70,28 +70,51 @@ def sample_ode(velocity: VelocityField, x0: Tensor, grid: Tensor) -> Tensor:
 
 
 def kappa(t: Tensor | float, h: float) -> Tensor | float:
-    """kappa_t = 1 / (t + h), the linear interpolant's kappa_t = 1/t with offset h (DESIGN.md section 6)."""
+    """kappa_t = 1 / (t + h): the drift's pull towards 0, the linear interpolant's 1/t with offset h (DESIGN §6)."""
     return 1.0 / (t + h)
 
 
 def sigma(t: Tensor | float, h: float) -> Tensor | float:
-    """Memoryless noise sigma(t) = sqrt(2 (1 - t + h) / (t + h)), offset by h (DESIGN.md section 6)."""
-    return (2.0 * (1.0 - t + h) / (t + h)) ** 0.5
+    """Law-preserving noise sigma(t) = sqrt(2 (1 - t) / (t + h)) with offset h (DESIGN.md section 6).
+
+    The offset enters only the denominator, so sigma(1) = 0 and the SDE keeps the base model's marginals for
+    every h; as h -> 0 it is the memoryless schedule sqrt(2 (1 - t) / t).
+    """
+    return (2.0 * (1.0 - t) / (t + h)) ** 0.5
+
+
+def velocity_gain(t: Tensor | float, h: float) -> Tensor | float:
+    """lambda(t) = (2t + h) / (t + h), the velocity's factor in the SDE drift (DESIGN.md section 6).
+
+    b(x, t) = lambda(t) v(x, t) - kappa_t x = v + (sigma^2 / 2) score for the linear interpolant, whose score
+    is (t v - x) / (1 - t).
+    """
+    return (2.0 * t + h) / (t + h)
+
+
+def sde_drift(velocity: Tensor, x: Tensor, t: float, h: float) -> Tensor:
+    """b = lambda(t) v - x / (t + h) from a velocity already evaluated at (x, t); shapes (n, ...)."""
+    return velocity_gain(t, h) * velocity - kappa(t, h) * x
 
 
 @dataclass(frozen=True)
 class Trajectory:
-    """A memoryless-SDE trajectory on a uniform grid (no gradients attached).
+    """An SDE trajectory on a uniform grid (no gradients attached).
 
     Attributes:
-        xs: states X_{t_k}, (K + 1, n, d); xs[0] is the noise, xs[-1] the sample.
-        ts: times t_k = k h, (K + 1,).
-        h: step size 1 / K, also the offset in `kappa` and `sigma`.
+        xs: states X_k, (K + 1, n, d); xs[0] is the noise, xs[-1] the sample X_K.
+        ts: times t_k = k / K, (K + 1,).
+        h: step size 1 / K.
+        offset: the schedule's offset (`kappa`, `sigma`, `velocity_gain`), by default h.
+        velocities: v(X_k, t_k) of the sampling model for k < K, (K, n, d): what the Girsanov KL and the
+            adjoint-matching loss need, kept so that they cost no extra network call. None if not recorded.
     """
 
     xs: Tensor
     ts: Tensor
     h: float
+    offset: float
+    velocities: Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -100,7 +123,7 @@ class Trajectory:
 
     @property
     def x1(self) -> Tensor:
-        """The end point X_1, (n, d)."""
+        """The end point X_K, (n, d)."""
         return self.xs[-1]
 
 
@@ -110,45 +133,53 @@ def sample_sde(
     x0: Tensor,
     steps: int,
     *,
+    offset: float | None = None,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
 ) -> Tensor | Trajectory:
-    """Euler-Maruyama for the memoryless SDE dX = [2 v(X, t) - kappa_t X] dt + sigma(t) dB (DESIGN.md section 6).
+    """Euler-Maruyama for the law-preserving SDE dX = [lambda(t) v(X, t) - X / (t + h)] dt + sigma(t) dB.
 
-    Uniform grid t_k = k h, h = 1/K, with kappa and sigma offset by h:
-        X_{k+1} = X_k + h [2 v(X_k, t_k) - kappa(t_k) X_k] + sqrt(h) sigma(t_k) eps_k,   eps_k ~ N(0, I).
-    The last step (k = K - 1) adds no noise: the exact memoryless schedule has sigma(1) = 0 and the offset only
-    keeps t = 0 finite, so X_1 is the noise-free Euler end point that the reward sees. The lean adjoint
-    (`tfft.adjoint.lean_adjoint`) differentiates exactly this deterministic last step.
+    Uniform grid t_k = k / K (step h_K = 1 / K), offset h (default h_K), DESIGN.md section 6:
+        X_{k+1} = X_k + h_K b(X_k, t_k) + sqrt(h_K) sigma(t_k) eps_k,   eps_k ~ N(0, I),   k = 0, ..., K - 1,
+    b = lambda v - x / (t + h), lambda = (2t + h)/(t + h), sigma^2 = 2 (1 - t)/(t + h). The drift is
+    v + (sigma^2/2) score, so the scheme targets the base model's own law for any h; the drift is never
+    evaluated at t = 1, and every step (the last one too, with sigma_{K-1}^2 = 2 h_K / (1 - h_K + h)) is a
+    plain Euler-Maruyama step. The lean adjoint (`tfft.adjoint.lean_adjoint`) is this recursion's exact
+    discrete adjoint.
 
     Args:
         velocity: v(x (n, d), t (n,)) -> (n, d); the current (fine-tuned) model.
-        x0: start noise, (n, d). The SDE forgets it (memoryless), but it fixes n, d, device and dtype.
+        x0: start noise, (n, d). The SDE forgets it (memoryless as h -> 0), but it fixes n, d, device, dtype.
         steps: K >= 1.
+        offset: h > 0 in kappa, sigma and lambda; None: 1 / K.
         generator: optional torch.Generator for the Brownian increments.
-        return_trajectory: return a `Trajectory` instead of X_1.
+        return_trajectory: return a `Trajectory` (states and velocities) instead of X_K.
 
     Returns:
-        X_1, (n, d), or the `Trajectory` with xs (K + 1, n, d).
+        X_K, (n, d), or the `Trajectory` with xs (K + 1, n, d) and velocities (K, n, d).
     """
     if x0.dim() != 2:
         raise ValueError(f"x0 must have shape (n, d), got {tuple(x0.shape)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     h = 1.0 / steps
+    offset = h if offset is None else float(offset)
+    if not offset > 0:
+        raise ValueError(f"offset must be > 0, got {offset}")
     ts = time_grid(steps, device=x0.device, dtype=x0.dtype)
+    times = [k * h for k in range(steps + 1)]  # Python floats: no host sync per step
     n = x0.shape[0]
     x = x0.clone()
     states = [x] if return_trajectory else []
+    velocities = []
     for k in range(steps):
-        t = float(ts[k])
-        drift = 2.0 * velocity(x, ts[k].expand(n)) - kappa(t, h) * x
-        x = x + h * drift
-        if k < steps - 1:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + (h**0.5) * sigma(t, h) * noise
+        t = times[k]
+        v = velocity(x, ts[k].expand(n))
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + h * sde_drift(v, x, t, offset) + (h**0.5) * sigma(t, offset) * noise
         if return_trajectory:
             states.append(x)
+            velocities.append(v)
     if return_trajectory:
-        return Trajectory(xs=torch.stack(states), ts=ts, h=h)
+        return Trajectory(xs=torch.stack(states), ts=ts, h=h, offset=offset, velocities=torch.stack(velocities))
     return x
