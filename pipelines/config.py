@@ -117,7 +117,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
         f"must be > 0, got {obj.kl_weight}",
     )
     _require(cfg.sampler.kind in ("sde", "ode"), "sampler.kind", f"must be 'sde' or 'ode', got {cfg.sampler.kind!r}")
-    _require(cfg.sampler.steps >= 1, "sampler.steps", f"must be >= 1, got {cfg.sampler.steps}")
+    _require(cfg.sampler.steps >= 2, "sampler.steps", f"must be >= 2, got {cfg.sampler.steps}")
     _require(
         cfg.sampler.grid in ("uniform", "quadratic"),
         "sampler.grid",
@@ -158,7 +158,13 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
     _require(ft.grad_clip > 0, "finetune.grad_clip", f"must be > 0, got {ft.grad_clip}")
     _require(ft.reward_grad_clip >= 0, "finetune.reward_grad_clip", f"must be >= 0, got {ft.reward_grad_clip}")
-    _require(ft.sde_steps >= 2, "finetune.sde_steps", f"must be >= 2, got {ft.sde_steps}")
+    _require(ft.sde_steps == 0 or ft.sde_steps >= 2, "finetune.sde_steps",
+             f"must be 0 (= sampler.steps) or >= 2, got {ft.sde_steps}")
+    _require(0 <= ft.clip_quantile <= 1, "finetune.clip_quantile", f"must be in [0, 1] (0: off), got {ft.clip_quantile}")
+    _require(ft.oversample >= 1, "finetune.oversample", f"must be >= 1, got {ft.oversample}")
+    _require(0 <= ft.guard_validity_drop <= 1, "finetune.guard_validity_drop",
+             f"must be in [0, 1], got {ft.guard_validity_drop}")
+    _require(ft.guard_patience >= 0, "finetune.guard_patience", f"must be >= 0 (0: never), got {ft.guard_patience}")
     _require(0 < ft.late_fraction <= 1, "finetune.late_fraction", f"must be in (0, 1], got {ft.late_fraction}")
     _require(ft.n_early >= 0, "finetune.n_early", f"must be >= 0, got {ft.n_early}")
     _require(ft.cpus_per_worker > 0, "finetune.cpus_per_worker", f"must be > 0, got {ft.cpus_per_worker}")

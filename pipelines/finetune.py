@@ -24,39 +24,19 @@ __all__ = ["FinetuneResult", "train_loop", "run_finetune"]
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """The fine-tuned weights, the metrics history reported by rank 0, and the solver used."""
+    """The fine-tuned weights, the metrics history reported by rank 0, the solver used, and which state the
+    guard kept (``kept``: "best" | "last") with the reason and, if it stopped training early, why."""
 
     state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float]]
     solver: str
     checkpoint_path: str
+    kept: str = "last"
+    kept_reason: str = ""
+    stopped_early: str = ""
 
 
-def _objective_terms(rewards: torch.Tensor, objective: dict[str, Any]) -> torch.Tensor:
-    from tfft.target import pseudo_reward_grad_scale
-
-    return pseudo_reward_grad_scale(
-        rewards, eta=objective["eta"], side=objective["side"], alpha=objective["alpha"]
-    )
-
-
-def _batch_metrics(rewards: np.ndarray, valid: np.ndarray, active: np.ndarray) -> list[float]:
-    """Sums that can be all-reduced: [n, n_valid, sum reward, n_active]."""
-    r = rewards[valid]
-    return [float(len(valid)), float(valid.sum()), float(r.sum()) if r.size else 0.0, float(active.sum())]
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the TorchTrainer. ``config`` keys: see :func:`run_finetune`."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-
-    from pipelines.pretrain import build_model
-    from rewards.base import load_reward
-    from tfft.adjoint import adjoint_matching_step
-    from tfft.model import flow_matching_loss
-
+def _quiet_train_logs() -> None:
     import logging
 
     # Train logs every report at INFO; rank 0 prints one progress line per report instead.
@@ -67,6 +47,71 @@ def train_loop(config: dict[str, Any]) -> None:
         logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
     except ImportError:  # another Ray layout: only the noise stays
         pass
+
+
+def _pseudo_reward_fn(config: dict[str, Any]) -> Callable[[torch.Tensor], Any]:
+    """x1 -> PseudoReward from the user's reward (values and gradients) and the objective (eta, side, alpha)."""
+    from rewards.base import load_reward
+    from tfft.pseudo import pseudo_reward_signal
+
+    reward = load_reward(config["reward_target"], config["reward_kwargs"])
+    objective = config["objective"]
+
+    def fn(x1: torch.Tensor) -> Any:
+        out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64))
+        signal = pseudo_reward_signal(
+            out.rewards.to(torch.float64), grad_r.to(torch.float64), out.valid,
+            eta=objective["eta"], side=objective["side"], alpha=objective["alpha"],
+            grad_clip=config["reward_grad_clip"],
+        )
+        return type(signal)(signal.value.to(x1.dtype), signal.grad.to(x1.dtype), signal.valid, signal.reward)
+
+    return fn
+
+
+def _build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn.Module, device: Any) -> Any:
+    from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver, WeightedFlowMatchingSolver
+
+    if config["solver"] == "weighted":
+        bank_x = torch.as_tensor(np.array(config["bank_x"]), dtype=torch.float32, device=device)
+        return WeightedFlowMatchingSolver(model, bank_x, torch.as_tensor(np.array(config["bank_weights"])))
+    am = AdjointMatchingConfig(
+        kl_weight=config["objective"]["kl_weight"], steps=config["sde_steps"], late_fraction=config["late_fraction"],
+        n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
+        oversample=config["oversample"],
+    )
+    return AdjointMatchingSolver(model, base, _pseudo_reward_fn(config), am)
+
+
+def _window_metrics(sums: dict[str, torch.Tensor], count: int, world: int) -> dict[str, float]:
+    """All-reduce the window's metric sums (one call) and turn them into means; objective_se from the squares."""
+    import torch.distributed as dist
+
+    names = sorted(sums)
+    totals = torch.stack([sums[k].detach().to(torch.float64).cpu() for k in names])
+    if world > 1:
+        dist.all_reduce(totals)
+    n = count * world
+    means = {k: float(v) / n for k, v in zip(names, totals.tolist())}
+    if "objective_sq" in means:
+        var = max(means.pop("objective_sq") - means["objective"] ** 2, 0.0)
+        means["objective_se"] = (var / max(n - 1, 1)) ** 0.5
+    return means
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer: build, step the solver, all-reduce, report.
+
+    ``config`` keys: see :func:`run_finetune`. Checkpoints hold the model, the optimiser, the solver's running
+    statistics, the guard's state and the best state so far.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.guard import Guard
+    from pipelines.pretrain import build_model
+
+    _quiet_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -76,101 +121,86 @@ def train_loop(config: dict[str, Any]) -> None:
         p.requires_grad_(False)
     model = build_model(config["model_config"], config.get("init_state") or config["base_state"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    start_step = 0
+    guard = Guard(enabled=config["guard"], min_valid_fraction=config["min_valid_fraction"],
+                  patience=config["guard_patience"], baseline=config["guard_baseline"])
+    solver_state, best_state, start_step = None, None, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             blob = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=True)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
-        start_step = int(blob["step"])
+        start_step, solver_state, best_state = int(blob["step"]), blob["solver"], blob.get("best")
+        guard.load_state_dict(blob["guard"])
     model = ray.train.torch.prepare_model(model)
-    objective = config["objective"]
-    solver = config["solver"]
-    reward = load_reward(config["reward_target"], config["reward_kwargs"]) if solver == "adjoint" else None
+    solver = _build_solver(config, model, base, device)
+    if solver_state:
+        solver.load_state_dict(solver_state)
     local_batch = max(1, config["batch_size"] // world)
-    if solver == "weighted":
-        bank_x = torch.as_tensor(np.array(config["bank_x"]), dtype=torch.float32, device=device)
-        bank_w = torch.as_tensor(np.array(config["bank_weights"]), dtype=torch.float64)
     tracker = None
     if rank == 0 and config.get("mlflow"):
         from pipelines.tracking import MetricLogger
 
         tracker = MetricLogger(**config["mlflow"])
-    sums = np.zeros(5)
+    sums: dict[str, torch.Tensor] = {}
     for step in range(start_step + 1, config["steps"] + 1):
-        gen = torch.Generator(device=device).manual_seed(config["seed"] * 100_003 + step * 1009 + rank)
-        if solver == "adjoint":
-            stash: dict[str, np.ndarray] = {}
-
-            def reward_grad_fn(x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64))
-                if config["reward_grad_clip"] > 0:  # a few samples with huge forces must not swamp the batch
-                    norms = grad_r.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                    grad_r = grad_r * (config["reward_grad_clip"] / norms).clamp(max=1.0)
-                valid = out.valid.to(torch.bool)
-                r = torch.where(valid, out.rewards.to(torch.float64), torch.zeros_like(out.rewards, dtype=torch.float64))
-                scale = _objective_terms(r, objective)
-                scale = torch.where(valid, scale, torch.zeros_like(scale))
-                stash["reward"] = r.cpu().numpy()
-                stash["valid"] = valid.cpu().numpy()
-                stash["active"] = (scale != 0).cpu().numpy() & stash["valid"]
-                return (scale[:, None] * grad_r).to(x1.dtype), valid
-
-            x0 = torch.randn(local_batch, config["dim"], generator=gen, device=device)
-            loss, _ = adjoint_matching_step(
-                model,
-                base,
-                x0,
-                reward_grad_fn,
-                kl_weight=objective["kl_weight"],
-                steps=config["sde_steps"],
-                late_fraction=config["late_fraction"],
-                n_early=config["n_early"],
-                generator=gen,
-            )
-            batch_stats = _batch_metrics(stash["reward"], stash["valid"], stash["active"])
+        seed = config["seed"] * 100_003 + step * 1009 + rank
+        gen = torch.Generator(device=device).manual_seed(seed)
+        if config["solver"] == "adjoint":
+            x0 = torch.randn(local_batch * config["oversample"], config["dim"], generator=gen, device=device)
+            result = solver.step(x0, gen)
         else:
-            idx = torch.multinomial(bank_w, local_batch, replacement=True, generator=torch.Generator().manual_seed(
-                config["seed"] * 100_003 + step * 1009 + rank))
-            loss = flow_matching_loss(model, bank_x[idx.to(device)], generator=gen)
-            batch_stats = [float(local_batch), float(local_batch), 0.0, 0.0]
+            result = solver.step(local_batch, gen, index_generator=torch.Generator().manual_seed(seed))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        result.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        metrics = dict(result.metrics, grad_norm=grad_norm.detach(),
+                       grad_clipped=(grad_norm > config["grad_clip"]).to(torch.float64))
+        if "objective" in metrics:
+            metrics["objective_sq"] = metrics["objective"] ** 2
         opt.step()
-        sums += np.array([float(loss.detach())] + batch_stats)
-        if step % config["log_every"] == 0 or step == config["steps"]:
-            totals = torch.tensor(sums, dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(totals)
-            loss_sum, n, n_valid, reward_sum, n_active = totals.tolist()
-            steps_in_window = (step - 1) % config["log_every"] + 1
-            metrics = {
-                "step": step,
-                "loss": loss_sum / (steps_in_window * world),
-                "valid_fraction": n_valid / max(n, 1),
-                "invalid_count": n - n_valid,
-            }
-            if solver == "adjoint":
-                metrics["mean_reward"] = reward_sum / max(n_valid, 1)
-                metrics["active_fraction"] = n_active / max(n_valid, 1)
-            sums[:] = 0
-            save = step % config["checkpoint_every"] == 0 or step == config["steps"]
-            if rank == 0:
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
-                # sys.stdout directly: Train's patched print() would echo the line twice
-                sys.stdout.write(f"[finetune] step {step}/{config['steps']}: {shown}\n")
-                sys.stdout.flush()
-            if tracker is not None:
-                tracker.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
-            if save and rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-                    torch.save({"model": state, "optimizer": opt.state_dict(), "step": step}, os.path.join(tmp, "state.pt"))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
+        for k, v in metrics.items():
+            sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+        last = step == config["steps"]
+        if step % config["log_every"] and not last:
+            continue
+        window = _window_metrics(sums, (step - 1) % config["log_every"] + 1, world)
+        sums = {}
+        decision = guard.update(step, window.get("objective"), window.get("objective_se", 0.0),
+                                window.get("valid_fraction", 1.0))
+        if decision.improved and rank == 0:
+            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        stop = decision.stop
+        report = {"step": step, **window}
+        if rank == 0:
+            _progress(step, config["steps"], window, decision.reason)
+        if tracker is not None:
+            tracker.log(window, step=step)
+        save = step % config["checkpoint_every"] == 0 or last or stop
+        if save and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+                blob = {"model": state, "optimizer": opt.state_dict(), "step": step, "solver": solver.state_dict(),
+                        "guard": guard.state_dict(), "best": best_state, "stopped": stop}
+                torch.save(blob, os.path.join(tmp, "state.pt"))
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(report)
+        if stop:
+            break
+
+
+_SHOWN = ("loss_ratio", "objective", "kl", "mean_reward", "active_fraction", "valid_fraction", "clipped_fraction",
+          "grad_clipped", "loss")
+
+
+def _progress(step: int, total: int, window: dict[str, float], reason: str) -> None:
+    shown = ", ".join(f"{k} {window[k]:.4g}" for k in _SHOWN if k in window)
+    # sys.stdout directly: Train's patched print() would echo the line twice
+    sys.stdout.write(f"[finetune] step {step}/{total}: {shown}\n")
+    if reason:
+        sys.stdout.write(f"[finetune] GUARD: stopping early: {reason}\n")
+    sys.stdout.flush()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -195,14 +225,23 @@ def run_finetune(
     init_state: dict[str, torch.Tensor] | None = None,
     steps: int | None = None,
     callbacks: list[Any] | None = None,
+    sde_steps: int | None = None,
+    min_valid_fraction: float = 0.0,
+    guard_baseline: float | None = None,
     log: Callable[[str], None] = print,
 ) -> FinetuneResult:
     """Run the TorchTrainer; rerunning with the same ``(storage_path, name)`` resumes its checkpoints.
 
     ``init_state`` warm-starts the fine-tuned network (threshold refinement); the base stays the base.
     ``steps`` overrides ``finetune.steps``. ``callbacks`` go to the trainer's ``RunConfig`` (e.g. a Tune
-    trial's ``TuneReportCallback``).
+    trial's ``TuneReportCallback``). ``sde_steps`` is the training trajectories' K (None: the bank sampler's
+    ``sampler.steps`` is not known here, so the caller resolves it; falls back to ``finetune.sde_steps``).
+    ``min_valid_fraction``: the guard's validity floor for the training samples; ``guard_baseline``: the base
+    model's objective E_q[g] for the guard (None: its first window).
     """
+    sde_steps = int(sde_steps or finetune.sde_steps)
+    if sde_steps < 1:
+        raise ValueError("run_finetune needs sde_steps (the sampler's step count) when finetune.sde_steps is 0")
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -219,7 +258,14 @@ def run_finetune(
         "steps": finetune.steps if steps is None else steps,
         "batch_size": finetune.batch_size,
         "lr": finetune.lr,
-        "sde_steps": finetune.sde_steps,
+        "sde_steps": sde_steps,
+        "normalize": finetune.normalize,
+        "clip_quantile": finetune.clip_quantile,
+        "oversample": finetune.oversample if solver == "adjoint" else 1,
+        "guard": finetune.guard,
+        "min_valid_fraction": min_valid_fraction,
+        "guard_patience": finetune.guard_patience,
+        "guard_baseline": guard_baseline,
         "late_fraction": finetune.late_fraction,
         "n_early": finetune.n_early,
         "log_every": finetune.log_every,
@@ -265,4 +311,11 @@ def run_finetune(
     history = []
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict("records")
-    return FinetuneResult(blob["model"], history, solver, result.checkpoint.path)
+    from pipelines.guard import Guard
+
+    guard = Guard(enabled=finetune.guard)
+    guard.load_state_dict(blob["guard"])
+    kept, why = guard.keep()
+    state = blob["best"] if kept == "best" and blob.get("best") is not None else blob["model"]
+    log(f"[finetune] kept the {kept} state: {why}")
+    return FinetuneResult(state, history, solver, result.checkpoint.path, kept, why, guard.stopped)

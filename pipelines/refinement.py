@@ -1,10 +1,12 @@
-"""Threshold refinement in the pipeline (DESIGN §5): the maths is :mod:`tfft.refine`.
+"""Threshold refinement in the pipeline (DESIGN §5): the loop and its maths are :func:`tfft.refine.refine_threshold`.
 
-Each round draws ``threshold.refine_size`` samples from the model fine-tuned at the current eta, measures
-its tail mass beyond eta, shrinks the bracket around eta*, and fine-tunes again at the next eta, warm-started
-from the previous model. Round K lives in ``out/refine/`` (bank-K.parquet, round-K/checkpoint), so an
-interrupted refinement resumes. The refinement is only as good as each round's fine-tuning: a model that
-has not converged at eta under-reports its tail mass and can steer the bracket the wrong way.
+This module supplies the loop's ``measure(eta)``: the model fine-tuned at eta draws ``threshold.refine_size``
+samples (``out/refine/bank-K.parquet``), and the mass of their rewards beyond eta is measured together with
+their alpha-VaR (the proposal). Before measuring round K > 1 it fine-tunes at that round's eta, warm-started
+from the previous model, into ``out/refine/round-(K-1)``; after the last round it fine-tunes at the refined eta
+into ``out/refine/round-K``. Banks and checkpoints are reused from disk, so an interrupted refinement resumes
+(the thresholds are a deterministic function of the stored banks). The refinement is only as good as each
+round's fine-tuning: a model that has not converged at eta under-reports its tail mass.
 """
 
 from __future__ import annotations
@@ -20,10 +22,48 @@ from pipelines.bankio import Bank
 from pipelines.pretrain import BaseModel
 from pipelines.schema import Config
 from pipelines.tracking import TrackedRun
-from tfft.refine import Bracket, next_threshold, update_bracket
+from tfft.refine import RefineRound, TailMeasurement
+from tfft.refine import refine_threshold as refine_loop
 from tfft.tail import var
 
 __all__ = ["refine_threshold"]
+
+FineTune = Callable[[Path, dict[str, Any], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+class _Rounds:
+    """``measure(eta)`` for :func:`tfft.refine.refine_threshold`, holding the model fine-tuned at the last eta.
+
+    Call k (1-based) measures the model fine-tuned at eta; from the second call on, that model is first
+    fine-tuned into ``refine/round-(k-1)`` from the previous one. :meth:`advance` does the same after the loop.
+    """
+
+    def __init__(
+        self, cfg: Config, out: Path, base: BaseModel, objective: dict[str, Any],
+        state: dict[str, torch.Tensor], finetune: FineTune, log: Callable[[str], None],
+    ):
+        self.cfg, self.dir, self.base, self.finetune, self.log = cfg, out / "refine", base, finetune, log
+        self.objective, self.state, self.round = objective, state, 0
+
+    def advance(self, eta: float) -> None:
+        """Fine-tune at ``eta`` into ``refine/round-K`` (K = rounds measured so far), warm-started."""
+        self.objective = {**self.objective, "eta": float(eta)}
+        self.state = self.finetune(self.dir / f"round-{self.round}", self.objective, self.state)
+
+    def __call__(self, eta: float) -> TailMeasurement:
+        if self.round > 0:
+            self.advance(eta)
+        self.round += 1
+        k, side, alpha = self.round, self.objective["side"], self.objective["alpha"]
+        bank = generate_bank(
+            self.cfg, (self.base.config, self.state), size=self.cfg.threshold.refine_size, label=f"refine{k}",
+            out_path=self.dir / f"bank-{k}.parquet", log=self.log,
+        )
+        r = bank.reward[bank.valid]
+        if r.size == 0:
+            raise RuntimeError(f"refine round {k}: no valid reward in {self.dir / f'bank-{k}.parquet'}")
+        mass = float(np.mean(r > eta) if side == "right" else np.mean(r < eta))
+        return TailMeasurement(mass, int(r.size), var(r, side=side, alpha=alpha))
 
 
 def refine_threshold(
@@ -35,35 +75,36 @@ def refine_threshold(
     state: dict[str, torch.Tensor],
     *,
     run: TrackedRun,
-    finetune: Callable[[Path, dict[str, Any], dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    finetune: FineTune,
     log: Callable[[str], None] = print,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, float]]]:
-    """Threshold refinement (DESIGN §5): measure the fine-tuned model's tail mass beyond eta, bracket eta*,
-    fine-tune again warm-started at the next eta. Each round lives in ``out/refine/round-K/`` (resumable)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
+    """Threshold refinement (DESIGN §5) from a model already fine-tuned at ``objective["eta"]`` (``state``).
+
+    Runs ``threshold.refine_rounds`` rounds of :func:`tfft.refine.refine_threshold`; on the left side the
+    bracket is confined to the basin of the bank's eta* on J_L (the valid base-bank rewards and kl_weight are
+    passed). Logs ``refine.eta`` and ``refine.tail_mass`` per round to MLflow and the loop's warnings via ``log``.
+
+    Returns:
+        (the state fine-tuned at the refined eta, the objective with that eta, the rounds as JSON-able dicts:
+        round, eta, tail_mass, n, se, proposal, lo, hi (None where open), updated, within_noise, next_eta).
+    """
     side, alpha = objective["side"], objective["alpha"]
-    rewards = base_bank.reward[base_bank.valid]
-    step = float(np.std(rewards)) or 1.0
-    bracket, rounds = Bracket(), []
-    for k in range(1, cfg.threshold.refine_rounds + 1):
-        eta = float(objective["eta"])
-        bank = generate_bank(
-            cfg, (base.config, state), size=cfg.threshold.refine_size, label=f"refine{k}",
-            out_path=out / "refine" / f"bank-{k}.parquet", log=log,
-        )
-        r = bank.reward[bank.valid]
-        mass = float(np.mean(r > eta) if side == "right" else np.mean(r < eta))
-        bracket = update_bracket(bracket, eta, mass, alpha=alpha, side=side)
-        open_side = not (np.isfinite(bracket.lo) and np.isfinite(bracket.hi))
-        new_eta = next_threshold(
-            bracket, alpha=alpha, step=step * 2 ** (k - 1) if open_side else step,
-            proposal=var(r, side=side, alpha=alpha), floor=0.5 / max(len(r), 1),
-        )
-        finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731  (JSON has no infinity)
-        rounds.append({"round": k, "eta": eta, "tail_mass": mass, "lo": finite(bracket.lo),
-                       "hi": finite(bracket.hi), "next_eta": new_eta})
-        log(f"[refine] round {k}: eta {eta:.4f} -> tail mass {mass:.4f} (alpha {alpha}); bracket "
-            f"({bracket.lo:.4g}, {bracket.hi:.4g}); next eta {new_eta:.4f}")
-        run.log_metrics({"refine.eta": eta, "refine.tail_mass": mass}, step=k)
-        objective = {**objective, "eta": new_eta}
-        state = finetune(out / "refine" / f"round-{k}", objective, state)
-    return state, objective, rounds
+    rewards = np.asarray(base_bank.reward[base_bank.valid], dtype=np.float64)
+    rounds = _Rounds(cfg, out, base, objective, state, finetune, log)
+
+    def report(record: RefineRound) -> None:
+        lo, hi = record.lo, record.hi
+        note = " (within 2 SE of alpha: bracket kept)" if record.within_noise else ""
+        log(f"[refine] round {record.round}: eta {record.eta:.4f} -> tail mass {record.tail_mass:.4f} "
+            f"(alpha {alpha}, SE {record.se:.4f}, n {record.n}){note}; bracket ({lo:.4g}, {hi:.4g}); "
+            f"next eta {record.next_eta:.4f}")
+        run.log_metrics({"refine.eta": record.eta, "refine.tail_mass": record.tail_mass}, step=record.round)
+
+    result = refine_loop(
+        rounds, eta0=float(objective["eta"]), side=side, alpha=alpha, rounds=cfg.threshold.refine_rounds,
+        step=float(np.std(rewards)) or 1.0, bank_rewards=rewards, kl_weight=objective["kl_weight"],
+        on_round=report, on_warning=lambda warning: log(f"[refine] WARNING: {warning}"),
+    )
+    if result.rounds:
+        rounds.advance(result.eta)
+    return rounds.state, rounds.objective, result.records()

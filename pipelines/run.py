@@ -26,7 +26,7 @@ from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import Reward, load_reward
 from pipelines.refinement import refine_threshold
 from tfft.tail import Threshold, cvar, solve_threshold
-from tfft.target import effective_sample_size, summarize, target_summary, tilt_weights
+from tfft.target import effective_sample_size, pseudo_reward, summarize, target_summary, tilt_weights
 
 __all__ = ["run_pipeline", "run_bank_only", "prepare_base", "solve_objective", "run_from_bank", "objective_of", "choose_solver"]
 
@@ -72,6 +72,8 @@ def run_pipeline(cfg: Config, out: str | Path, *, log: Callable[[str], None] = p
     """Run every stage; returns the summary dict (also written to ``out/summary.json``)."""
     out = Path(out).resolve()
     solver = choose_solver(cfg)  # config problems surface before Ray starts
+    for warning in sampler_warnings(cfg, solver):
+        log(f"[config] WARNING: {warning}")
     _prepare_out(cfg, out)
     started = time.time()
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
@@ -220,26 +222,72 @@ def _finetune_cached(
         mlflow=run.worker_args(),
         init_state=init_state,
         steps=steps,
+        sde_steps=training_steps(cfg),
+        guard_baseline=_base_objective(base_bank, objective),
+        min_valid_fraction=max(base_bank.n_valid / max(len(base_bank.valid), 1) - cfg.finetune.guard_validity_drop, 0.0),
         log=log,
     )
     model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = model_path.with_suffix(".tmp")
     seconds = time.time() - started
     log(f"[finetune] done in {seconds:.0f}s")
+    guard = {"kept": result.kept, "reason": result.kept_reason, "stopped_early": result.stopped_early}
     blob = {"config": base.config, "state_dict": result.state_dict, "solver": solver, "objective": objective,
-            "seconds": seconds}
+            "seconds": seconds, "guard": guard}
     torch.save(blob, tmp)
     tmp.replace(model_path)
     return result.state_dict
 
 
-def _finetune_seconds(out: Path) -> float | None:
-    """Wall time of the fine-tuning stage as recorded with its checkpoint (None if unknown)."""
+def _base_objective(bank: Bank, objective: dict[str, Any]) -> float:
+    """E_q[g] on the bank's valid samples: the running objective of the base model (its KL is 0)."""
+    r = bank.reward[bank.valid]
+    g = pseudo_reward(r, eta=objective["eta"], side=objective["side"], alpha=objective["alpha"])
+    return float(g.mean()) if g.size else float("nan")
+
+
+def training_steps(cfg: Config) -> int:
+    """K of the fine-tuning trajectories: ``finetune.sde_steps``, or the bank sampler's ``sampler.steps`` (0)."""
+    return int(cfg.finetune.sde_steps or cfg.sampler.steps)
+
+
+def _finetune_record(out: Path) -> dict[str, Any]:
+    """What the fine-tuning stage recorded with its checkpoint: wall time and the guard's decision."""
     path = out / "checkpoint" / "model.pt"
     if not path.is_file():
-        return None
-    seconds = torch.load(path, map_location="cpu", weights_only=True).get("seconds")
-    return None if seconds is None else float(seconds)
+        return {}
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    seconds = blob.get("seconds")
+    return {"seconds": None if seconds is None else float(seconds), "guard": blob.get("guard")}
+
+
+def sampler_record(cfg: Config) -> dict[str, Any]:
+    """The samplers of the run, for ``summary.json``: banks and evaluation vs fine-tuning trajectories."""
+    record: dict[str, Any] = {"kind": cfg.sampler.kind, "steps": cfg.sampler.steps, "finetune_sde_steps": training_steps(cfg)}
+    if cfg.sampler.kind == "ode":
+        record["grid"] = cfg.sampler.grid
+    record["same_as_finetune"] = cfg.sampler.kind == "sde" and cfg.sampler.steps == training_steps(cfg)
+    return record
+
+
+def sampler_warnings(cfg: Config, solver: str) -> list[str]:
+    """Configurations that work but weaken the result: two samplers, too little tail signal per update."""
+    warnings = []
+    if solver == "adjoint" and not sampler_record(cfg)["same_as_finetune"]:
+        warnings.append(
+            f"the banks use sampler {cfg.sampler.kind} with {cfg.sampler.steps} steps but fine-tuning uses the SDE with "
+            f"{training_steps(cfg)} steps: target statistics describe the bank sampler's tilt, so the fine-tuned vs "
+            "target gap mixes two samplers"
+        )
+    if solver == "adjoint" and cfg.objective.kind == "cvar" and cfg.objective.alpha < 1:
+        expected = cfg.finetune.batch_size * cfg.finetune.oversample * cfg.objective.alpha
+        if expected < 16:
+            warnings.append(
+                f"about {expected:.0f} trajectories per update carry gradient (batch_size {cfg.finetune.batch_size} x "
+                f"oversample {cfg.finetune.oversample} x alpha {cfg.objective.alpha:g}); aim for 16 or more: raise "
+                "finetune.batch_size or finetune.oversample"
+            )
+    return warnings
 
 
 def _record(
@@ -255,20 +303,28 @@ def _record(
     base_stats = summarize(base_bank.reward, valid=base_bank.valid).to_dict()
     final_stats = summarize(final_bank.reward, valid=final_bank.valid).to_dict()
     target_stats = target_summary(base_bank.reward, valid=base_bank.valid, **objective).to_dict()
+    from pipelines.summary import flatten_interval
+    from tfft.target import target_interval
+
+    tilt = {key: objective[key] for key in ("eta", "side", "alpha", "kl_weight")}
+    interval = target_interval(base_bank.reward, valid=base_bank.valid, seed=cfg.seed, **tilt).to_dict()
     summary: dict[str, Any] = {
         "threshold": threshold.to_dict() if threshold is not None else None,
         "base": base_stats,
         "finetuned": final_stats,
         "target": target_stats,
+        "target_interval": interval,
         "objective": {"kind": cfg.objective.kind, **objective},
         "solver": solver,
-        "finetune_seconds": _finetune_seconds(out),
-        "sampler": cfg.sampler.kind,
+        "finetune_seconds": _finetune_record(out).get("seconds"),
+        "guard": _finetune_record(out).get("guard"),
+        "sampler": sampler_record(cfg),
         "failures": {"base": base_bank.accounting(), "final": final_bank.accounting()},
     }
     metrics: dict[str, float] = {}
     for name in ("base", "finetuned", "target"):
         metrics.update(flatten_stats(name, summary[name]))
+    metrics.update(flatten_interval("target", interval))
     reward = load_reward(cfg.reward.target, cfg.reward.kwargs)
     extra = _describe(reward, base_bank, final_bank)
     if extra:

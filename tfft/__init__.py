@@ -2,19 +2,31 @@
 
 DESIGN.md sections: tail statistics and the threshold (§3, :mod:`tfft.tail`), pseudo-reward, tilt and
 target statistics (§5, :mod:`tfft.target`), the velocity network and flow matching (:mod:`tfft.model`),
-samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`).
+samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`), the pseudo-reward signal
+(:mod:`tfft.pseudo`), the solvers behind one ``step`` interface (§6-7, :mod:`tfft.solvers`).
 """
 
-from tfft.adjoint import adjoint_matching_loss, adjoint_matching_step, lean_adjoint, select_time_steps
+from tfft.adjoint import Adjoint, Conditioning, adjoint_matching_loss, girsanov_kl, lean_adjoint, select_time_steps
+from tfft.pseudo import PseudoReward, pseudo_reward_signal
+from tfft.solvers import (
+    AdjointMatchingConfig,
+    AdjointMatchingSolver,
+    StepResult,
+    WeightedFlowMatchingSolver,
+    oversample_weights,
+)
 from tfft.model import GaussianVelocity, VelocityMLP, flow_matching_loss
-from tfft.sampling import Trajectory, sample_ode, sample_sde, time_grid
+from tfft.sampling import Trajectory, sample_ode, sample_sde, sde_drift, time_grid
 from tfft.tail import Threshold, cvar, solve_threshold, threshold_objective, var
 from tfft.target import (
     TailSummary,
+    TargetInterval,
+    batched_cvar,
     effective_sample_size,
     pseudo_reward,
     pseudo_reward_grad_scale,
     summarize,
+    target_interval,
     target_summary,
     tilt_log_weights,
     tilt_weights,
@@ -23,11 +35,23 @@ from tfft.target import (
 __all__ = [
     "Threshold",
     "TailSummary",
+    "TargetInterval",
     "Trajectory",
     "VelocityMLP",
     "GaussianVelocity",
     "adjoint_matching_loss",
-    "adjoint_matching_step",
+    "Adjoint",
+    "AdjointMatchingConfig",
+    "AdjointMatchingSolver",
+    "Conditioning",
+    "PseudoReward",
+    "StepResult",
+    "WeightedFlowMatchingSolver",
+    "girsanov_kl",
+    "oversample_weights",
+    "pseudo_reward_signal",
+    "sde_drift",
+    "batched_cvar",
     "cvar",
     "effective_sample_size",
     "flow_matching_loss",
@@ -39,6 +63,7 @@ __all__ = [
     "select_time_steps",
     "solve_threshold",
     "summarize",
+    "target_interval",
     "target_summary",
     "threshold_objective",
     "tilt_log_weights",

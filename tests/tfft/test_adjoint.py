@@ -161,7 +161,7 @@ def test_loss_value_conditioning_and_batched_calls() -> None:
     torch.testing.assert_close(terms.loss, expected)
     torch.testing.assert_close(terms.per_sample.sum(), terms.loss.detach())
     # Conditioning: step k's residual divided by d times the batch mean of ||sigma_k a_{k+1}||^2 / d (first batch).
-    conditioning = Conditioning(10, clip_quantile=0.0)
+    conditioning = Conditioning(10, normalize=True, clip_quantile=0.0)
     conditioned = adjoint_matching_loss(model, traj, adjoint, indices, conditioning=conditioning)
     expected = torch.zeros(())
     for k in indices.tolist():
@@ -276,11 +276,13 @@ def _stiff_batch_ess(normalize: bool, clip_quantile: float) -> float:
 
 def test_conditioning_spreads_the_loss_over_the_batch_on_a_stiff_flow() -> None:
     off = _stiff_batch_ess(normalize=False, clip_quantile=0.0)
-    on = _stiff_batch_ess(normalize=True, clip_quantile=0.95)
-    print(f"\ntwo-mode flow, batch 64: median loss ESS {off:.1f} without conditioning, {on:.1f} with it")
-    # Without conditioning a handful of early-step, near-boundary trajectories carry the loss (measured: about 5).
+    clipped = _stiff_batch_ess(normalize=False, clip_quantile=0.95)  # the default
+    normalized = _stiff_batch_ess(normalize=True, clip_quantile=0.95)
+    print(f"\ntwo-mode flow, batch 64: median loss ESS {off:.1f} without conditioning, {clipped:.1f} with the "
+          f"default clip, {normalized:.1f} clipped and normalised")
+    # Without conditioning a handful of early-step, near-boundary trajectories carry the loss (measured: about 3).
     assert off < 10
-    assert on >= 32
+    assert clipped >= 32 and normalized >= 32
 
 
 def test_conditioning_state_round_trip_and_validation() -> None:

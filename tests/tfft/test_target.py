@@ -8,15 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import special, stats
+from scipy import integrate, optimize, special, stats
 
 from tfft.tail import cvar, solve_threshold, var
 from tfft.target import (
     TailSummary,
+    TargetInterval,
+    _resampled_statistics,
+    batched_cvar,
     effective_sample_size,
     pseudo_reward,
     pseudo_reward_grad_scale,
     summarize,
+    target_interval,
     target_summary,
     tilt_log_weights,
     tilt_weights,
@@ -174,3 +178,144 @@ def test_eta_is_the_var_of_the_target(side: str) -> None:
     assert summary.mean == pytest.approx(float(w @ r))
     expected_cvar = cvar(r, side=side, alpha=0.1, weights=w)
     assert (summary.cvar_right if side == "right" else summary.cvar_left)["0.1"] == expected_cvar
+
+
+# ------------------------------------------------------------------------------------------ bootstrap interval
+@pytest.mark.parametrize("side", SIDES)
+def test_batched_cvar_matches_scalar(side: str) -> None:
+    rng = np.random.default_rng(7)
+    r = np.round(rng.normal(size=300), 1)  # many ties
+    weights = rng.random((6, 300)) * (rng.random((6, 300)) < 0.7)  # zero weights too
+    weights[0] = 1.0
+    for alpha in (0.01, 0.05, 0.1, 0.37, 1.0):
+        expected = [cvar(r, side=side, alpha=alpha, weights=w) for w in weights]
+        np.testing.assert_allclose(batched_cvar(r, weights, side=side, alpha=alpha), expected, rtol=1e-11, atol=1e-12)
+    assert batched_cvar([2.0], [[0.5], [3.0]], side=side, alpha=0.1).tolist() == [2.0, 2.0]
+    with pytest.raises(ValueError, match="weights"):
+        batched_cvar(r, weights[0], side=side, alpha=0.1)
+    with pytest.raises(ValueError, match="weights"):
+        batched_cvar(r, np.zeros((2, 300)), side=side, alpha=0.1)
+
+
+@pytest.mark.parametrize(("side", "eta"), [("right", 0.8), ("left", -0.5), ("right", None)])
+def test_a_resample_is_the_target_summary_of_the_resampled_bank(side: str, eta: float | None) -> None:
+    """Row b of the batched statistics equals target_summary of the bank drawn with multiplicities c_b."""
+    rng = np.random.default_rng(8)
+    r = np.sort(np.round(rng.normal(size=400), 2))
+    objective = {"eta": eta, "side": side, "alpha": 0.2, "kl_weight": 0.7}
+    counts = np.stack([np.bincount(rng.integers(0, r.size, r.size), minlength=r.size) for _ in range(4)])
+    levels = (0.05, 0.1, 1.0)
+    rows = _resampled_statistics(r, tilt_log_weights(r, **objective), counts, levels)
+    for row, count in zip(rows, counts):
+        expected = target_summary(np.repeat(r, count), levels=levels, **objective)
+        flat = [expected.mean, *expected.cvar_right.values(), *expected.cvar_left.values()]
+        np.testing.assert_allclose(row, flat, rtol=1e-10, atol=1e-12)
+
+
+def _exact_gaussian_target(eta: float, alpha: float, kl_weight: float, level: float) -> tuple[float, float]:
+    """(mean, right CVaR_level) of p ∝ phi(x) exp((x - eta)_+ / (alpha gamma)) with r = x, by quadrature."""
+    c = 1.0 / (alpha * kl_weight)
+    top = eta + c + 40.0  # the tilted part is phi(x - c) up to a constant: nothing left beyond c + 40
+
+    def density(x: float) -> float:  # unnormalised, in the log domain to avoid overflow
+        return math.exp(-0.5 * x * x + c * max(x - eta, 0.0))
+
+    def integral(f, a: float, b: float) -> float:
+        pieces = [(a, b)] if a >= eta or b <= eta else [(a, eta), (eta, b)]
+        return sum(integrate.quad(f, lo, hi, limit=200)[0] for lo, hi in pieces)
+
+    z = integral(density, -40.0, top)
+    mean = integral(lambda x: x * density(x), -40.0, top) / z
+    var_level = optimize.brentq(lambda t: integral(density, t, top) / z - level, -10.0, top)
+    return mean, integral(lambda x: x * density(x), var_level, top) / z / level
+
+
+def _interval_on_gaussian_bank(n: int, kl_weight: float, seed: int = 0) -> tuple[TargetInterval, float, float]:
+    r = np.random.default_rng(seed).standard_normal(n)
+    threshold = solve_threshold(r, side="right", alpha=0.1, kl_weight=kl_weight)
+    interval = target_interval(r, eta=threshold.eta, side="right", alpha=0.1, kl_weight=kl_weight, seed=seed)
+    return interval, threshold.eta, threshold.ess
+
+
+def _width(interval: TargetInterval, stat: str) -> float:
+    if stat == "mean":
+        return interval.hi.mean - interval.lo.mean
+    return interval.hi.cvar_right[stat] - interval.lo.cvar_right[stat]
+
+
+def test_interval_covers_the_exact_gaussian_target_and_shrinks_like_root_n() -> None:
+    """N(0, 1), r = x, right, alpha 0.1, gamma 10 (ESS ~ 0.93 N): the target at the bank's eta by quadrature."""
+    interval, eta, ess = _interval_on_gaussian_bank(20_000, kl_weight=10.0)
+    assert ess > 15_000
+    exact_mean, exact_cvar = _exact_gaussian_target(eta, alpha=0.1, kl_weight=10.0, level=0.1)
+    assert interval.lo.cvar_right["0.1"] <= exact_cvar <= interval.hi.cvar_right["0.1"]
+    assert interval.lo.mean <= exact_mean <= interval.hi.mean
+    # at this ESS the full-bank estimate sits inside its own interval and the bootstrap bias is small
+    for lo, mid, hi in zip(*(_flat(s) for s in (interval.lo, interval.estimate, interval.hi))):
+        assert lo <= mid <= hi
+    assert abs(interval.bias.cvar_right["0.1"]) < 0.1 * _width(interval, "0.1")
+    small, _, _ = _interval_on_gaussian_bank(5_000, kl_weight=10.0)
+    for stat in ("mean", "0.1"):  # sqrt(20k / 5k) = 2
+        assert 1.4 < _width(small, stat) / _width(interval, stat) < 3.0
+
+
+def _flat(summary: TailSummary) -> list[float]:
+    return [summary.mean, *summary.cvar_right.values(), *summary.cvar_left.values()]
+
+
+def test_strong_tilt_gives_a_much_wider_interval_that_can_still_miss() -> None:
+    moderate, _, ess_moderate = _interval_on_gaussian_bank(20_000, kl_weight=10.0)
+    strong, eta, ess_strong = _interval_on_gaussian_bank(20_000, kl_weight=2.0)
+    assert ess_strong < 0.05 * ess_moderate
+    for stat in ("mean", "0.1"):
+        assert _width(strong, stat) > 5.0 * _width(moderate, stat)
+    # The limit the docstring states: the target's mass beyond the bank is invisible to every resample too.
+    exact_mean, exact_cvar = _exact_gaussian_target(eta, alpha=0.1, kl_weight=2.0, level=0.1)
+    assert strong.hi.cvar_right["0.1"] < exact_cvar and strong.hi.mean < exact_mean
+    assert strong.bias.cvar_right["0.1"] < 0.0
+
+
+def test_interval_layout_seed_and_valid_mask() -> None:
+    r = np.random.default_rng(9).normal(size=2000)
+    objective = {"eta": 1.0, "side": "left", "alpha": 0.2, "kl_weight": 2.0}
+    interval = target_interval(r, n_boot=50, confidence=0.8, seed=3, levels=(0.1, 0.5, 0.1), **objective)
+    payload = interval.to_dict()
+    assert list(payload) == ["lo", "hi", "bias", "confidence", "n_boot"]
+    assert (payload["confidence"], payload["n_boot"]) == (0.8, 50)
+    for key in ("lo", "hi", "bias"):
+        assert list(payload[key]) == ["mean", "cvar_right", "cvar_left"]
+        assert list(payload[key]["cvar_left"]) == ["0.1", "0.5"]
+    assert json.loads(json.dumps(payload)) == payload
+    assert interval.estimate == target_summary(r, levels=(0.1, 0.5), **objective)
+    assert all(lo <= hi for lo, hi in zip(_flat(interval.lo), _flat(interval.hi)))
+    assert target_interval(r, n_boot=50, confidence=0.8, seed=3, levels=(0.1, 0.5), **objective) == interval
+    assert target_interval(r, n_boot=50, seed=4, levels=(0.1,), **objective).lo.mean != interval.lo.mean
+    dirty = np.concatenate([r, [math.nan, 1e6]])
+    masked = target_interval(dirty, valid=[True] * 2001 + [False], n_boot=50, confidence=0.8, seed=3,
+                             levels=(0.1, 0.5), **objective)
+    assert masked.to_dict() == payload and (masked.lo.n, masked.lo.n_valid) == (2002, 2000)
+    single = target_interval(r, n_boot=1, eta=None, side="right", alpha=1.0, kl_weight=1.0, levels=(0.1,))
+    assert single.lo == single.hi
+
+
+def test_interval_survives_weights_that_underflow_in_a_resample() -> None:
+    """One sample carries ~1e6 nats more log weight than the rest: resamples without it still have mass."""
+    r = np.array([0.0] * 9 + [1000.0])
+    interval = target_interval(r, eta=None, side="right", alpha=1.0, kl_weight=1e-3, n_boot=200, levels=(0.5,))
+    assert (interval.lo.mean, interval.hi.mean) == (0.0, 1000.0)  # P(a resample misses it) = 0.9^10 = 0.35
+    assert interval.lo.cvar_left["0.5"] == 0.0 and np.isfinite(_flat(interval.bias)).all()
+
+
+def test_interval_validation() -> None:
+    r = np.random.default_rng(10).normal(size=100)
+    objective = {"eta": 1.0, "side": "right", "alpha": 0.1, "kl_weight": 1.0}
+    for bad in (0, -3, 2.5, True, math.nan, "200"):
+        with pytest.raises(ValueError, match="n_boot"):
+            target_interval(r, n_boot=bad, **objective)
+    for bad in (0.0, 1.0, 1.5, -0.1, math.nan):
+        with pytest.raises(ValueError, match="confidence"):
+            target_interval(r, confidence=bad, **objective)
+    with pytest.raises(ValueError, match="alpha"):
+        target_interval(r, levels=(0.0,), **objective)
+    with pytest.raises(ValueError, match="rewards"):
+        target_interval([math.nan, 1.0], valid=[True, False], **objective)

@@ -1,0 +1,104 @@
+"""A guard against divergence in fine-tuning: keep the best checkpoint, stop early when things collapse.
+
+The adjoint solver reports the running objective E[g(X_1)] - gamma KL on its own training trajectories, the
+quantity fine-tuning maximises (DESIGN §6). At every logged window the guard compares that window's mean with
+the best so far and with the first window (the base model's value, KL = 0):
+
+- the state of the best window is kept; at the end the last state is returned unless it is worse than the best
+  by more than two standard errors of the window means (then the best is returned, and the summary says so);
+- training stops early when the validity of the training samples falls below ``min_valid_fraction``, or when
+  the objective has stayed below its start by more than two standard errors for ``patience`` windows.
+
+The weighted solver has no running objective: its guard checks nothing and keeps the last state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Guard", "GuardDecision"]
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """What the guard says after a window: whether this window is the best so far, and whether to stop."""
+
+    improved: bool
+    stop: bool
+    reason: str = ""
+
+
+@dataclass
+class Guard:
+    """Tracks the windows' running objective (mean and standard error) and validity.
+
+    Attributes:
+        enabled: False: never stops, keeps the last state.
+        min_valid_fraction: stop when a window's valid fraction is below this (0: never).
+        patience: stop after this many consecutive windows below the start (0: never).
+        baseline: the base model's objective E_q[g] (KL = 0), e.g. from the bank: the start to compare with;
+            None: the first window.
+    """
+
+    enabled: bool = True
+    min_valid_fraction: float = 0.0
+    patience: int = 5
+    baseline: float | None = None
+    first: tuple[float, float] | None = None
+    best: tuple[float, float, int] | None = None  # (mean, se, step)
+    last: tuple[float, float, int] | None = None
+    below: int = 0
+    stopped: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def update(self, step: int, objective: float | None, se: float, valid_fraction: float) -> GuardDecision:
+        """Record one window (``objective`` None: the solver has none) and decide."""
+        if not self.enabled or objective is None or not math.isfinite(objective):
+            return GuardDecision(improved=False, stop=False)
+        se = se if math.isfinite(se) else 0.0
+        self.last = (objective, se, step)
+        if self.first is None:
+            self.first = (objective, se) if self.baseline is None else (self.baseline, 0.0)
+        improved = self.best is None or objective > self.best[0]
+        if improved:
+            self.best = (objective, se, step)
+        margin = 2.0 * math.hypot(se, self.first[1])
+        self.below = self.below + 1 if objective < self.first[0] - margin else 0
+        if self.min_valid_fraction > 0 and valid_fraction < self.min_valid_fraction:
+            self.stopped = (
+                f"validity {valid_fraction:.3f} of the training samples fell below the floor {self.min_valid_fraction:.3f}"
+            )
+        elif self.patience > 0 and self.below >= self.patience:
+            self.stopped = (
+                f"the running objective stayed below its start ({self.first[0]:.4g}) for {self.below} windows"
+            )
+        return GuardDecision(improved=improved, stop=bool(self.stopped), reason=self.stopped)
+
+    def keep(self) -> tuple[str, str]:
+        """("best" | "last", why) for the state to return at the end."""
+        if not self.enabled or self.best is None or self.last is None:
+            return "last", "no running objective to compare" if self.enabled else "guard off"
+        best, best_se, best_step = self.best
+        last, last_se, last_step = self.last
+        if self.stopped:
+            return "best", f"stopped early ({self.stopped}); kept step {best_step}, objective {best:.4g}"
+        if last < best - 2.0 * math.hypot(best_se, last_se):
+            return "best", (
+                f"the last objective {last:.4g} (step {last_step}) is more than two standard errors below the best "
+                f"{best:.4g} (step {best_step})"
+            )
+        return "last", f"the last objective {last:.4g} is within two standard errors of the best {best:.4g}"
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (for checkpoints)."""
+        return {"first": self.first, "best": self.best, "last": self.last, "below": self.below, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        self.first = tuple(state["first"]) if state.get("first") else None  # type: ignore[assignment]
+        self.best = tuple(state["best"]) if state.get("best") else None  # type: ignore[assignment]
+        self.last = tuple(state["last"]) if state.get("last") else None  # type: ignore[assignment]
+        self.below = int(state.get("below", 0))
+        self.stopped = str(state.get("stopped", ""))
