@@ -1,13 +1,16 @@
-"""Alanine dipeptide on GFN1-xTB: base vs expected-reward vs right-/left-TFFT over several seeds.
+"""Molecules on GFN1-xTB: base vs expected-reward vs right-/left-TFFT over several seeds.
 
-    python -m benchmarks.molecule_table                       # 3 seeds x 3 configs, about 40 min on 2 cores
+    python -m benchmarks.molecule_table                       # alanine dipeptide, 3 seeds x 3 configs
+    python -m benchmarks.molecule_table --smiles CCCCO --name butanol   # another molecule: task.smiles only
     python -m benchmarks.molecule_table --seeds 0 --quick     # smaller banks and fewer steps (smoke)
     python -m benchmarks.molecule_table --throughput          # reward molecules/s, 1 vs 2 actors (2 min)
 
 Runs ``tune_configs/molecule_{mean,right,left}.yaml`` for each seed (each run in
 ``<work>/<config>_seed<k>``; a finished run is reused, so an interrupted benchmark resumes), then writes
-``benchmarks/results/molecule.{md,json}``: per model, mean ± std over seeds of the mean energy, the
-reward's right- and left-CVaR(0.1), validity and diversity. ``--throughput`` instead measures the
+``benchmarks/results/molecule[_<name>].{md,json}``: per model, mean ± std over seeds of the mean energy, the
+reward's right- and left-CVaR(0.1), validity and diversity, and the claims of the solver issue checked on the
+seed means (each TFFT model beats the base and the expected-reward model on its own tail, closes at least 70%
+of the gap between the base and its exact target, keeps validity within 2 points). ``--throughput`` instead measures the
 reward throughput (molecules/s) of one and of two reward actors in one session.
 
 Energies are in kcal/mol above the best of the reference ETKDG structures; reward = -energy.
@@ -28,6 +31,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _run(name: str, seed: int, work: Path, overrides: list[str]) -> dict[str, Any]:
+    """One config and seed in ``work/<name>_seed<seed>`` (reused when finished)."""
     from pipelines.config import load_config
     from pipelines.run import run_pipeline
 
@@ -89,7 +93,8 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
     for name, label in (("mean", "expected reward"), ("right", "right-TFFT"), ("left", "left-TFFT")):
         for s in summaries[name]:
             rows[label].append({"stats": s["finetuned"], "samples": s.get("samples", {}).get("finetuned", {}),
-                                "failures": s["failures"]["final"], "target": s["target"]})
+                                "failures": s["failures"]["final"], "target": s["target"],
+                                "interval": s.get("target_interval")})
             if name == "mean":
                 rows["base"].append({"stats": s["base"], "samples": s.get("samples", {}).get("base", {}),
                                      "failures": s["failures"]["base"]})
@@ -104,6 +109,8 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
             "diversity_rmsd": float(entry["samples"].get("diversity_rmsd", float("nan"))),
             "target_r_cvar_0.1": float(entry["target"]["cvar_right"]["0.1"]) if "target" in entry else float("nan"),
             "target_l_cvar_0.1": float(entry["target"]["cvar_left"]["0.1"]) if "target" in entry else float("nan"),
+            **{f"target_{key}_{end}": float(entry["interval"][end][f"cvar_{side}"]["0.1"]) if entry.get("interval")
+               else float("nan") for key, side in (("r_cvar_0.1", "right"), ("l_cvar_0.1", "left")) for end in ("lo", "hi")},
         }
 
     record: dict[str, Any] = {}
@@ -119,6 +126,11 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
     return lines, record
 
 
+def _gap_closed(own: float, base: float, target: float) -> float:
+    """Fraction of the base-to-target gap closed: (own - base) / (target - base)."""
+    return (own - base) / (target - base) if target != base else float("nan")
+
+
 def claims(record: dict[str, Any]) -> list[str]:
     """The issue's claims, checked on the seed means: a line each, with the numbers."""
     def m(label: str, key: str) -> float:
@@ -127,11 +139,14 @@ def claims(record: dict[str, Any]) -> list[str]:
     out = []
     for side, key, model in (("right", "r_cvar_0.1", "right-TFFT"), ("left", "l_cvar_0.1", "left-TFFT")):
         own, base, exp = m(model, key), m("base", key), m("expected reward", key)
-        target = m(model, f"target_{key}")
+        target, lo, hi = m(model, f"target_{key}"), m(model, f"target_{key}_lo"), m(model, f"target_{key}_hi")
+        closed, closed_lo, closed_hi = (_gap_closed(own, base, t) for t in (target, hi, lo))
         out.append(
             f"- {model} raises {side[0].upper()}-CVaR(0.1) above the base model: {'yes' if own > base else 'NO'} "
             f"({own:.2f} vs {base:.2f}); above the expected-reward model: {'yes' if own > exp else 'NO'} "
-            f"({own:.2f} vs {exp:.2f}); exact target on the base bank {target:.2f}."
+            f"({own:.2f} vs {exp:.2f}); exact target on the base bank {target:.2f} (bootstrap 90% interval "
+            f"[{lo:.2f}, {hi:.2f}]); gap closed {100 * closed:.0f}% (against the interval's ends "
+            f"{100 * closed_lo:.0f}% to {100 * closed_hi:.0f}%): {'yes' if closed >= 0.7 else 'NO'} (claim: >= 70%)."
         )
     for model in ("expected reward", "right-TFFT", "left-TFFT"):
         gap = m(model, "validity_pct") - m("base", "validity_pct")
@@ -147,11 +162,20 @@ def main() -> None:
     parser.add_argument("--throughput", action="store_true",
                         help="only measure the reward throughput (1 vs 2 actors) -> OUT_throughput.{md,json}")
     parser.add_argument("--throughput-samples", type=int, default=1500)
-    parser.add_argument("--out", default=str(RESULTS / "molecule"), help="writes OUT.md and OUT.json")
+    parser.add_argument("--smiles", default="", help="another molecule (task.smiles=...; nothing else changes)")
+    parser.add_argument("--name", default="", help="its short name: results go to molecule_NAME.{md,json}")
+    parser.add_argument("--out", default="", help="writes OUT.md and OUT.json (default: results/molecule[_NAME])")
     args = parser.parse_args()
+    if args.smiles and not args.name:
+        parser.error("--smiles needs --name (the results file's suffix)")
+    args.out = args.out or str(RESULTS / (f"molecule_{args.name}" if args.name else "molecule"))
+    if args.name and args.work == str(ROOT / "runs" / "molecule_bench"):
+        args.work = str(ROOT / "runs" / f"molecule_bench_{args.name}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     overrides = [f"tracking.uri=sqlite:///{work.resolve() / 'mlflow.db'}"]
+    if args.smiles:
+        overrides.append(f"task.smiles={args.smiles}")
     if args.quick:
         overrides += ["bank.size=500", "eval.size=500", "finetune.steps=60"]
     out = Path(args.out)
@@ -172,14 +196,14 @@ def main() -> None:
     summaries = {name: [_run(name, seed, work, overrides) for seed in args.seeds] for name in CONFIGS}
     lines, record = table(summaries)
     lines += ["", "Claims, on the means over seeds:", *claims(record)]
-    s0 = summaries["right"][0]
+    s0 = dict(summaries["right"][0], task_smiles=args.smiles or "CC(=O)N[C@@H](C)C(=O)NC")
     header = [
-        "# Alanine dipeptide, GFN1-xTB energy: base vs fine-tuned models",
+        f"# {args.name or 'Alanine dipeptide'} ({s0['task_smiles']}), GFN1-xTB energy: base vs fine-tuned models",
         "",
         f"Seeds {args.seeds}; each cell mean ± std over seeds. kl_weight {s0['objective']['kl_weight']}, "
         f"alpha 0.1; reward = -(energy above the reference), so R-CVaR is the mean of the best 10% and "
         f"L-CVaR the mean of the worst 10% of rewards. Written by `python -m benchmarks.molecule_table"
-        f"{' --quick' if args.quick else ''}`; one run (bank, fine-tuning, evaluation) took "
+        f"{' --quick' if args.quick else ''}{f' --smiles {args.smiles} --name {args.name}' if args.smiles else ''}`; one run (bank, fine-tuning, evaluation) took "
         f"{statistics.median(s['wall_seconds'] for v in summaries.values() for s in v) / 60:.1f} min "
         f"(median) on this machine.",
         "",
@@ -194,6 +218,13 @@ def main() -> None:
             f"seed {seed}: eta {r['threshold']['eta']:.2f} / {lf['threshold']['eta']:.2f}, "
             f"ESS {r['threshold']['ess']:.0f} / {lf['threshold']['ess']:.0f}"
             for seed, r, lf in zip(args.seeds, summaries["right"], summaries["left"])
+        ),
+        "",
+        "The guard's choice per run (kept state; early stop): "
+        + "; ".join(
+            f"{name} seed {seed}: {(s.get('guard') or {}).get('kept', '?')}"
+            + (f" (stopped: {s['guard']['stopped_early']})" if (s.get("guard") or {}).get("stopped_early") else "")
+            for name in CONFIGS for seed, s in zip(args.seeds, summaries[name])
         ),
     ]
     out.with_suffix(".md").write_text("\n".join(header + lines + footer) + "\n")

@@ -156,6 +156,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
         f"must be >= finetune.num_workers ({ft.num_workers}), got {ft.batch_size}",
     )
     _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
+    _require(ft.warmup_steps >= 0, "finetune.warmup_steps", f"must be >= 0, got {ft.warmup_steps}")
     _require(ft.grad_clip > 0, "finetune.grad_clip", f"must be > 0, got {ft.grad_clip}")
     _require(ft.reward_grad_clip >= 0, "finetune.reward_grad_clip", f"must be >= 0, got {ft.reward_grad_clip}")
     _require(ft.sde_steps == 0 or ft.sde_steps >= 2, "finetune.sde_steps",

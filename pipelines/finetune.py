@@ -93,6 +93,8 @@ def _window_metrics(sums: dict[str, torch.Tensor], count: int, world: int) -> di
         dist.all_reduce(totals)
     n = count * world
     means = {k: float(v) / n for k, v in zip(names, totals.tolist())}
+    if "loss_at_base" in means:
+        means["loss_ratio"] = means["loss"] / means["loss_at_base"] if means["loss_at_base"] > 0 else float("nan")
     if "objective_sq" in means:
         var = max(means.pop("objective_sq") - means["objective"] ** 2, 0.0)
         means["objective_se"] = (var / max(n - 1, 1)) ** 0.5
@@ -121,6 +123,8 @@ def train_loop(config: dict[str, Any]) -> None:
         p.requires_grad_(False)
     model = build_model(config["model_config"], config.get("init_state") or config["base_state"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    # Linear warm-up: Adam's first steps are full-size in every direction before its moments settle.
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(config["warmup_steps"], 1)))
     guard = Guard(enabled=config["guard"], min_valid_fraction=config["min_valid_fraction"],
                   patience=config["guard_patience"], baseline=config["guard_baseline"])
     solver_state, best_state, start_step = None, None, 0
@@ -130,6 +134,7 @@ def train_loop(config: dict[str, Any]) -> None:
             blob = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=True)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
+        warmup.load_state_dict(blob["scheduler"])
         start_step, solver_state, best_state = int(blob["step"]), blob["solver"], blob.get("best")
         guard.load_state_dict(blob["guard"])
     model = ray.train.torch.prepare_model(model)
@@ -159,6 +164,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if "objective" in metrics:
             metrics["objective_sq"] = metrics["objective"] ** 2
         opt.step()
+        warmup.step()
         for k, v in metrics.items():
             sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
         last = step == config["steps"]
@@ -180,7 +186,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if save and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-                blob = {"model": state, "optimizer": opt.state_dict(), "step": step, "solver": solver.state_dict(),
+                blob = {"model": state, "optimizer": opt.state_dict(), "scheduler": warmup.state_dict(), "step": step,
+                        "solver": solver.state_dict(),
                         "guard": guard.state_dict(), "best": best_state, "stopped": stop}
                 torch.save(blob, os.path.join(tmp, "state.pt"))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -258,6 +265,7 @@ def run_finetune(
         "steps": finetune.steps if steps is None else steps,
         "batch_size": finetune.batch_size,
         "lr": finetune.lr,
+        "warmup_steps": finetune.warmup_steps,
         "sde_steps": sde_steps,
         "normalize": finetune.normalize,
         "clip_quantile": finetune.clip_quantile,

@@ -148,7 +148,8 @@ class FinetuneConfig:
 
     ``solver``: adjoint (adjoint matching, needs reward gradients) | weighted (weighted flow matching on
     the bank, DESIGN §7) | auto (adjoint when the reward is differentiable). ``batch_size`` is global
-    (split over workers); ``grad_clip`` caps the gradient norm (set so that it is rarely hit: the fraction of
+    (split over workers); the learning rate ``lr`` is reached by a linear warm-up over ``warmup_steps``;
+    ``grad_clip`` caps the gradient norm (set so that it is rarely hit: the fraction of
     clipped steps is logged as ``grad_clipped``); ``reward_grad_clip`` (0: off) caps the norm of each sample's
     reward gradient before it enters the adjoint (rewards with steep walls, e.g. atom clashes in an energy).
     ``sde_steps``: K of the training trajectories (0: ``sampler.steps``, one sampler for bank, training and
@@ -172,6 +173,7 @@ class FinetuneConfig:
     steps: int = 600
     batch_size: int = 512
     lr: float = 3e-3
+    warmup_steps: int = 20
     grad_clip: float = 100.0
     reward_grad_clip: float = 0.0
     sde_steps: int = 0

@@ -125,7 +125,8 @@ class AdjointMatchingSolver:
         config: `AdjointMatchingConfig`.
 
     ``step`` metrics (means over the batch's valid samples, with the oversampling weights):
-        loss, loss_ratio (loss / its value at v_theta = v_base), delta_v (||v_theta - v_base||^2), max_share
+        loss, loss_at_base (its value at v_theta = v_base; the ratio of the two, summed over a window, shows
+        progress: the loss value itself is mostly irreducible noise), delta_v (||v_theta - v_base||^2), max_share
         (largest per-sample share of the loss), loss_ess (effective sample size of the per-sample losses),
         clipped_fraction, valid_fraction, active_fraction (of the pool), mean_reward, pseudo_reward (E g),
         kl (Girsanov), objective (E g - gamma KL: what fine-tuning maximises), batch (trajectories in the loss).
@@ -177,7 +178,7 @@ class AdjointMatchingSolver:
             loss_sum = contrib.sum()
             metrics = {
                 "loss": terms.loss.detach(),
-                "loss_ratio": terms.loss.detach() / terms.loss_at_base.clamp_min(1e-30),
+                "loss_at_base": terms.loss_at_base,
                 "delta_v": terms.delta_v,
                 "max_share": contrib.max() / loss_sum if contrib.numel() else loss_sum,
                 "loss_ess": loss_sum.pow(2) / contrib.pow(2).sum() if contrib.numel() else loss_sum,

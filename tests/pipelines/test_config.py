@@ -48,6 +48,13 @@ def test_shipped_configs_validate(path):
         ("bank.size=abc", "bank.size"),
         ("bank.reward.num_cpus=-1", "bank.reward.num_cpus"),
         ("finetune.solver=magic", "finetune.solver"),
+        ("finetune.sde_steps=1", "finetune.sde_steps"),
+        ("finetune.clip_quantile=1.5", "finetune.clip_quantile"),
+        ("finetune.oversample=0", "finetune.oversample"),
+        ("finetune.guard_validity_drop=2", "finetune.guard_validity_drop"),
+        ("finetune.guard_patience=-1", "finetune.guard_patience"),
+        ("finetune.warmup_steps=-1", "finetune.warmup_steps"),
+        ("sampler.steps=1", "sampler.steps"),
     ],
 )
 def test_bad_settings_name_the_key(override, key):
@@ -75,3 +82,16 @@ def test_cli_rejects_stray_arguments():
     with pytest.raises(SystemExit) as exc:
         main(["config", str(CONFIGS[0]), "--bogus"])
     assert exc.value.code == 2
+
+
+def test_one_sampler_by_default_and_warnings_for_weak_settings():
+    from pipelines.run import sampler_record, sampler_warnings, training_steps
+
+    cfg = load_config(None, [])
+    assert training_steps(cfg) == cfg.sampler.steps and sampler_record(cfg)["same_as_finetune"]
+    assert sampler_warnings(cfg, "adjoint") == []  # 512 x 0.1 trajectories per update carry gradient
+    two = load_config(None, ["finetune.sde_steps=20", "finetune.batch_size=64"])
+    warnings = sampler_warnings(two, "adjoint")
+    assert not sampler_record(two)["same_as_finetune"] and len(warnings) == 2
+    assert "20 steps" in warnings[0] and "about 6 trajectories" in warnings[1]
+    assert sampler_warnings(two, "weighted") == []
