@@ -321,9 +321,12 @@ def run_finetune(
         history = result.metrics_dataframe.to_dict("records")
     from pipelines.guard import Guard
 
-    guard = Guard(enabled=finetune.guard)
+    guard = Guard(enabled=finetune.guard, baseline=guard_baseline)
     guard.load_state_dict(blob["guard"])
     kept, why = guard.keep()
-    state = blob["best"] if kept == "best" and blob.get("best") is not None else blob["model"]
+    if kept == "base":
+        state = {k: v.detach().cpu().clone() for k, v in (init_state or base_state).items()}
+    else:
+        state = blob["best"] if kept == "best" and blob.get("best") is not None else blob["model"]
     log(f"[finetune] kept the {kept} state: {why}")
     return FinetuneResult(state, history, solver, result.checkpoint.path, kept, why, guard.stopped)

@@ -6,6 +6,8 @@ the best so far and with the first window (the base model's value, KL = 0):
 
 - the state of the best window is kept; at the end the last state is returned unless it is worse than the best
   by more than two standard errors of the window means (then the best is returned, and the summary says so);
+- when no window beat the base model's objective by two standard errors, the starting state is returned: a
+  fine-tuned model never silently ends worse than its start;
 - training stops early when the validity of the training samples falls below ``min_valid_fraction``, or when
   the objective has stayed below its start by more than two standard errors for ``patience`` windows.
 
@@ -77,11 +79,20 @@ class Guard:
         return GuardDecision(improved=improved, stop=bool(self.stopped), reason=self.stopped)
 
     def keep(self) -> tuple[str, str]:
-        """("best" | "last", why) for the state to return at the end."""
+        """("base" | "best" | "last", why) for the state to return at the end.
+
+        "base": no window beat the base model's objective (``baseline``) by two standard errors, so the
+        fine-tuned state is not known to be better than the model it started from, and the start is returned.
+        """
         if not self.enabled or self.best is None or self.last is None:
             return "last", "no running objective to compare" if self.enabled else "guard off"
         best, best_se, best_step = self.best
         last, last_se, last_step = self.last
+        if self.baseline is not None and best <= self.baseline + 2.0 * best_se:
+            return "base", (
+                f"no window's running objective beat the base model's {self.baseline:.4g} by two standard errors "
+                f"(best {best:.4g} +- {best_se:.2g} at step {best_step}); the starting state is returned"
+            )
         if self.stopped:
             return "best", f"stopped early ({self.stopped}); kept step {best_step}, objective {best:.4g}"
         if last < best - 2.0 * math.hypot(best_se, last_se):

@@ -30,7 +30,7 @@ def test_stops_when_the_objective_stays_below_the_base_model():
                 for step, value in ((10, 1.5), (20, -3.0), (30, -5.0), (40, -4.0))]
     assert outcomes == [False, False, False, True]
     assert "below its start (1.4)" in guard.stopped
-    assert guard.keep()[0] == "best" and guard.best[2] == 10
+    assert guard.keep()[0] == "base" and guard.best[2] == 10  # 1.5 is within two standard errors of 1.4
     # within the noise of the start it does not count as below
     calm = Guard(baseline=1.4, patience=1)
     assert not calm.update(10, 1.3, se=0.1, valid_fraction=1.0).stop
@@ -53,3 +53,14 @@ def test_no_objective_or_guard_off_keeps_the_last_state():
     off = Guard(enabled=False, min_valid_fraction=0.9)
     assert not off.update(10, -100.0, se=0.0, valid_fraction=0.0).stop
     assert off.keep() == ("last", "guard off")
+
+
+def test_returns_the_starting_state_when_nothing_beat_the_base_model():
+    guard = Guard(baseline=1.0, patience=0)
+    for step, value in ((10, 1.05), (20, 0.9), (30, 1.1)):
+        guard.update(step, value, se=0.1, valid_fraction=1.0)
+    kept, why = guard.keep()
+    assert kept == "base" and "starting state" in why
+    clear = Guard(baseline=1.0, patience=0)
+    clear.update(10, 1.5, se=0.1, valid_fraction=1.0)
+    assert clear.keep()[0] == "last"
