@@ -8,6 +8,7 @@ samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`), th
 
 from tfft.adjoint import Adjoint, Conditioning, adjoint_matching_loss, girsanov_kl, lean_adjoint, select_time_steps
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
+from tfft.refine import RefineResult, TailMeasurement, left_basin, refine_threshold
 from tfft.solvers import (
     AdjointMatchingConfig,
     AdjointMatchingSolver,
@@ -45,6 +46,10 @@ __all__ = [
     "AdjointMatchingSolver",
     "Conditioning",
     "PseudoReward",
+    "RefineResult",
+    "TailMeasurement",
+    "left_basin",
+    "refine_threshold",
     "StepResult",
     "WeightedFlowMatchingSolver",
     "girsanov_kl",

@@ -1,7 +1,7 @@
 """End to end on the 2-D task: mean, right-CVaR and left-CVaR fine-tuning through the whole pipeline.
 
-One local Ray session for the module. Sizes are the shipped configs' own (20k banks, 600 steps), so
-the comparison is the one a user sees; the module takes a few minutes on 2 cores.
+One local Ray session for the module. The shipped configs run at half size (10k banks, 300 fine-tuning
+steps: ``SMOKE``); the full-size runs are the benchmark's (``benchmarks/toy2d_figure.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 STAT_KEYS = {"n", "n_valid", "mean", "cvar_right", "cvar_left"}
 LEVELS = {"0.05", "0.1", "0.2"}
+N = 10_000
+SMOKE = [f"bank.size={N}", f"eval.size={N}", "finetune.steps=300"]
 
 USER_MODULE = '''
 import numpy as np
@@ -66,7 +68,7 @@ def runs(env):
     out = {}
     for name in ("mean", "right", "left"):
         out_dir = env["root"] / name
-        code = main(["run", str(ROOT / f"tune_configs/toy2d_{name}.yaml"), "--out", str(out_dir), *env["common"]])
+        code = main(["run", str(ROOT / f"tune_configs/toy2d_{name}.yaml"), "--out", str(out_dir), *SMOKE, *env["common"]])
         assert code == 0
         out[name] = (out_dir, json.loads((out_dir / "summary.json").read_text()))
     return out
@@ -76,7 +78,7 @@ def runs(env):
 def weighted_run(env, runs):
     """Right-CVaR with the reward as a black box: weighted flow matching on the bank (DESIGN §7)."""
     out_dir = env["root"] / "right_weighted"
-    args = ["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), "finetune.solver=weighted"]
+    args = ["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), "finetune.solver=weighted", *SMOKE]
     assert main([*args, *env["common"]]) == 0
     return out_dir, json.loads((out_dir / "summary.json").read_text())
 
@@ -90,14 +92,19 @@ def test_outputs_follow_the_contract(runs):
             stats = summary[block]
             assert STAT_KEYS <= set(stats)
             assert set(stats["cvar_right"]) == LEVELS and set(stats["cvar_left"]) == LEVELS
-            assert stats["n"] == stats["n_valid"] == 20_000
+            assert stats["n"] == stats["n_valid"] == N
         if name == "mean":
             assert summary["threshold"] is None
         else:
             assert set(summary["threshold"]) == {"eta", "value", "tail_mass", "ess", "active_fraction"}
             assert summary["threshold"]["tail_mass"] == pytest.approx(0.1, abs=0.01)
         bank = read_bank(out_dir / "bank_final.parquet")
-        assert len(bank) == 20_000 and sorted(bank.ids.tolist()) == list(range(20_000))
+        assert len(bank) == N and sorted(bank.ids.tolist()) == list(range(N))
+        assert summary["sampler"]["same_as_finetune"] and summary["sampler"]["steps"] == 40
+        assert summary["guard"]["kept"] in ("last", "best") and summary["guard"]["reason"]
+        interval = summary["target_interval"]
+        for key in ("mean",):
+            assert interval["lo"][key] <= summary["target"][key] <= interval["hi"][key]
 
 
 def test_each_tail_objective_beats_the_expected_reward_model_on_its_side(runs):
@@ -148,7 +155,8 @@ def test_mlflow_holds_params_step_metrics_and_artifacts(runs, env):
         assert run.data.params["objective.kind"] == ("mean" if name == "mean" else "cvar")
         history = client.get_metric_history(run.info.run_id, "loss")
         assert len({m.step for m in history}) >= 5
-        for key in ("mean_reward", "active_fraction", "finetuned.cvar_right_0.1", "target.cvar_left_0.1"):
+        for key in ("mean_reward", "active_fraction", "objective", "kl", "loss_ratio", "grad_clipped",
+                    "finetuned.cvar_right_0.1", "target.cvar_left_0.1", "target_lo.cvar_left_0.1"):
             assert key in run.data.metrics, (name, key)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"summary.json", "rewards.png", "samples.png"} <= artifacts
@@ -157,7 +165,7 @@ def test_mlflow_holds_params_step_metrics_and_artifacts(runs, env):
 def test_rerun_with_same_out_reuses_every_stage(runs, env, capsys):
     out_dir, before = runs["right"]
     mtime = (out_dir / "bank_final.parquet").stat().st_mtime
-    assert main(["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), *env["common"]]) == 0
+    assert main(["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), *SMOKE, *env["common"]]) == 0
     text = capsys.readouterr().out
     assert "[bank base] reusing" in text and "[finetune] reusing" in text and "[bank final] reusing" in text
     after = json.loads((out_dir / "summary.json").read_text())
@@ -167,7 +175,7 @@ def test_rerun_with_same_out_reuses_every_stage(runs, env, capsys):
 
 def test_changed_config_in_same_out_is_refused(runs, env, capsys):
     out_dir, _ = runs["left"]
-    args = ["run", str(ROOT / "tune_configs/toy2d_left.yaml"), "--out", str(out_dir), "objective.alpha=0.2"]
+    args = ["run", str(ROOT / "tune_configs/toy2d_left.yaml"), "--out", str(out_dir), "objective.alpha=0.2", *SMOKE]
     assert main([*args, *env["common"]]) == 2
     assert "different config" in capsys.readouterr().err
 
