@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from tfft.tail import _check_side
+
 __all__ = [
     "Basin",
     "Bracket",
@@ -43,16 +45,9 @@ __all__ = [
     "update_bracket",
 ]
 
-_SIDES = ("right", "left")
 
 
 # --- validation -------------------------------------------------------------------------------------------------
-
-
-def _check_side(side: str) -> str:
-    if side not in _SIDES:
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    return side
 
 
 def _check_alpha(alpha: float) -> float:
