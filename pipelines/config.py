@@ -165,6 +165,8 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(ft.oversample >= 1, "finetune.oversample", f"must be >= 1, got {ft.oversample}")
     _require(0 <= ft.guard_validity_drop <= 1, "finetune.guard_validity_drop",
              f"must be in [0, 1], got {ft.guard_validity_drop}")
+    _require(ft.guard_metric in ("objective", "pseudo_reward"), "finetune.guard_metric",
+             f"must be 'objective' or 'pseudo_reward', got {ft.guard_metric!r}")
     _require(ft.guard_patience >= 0, "finetune.guard_patience", f"must be >= 0 (0: never), got {ft.guard_patience}")
     _require(0 < ft.late_fraction <= 1, "finetune.late_fraction", f"must be in (0, 1], got {ft.late_fraction}")
     _require(ft.n_early >= 0, "finetune.n_early", f"must be >= 0, got {ft.n_early}")

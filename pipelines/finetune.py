@@ -83,6 +83,9 @@ def _build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn
     return AdjointMatchingSolver(model, base, _pseudo_reward_fn(config), am)
 
 
+_GUARDED = ("objective", "pseudo_reward")  # metrics whose standard error over a window is reported
+
+
 def _window_metrics(sums: dict[str, torch.Tensor], count: int, world: int) -> dict[str, float]:
     """All-reduce the window's metric sums (one call) and turn them into means; objective_se from the squares."""
     import torch.distributed as dist
@@ -95,9 +98,10 @@ def _window_metrics(sums: dict[str, torch.Tensor], count: int, world: int) -> di
     means = {k: float(v) / n for k, v in zip(names, totals.tolist())}
     if "loss_at_base" in means:
         means["loss_ratio"] = means["loss"] / means["loss_at_base"] if means["loss_at_base"] > 0 else float("nan")
-    if "objective_sq" in means:
-        var = max(means.pop("objective_sq") - means["objective"] ** 2, 0.0)
-        means["objective_se"] = (var / max(n - 1, 1)) ** 0.5
+    for name in _GUARDED:
+        if f"{name}_sq" in means:
+            var = max(means.pop(f"{name}_sq") - means[name] ** 2, 0.0)
+            means[f"{name}_se"] = (var / max(n - 1, 1)) ** 0.5
     return means
 
 
@@ -125,7 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
     # Linear warm-up: Adam's first steps are full-size in every direction before its moments settle.
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(config["warmup_steps"], 1)))
-    guard = Guard(enabled=config["guard"], min_valid_fraction=config["min_valid_fraction"],
+    guard = Guard(enabled=config["guard"], metric=config["guard_metric"], min_valid_fraction=config["min_valid_fraction"],
                   patience=config["guard_patience"], baseline=config["guard_baseline"])
     solver_state, best_state, start_step = None, None, 0
     checkpoint = ray.train.get_checkpoint()
@@ -161,8 +165,9 @@ def train_loop(config: dict[str, Any]) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
         metrics = dict(result.metrics, grad_norm=grad_norm.detach(),
                        grad_clipped=(grad_norm > config["grad_clip"]).to(torch.float64))
-        if "objective" in metrics:
-            metrics["objective_sq"] = metrics["objective"] ** 2
+        for name in _GUARDED:
+            if name in metrics:
+                metrics[f"{name}_sq"] = metrics[name] ** 2
         opt.step()
         warmup.step()
         for k, v in metrics.items():
@@ -172,7 +177,8 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
         window = _window_metrics(sums, (step - 1) % config["log_every"] + 1, world)
         sums = {}
-        decision = guard.update(step, window.get("objective"), window.get("objective_se", 0.0),
+        metric = config["guard_metric"]
+        decision = guard.update(step, window.get(metric), window.get(f"{metric}_se", 0.0),
                                 window.get("valid_fraction", 1.0))
         if decision.improved and rank == 0:
             best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
@@ -274,6 +280,7 @@ def run_finetune(
         "min_valid_fraction": min_valid_fraction,
         "guard_patience": finetune.guard_patience,
         "guard_baseline": guard_baseline,
+        "guard_metric": finetune.guard_metric,
         "late_fraction": finetune.late_fraction,
         "n_early": finetune.n_early,
         "log_every": finetune.log_every,
@@ -321,7 +328,7 @@ def run_finetune(
         history = result.metrics_dataframe.to_dict("records")
     from pipelines.guard import Guard
 
-    guard = Guard(enabled=finetune.guard, baseline=guard_baseline)
+    guard = Guard(enabled=finetune.guard, metric=finetune.guard_metric, baseline=guard_baseline)
     guard.load_state_dict(blob["guard"])
     kept, why = guard.keep()
     if kept == "base":

@@ -45,6 +45,7 @@ class Guard:
     """
 
     enabled: bool = True
+    metric: str = "running objective"
     min_valid_fraction: float = 0.0
     patience: int = 5
     baseline: float | None = None
@@ -74,7 +75,7 @@ class Guard:
             )
         elif self.patience > 0 and self.below >= self.patience:
             self.stopped = (
-                f"the running objective stayed below its start ({self.first[0]:.4g}) for {self.below} windows"
+                f"the {self.metric} stayed below its start ({self.first[0]:.4g}) for {self.below} windows"
             )
         return GuardDecision(improved=improved, stop=bool(self.stopped), reason=self.stopped)
 
@@ -90,17 +91,17 @@ class Guard:
         last, last_se, last_step = self.last
         if self.baseline is not None and best <= self.baseline + 2.0 * best_se:
             return "base", (
-                f"no window's running objective beat the base model's {self.baseline:.4g} by two standard errors "
+                f"no window's {self.metric} beat the base model's {self.baseline:.4g} by two standard errors "
                 f"(best {best:.4g} +- {best_se:.2g} at step {best_step}); the starting state is returned"
             )
         if self.stopped:
-            return "best", f"stopped early ({self.stopped}); kept step {best_step}, objective {best:.4g}"
+            return "best", f"stopped early ({self.stopped}); kept step {best_step}, {self.metric} {best:.4g}"
         if last < best - 2.0 * math.hypot(best_se, last_se):
             return "best", (
-                f"the last objective {last:.4g} (step {last_step}) is more than two standard errors below the best "
+                f"the last {self.metric} {last:.4g} (step {last_step}) is more than two standard errors below the best "
                 f"{best:.4g} (step {best_step})"
             )
-        return "last", f"the last objective {last:.4g} is within two standard errors of the best {best:.4g}"
+        return "last", f"the last {self.metric} {last:.4g} is within two standard errors of the best {best:.4g}"
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (for checkpoints)."""

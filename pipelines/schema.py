@@ -160,10 +160,13 @@ class FinetuneConfig:
     reached a right-CVaR of 5.14 where the unnormalised loss reached 6.35 (target 6.48) in the same budget. ``oversample``: draw this many times the
     batch in trajectories and keep every active one (up to half the batch) plus a weighted random subset of the
     rest (more tail signal per update for the cost of sampling and rewards, not of the loss).
-    The guard (``guard``): keep the best state by the running objective E[g] - gamma KL when the last is worse
-    by more than two standard errors; stop early when the training samples' validity falls more than
-    ``guard_validity_drop`` below the base bank's, or when the objective stays below its start for
-    ``guard_patience`` logged windows. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every``
+    The guard (``guard``): keep the best state by ``guard_metric`` (objective: the running E[g] - gamma KL;
+    pseudo_reward: E[g] alone) when the last is worse by more than two standard errors, and the starting state
+    when no window beat the base model's value; stop early when the training samples' validity falls more than
+    ``guard_validity_drop`` below the base bank's, or when the metric stays below its start for
+    ``guard_patience`` logged windows. The objective's KL is the path KL along the SDE, an upper bound of
+    KL(p || q) that counts late-time velocity changes the samples barely feel; where that bound dominates
+    (molecules), guard on pseudo_reward. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every``
     steps. Workers: ``num_workers`` (DDP), ``cpus_per_worker``, one GPU each when ``use_gpu``, plus custom
     ``resources_per_worker`` (e.g. ``{train_node: 1}``); a failed worker group restarts from the latest
     checkpoint up to ``max_failures`` times.
@@ -185,6 +188,7 @@ class FinetuneConfig:
     guard: bool = True
     guard_validity_drop: float = 0.05
     guard_patience: int = 5
+    guard_metric: str = "objective"
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
