@@ -21,12 +21,19 @@ from pipelines.plots import plot_rewards, plot_samples
 from pipelines.pretrain import BaseModel, load_or_pretrain
 from pipelines.raysession import connect
 from pipelines.schema import Config
-from pipelines.summary import flatten_stats, format_table
+from pipelines.summary import flatten_interval, flatten_stats, format_table
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import Reward, load_reward
 from pipelines.refinement import refine_threshold
 from tfft.tail import Threshold, cvar, solve_threshold
-from tfft.target import effective_sample_size, pseudo_reward, summarize, target_summary, tilt_weights
+from tfft.target import (
+    effective_sample_size,
+    pseudo_reward,
+    summarize,
+    target_interval,
+    target_summary,
+    tilt_weights,
+)
 
 __all__ = ["run_pipeline", "run_bank_only", "prepare_base", "solve_objective", "run_from_bank", "objective_of", "choose_solver"]
 
@@ -303,11 +310,9 @@ def _record(
     base_stats = summarize(base_bank.reward, valid=base_bank.valid).to_dict()
     final_stats = summarize(final_bank.reward, valid=final_bank.valid).to_dict()
     target_stats = target_summary(base_bank.reward, valid=base_bank.valid, **objective).to_dict()
-    from pipelines.summary import flatten_interval
-    from tfft.target import target_interval
-
     tilt = {key: objective[key] for key in ("eta", "side", "alpha", "kl_weight")}
     interval = target_interval(base_bank.reward, valid=base_bank.valid, seed=cfg.seed, **tilt).to_dict()
+    record = _finetune_record(out)
     summary: dict[str, Any] = {
         "threshold": threshold.to_dict() if threshold is not None else None,
         "base": base_stats,
@@ -316,8 +321,8 @@ def _record(
         "target_interval": interval,
         "objective": {"kind": cfg.objective.kind, **objective},
         "solver": solver,
-        "finetune_seconds": _finetune_record(out).get("seconds"),
-        "guard": _finetune_record(out).get("guard"),
+        "finetune_seconds": record.get("seconds"),
+        "guard": record.get("guard"),
         "sampler": sampler_record(cfg),
         "failures": {"base": base_bank.accounting(), "final": final_bank.accounting()},
     }
