@@ -162,6 +162,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(ft.sde_steps == 0 or ft.sde_steps >= 2, "finetune.sde_steps",
              f"must be 0 (= sampler.steps) or >= 2, got {ft.sde_steps}")
     _require(0 <= ft.clip_quantile <= 1, "finetune.clip_quantile", f"must be in [0, 1] (0: off), got {ft.clip_quantile}")
+    _require(ft.clip_factor >= 1, "finetune.clip_factor", f"must be >= 1, got {ft.clip_factor}")
     _require(ft.oversample >= 1, "finetune.oversample", f"must be >= 1, got {ft.oversample}")
     _require(0 <= ft.guard_validity_drop <= 1, "finetune.guard_validity_drop",
              f"must be in [0, 1], got {ft.guard_validity_drop}")

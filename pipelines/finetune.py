@@ -78,6 +78,7 @@ def _build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn
     am = AdjointMatchingConfig(
         kl_weight=config["objective"]["kl_weight"], steps=config["sde_steps"], late_fraction=config["late_fraction"],
         n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
+        clip_factor=config.get("clip_factor", 2.0),
         oversample=config["oversample"],
     )
     return AdjointMatchingSolver(model, base, _pseudo_reward_fn(config), am)
@@ -275,6 +276,7 @@ def run_finetune(
         "sde_steps": sde_steps,
         "normalize": finetune.normalize,
         "clip_quantile": finetune.clip_quantile,
+        "clip_factor": finetune.clip_factor,
         "oversample": finetune.oversample if solver == "adjoint" else 1,
         "guard": finetune.guard,
         "min_valid_fraction": min_valid_fraction,

@@ -142,8 +142,9 @@ class Conditioning:
     """Running, stop-gradient statistics that condition the regression (DESIGN.md section 6).
 
     For each step k, on the regression targets y = sigma_k a_{k+1} (n, d):
-    - clip: ||y_i|| is capped at c_k, a running mean (decay `decay`) of the batch's `clip_quantile`-quantile of
-      the non-zero ||y|| (0 disables; inactive samples of a tail objective have y = 0 and do not count);
+    - clip: ||y_i|| is capped at `clip_factor` c_k, c_k a running mean (decay `decay`) of the batch's
+      `clip_quantile`-quantile of the non-zero ||y|| (0 disables; inactive samples of a tail objective have y = 0
+      and do not count): only outliers are clipped, so the regression's targets keep their size;
     - normalise: the step's squared residual is divided by d s_k, s_k a running mean of the batch mean of
       ||y_clipped||^2 (off when `normalize` is False).
     The statistics start from the first batch that has a non-zero target at that step.
@@ -156,7 +157,8 @@ class Conditioning:
 
     steps: int
     normalize: bool = False
-    clip_quantile: float = 0.95
+    clip_quantile: float = 0.9
+    clip_factor: float = 2.0
     decay: float = 0.9
     scale: Tensor = field(default=None)  # type: ignore[assignment]
     clip: Tensor = field(default=None)  # type: ignore[assignment]
@@ -166,6 +168,8 @@ class Conditioning:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 0.0 <= self.clip_quantile <= 1.0:
             raise ValueError(f"clip_quantile must be in [0, 1] (0: no clipping), got {self.clip_quantile}")
+        if not self.clip_factor >= 1.0:
+            raise ValueError(f"clip_factor must be >= 1, got {self.clip_factor}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         if self.scale is None:
@@ -200,7 +204,7 @@ class Conditioning:
             signal = norms.cpu()[:, counted]
             batch_q = torch.nanquantile(torch.where(signal > 0, signal, torch.nan), self.clip_quantile, dim=1)
             batch_q = torch.nan_to_num(batch_q, nan=0.0)
-            cap = self._blend(self.clip, rows, batch_q).to(device=target.device)  # (m,)
+            cap = self.clip_factor * self._blend(self.clip, rows, batch_q).to(device=target.device)  # (m,)
             cap = torch.where(torch.isnan(cap), torch.full_like(cap, math.inf), cap)
             over = norms > cap[:, None]
             clipped = over & counted.to(target.device)[None, :]

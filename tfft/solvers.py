@@ -54,7 +54,8 @@ class AdjointMatchingConfig:
         late_fraction, n_early: the loss's time steps (`select_time_steps`).
         normalize: per-step normalisation of the regression (`Conditioning`); off by default: it shifts the
             gradient's weight to the last steps and slowed fine-tuning on the 2-D task.
-        clip_quantile: per-sample target clip at this running quantile (0: off).
+        clip_quantile, clip_factor: per-sample target clip at clip_factor times this running quantile of the
+            non-zero targets (clip_quantile 0: off).
         decay: decay of the running statistics.
         oversample: draw ``oversample * n`` trajectories and keep every active one (up to half the batch) and
             a random subset of the inactive ones, Horvitz-Thompson weighted (1 = off; `oversample_weights`).
@@ -66,7 +67,8 @@ class AdjointMatchingConfig:
     late_fraction: float = 0.25
     n_early: int = 10
     normalize: bool = False
-    clip_quantile: float = 0.95
+    clip_quantile: float = 0.9
+    clip_factor: float = 2.0
     decay: float = 0.9
     oversample: int = 1
 
@@ -137,7 +139,8 @@ class AdjointMatchingSolver:
     ) -> None:
         self.model, self.base, self.pseudo_reward_fn, self.config = model, base, pseudo_reward_fn, config
         self.conditioning = Conditioning(
-            config.steps, normalize=config.normalize, clip_quantile=config.clip_quantile, decay=config.decay
+            config.steps, normalize=config.normalize, clip_quantile=config.clip_quantile,
+            clip_factor=config.clip_factor, decay=config.decay,
         )
 
     def step(self, x0: Tensor, generator: torch.Generator | None = None) -> StepResult:

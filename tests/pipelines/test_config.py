@@ -51,6 +51,7 @@ def test_shipped_configs_validate(path):
         ("finetune.sde_steps=1", "finetune.sde_steps"),
         ("finetune.clip_quantile=1.5", "finetune.clip_quantile"),
         ("finetune.oversample=0", "finetune.oversample"),
+        ("finetune.clip_factor=0.5", "finetune.clip_factor"),
         ("finetune.guard_validity_drop=2", "finetune.guard_validity_drop"),
         ("finetune.guard_patience=-1", "finetune.guard_patience"),
         ("finetune.warmup_steps=-1", "finetune.warmup_steps"),
