@@ -59,12 +59,11 @@ def _pseudo_reward_fn(config: dict[str, Any]) -> Callable[[torch.Tensor], Any]:
 
     def fn(x1: torch.Tensor) -> Any:
         out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64))
-        signal = pseudo_reward_signal(
+        return pseudo_reward_signal(
             out.rewards.to(torch.float64), grad_r.to(torch.float64), out.valid,
             eta=objective["eta"], side=objective["side"], alpha=objective["alpha"],
             grad_clip=config["reward_grad_clip"],
         )
-        return type(signal)(signal.value.to(x1.dtype), signal.grad.to(x1.dtype), signal.valid, signal.reward)
 
     return fn
 
@@ -78,7 +77,7 @@ def _build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn
     am = AdjointMatchingConfig(
         kl_weight=config["objective"]["kl_weight"], steps=config["sde_steps"], late_fraction=config["late_fraction"],
         n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
-        clip_factor=config.get("clip_factor", 2.0),
+        clip_factor=config["clip_factor"],
         oversample=config["oversample"],
     )
     return AdjointMatchingSolver(model, base, _pseudo_reward_fn(config), am)

@@ -157,7 +157,8 @@ class FinetuneConfig:
     §6): ``clip_quantile`` (0: off) and ``clip_factor`` clip ||sigma a|| per sample at
     ``clip_factor`` times that running quantile of the non-zero targets (only outliers); ``normalize`` (off by default) divides each step's residual by a running scale of ||sigma a||^2 / d:
     it evens out the loss over steps but shifts the gradient's weight to the last steps, and on the 2-D task it
-    reached a right-CVaR of 5.14 where the unnormalised loss reached 6.35 (target 6.48) in the same budget. ``oversample``: draw this many times the
+    reached a right-CVaR of 5.18 where the unnormalised loss reached 6.30 (target 6.48) in the same budget
+    (``benchmarks/results/solver_ablation.md``). ``oversample``: draw this many times the
     batch in trajectories and keep every active one (up to half the batch) plus a weighted random subset of the
     rest (more tail signal per update for the cost of sampling and rewards, not of the loss).
     The guard (``guard``): keep the best state by ``guard_metric`` (objective: the running E[g] - gamma KL;

@@ -163,11 +163,10 @@ class AdjointMatchingSolver:
         else:
             n_valid = max(int(valid.sum()), 1)
             weights = valid.to(torch.float64).cpu() / n_valid
-        keep = torch.nonzero(weights > 0).flatten()
-        weights = weights.to(device=device, dtype=dtype)
-        sub = _subset(traj, keep.to(device))
-        w = weights[keep.to(device)]
-        grad = signal.grad.to(device=device, dtype=dtype)[keep.to(device)]
+        keep = torch.nonzero(weights > 0).flatten().to(device)
+        w = weights.to(device=device, dtype=dtype)[keep]
+        sub = _subset(traj, keep)
+        grad = signal.grad.to(device=device, dtype=dtype)[keep]
         terminal = -grad / cfg.kl_weight
         adjoint = lean_adjoint(self.base, sub, terminal)
         indices = select_time_steps(cfg.steps, late_fraction=cfg.late_fraction, n_early=cfg.n_early, generator=generator)
@@ -175,8 +174,8 @@ class AdjointMatchingSolver:
         with torch.no_grad():
             total = w.sum().clamp_min(1e-30)
             kl = (girsanov_kl(sub, adjoint) * w).sum() / total
-            g = (signal.value.to(device=device, dtype=dtype)[keep.to(device)] * w).sum() / total
-            reward = torch.nan_to_num(signal.reward.to(device=device, dtype=dtype)[keep.to(device)])
+            g = (signal.value.to(device=device, dtype=dtype)[keep] * w).sum() / total
+            reward = torch.nan_to_num(signal.reward.to(device=device, dtype=dtype)[keep])
             contrib = terms.per_sample[terms.per_sample > 0]
             loss_sum = contrib.sum()
             metrics = {
