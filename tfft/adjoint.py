@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from tfft.model import VelocityField
-from tfft.sampling import Trajectory, sde_drift, sigma, velocity_gain
+from tfft.sampling import Trajectory, sigma, step_coefficients, velocity_gain
 
 __all__ = [
     "Adjoint",
@@ -31,8 +31,11 @@ __all__ = [
     "adjoint_matching_loss",
     "control",
     "girsanov_kl",
+    "girsanov_kl_estimate",
     "lean_adjoint",
+    "matching_loss",
     "select_time_steps",
+    "step_weights",
 ]
 
 
@@ -66,25 +69,24 @@ def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tenso
     Returns:
         `Adjoint` with states (K + 1, n, d) and base velocities (K, n, d).
     """
-    xs, h = traj.xs, traj.h
+    xs = traj.xs
     if terminal.shape != xs.shape[1:]:
         raise ValueError(f"terminal must have shape {tuple(xs.shape[1:])}, got {tuple(terminal.shape)}")
-    n, steps = xs.shape[1], traj.steps
-    a = terminal.detach().to(dtype=xs.dtype)
-    states, base_velocities = [a], []
+    steps, n = traj.steps, xs.shape[1]
+    c_x, c_v, _ = step_coefficients(steps, traj.offset)
+    states = torch.empty_like(xs)
+    base_velocities = torch.empty((steps, *xs.shape[1:]), device=xs.device, dtype=xs.dtype)
+    states[steps] = terminal.detach().to(dtype=xs.dtype)
     for k in range(steps - 1, -1, -1):
-        t = k * h
+        # b = lambda v - kappa x, so a_k = (1 - h kappa) a_{k+1} + h lambda J_v^T a_{k+1} = c_x a + c_v J_v^T a
+        a = states[k + 1]
         with torch.enable_grad():
             x = xs[k].detach().requires_grad_(True)
             v_base = base_velocity(x, traj.ts[k].expand(n))
-            drift = sde_drift(v_base, x, t, traj.offset)
-            (vjp,) = torch.autograd.grad(drift, x, grad_outputs=a)
-        a = a + h * vjp.detach()
-        states.append(a)
-        base_velocities.append(v_base.detach())
-    states.reverse()
-    base_velocities.reverse()
-    return Adjoint(states=torch.stack(states), base_velocities=torch.stack(base_velocities))
+            (vjp,) = torch.autograd.grad(v_base, x, grad_outputs=a)
+        torch.mul(a, c_x[k], out=states[k]).add_(vjp, alpha=c_v[k])
+        base_velocities[k] = v_base.detach()
+    return Adjoint(states=states, base_velocities=base_velocities)
 
 
 def control(traj: Trajectory, velocity: Tensor, base_velocity: Tensor, step_indices: Tensor) -> Tensor:
@@ -270,7 +272,8 @@ def adjoint_matching_loss(
     summed over dimensions and averaged over steps (the unconditioned regression); with it, y is clipped and s_k
     is the running scale of `Conditioning`. w_i are `sample_weights` (default uniform 1/n); samples with weight 0
     are dropped before the network call (a NaN there cannot reach the gradient). v_theta is called once on the
-    chosen steps flattened to (m n', d); v_base comes from the adjoint pass.
+    chosen steps flattened to (m n', d); v_base comes from the adjoint pass. `matching_loss` is the same loss on
+    velocities already evaluated.
 
     Args:
         velocity: v_theta, trained.
@@ -286,48 +289,120 @@ def adjoint_matching_loss(
     xs = traj.xs
     if adjoint.states.shape != xs.shape:
         raise ValueError(f"adjoint must have shape {tuple(xs.shape)}, got {tuple(adjoint.states.shape)}")
-    steps, n, d = traj.steps, xs.shape[1], xs.shape[2]
-    step_indices = torch.as_tensor(step_indices, dtype=torch.long, device=xs.device)
-    if step_indices.dim() != 1 or step_indices.numel() == 0:
-        raise ValueError("step_indices must be a non-empty 1-D tensor")
-    if int(step_indices.min()) < 0 or int(step_indices.max()) >= steps:
-        raise ValueError(f"step_indices must lie in [0, {steps})")
-    weights = torch.full((n,), 1.0 / max(n, 1), dtype=xs.dtype, device=xs.device)
-    if sample_weights is not None:
-        if sample_weights.shape != (n,):
-            raise ValueError(f"sample_weights must have shape ({n},), got {tuple(sample_weights.shape)}")
-        weights = sample_weights.detach().to(device=xs.device, dtype=xs.dtype)
+    n = xs.shape[1]
+    step_indices = _check_steps(step_indices, traj.steps, xs.device)
+    weights = _check_weights(sample_weights, n, xs)
     keep = weights > 0
-    per_sample_full = torch.zeros(n, dtype=xs.dtype, device=xs.device)
-    zero = torch.zeros((), dtype=xs.dtype, device=xs.device)
     if not bool(keep.any()):
-        anchor = sum((p.sum() * 0.0 for p in _parameters(velocity)), zero)
-        return LossTerms(anchor, per_sample_full, zero, zero, zero)
-    w = weights[keep]
-    m = step_indices.numel()
+        return _empty_terms(velocity, n, xs)
+    m, d = step_indices.numel(), xs.shape[2]
     x = xs[step_indices][:, keep]  # (m, n', d)
-    target = sigma(step_indices.to(xs.dtype) * traj.h, traj.offset).reshape(m, 1, 1) * adjoint.states[
-        step_indices + 1
-    ][:, keep]
-    divisor = torch.full((m,), 1.0 / d, dtype=xs.dtype, device=xs.device)  # plain sum over dimensions
-    clipped = torch.zeros((), dtype=xs.dtype, device=xs.device)
-    if conditioning is not None:
-        target, divisor, clipped_mask = conditioning.apply(target, step_indices, w)
-        clipped = clipped_mask.to(xs.dtype).mean()
     n_kept = x.shape[1]
     t_flat = (step_indices.to(xs.dtype) * traj.h).repeat_interleave(n_kept)
     v_theta = velocity(x.reshape(m * n_kept, d), t_flat).reshape(m, n_kept, d)
-    v_base = adjoint.base_velocities[step_indices][:, keep]
-    u = control(traj, v_theta, v_base, step_indices)
+    terms = matching_loss(
+        v_theta, adjoint.base_velocities[step_indices][:, keep], adjoint.states[step_indices + 1][:, keep],
+        step_indices, h=traj.h, offset=traj.offset, weights=weights[keep], conditioning=conditioning,
+    )
+    per_sample = torch.zeros(n, dtype=xs.dtype, device=xs.device)
+    per_sample[keep] = terms.per_sample
+    return LossTerms(terms.loss, per_sample, terms.loss_at_base, terms.delta_v, terms.clipped_fraction)
+
+
+def matching_loss(
+    v_theta: Tensor,
+    v_base: Tensor,
+    next_adjoint: Tensor,
+    step_indices: Tensor,
+    *,
+    h: float,
+    offset: float,
+    weights: Tensor,
+    conditioning: Conditioning | None = None,
+) -> LossTerms:
+    """The loss of `adjoint_matching_loss` from velocities already evaluated at the chosen steps.
+
+    Args:
+        v_theta: (m, n, d) at (X_k, t_k) for the m chosen steps, attached to the trained parameters.
+        v_base: (m, n, d) at the same points, detached.
+        next_adjoint: a_{k+1}, (m, n, d).
+        step_indices: the chosen k, (m,).
+        h, offset: the SDE's step 1 / K and offset.
+        weights: (n,) positive sample weights, used as given.
+        conditioning: optional running statistics, updated in place.
+    """
+    m, n, d = v_theta.shape
+    dtype, device = v_theta.dtype, v_theta.device
+    w = weights.detach().to(device=device, dtype=dtype)
+    t = step_indices.to(device=device, dtype=dtype) * h
+    target = sigma(t, offset).reshape(m, 1, 1) * next_adjoint.to(dtype)
+    divisor = torch.full((m,), 1.0 / d, dtype=dtype, device=device)  # plain sum over dimensions
+    clipped = torch.zeros((), dtype=dtype, device=device)
+    if conditioning is not None:
+        target, divisor, clipped_mask = conditioning.apply(target, step_indices, w)
+        clipped = clipped_mask.to(dtype).mean()
+    gain = (velocity_gain(t, offset) / sigma(t, offset)).reshape(m, 1, 1)
+    u = gain * (v_theta - v_base)
     norm = (d * divisor).reshape(m, 1)
-    per_step = (u + target).pow(2).sum(dim=2) / norm  # (m, n')
-    per_sample = per_step.mean(dim=0) * w  # (n',)
+    per_step = (u + target).pow(2).sum(dim=2) / norm  # (m, n)
+    per_sample = per_step.mean(dim=0) * w  # (n,)
     loss = per_sample.sum()
     with torch.no_grad():
         at_base = ((target.pow(2).sum(dim=2) / norm).mean(dim=0) * w).sum()
         delta_v = ((v_theta - v_base).pow(2).sum(dim=2).mean(dim=0) * w).sum() / w.sum()
-        per_sample_full[keep] = per_sample.detach()
-    return LossTerms(loss, per_sample_full, at_base.detach(), delta_v.detach(), clipped.detach())
+    return LossTerms(loss, per_sample.detach(), at_base.detach(), delta_v.detach(), clipped.detach())
+
+
+def _check_steps(step_indices: Tensor, steps: int, device: torch.device) -> Tensor:
+    step_indices = torch.as_tensor(step_indices, dtype=torch.long, device=device)
+    if step_indices.dim() != 1 or step_indices.numel() == 0:
+        raise ValueError("step_indices must be a non-empty 1-D tensor")
+    if int(step_indices.min()) < 0 or int(step_indices.max()) >= steps:
+        raise ValueError(f"step_indices must lie in [0, {steps})")
+    return step_indices
+
+
+def _check_weights(sample_weights: Tensor | None, n: int, like: Tensor) -> Tensor:
+    if sample_weights is None:
+        return torch.full((n,), 1.0 / max(n, 1), dtype=like.dtype, device=like.device)
+    if sample_weights.shape != (n,):
+        raise ValueError(f"sample_weights must have shape ({n},), got {tuple(sample_weights.shape)}")
+    return sample_weights.detach().to(device=like.device, dtype=like.dtype)
+
+
+def _empty_terms(velocity: VelocityField, n: int, like: Tensor) -> LossTerms:
+    """A zero loss still attached to the model's parameters (so that DDP's backward sees every parameter)."""
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    anchor = sum((p.sum() * 0.0 for p in _parameters(velocity)), zero)
+    return LossTerms(anchor, torch.zeros(n, dtype=like.dtype, device=like.device), zero, zero, zero)
+
+
+def girsanov_kl_estimate(
+    velocities: Tensor, base_velocities: Tensor, step_indices: Tensor, step_weights: Tensor, *, h: float, offset: float
+) -> Tensor:
+    """Per-sample path KL sum_k h ||u_k||^2 / 2 estimated from the chosen steps only, (n,).
+
+    sum_j step_weights[j] h ||u_{k_j}||^2 / 2 with velocities (m, n, d) at the chosen steps; with the weights of
+    `step_weights` (late steps 1, the early subset #early / #chosen-early) it is unbiased for `girsanov_kl`.
+    """
+    t = step_indices.to(device=velocities.device, dtype=velocities.dtype) * h
+    gain = (velocity_gain(t, offset) / sigma(t, offset)).reshape(-1, 1)
+    energy = (velocities - base_velocities).pow(2).sum(dim=2) * gain.pow(2)  # (m, n)
+    return 0.5 * h * (energy * step_weights.to(energy).reshape(-1, 1)).sum(dim=0)
+
+
+def step_weights(step_indices: Tensor, steps: int, *, late_fraction: float = 0.25) -> Tensor:
+    """Weights that make a sum over `select_time_steps`'s indices unbiased for the sum over all K steps, (m,).
+
+    The late steps (all chosen) weigh 1; each chosen early step weighs #early steps / #chosen early steps.
+    """
+    first_late = steps - min(steps, math.ceil(late_fraction * steps))
+    early = step_indices < first_late
+    n_early = int(early.sum())
+    weights = torch.ones(step_indices.shape, dtype=torch.float64, device=step_indices.device)
+    if n_early:
+        weights[early] = first_late / n_early
+    return weights
 
 
 def _parameters(velocity: VelocityField) -> list[Tensor]:

@@ -13,7 +13,18 @@ from torch import Tensor
 
 from tfft.model import VelocityField
 
-__all__ = ["Trajectory", "kappa", "sample_ode", "sample_sde", "sde_drift", "sigma", "time_grid", "velocity_gain"]
+__all__ = [
+    "Trajectory",
+    "check_sde_arguments",
+    "kappa",
+    "sample_ode",
+    "sample_sde",
+    "sde_drift",
+    "sigma",
+    "step_coefficients",
+    "time_grid",
+    "velocity_gain",
+]
 
 _GRID_KINDS = ("uniform", "quadratic")
 
@@ -99,7 +110,7 @@ def sde_drift(velocity: Tensor, x: Tensor, t: float, h: float) -> Tensor:
 
 @dataclass(frozen=True)
 class Trajectory:
-    """An SDE trajectory on a uniform grid (no gradients attached).
+    """An SDE trajectory on a uniform grid (no gradients attached, except `attached`).
 
     Attributes:
         xs: states X_k, (K + 1, n, d); xs[0] is the noise, xs[-1] the sample X_K.
@@ -108,6 +119,10 @@ class Trajectory:
         offset: the schedule's offset (`kappa`, `sigma`, `velocity_gain`), by default h.
         velocities: v(X_k, t_k) of the sampling model for k < K, (K, n, d): what the Girsanov KL and the
             adjoint-matching loss need, kept so that they cost no extra network call. None if not recorded.
+        attached_steps: the steps k (m,) at which the sampler kept v(X_k, t_k) attached to the model's
+            parameters (`sample_sde(grad_steps=...)`), or None.
+        attached: those velocities, (m, n, d), attached to the autograd graph; the adjoint-matching loss uses
+            them instead of calling the network again on the same points.
     """
 
     xs: Tensor
@@ -115,6 +130,8 @@ class Trajectory:
     h: float
     offset: float
     velocities: Tensor | None = None
+    attached_steps: Tensor | None = None
+    attached: Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -126,6 +143,44 @@ class Trajectory:
         """The end point X_K, (n, d)."""
         return self.xs[-1]
 
+    def subset(self, rows: Tensor) -> Trajectory:
+        """The same trajectory restricted to samples `rows` (index tensor); `attached` rows stay attached."""
+        return Trajectory(
+            xs=self.xs[:, rows],
+            ts=self.ts,
+            h=self.h,
+            offset=self.offset,
+            velocities=None if self.velocities is None else self.velocities[:, rows],
+            attached_steps=self.attached_steps,
+            attached=None if self.attached is None else self.attached[:, rows],
+        )
+
+
+def step_coefficients(steps: int, offset: float) -> tuple[list[float], list[float], list[float]]:
+    """The Euler-Maruyama step X_{k+1} = c_x[k] X_k + c_v[k] v(X_k, t_k) + c_n[k] eps_k as Python floats.
+
+    c_x = 1 - h / (t_k + offset), c_v = h lambda(t_k), c_n = sqrt(h) sigma(t_k), t_k = k h, h = 1 / K; the same
+    numbers drive the sampler, its adjoint and their CUDA-graph captures (`tfft.graphs`), with no host sync.
+    """
+    h = 1.0 / steps
+    times = [k * h for k in range(steps)]
+    c_x = [1.0 - h * kappa(t, offset) for t in times]
+    c_v = [h * velocity_gain(t, offset) for t in times]
+    c_n = [h**0.5 * sigma(t, offset) for t in times]
+    return c_x, c_v, c_n
+
+
+def check_sde_arguments(x0: Tensor, steps: int, offset: float | None) -> float:
+    """Validate (x0, K, offset) of the SDE sampler; returns the offset (default 1 / K)."""
+    if x0.dim() != 2:
+        raise ValueError(f"x0 must have shape (n, d), got {tuple(x0.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    offset = 1.0 / steps if offset is None else float(offset)
+    if not offset > 0:
+        raise ValueError(f"offset must be > 0, got {offset}")
+    return offset
+
 
 @torch.no_grad()
 def sample_sde(
@@ -135,7 +190,10 @@ def sample_sde(
     *,
     offset: float | None = None,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
     return_trajectory: bool = False,
+    grad_steps: Tensor | None = None,
+    grad_velocity: VelocityField | None = None,
 ) -> Tensor | Trajectory:
     """Euler-Maruyama for the law-preserving SDE dX = [lambda(t) v(X, t) - X / (t + h)] dt + sigma(t) dB.
 
@@ -145,41 +203,67 @@ def sample_sde(
     v + (sigma^2/2) score, so the scheme targets the base model's own law for any h; the drift is never
     evaluated at t = 1, and every step (the last one too, with sigma_{K-1}^2 = 2 h_K / (1 - h_K + h)) is a
     plain Euler-Maruyama step. The lean adjoint (`tfft.adjoint.lean_adjoint`) is this recursion's exact
-    discrete adjoint.
+    discrete adjoint. The coefficients are Python floats (`step_coefficients`) and the trajectory is written
+    into preallocated tensors: the loop has no host synchronisation.
 
     Args:
         velocity: v(x (n, d), t (n,)) -> (n, d); the current (fine-tuned) model.
         x0: start noise, (n, d). The SDE forgets it (memoryless as h -> 0), but it fixes n, d, device, dtype.
         steps: K >= 1.
         offset: h > 0 in kappa, sigma and lambda; None: 1 / K.
-        generator: optional torch.Generator for the Brownian increments.
+        generator: optional torch.Generator for the Brownian increments, drawn in one call as (K, n, d).
+        noise: the increments eps, (K, n, d), instead of drawing them.
         return_trajectory: return a `Trajectory` (states and velocities) instead of X_K.
+        grad_steps: optional step indices (m,) at which the velocity is evaluated with gradients enabled and kept
+            attached in `Trajectory.attached` (requires return_trajectory).
+        grad_velocity: the callable used at `grad_steps` (default `velocity`): e.g. the DDP wrapper of the module
+            that `velocity` calls without gradients, so that only the attached calls go through its hooks.
 
     Returns:
         X_K, (n, d), or the `Trajectory` with xs (K + 1, n, d) and velocities (K, n, d).
     """
-    if x0.dim() != 2:
-        raise ValueError(f"x0 must have shape (n, d), got {tuple(x0.shape)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    offset = check_sde_arguments(x0, steps, offset)
+    n, d = x0.shape
+    if noise is None:
+        noise = torch.randn((steps, n, d), generator=generator, device=x0.device, dtype=x0.dtype)
+    elif noise.shape != (steps, n, d):
+        raise ValueError(f"noise must have shape {(steps, n, d)}, got {tuple(noise.shape)}")
+    if grad_steps is not None and not return_trajectory:
+        raise ValueError("grad_steps needs return_trajectory=True")
     h = 1.0 / steps
-    offset = h if offset is None else float(offset)
-    if not offset > 0:
-        raise ValueError(f"offset must be > 0, got {offset}")
     ts = time_grid(steps, device=x0.device, dtype=x0.dtype)
-    times = [k * h for k in range(steps + 1)]  # Python floats: no host sync per step
-    n = x0.shape[0]
-    x = x0.clone()
-    states = [x] if return_trajectory else []
-    velocities = []
-    for k in range(steps):
-        t = times[k]
-        v = velocity(x, ts[k].expand(n))
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + h * sde_drift(v, x, t, offset) + (h**0.5) * sigma(t, offset) * noise
-        if return_trajectory:
-            states.append(x)
-            velocities.append(v)
+    c_x, c_v, c_n = step_coefficients(steps, offset)
+    attach = {} if grad_steps is None else {int(k): j for j, k in enumerate(grad_steps.tolist())}
     if return_trajectory:
-        return Trajectory(xs=torch.stack(states), ts=ts, h=h, offset=offset, velocities=torch.stack(velocities))
-    return x
+        xs = torch.empty((steps + 1, n, d), device=x0.device, dtype=x0.dtype)
+        vs = torch.empty((steps, n, d), device=x0.device, dtype=x0.dtype)
+        xs[0] = x0
+    else:
+        buffers = (torch.empty_like(x0), torch.empty_like(x0))
+    attached: list[Tensor | None] = [None] * len(attach)
+    x = x0
+    for k in range(steps):
+        t = ts[k].expand(n)
+        if k in attach:
+            with torch.enable_grad():
+                # a copy: the model may save its input for backward, and xs is written in place below
+                v_attached = (grad_velocity or velocity)(x.clone(), t)
+            attached[attach[k]] = v_attached
+            v = v_attached.detach()
+        else:
+            v = velocity(x, t)
+        out = xs[k + 1] if return_trajectory else buffers[k % 2]
+        torch.mul(x, c_x[k], out=out)
+        out.add_(v, alpha=c_v[k]).add_(noise[k], alpha=c_n[k])
+        if return_trajectory:
+            vs[k] = v
+        x = out
+    if not return_trajectory:
+        return x
+    with torch.enable_grad():  # the stack of attached velocities must stay in the graph
+        stacked = torch.stack(attached) if attached else None  # type: ignore[arg-type]
+    return Trajectory(
+        xs=xs, ts=ts, h=h, offset=offset, velocities=vs,
+        attached_steps=None if grad_steps is None else grad_steps.to(device=x0.device, dtype=torch.long),
+        attached=stacked,
+    )

@@ -12,16 +12,27 @@ owns the optimiser, gradient clipping and distribution.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from tfft.adjoint import Conditioning, adjoint_matching_loss, girsanov_kl, lean_adjoint, select_time_steps
+from tfft.adjoint import (
+    Adjoint,
+    Conditioning,
+    girsanov_kl_estimate,
+    lean_adjoint,
+    matching_loss,
+    select_time_steps,
+    step_weights,
+)
+from tfft.graphs import GraphedAdjoint, GraphedSampler, bucket_rows, graphs_available
 from tfft.model import VelocityField, flow_matching_loss
 from tfft.pseudo import PseudoReward
-from tfft.sampling import Trajectory, sample_sde
+from tfft.sampling import Trajectory, check_sde_arguments, sample_sde
 
 __all__ = [
     "AdjointMatchingConfig",
@@ -59,6 +70,12 @@ class AdjointMatchingConfig:
         decay: decay of the running statistics.
         oversample: draw ``oversample * n`` trajectories and keep every active one (up to half the batch) and
             a random subset of the inactive ones, Horvitz-Thompson weighted (1 = off; `oversample_weights`).
+        fast: the fast path (same loss and gradients as the reference, tested): the adjoint runs only on
+            trajectories whose terminal adjoint is non-zero (the others' is zero at every step), their base
+            velocity is evaluated only at the chosen steps; without oversampling, the loss reuses the sampler's
+            own network evaluations at the chosen steps (kept attached) instead of calling the network again; on
+            CUDA the sampler and the adjoint loops are CUDA graphs (`tfft.graphs`). False: the reference
+            (every trajectory through the adjoint, a separate loss forward, eager loops).
     """
 
     kl_weight: float
@@ -71,6 +88,7 @@ class AdjointMatchingConfig:
     clip_factor: float = 2.0
     decay: float = 0.9
     oversample: int = 1
+    fast: bool = True
 
     def __post_init__(self) -> None:
         if not self.kl_weight > 0:
@@ -112,9 +130,10 @@ def oversample_weights(active: Tensor, valid: Tensor, n: int, generator: torch.G
     return weights
 
 
-def _subset(traj: Trajectory, index: Tensor) -> Trajectory:
-    velocities = None if traj.velocities is None else traj.velocities[:, index]
-    return Trajectory(xs=traj.xs[:, index], ts=traj.ts, h=traj.h, offset=traj.offset, velocities=velocities)
+def _unwrap(model: VelocityField) -> VelocityField:
+    """The module inside a DistributedDataParallel wrapper (no-grad calls need no gradient hooks or broadcasts)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 class AdjointMatchingSolver:
@@ -131,7 +150,8 @@ class AdjointMatchingSolver:
         progress: the loss value itself is mostly irreducible noise), delta_v (||v_theta - v_base||^2), max_share
         (largest per-sample share of the loss), loss_ess (effective sample size of the per-sample losses),
         clipped_fraction, valid_fraction, active_fraction (of the pool), mean_reward, pseudo_reward (E g),
-        kl (Girsanov), objective (E g - gamma KL: what fine-tuning maximises), batch (trajectories in the loss).
+        kl (Girsanov, estimated on the loss's time steps: `girsanov_kl_estimate`), objective (E g - gamma KL:
+        what fine-tuning maximises), batch (trajectories in the loss).
     """
 
     def __init__(
@@ -142,12 +162,71 @@ class AdjointMatchingSolver:
             config.steps, normalize=config.normalize, clip_quantile=config.clip_quantile,
             clip_factor=config.clip_factor, decay=config.decay,
         )
+        self._samplers: dict[tuple[Any, ...], GraphedSampler] = {}
+        self._adjoints: dict[tuple[Any, ...], GraphedAdjoint] = {}
+        self._graph_error: str | None = None
+
+    def _graphs(self, x: Tensor) -> bool:
+        return (
+            self.config.fast and self._graph_error is None and graphs_available(x.device)
+            and isinstance(_unwrap(self.model), torch.nn.Module)
+        )
+
+    def _capture_failed(self, error: Exception) -> None:
+        """A model that cannot be captured (host syncs, dynamic shapes) runs eagerly; say so once."""
+        self._graph_error = f"{type(error).__name__}: {error}"
+        warnings.warn(f"CUDA-graph capture failed, the solver runs its loops eagerly: {self._graph_error}", stacklevel=3)
+        torch.cuda.synchronize()
+
+    def _sample(self, x0: Tensor, noise: Tensor, grad_steps: Tensor | None) -> Trajectory:
+        cfg = self.config
+        if self._graphs(x0) and grad_steps is None:
+            key = (tuple(x0.shape), x0.dtype, x0.device)
+            try:
+                if key not in self._samplers:
+                    self._samplers[key] = GraphedSampler(
+                        _unwrap(self.model), x0.shape[0], x0.shape[1], cfg.steps, offset=cfg.offset,
+                        device=x0.device, dtype=x0.dtype,
+                    )
+                return self._samplers[key](x0, noise)
+            except RuntimeError as error:
+                self._capture_failed(error)
+        traj = sample_sde(
+            _unwrap(self.model), x0, cfg.steps, offset=cfg.offset, noise=noise, return_trajectory=True,
+            grad_steps=grad_steps, grad_velocity=self.model,
+        )
+        assert isinstance(traj, Trajectory)
+        return traj
+
+    def _adjoint(self, traj: Trajectory, terminal: Tensor, capacity: int) -> Adjoint:
+        if not self._graphs(terminal):
+            return lean_adjoint(self.base, traj, terminal)
+        rows = bucket_rows(terminal.shape[0], capacity)
+        key = (rows, terminal.shape[1], terminal.dtype, terminal.device)
+        try:
+            if key not in self._adjoints:
+                self._adjoints[key] = GraphedAdjoint(
+                    self.base, rows, terminal.shape[1], self.config.steps, offset=traj.offset,
+                    device=terminal.device, dtype=terminal.dtype,
+                )
+            return self._adjoints[key](traj.xs, terminal)
+        except RuntimeError as error:
+            self._capture_failed(error)
+            return lean_adjoint(self.base, traj, terminal)
 
     def step(self, x0: Tensor, generator: torch.Generator | None = None) -> StepResult:
-        """One loss on fresh trajectories started at x0 (n, d) (``oversample * n`` rows when oversampling)."""
+        """One loss on fresh trajectories started at x0 (n, d) (``oversample * n`` rows when oversampling).
+
+        Draw order with a generator: the loss's time steps, the Brownian increments (K, n, d), then the
+        oversampling draws; the same generator state gives the same loss on the fast and the reference path.
+        """
         cfg = self.config
-        traj = sample_sde(self.model, x0, cfg.steps, offset=cfg.offset, generator=generator, return_trajectory=True)
-        assert isinstance(traj, Trajectory)
+        check_sde_arguments(x0, cfg.steps, cfg.offset)
+        indices = select_time_steps(cfg.steps, late_fraction=cfg.late_fraction, n_early=cfg.n_early, generator=generator)
+        indices = indices.to(x0.device)
+        noise = torch.randn((cfg.steps, *x0.shape), generator=generator, device=x0.device, dtype=x0.dtype)
+        reuse = cfg.fast and cfg.oversample == 1 and not self._graphs(x0) and torch.is_grad_enabled()
+        traj = self._sample(x0, noise, indices if reuse else None)
         signal = self.pseudo_reward_fn(traj.x1.detach().clone())
         n_pool = x0.shape[0]
         if signal.grad.shape != traj.x1.shape or signal.valid.shape != (n_pool,):
@@ -164,16 +243,25 @@ class AdjointMatchingSolver:
             n_valid = max(int(valid.sum()), 1)
             weights = valid.to(torch.float64).cpu() / n_valid
         keep = torch.nonzero(weights > 0).flatten().to(device)
+        if keep.numel() == 0:
+            return self._empty_step(valid, active, x0)
         w = weights.to(device=device, dtype=dtype)[keep]
-        sub = _subset(traj, keep)
-        grad = signal.grad.to(device=device, dtype=dtype)[keep]
-        terminal = -grad / cfg.kl_weight
-        adjoint = lean_adjoint(self.base, sub, terminal)
-        indices = select_time_steps(cfg.steps, late_fraction=cfg.late_fraction, n_early=cfg.n_early, generator=generator)
-        terms = adjoint_matching_loss(self.model, sub, adjoint, indices, sample_weights=w, conditioning=self.conditioning)
+        sub = traj.subset(keep)
+        terminal = -signal.grad.to(device=device, dtype=dtype)[keep] / cfg.kl_weight
+        next_adjoint, v_base = self._adjoint_at_steps(sub, terminal, indices, capacity=n_pool)
+        v_theta = self._model_at_steps(sub, indices)
+        terms = matching_loss(
+            v_theta, v_base, next_adjoint, indices, h=sub.h, offset=sub.offset, weights=w,
+            conditioning=self.conditioning,
+        )
         with torch.no_grad():
             total = w.sum().clamp_min(1e-30)
-            kl = (girsanov_kl(sub, adjoint) * w).sum() / total
+            assert sub.velocities is not None
+            kl_steps = girsanov_kl_estimate(
+                sub.velocities[indices], v_base, indices, step_weights(indices, cfg.steps, late_fraction=cfg.late_fraction),
+                h=sub.h, offset=sub.offset,
+            )
+            kl = (kl_steps * w).sum() / total
             g = (signal.value.to(device=device, dtype=dtype)[keep] * w).sum() / total
             reward = torch.nan_to_num(signal.reward.to(device=device, dtype=dtype)[keep])
             contrib = terms.per_sample[terms.per_sample > 0]
@@ -195,6 +283,54 @@ class AdjointMatchingSolver:
             }
         return StepResult(terms.loss, metrics)
 
+    def _adjoint_at_steps(self, sub: Trajectory, terminal: Tensor, indices: Tensor, *, capacity: int) -> tuple[Tensor, Tensor]:
+        """a_{k+1} and v_base(X_k, t_k) at the chosen steps, (m, n, d) each.
+
+        Fast path: the adjoint runs only on rows with a non-zero terminal (a linear recursion keeps a zero adjoint
+        at zero), and the other rows' base velocity is one batched call at the chosen steps.
+        """
+        m, (n, d) = indices.numel(), terminal.shape
+        if not self.config.fast:
+            adjoint = lean_adjoint(self.base, sub, terminal)
+            return adjoint.states[indices + 1], adjoint.base_velocities[indices]
+        moving = (terminal != 0).any(dim=1)
+        rows = torch.nonzero(moving).flatten()
+        still = torch.nonzero(~moving).flatten()
+        next_adjoint = torch.zeros((m, n, d), device=terminal.device, dtype=terminal.dtype)
+        v_base = torch.empty((m, n, d), device=terminal.device, dtype=terminal.dtype)
+        if rows.numel():
+            adjoint = self._adjoint(sub.subset(rows), terminal[rows], capacity)
+            next_adjoint[:, rows] = adjoint.states[indices + 1]
+            v_base[:, rows] = adjoint.base_velocities[indices]
+        if still.numel():
+            with torch.no_grad():
+                x = sub.xs[indices][:, still]
+                t = (indices.to(x.dtype) * sub.h).repeat_interleave(still.numel())
+                v_base[:, still] = self.base(x.reshape(-1, d), t).reshape(m, still.numel(), d)
+        return next_adjoint, v_base
+
+    def _model_at_steps(self, sub: Trajectory, indices: Tensor) -> Tensor:
+        """v_theta(X_k, t_k) at the chosen steps with gradients, (m, n, d): the sampler's own evaluations when it
+        kept them attached and every state is finite (a NaN row would poison the gradient), else one call."""
+        if sub.attached is not None and bool(torch.isfinite(sub.xs[indices]).all()):
+            return sub.attached
+        m, (n, d) = indices.numel(), sub.x1.shape
+        x = sub.xs[indices]
+        t = (indices.to(x.dtype) * sub.h).repeat_interleave(n)
+        return self.model(x.reshape(m * n, d), t).reshape(m, n, d)
+
+    def _empty_step(self, valid: Tensor, active: Tensor, like: Tensor) -> StepResult:
+        """No valid trajectory: a zero loss attached to the parameters, and the fractions that say why."""
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        anchor = sum((p.sum() * 0.0 for p in _parameters(self.model)), zero)
+        metrics = {name: zero for name in ("loss", "loss_at_base", "delta_v", "max_share", "loss_ess",
+                                           "clipped_fraction", "mean_reward", "pseudo_reward", "kl", "objective",
+                                           "batch")}
+        metrics["loss"] = anchor.detach()
+        metrics["valid_fraction"] = valid.to(like.dtype).mean()
+        metrics["active_fraction"] = zero
+        return StepResult(anchor, metrics)
+
     def state_dict(self) -> dict[str, Tensor]:
         """Running conditioning statistics (save them with the model's checkpoint)."""
         return self.conditioning.state_dict()
@@ -202,6 +338,10 @@ class AdjointMatchingSolver:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore `state_dict()`."""
         self.conditioning.load_state_dict(state)
+
+
+def _parameters(model: VelocityField) -> list[Tensor]:
+    return list(model.parameters()) if isinstance(model, torch.nn.Module) else []
 
 
 class WeightedFlowMatchingSolver:

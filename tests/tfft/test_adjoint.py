@@ -64,26 +64,27 @@ def _linear_reward(w: Tensor):
     return fn
 
 
-def _fine_tune(steps: int, iterations: int, seed: int) -> tuple[TimeShift, Tensor, dict[str, Tensor]]:
-    """Adjoint Matching on r(x) = w·x, w = (1, -0.5), gamma = 0.5: target N((2, -1), I)."""
+def _fine_tune(
+    steps: int, iterations: int, seed: int, *, fast: bool = True, device: str = "cpu"
+) -> tuple[TimeShift, Tensor, dict[str, Tensor]]:
+    """Adjoint Matching on r(x) = w·x, w = (1, -0.5), gamma = 0.5: target N((2, -1), I); the model ends on CPU."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    base = GaussianVelocity()
-    model = TimeShift(base, dim=2)
-    w, kl_weight = torch.tensor([1.0, -0.5]), 0.5
-    solver = AdjointMatchingSolver(
-        model, base, _linear_reward(w), AdjointMatchingConfig(kl_weight=kl_weight, steps=steps, late_fraction=1.0)
-    )
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    base = GaussianVelocity().to(device)
+    model = TimeShift(base, dim=2).to(device)
+    w, kl_weight = torch.tensor([1.0, -0.5], device=device), 0.5
+    config = AdjointMatchingConfig(kl_weight=kl_weight, steps=steps, late_fraction=1.0, fast=fast)
+    solver = AdjointMatchingSolver(model, base, _linear_reward(w), config)
     optimiser = torch.optim.Adam(model.net.parameters(), lr=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, iterations)
     for _ in range(iterations):
         # The control is x-independent here, so a small batch suffices: the regression is noise-free.
-        result = solver.step(torch.randn(16, 2, generator=generator), generator)
+        result = solver.step(torch.randn(16, 2, generator=generator, device=device), generator)
         optimiser.zero_grad()
         result.loss.backward()
         optimiser.step()
         schedule.step()
-    return model, w / kl_weight, result.metrics
+    return model.cpu(), (w / kl_weight).cpu(), {k: v.cpu() for k, v in result.metrics.items()}
 
 
 def _sde_mean(model: nn.Module, steps: int) -> Tensor:
@@ -225,11 +226,16 @@ def test_solver_skips_invalid_rewards_and_reports() -> None:
         AdjointMatchingConfig(kl_weight=0.0, steps=10)
 
 
-@pytest.mark.parametrize("steps, iterations", [(20, 300), (40, 300)])
-def test_fine_tuned_mean_and_kl_reach_the_closed_form(steps: int, iterations: int) -> None:
+@pytest.mark.parametrize(
+    "steps, iterations, fast, device",
+    [(20, 300, True, "cpu"), (40, 300, True, "cpu"), (20, 300, False, "cpu"), (40, 300, False, "cpu")]
+    + [(20, 300, True, "cuda"), (40, 300, True, "cuda")] * torch.cuda.is_available(),
+)
+def test_fine_tuned_mean_and_kl_reach_the_closed_form(steps: int, iterations: int, fast: bool, device: str) -> None:
     # Target N(w/gamma, I) = N((2, -1), I): the fine-tuned SDE mean within 0.5% at K = 20 and 40 (the first scheme:
-    # 2.406 and 2.205), matching the scheme's own perfect-fit optimum (1.9954 and 1.9987 per 2.0).
-    model, target, metrics = _fine_tune(steps=steps, iterations=iterations, seed=10 + steps)
+    # 2.406 and 2.205), matching the scheme's own perfect-fit optimum (1.9954 and 1.9987 per 2.0). On the fast
+    # path (on CUDA: graphed sampler and adjoint) and on the reference path.
+    model, target, metrics = _fine_tune(steps=steps, iterations=iterations, seed=10 + steps, fast=fast, device=device)
     prediction = _perfect_fit_mean(steps)
     assert abs(prediction - {20: 0.99768, 40: 0.99936}[steps]) < 1e-4
     mean = _sde_mean(model, steps)
