@@ -73,6 +73,11 @@ def _models(shape: str, device: str) -> tuple[Any, Any, int, int]:
     return model, base, dim, batch
 
 
+def _adam(model: Any, device: str) -> torch.optim.Optimizer:
+    """The fine-tuning optimiser as the pipeline builds it (fused kernels on CUDA)."""
+    return torch.optim.Adam(model.parameters(), lr=1e-5, fused=device == "cuda")
+
+
 def _reward_fn(objective: str, model: Any, dim: int, device: str) -> Any:
     """r(x) = -||x - 1||^2 / 2 with its gradient; the tail threshold is the 90% quantile over SDE samples."""
     from tfft.pseudo import pseudo_reward_signal
@@ -104,7 +109,7 @@ def _adjoint_step_ms(shape: str, device: str, objective: str, fast: bool | None,
     if fast is not None:
         kwargs["fast"] = fast
     solver = AdjointMatchingSolver(model, base, _reward_fn(objective, base, dim, device), AdjointMatchingConfig(**kwargs))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-5)
+    optimiser = _adam(model, device)
     gen = torch.Generator(device=device).manual_seed(0)
     active = []
 
@@ -124,7 +129,7 @@ def _floor_ms(shape: str, device: str, reps: int) -> float:
     from tfft.adjoint import select_time_steps
 
     model, base, dim, batch = _models(shape, device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-5)
+    optimiser = _adam(model, device)
     x = torch.randn(batch, dim, device=device)
     t = torch.full((batch,), 0.5, device=device)
     m = select_time_steps(STEPS).numel()
@@ -159,7 +164,7 @@ def _weighted_ms(shape: str, device: str, reps: int) -> float:
     model, _, dim, batch = _models(shape, device)
     bank = torch.randn(20_000, dim, device=device)
     solver = WeightedFlowMatchingSolver(model, bank, torch.rand(20_000))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-5)
+    optimiser = _adam(model, device)
     gen = torch.Generator(device=device).manual_seed(0)
     index_gen = torch.Generator().manual_seed(0)
 
@@ -200,7 +205,7 @@ def _baseline(directory: str, device: str, shapes: list[str], reps: int) -> dict
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "benchmarks.step_speed", "--child", "--device", device, "--reps", str(reps),
-           "--shapes", json.dumps(shapes)]
+           "--shapes", json.dumps(shapes), "--matmul-precision", torch.get_float32_matmul_precision()]
     proc = subprocess.run(cmd, env=env, cwd=Path(directory).resolve(), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"the baseline run in {directory} failed:\n{proc.stderr[-3000:]}")
@@ -221,7 +226,8 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Fine-tuning step speed on {where}",
         "",
-        f"torch {m['torch']}; K = {STEPS} SDE steps; Adam step included; medians over {result['reps']} repetitions. "
+        f"torch {m['torch']}; float32 matmul precision '{result.get('matmul_precision', 'highest')}'"
+        f"{' (TF32)' if result.get('matmul_precision') == 'high' else ''}; K = {STEPS} SDE steps; Adam step included; medians over {result['reps']} repetitions. "
         "Written by `python -m benchmarks.step_speed`. 'tail' is a right-tail objective at alpha 0.1, 'mean' the "
         "expected reward. The floor is the reference algorithm's network passes done plainly in the same process "
         "(K no-grad forwards, K forward+VJP, the loss's forward+backward, Adam).",
@@ -258,10 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--matmul-precision", choices=["highest", "high"], default="highest",
+                        help="torch.set_float32_matmul_precision for both runs ('high': TF32 matmuls on GPUs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     reps = args.reps or (3 if args.quick else 7)
     shapes = json.loads(args.shapes) if args.shapes else (list(SHAPES) if device == "cuda" else CPU_SHAPES)
@@ -271,14 +280,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[step_speed] baseline library: {Path(tfft.__file__).parent}", file=sys.stderr)
         print(json.dumps(measure(device, shapes, reps, baseline_mode=True)))
         return 0
-    result: dict[str, Any] = {"machine": _machine(device), "reps": reps, "steps": STEPS}
+    result: dict[str, Any] = {"machine": _machine(device), "reps": reps, "steps": STEPS,
+                              "matmul_precision": args.matmul_precision}
     if args.baseline:
         result["baseline"] = _baseline(args.baseline, device, shapes, reps)
         result["baseline_label"] = args.baseline_label or args.baseline
     result["current"] = measure(device, shapes, reps)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"step_speed_{device}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"step_speed_{device}.md").write_text(_markdown(result))
+    name = f"step_speed_{device}" + ("" if args.matmul_precision == "highest" else "_tf32")
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(_markdown(result))
     print(_markdown(result))
     return 0
 

@@ -164,6 +164,8 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(0 <= ft.clip_quantile <= 1, "finetune.clip_quantile", f"must be in [0, 1] (0: off), got {ft.clip_quantile}")
     _require(ft.clip_factor >= 1, "finetune.clip_factor", f"must be >= 1, got {ft.clip_factor}")
     _require(ft.oversample >= 1, "finetune.oversample", f"must be >= 1, got {ft.oversample}")
+    _require(ft.matmul_precision in ("highest", "high"), "finetune.matmul_precision",
+             f"must be highest or high, got {ft.matmul_precision!r}")
     _require(0 <= ft.guard_validity_drop <= 1, "finetune.guard_validity_drop",
              f"must be in [0, 1], got {ft.guard_validity_drop}")
     _require(ft.guard_metric in ("objective", "pseudo_reward"), "finetune.guard_metric",

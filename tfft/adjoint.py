@@ -179,8 +179,12 @@ class Conditioning:
         if self.clip is None:
             self.clip = torch.full((self.steps,), math.nan, dtype=torch.float64)
 
-    def _blend(self, running: Tensor, rows: Tensor, batch: Tensor) -> Tensor:
-        """Running mean at `rows` updated with positive batch values; NaN entries start at the batch value."""
+    def _blend(self, name: str, rows: Tensor, batch: Tensor) -> Tensor:
+        """Running mean `name` at `rows` updated with positive batch values; NaN entries start at the batch value."""
+        running = getattr(self, name)
+        if running.device != batch.device:  # the statistics live where the batch is: no host round trip
+            running = running.to(batch.device)
+            setattr(self, name, running)
         old = running[rows]
         new = torch.where(torch.isnan(old), batch, self.decay * old + (1.0 - self.decay) * batch)
         new = torch.where(batch > 0, new, old)
@@ -190,41 +194,44 @@ class Conditioning:
     def apply(self, target: Tensor, step_indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Update the statistics with a batch and return (clipped target, per-step divisor (m,), clipped mask).
 
+        Runs on the batch's device without a host synchronisation.
+
         Args:
             target: y = sigma_k a_{k+1}, (m, n, d) at the chosen steps.
             step_indices: the chosen k, (m,).
             weights: per-sample weights (n,), zero for samples that do not count.
         """
         m, n, d = target.shape
-        rows = step_indices.cpu()
+        device = target.device
+        rows = step_indices.to(device)
         norms = target.detach().norm(dim=2).to(torch.float64)  # (m, n)
-        counted = (weights > 0).cpu()
-        clipped = torch.zeros(m, n, dtype=torch.bool, device=target.device)
-        if self.clip_quantile > 0 and bool(counted.any()):
+        counted = (weights > 0).to(device)
+        clipped = torch.zeros(m, n, dtype=torch.bool, device=device)
+        if self.clip_quantile > 0:
             # The quantile is over the non-zero targets only: in a tail objective most samples are inactive
-            # (y = 0), and a quantile over all of them would clip the whole signal away.
-            signal = norms.cpu()[:, counted]
-            batch_q = torch.nanquantile(torch.where(signal > 0, signal, torch.nan), self.clip_quantile, dim=1)
-            batch_q = torch.nan_to_num(batch_q, nan=0.0)
-            cap = self.clip_factor * self._blend(self.clip, rows, batch_q).to(device=target.device)  # (m,)
+            # (y = 0), and a quantile over all of them would clip the whole signal away. A step without any
+            # gives NaN, then 0, which leaves its running value unchanged.
+            signal = torch.where(counted[None, :] & (norms > 0), norms, torch.full_like(norms, math.nan))
+            batch_q = torch.nan_to_num(torch.nanquantile(signal, self.clip_quantile, dim=1), nan=0.0)
+            cap = self.clip_factor * self._blend("clip", rows, batch_q)  # (m,)
             cap = torch.where(torch.isnan(cap), torch.full_like(cap, math.inf), cap)
             over = norms > cap[:, None]
-            clipped = over & counted.to(target.device)[None, :]
+            clipped = over & counted[None, :]
             factor = torch.where(over, cap[:, None] / norms.clamp_min(1e-300), torch.ones_like(norms))
             target = target * factor.to(target.dtype)[:, :, None]
-        divisor = torch.ones(m, dtype=torch.float64)
+        divisor = torch.ones(m, dtype=torch.float64, device=device)
         if self.normalize:
-            w = weights.detach().cpu().to(torch.float64)
+            w = weights.detach().to(device=device, dtype=torch.float64)
             total = w.sum()
-            if total > 0:
-                energy = (target.detach().pow(2).sum(dim=2).cpu().to(torch.float64) * w).sum(dim=1) / total / d
-                s = self._blend(self.scale, rows, energy)
-                divisor = torch.where(torch.isnan(s) | (s <= 0), torch.ones_like(s), s)
-        return target, divisor.to(device=target.device, dtype=target.dtype), clipped
+            energy = (target.detach().pow(2).sum(dim=2).to(torch.float64) * w).sum(dim=1) / total.clamp_min(1e-300) / d
+            energy = torch.where(total > 0, energy, torch.zeros_like(energy))
+            s = self._blend("scale", rows, energy)
+            divisor = torch.where(torch.isnan(s) | (s <= 0), torch.ones_like(s), s)
+        return target, divisor.to(dtype=target.dtype), clipped
 
     def state_dict(self) -> dict[str, Tensor]:
         """The running statistics (for checkpoints)."""
-        return {"scale": self.scale.clone(), "clip": self.clip.clone()}
+        return {"scale": self.scale.detach().cpu().clone(), "clip": self.clip.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore `state_dict()`; shapes must match K."""
@@ -398,11 +405,8 @@ def step_weights(step_indices: Tensor, steps: int, *, late_fraction: float = 0.2
     """
     first_late = steps - min(steps, math.ceil(late_fraction * steps))
     early = step_indices < first_late
-    n_early = int(early.sum())
-    weights = torch.ones(step_indices.shape, dtype=torch.float64, device=step_indices.device)
-    if n_early:
-        weights[early] = first_late / n_early
-    return weights
+    per_early = first_late / early.sum().clamp_min(1).to(torch.float64)  # no host sync
+    return torch.where(early, per_early, torch.ones((), dtype=torch.float64, device=step_indices.device))
 
 
 def _parameters(velocity: VelocityField) -> list[Tensor]:

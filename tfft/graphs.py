@@ -10,6 +10,8 @@ Rules the captures rely on (all kept by the solver):
 - shapes are fixed per capture: the sampler per batch size n, the adjoint per row bucket (`bucket_rows`); rows
   beyond the real ones are padded with zeros, and a zero terminal adjoint stays zero, so padding cannot leak;
 - the network's parameters are updated in place (optimisers do) and never reallocated;
+- every tensor a graph reads is owned by the capture object (static inputs, time grid), so that its memory
+  cannot be freed and reused between replays;
 - the outputs live in the graph's memory and are overwritten by the next replay: use them before calling again;
 - the Brownian increments are drawn outside the graph (one `randn` of shape (K, n, d)), so a seeded generator
   gives the same trajectory with and without graphs.
@@ -122,8 +124,11 @@ class GraphedAdjoint:
         self.rows = rows
         self.xs = torch.zeros((steps + 1, rows, d), device=device, dtype=dtype)
         self.terminal = torch.zeros((rows, d), device=device, dtype=dtype)
-        traj = Trajectory(xs=self.xs, ts=time_grid(steps, device=device, dtype=dtype), h=1.0 / steps, offset=offset)
-        self.graph, self.adjoint = _capture(lambda: lean_adjoint(base, traj, self.terminal))
+        # Kept as an attribute: the graph reads its time grid by address, so it must outlive the capture.
+        self.trajectory = Trajectory(
+            xs=self.xs, ts=time_grid(steps, device=device, dtype=dtype), h=1.0 / steps, offset=offset
+        )
+        self.graph, self.adjoint = _capture(lambda: lean_adjoint(base, self.trajectory, self.terminal))
 
     def __call__(self, xs: Tensor, terminal: Tensor) -> Adjoint:
         """Replay on states xs (K + 1, r, d) and terminal a_K (r, d), r <= rows; returns views of the first r rows."""

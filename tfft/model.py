@@ -76,6 +76,9 @@ class VelocityMLP(nn.Module):
         }
         half = time_features // 2
         self.register_buffer("frequencies", torch.exp(torch.linspace(0.0, math.log(100.0), half)))
+        # phi(t) = sin(t [w, w] + [0, pi/2]): sines and cosines in one kernel (not persisted: derived)
+        self.register_buffer("_phase_frequencies", self.frequencies.repeat(2), persistent=False)
+        self.register_buffer("_phases", torch.cat([torch.zeros(half), torch.full((half,), math.pi / 2)]), persistent=False)
         layers: list[nn.Module] = [nn.Linear(dim + time_features, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
@@ -84,8 +87,7 @@ class VelocityMLP(nn.Module):
 
     def time_embedding(self, t: Tensor) -> Tensor:
         """phi(t): (n,) -> (n, F)."""
-        angles = t[:, None] * self.frequencies[None, :]
-        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+        return torch.sin(torch.addcmul(self._phases, t[:, None], self._phase_frequencies))
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """v_theta(x, t): x (n, d), t scalar or (n,) -> (n, d)."""

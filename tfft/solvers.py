@@ -264,14 +264,15 @@ class AdjointMatchingSolver:
             kl = (kl_steps * w).sum() / total
             g = (signal.value.to(device=device, dtype=dtype)[keep] * w).sum() / total
             reward = torch.nan_to_num(signal.reward.to(device=device, dtype=dtype)[keep])
-            contrib = terms.per_sample[terms.per_sample > 0]
-            loss_sum = contrib.sum()
+            shares = terms.per_sample.clamp_min(0.0)  # no boolean indexing: no host sync
+            loss_sum = shares.sum()
+            positive = loss_sum > 0
             metrics = {
                 "loss": terms.loss.detach(),
                 "loss_at_base": terms.loss_at_base,
                 "delta_v": terms.delta_v,
-                "max_share": contrib.max() / loss_sum if contrib.numel() else loss_sum,
-                "loss_ess": loss_sum.pow(2) / contrib.pow(2).sum() if contrib.numel() else loss_sum,
+                "max_share": torch.where(positive, shares.max() / loss_sum.clamp_min(1e-300), loss_sum),
+                "loss_ess": torch.where(positive, loss_sum.pow(2) / shares.pow(2).sum().clamp_min(1e-300), loss_sum),
                 "clipped_fraction": terms.clipped_fraction,
                 "valid_fraction": valid.to(dtype).mean(),
                 "active_fraction": active.to(dtype).sum() / valid.to(dtype).sum().clamp_min(1.0),

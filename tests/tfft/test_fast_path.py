@@ -99,9 +99,55 @@ def test_graphed_sampler_and_adjoint_equal_the_eager_loops() -> None:
         with torch.no_grad():  # an optimiser step in place: the next replay must see it
             for p in model.parameters():
                 p.mul_(0.9)
-    terminal = torch.randn(25, 3, device="cuda")
-    sub = eager.subset(torch.arange(25, device="cuda"))
-    adjoint = GraphedAdjoint(base, bucket_rows(25, 40), 3, 10, offset=eager.offset, device="cuda")(sub.xs, terminal)
-    reference = lean_adjoint(base, sub, terminal)
-    torch.testing.assert_close(adjoint.states, reference.states)
-    torch.testing.assert_close(adjoint.base_velocities, reference.base_velocities)
+    graphed_adjoint = GraphedAdjoint(base, bucket_rows(25, 40), 3, 10, offset=eager.offset, device="cuda")
+    for rows in (25, 21, 25):  # replays with padding, after other allocations have reused freed memory
+        scratch = [torch.randn(1000, device="cuda") for _ in range(20)]
+        terminal = torch.randn(rows, 3, device="cuda")
+        sub = eager.subset(torch.arange(rows, device="cuda"))
+        adjoint = graphed_adjoint(sub.xs, terminal)
+        reference = lean_adjoint(base, sub, terminal)
+        torch.testing.assert_close(adjoint.states, reference.states)
+        torch.testing.assert_close(adjoint.base_velocities, reference.base_velocities)
+        del scratch
+
+
+def _ddp_worker(rank: int, port: int, out: dict) -> None:
+    """Rank `rank` of 2: the fast path through DDP (several attached forwards, one backward) vs the reference."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        grads = {}
+        for fast in (True, False):
+            model, base = _models(2, "cpu", torch.float64)
+            net = DistributedDataParallel(model) if fast else model
+            solver = AdjointMatchingSolver(net, base, _tail_reward(1.0), AdjointMatchingConfig(kl_weight=0.5, steps=10, fast=fast))
+            generator = torch.Generator().manual_seed(rank)
+            for _ in range(2):
+                model.zero_grad()
+                solver.step(torch.randn(32, 2, generator=generator, dtype=torch.float64), generator).loss.backward()
+            grads[fast] = [p.grad.clone() for p in model.parameters()]
+        for g in grads[False]:  # what DDP should produce: the mean of the ranks' reference gradients
+            dist.all_reduce(g)
+            g /= 2
+        out[rank] = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(grads[True], grads[False], strict=True))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fast_path_under_ddp_gives_the_mean_of_the_ranks_gradients() -> None:
+    # The fast path calls the DDP-wrapped model at each chosen step (several forwards before one backward).
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(port, out), nprocs=2)
+    assert dict(out) == {0: True, 1: True}
