@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ class FinetuneResult:
     kept: str = "last"
     kept_reason: str = ""
     stopped_early: str = ""
+    loop_seconds: float | None = None
 
 
 def _quiet_train_logs() -> None:
@@ -117,6 +119,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from pipelines.guard import Guard
     from pipelines.pretrain import build_model
 
+    loop_started = time.time()  # the loop's own time, without the worker group's start-up
     _quiet_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -142,7 +145,9 @@ def train_loop(config: dict[str, Any]) -> None:
         warmup.load_state_dict(blob["scheduler"])
         start_step, solver_state, best_state = int(blob["step"]), blob["solver"], blob.get("best")
         guard.load_state_dict(blob["guard"])
-    model = ray.train.torch.prepare_model(model)
+    # The velocity networks' buffers are constants (time-embedding frequencies): DDP's default would broadcast
+    # them in every forward, and the fast path runs several forwards per step.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     solver = _build_solver(config, model, base, device)
     if solver_state:
         solver.load_state_dict(solver_state)
@@ -195,7 +200,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
                 blob = {"model": state, "optimizer": opt.state_dict(), "scheduler": warmup.state_dict(), "step": step,
                         "solver": solver.state_dict(),
-                        "guard": guard.state_dict(), "best": best_state, "stopped": stop}
+                        "guard": guard.state_dict(), "best": best_state, "stopped": stop,
+                        "loop_seconds": time.time() - loop_started}
                 torch.save(blob, os.path.join(tmp, "state.pt"))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
@@ -340,4 +346,6 @@ def run_finetune(
     else:
         state = blob["best"] if kept == "best" and blob.get("best") is not None else blob["model"]
     log(f"[finetune] kept the {kept} state: {why}")
-    return FinetuneResult(state, history, solver, result.checkpoint.path, kept, why, guard.stopped)
+    loop_seconds = blob.get("loop_seconds")
+    return FinetuneResult(state, history, solver, result.checkpoint.path, kept, why, guard.stopped,
+                          None if loop_seconds is None else float(loop_seconds))

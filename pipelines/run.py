@@ -240,7 +240,7 @@ def _finetune_cached(
     log(f"[finetune] done in {seconds:.0f}s")
     guard = {"kept": result.kept, "reason": result.kept_reason, "stopped_early": result.stopped_early}
     blob = {"config": base.config, "state_dict": result.state_dict, "solver": solver, "objective": objective,
-            "seconds": seconds, "guard": guard}
+            "seconds": seconds, "loop_seconds": result.loop_seconds, "guard": guard}
     torch.save(blob, tmp)
     tmp.replace(model_path)
     return result.state_dict
@@ -264,8 +264,9 @@ def _finetune_record(out: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    seconds = blob.get("seconds")
-    return {"seconds": None if seconds is None else float(seconds), "guard": blob.get("guard")}
+    seconds, loop = blob.get("seconds"), blob.get("loop_seconds")
+    return {"seconds": None if seconds is None else float(seconds), "guard": blob.get("guard"),
+            "loop_seconds": None if loop is None else float(loop)}
 
 
 def sampler_record(cfg: Config) -> dict[str, Any]:
@@ -322,6 +323,7 @@ def _record(
         "objective": {"kind": cfg.objective.kind, **objective},
         "solver": solver,
         "finetune_seconds": record.get("seconds"),
+        "finetune_loop_seconds": record.get("loop_seconds"),
         "guard": record.get("guard"),
         "sampler": sampler_record(cfg),
         "failures": {"base": base_bank.accounting(), "final": final_bank.accounting()},
