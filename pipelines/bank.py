@@ -92,10 +92,8 @@ class RewardActor:
         self.cache = None
         if cache_dir:
             # a reward may say which kwargs change its values (Command: not timeouts or batching)
-            value_kwargs = getattr(self.reward, "value_kwargs", None)
-            identity = reward_identity(
-                target, value_kwargs() if callable(value_kwargs) else kwargs, getattr(self.reward, "version", "1")
-            )
+            value_kwargs = self.reward.value_kwargs()
+            identity = reward_identity(target, kwargs if value_kwargs is None else value_kwargs, self.reward.version)
             self.cache = RewardCache(cache_dir, identity)
 
     def _score(self, x: np.ndarray) -> Any:

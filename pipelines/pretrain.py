@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipelines.config import ConfigError
 from pipelines.schema import Config
 from rewards.base import import_object
 from tfft.model import VelocityMLP, flow_matching_loss
@@ -58,14 +59,20 @@ def pretrain_key(cfg: Config) -> str:
 
 def _draw_data(cfg: Config) -> np.ndarray:
     source: Callable[[int, int], Any] = import_object(cfg.data.source)
-    data = np.asarray(source(cfg.pretrain.n_samples, cfg.seed, **dict(cfg.data.kwargs)), dtype=np.float32)
+    try:
+        data = np.asarray(source(cfg.pretrain.n_samples, cfg.seed, **dict(cfg.data.kwargs)), dtype=np.float32)
+    except (TypeError, ValueError) as exc:  # wrong signature, or not numbers
+        raise ConfigError(
+            f"data.source {cfg.data.source!r} must be called as source(n, seed, **data.kwargs) and return an "
+            f"(n, d) array of numbers; calling it failed: {type(exc).__name__}: {exc}"
+        ) from exc
     if data.ndim != 2 or data.shape[0] != cfg.pretrain.n_samples:
-        raise ValueError(
+        raise ConfigError(
             f"data.source {cfg.data.source!r} must return an array of shape (n, d) with n = "
             f"{cfg.pretrain.n_samples}; got shape {data.shape}"
         )
     if not np.isfinite(data).all():
-        raise ValueError(f"data.source {cfg.data.source!r} returned non-finite values")
+        raise ConfigError(f"data.source {cfg.data.source!r} returned non-finite values")
     return data
 
 

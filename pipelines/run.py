@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -17,6 +17,7 @@ from pipelines.bank import generate_bank
 from pipelines.bankio import Bank
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
+from pipelines.outdir import claim_output_dir
 from pipelines.plots import plot_rewards, plot_samples
 from pipelines.pretrain import BaseModel, load_or_pretrain
 from pipelines.raysession import connect
@@ -65,18 +66,21 @@ def choose_solver(cfg: Config) -> str:
 
 
 def _prepare_out(cfg: Config, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    text = to_yaml(cfg)
-    path = out / "config.yaml"
-    if path.is_file() and path.read_text() != text:
-        raise ConfigError(
-            f"'--out {out}' holds a run with a different config.yaml; choose a new --out to start over"
-        )
-    path.write_text(text)
+    claim_output_dir(out, to_yaml(cfg), "a run")
 
 
-def run_pipeline(cfg: Config, out: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage; returns the summary dict (also written to ``out/summary.json``)."""
+def run_pipeline(
+    cfg: Config,
+    out: str | Path,
+    *,
+    log: Callable[[str], None] = print,
+    finetune_callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Run every stage; returns the summary dict (also written to ``out/summary.json``).
+
+    ``finetune_callbacks`` go to every fine-tuning TorchTrainer's ``RunConfig`` (e.g. Tune's
+    ``TuneReportCallback``, so that a trial's training reports become its Tune results).
+    """
     out = Path(out).resolve()
     solver = choose_solver(cfg)  # config problems surface before Ray starts
     for warning in sampler_warnings(cfg, solver):
@@ -89,7 +93,9 @@ def run_pipeline(cfg: Config, out: str | Path, *, log: Callable[[str], None] = p
     if run.enabled:
         log(f"[mlflow] run {run.run_id} in {tracking_uri}")
     try:
-        summary = _stages(cfg, out, solver, run, log)
+        base, base_bank = prepare_base(cfg, out, log=log)
+        summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=solver, log=log,
+                                finetune_callbacks=finetune_callbacks)
     except BaseException:
         run.finish("FAILED")
         raise
@@ -108,11 +114,6 @@ def run_bank_only(cfg: Config, out: str | Path, *, log: Callable[[str], None] = 
     _, bank = prepare_base(cfg, out, log=log)
     log("[bank base] " + ", ".join(f"{k} {v}" for k, v in bank.accounting().items()))
     return bank
-
-
-def _stages(cfg: Config, out: Path, solver: str, run: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    base, base_bank = prepare_base(cfg, out, log=log)
-    return run_from_bank(cfg, out, base, base_bank, run=run, solver=solver, log=log)
 
 
 def prepare_base(cfg: Config, out: Path, *, log: Callable[[str], None] = print) -> tuple[BaseModel, Bank]:
@@ -163,21 +164,24 @@ def run_from_bank(
     run: TrackedRun,
     solver: str,
     log: Callable[[str], None] = print,
+    finetune_callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Threshold -> fine-tune -> evaluate -> record, from an existing base bank, into ``out``.
 
     Each stage's result in ``out`` (``checkpoint/model.pt``, ``bank_final.parquet``) is reused on a rerun.
+    ``finetune_callbacks``: see `run_pipeline`.
     """
     out.mkdir(parents=True, exist_ok=True)
     threshold, objective = solve_objective(cfg, base_bank, run=run, log=log)
-    state = _finetune_cached(cfg, out, base, base_bank, objective, solver, run, log)
+    callbacks = list(finetune_callbacks)
+    state = _finetune_cached(cfg, out, base, base_bank, objective, solver, run, log, callbacks=callbacks)
     refinement = None
     if cfg.threshold.refine_rounds and threshold is not None:
         state, objective, refinement = refine_threshold(
             cfg, out, base, base_bank, objective, state, run=run, log=log,
             finetune=lambda out_k, objective_k, init: _finetune_cached(
                 cfg, out_k, base, base_bank, objective_k, solver, run, log,
-                init_state=init, steps=cfg.threshold.refine_steps or None,
+                init_state=init, steps=cfg.threshold.refine_steps or None, callbacks=callbacks,
             ),
         )
     final_bank = generate_bank(
@@ -201,6 +205,7 @@ def _finetune_cached(
     *,
     init_state: dict[str, torch.Tensor] | None = None,
     steps: int | None = None,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fine-tune into ``out/checkpoint/model.pt``, or load it when a previous run finished it."""
     model_path = out / "checkpoint" / "model.pt"
@@ -229,6 +234,7 @@ def _finetune_cached(
         mlflow=run.worker_args(),
         init_state=init_state,
         steps=steps,
+        callbacks=callbacks or None,
         sde_steps=training_steps(cfg),
         guard_baseline=_base_objective(base_bank, objective),
         min_valid_fraction=max(base_bank.n_valid / max(len(base_bank.valid), 1) - cfg.finetune.guard_validity_drop, 0.0),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from rewards.robust import DEFAULT_BACKOFF_S, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RETRIES
+
 __all__ = [
     "DataConfig",
     "ModelConfig",
@@ -112,9 +114,9 @@ class RewardPoolConfig(PoolConfig):
     that keeps failing bisected to isolate the samples that cause it."""
 
     call_size: int = 0
-    max_in_flight: int = 1
-    retries: int = 2
-    backoff_s: float = 0.1
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    retries: int = DEFAULT_RETRIES
+    backoff_s: float = DEFAULT_BACKOFF_S
 
 
 @dataclass

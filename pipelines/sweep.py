@@ -14,15 +14,14 @@ starts; trials only log metrics and artifacts into them, with retries. A trial i
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
+from pipelines.outdir import claim_output_dir
 from pipelines.run import choose_solver, prepare_base, run_from_bank
 from pipelines.schema import Config
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
@@ -45,24 +44,6 @@ def _append_log(out: Path, line: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
 
-@contextmanager
-def _tune_reporting() -> Iterator[None]:
-    """Give the trial's TorchTrainer a ``TuneReportCallback`` (its reports become this Tune trial's results).
-
-    ``run_from_bank`` builds the trainer through ``pipelines.run.run_finetune``; each Tune trial runs in its
-    own actor process, so swapping that name here affects this trial only.
-    """
-    import pipelines.run as stages
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    original = stages.run_finetune
-    stages.run_finetune = functools.partial(original, callbacks=[TuneReportCallback()])
-    try:
-        yield
-    finally:
-        stages.run_finetune = original
-
-
 def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], bases: dict[str, Any]) -> None:
     """The Tune trainable: one trial, from the shared base bank to ``summary.json``."""
     job = jobs[config["trial"]]
@@ -78,8 +59,11 @@ def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], base
     _append_log(sweep_dir, f"started {name}")
     run.resume()
     try:
-        with _tune_reporting():
-            summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=job["solver"], log=log)
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        # the trial's TorchTrainer reports become this Tune trial's results (what ASHA schedules on)
+        summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=job["solver"], log=log,
+                                finetune_callbacks=[TuneReportCallback()])
         summary["wall_seconds"] = time.time() - started
         summary["sweep"] = {"trial": name, "params": job["params"], "resources": job["resources"]}
         # summary.json marks the trial done: it appears only once MLflow holds everything.
@@ -94,13 +78,6 @@ def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], base
         run.finish("FAILED")
         raise
     _append_log(sweep_dir, f"finished {name} in {summary['wall_seconds']:.0f}s")
-
-
-def _check_dir(path: Path, text: str, what: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.read_text() != text:
-        raise ConfigError(f"'{path.parent}' holds {what} with a different config.yaml; choose a new --out to start over")
-    path.write_text(text)
 
 
 def _check_scheduler(sweep: Sweep, solvers: dict[str, str]) -> None:
@@ -119,7 +96,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     out = Path(out).resolve()
     solvers = {t.name: choose_solver(t.config) for t in sweep.trials}  # config problems before Ray starts
     _check_scheduler(sweep, solvers)
-    _check_dir(out / "config.yaml", to_yaml(sweep.base), "a sweep")
+    claim_output_dir(out, to_yaml(sweep.base), "a sweep")
     state_path = out / "sweep.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     uri = resolve_tracking_uri(sweep.base.tracking.uri)
@@ -128,7 +105,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     todo = []
     for trial in sweep.trials:
         trial_dir = out / "trials" / trial.name
-        _check_dir(trial_dir / "config.yaml", to_yaml(trial.config), f"trial '{trial.name}'")
+        claim_output_dir(trial_dir, to_yaml(trial.config), f"trial '{trial.name}'")
         status = _status(trial_dir)
         if status in ("done", "stopped"):
             why = "summary.json exists" if status == "done" else "stopped early by the scheduler"

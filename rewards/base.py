@@ -69,6 +69,22 @@ class Reward:
         returns their paths (logged to MLflow). Default: none."""
         return []
 
+    def value_kwargs(self) -> dict[str, Any] | None:
+        """The constructor kwargs that change the reward's values, for its cache identity (with ``version``).
+
+        None (the default): all of ``reward.kwargs``. A reward whose kwargs include settings that do not change
+        values (timeouts, batching, workers) returns only the others (`rewards.simulator.Command`).
+        """
+        return None
+
+    def evaluate_detailed(self, x: Any) -> Any:
+        """A reward that handles its own failures returns a `rewards.robust.RobustResult` for x (n, d) float64.
+
+        The default None lets the reward pool's generic robust evaluation call :meth:`evaluate` in chunks, with
+        retries and bisection. `rewards.simulator.Command` overrides it (timeouts, process isolation).
+        """
+        return None
+
     def evaluate_with_grad(self, x: torch.Tensor) -> tuple[RewardBatch, torch.Tensor]:
         """Rewards and their gradient d r / d x, shape (n, d); rows of invalid samples are zero."""
         if not self.differentiable:

@@ -42,9 +42,22 @@ import numpy as np
 if TYPE_CHECKING:  # torch is only needed by the adapters below, imported when they run
     from rewards.base import Reward, RewardBatch
 
-__all__ = ["CALL_FAILURES", "CallFailure", "RobustResult", "evaluate_robust", "evaluate_reward_robust"]
+__all__ = [
+    "CALL_FAILURES",
+    "DEFAULT_BACKOFF_S",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_RETRIES",
+    "CallFailure",
+    "RobustResult",
+    "evaluate_robust",
+    "evaluate_reward_robust",
+]
 
 CALL_FAILURES = ("timeout", "crash", "malformed", "exception")
+# The one set of defaults for calling a reward (the reward pool's config, `Command`, both functions below).
+DEFAULT_RETRIES = 2
+DEFAULT_BACKOFF_S = 0.1
+DEFAULT_MAX_IN_FLIGHT = 1
 _log = logging.getLogger(__name__)
 _jitter = random.Random()
 
@@ -174,9 +187,9 @@ def evaluate_robust(
     x: np.ndarray,
     *,
     batch_size: int,
-    max_in_flight: int = 1,
-    retries: int = 2,
-    backoff_s: float = 0.1,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
     split: bool = True,
 ) -> RobustResult:
     """Evaluate ``call`` on every row of ``x`` (n, d) in chunks of ``batch_size``; see the module doc."""
@@ -279,9 +292,9 @@ def evaluate_reward_robust(
     x: np.ndarray,
     *,
     batch_size: int,
-    max_in_flight: int = 1,
-    retries: int = 0,
-    backoff_s: float = 0.0,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
     split: bool = True,
 ) -> RobustResult:
     """Evaluate an in-process :class:`rewards.base.Reward` on ``x`` (n, d) with :func:`evaluate_robust`.
@@ -289,12 +302,12 @@ def evaluate_reward_robust(
     An exception raised by ``reward.evaluate`` fails its chunk (reason 'exception'; bisected and retried
     like any failure); samples the reward marks invalid keep its reason ('nan' when it gives none).
     Nothing can time out in a thread. With ``max_in_flight > 1`` the reward must be thread-safe. A reward
-    with its own robust evaluation (``evaluate_detailed(x) -> RobustResult``, e.g.
+    with its own robust evaluation (:meth:`rewards.base.Reward.evaluate_detailed` returns a result, e.g.
     :class:`rewards.simulator.Command`) is used as is and the other arguments are ignored.
     """
-    detailed = getattr(reward, "evaluate_detailed", None)
-    if callable(detailed):
-        return detailed(np.asarray(x, dtype=np.float64))
+    detailed = reward.evaluate_detailed(np.asarray(x, dtype=np.float64))
+    if detailed is not None:
+        return detailed
     import torch
 
     def call(chunk: np.ndarray) -> tuple[np.ndarray, list[str]]:

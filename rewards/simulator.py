@@ -41,7 +41,14 @@ import numpy as np
 import torch
 
 from rewards.base import Reward, RewardBatch
-from rewards.robust import CallFailure, RobustResult, evaluate_robust
+from rewards.robust import (
+    DEFAULT_BACKOFF_S,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RETRIES,
+    CallFailure,
+    RobustResult,
+    evaluate_robust,
+)
 
 __all__ = ["Command", "PLACEHOLDERS"]
 
@@ -152,10 +159,10 @@ class Command(Reward):
         self,
         argv: Sequence[str],
         timeout_s: float = 60.0,
-        retries: int = 2,
+        retries: int = DEFAULT_RETRIES,
         batch_size: int = 16,
-        max_in_flight: int = 1,
-        backoff_s: float = 0.1,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        backoff_s: float = DEFAULT_BACKOFF_S,
         name: str | None = None,
         version: str = "1",
         env: Mapping[str, str | int | float] | None = None,

@@ -96,3 +96,49 @@ def test_one_sampler_by_default_and_warnings_for_weak_settings():
     assert not sampler_record(two)["same_as_finetune"] and len(warnings) == 2
     assert "20 steps" in warnings[0] and "about 6 trajectories" in warnings[1]
     assert sampler_warnings(two, "weighted") == []
+
+
+def _one_line_error(capsys, args: list[str], key: str) -> None:
+    from pipelines.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tfft: config error:") and key in err[0], err
+
+
+def test_out_naming_a_file_is_a_one_line_error(capsys, tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_text("not a directory")
+    _one_line_error(capsys, ["run", str(CONFIGS[0]), "--out", str(target)], "is a file")
+    assert target.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    "source, why",
+    [("os:system", "calling it failed"), ("numpy:arange", "must return an array of shape (n, d)")],
+)
+def test_a_bad_data_source_is_a_one_line_error_before_ray(capsys, tmp_path, source, why):
+    from pipelines.cli import main
+
+    # os.system(n, seed) has the wrong signature; numpy.arange(n, seed) returns a 1-D (empty) array.
+    # Both fail in pretraining, before any Ray work.
+    args = ["run", str(CONFIGS[0]), f"data.source={source}", "seed=0", f"pretrain.cache_dir={tmp_path / 'c'}",
+            "--out", str(tmp_path / "o")]
+    _one_line_error(capsys, args, "data.source")
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_reward_hooks_are_declared_on_the_base_class():
+    from rewards.base import Reward, load_reward
+
+    class Plain(Reward):
+        def evaluate(self, x):  # pragma: no cover - not called
+            raise AssertionError
+
+    plain = Plain()
+    assert plain.value_kwargs() is None and plain.evaluate_detailed(None) is None and plain.version == "1"
+    argv = ["cp", "{input}", "{output}"]
+    command = load_reward("rewards.simulator:Command", {"argv": argv, "timeout_s": 5})
+    assert command.value_kwargs() == {"argv": argv, "env": command.env, "name": command.name}
