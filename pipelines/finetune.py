@@ -70,6 +70,16 @@ def _pseudo_reward_fn(config: dict[str, Any]) -> Callable[[torch.Tensor], Any]:
     return fn
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for "do not broadcast buffers in every forward" (renamed in torch 2.13)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if new else {"broadcast_buffers": False}
+
+
 def _build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn.Module, device: Any) -> Any:
     from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver, WeightedFlowMatchingSolver
 
@@ -147,7 +157,7 @@ def train_loop(config: dict[str, Any]) -> None:
         guard.load_state_dict(blob["guard"])
     # The velocity networks' buffers are constants (time-embedding frequencies): DDP's default would broadcast
     # them in every forward, and the fast path runs several forwards per step.
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_no_buffer_sync())
     solver = _build_solver(config, model, base, device)
     if solver_state:
         solver.load_state_dict(solver_state)

@@ -61,6 +61,10 @@ def actors(cluster: dict, name: str, *, alive_only: bool = False) -> list[dict]:
     return [a for a in rows if a["state"] == "ALIVE"] if alive_only else rows
 
 
+# The fault tests kill a run at a training step: the guard must not stop it early (its own tests are elsewhere).
+FAULT_RUN = ("finetune.guard_patience=0",)
+
+
 class Driver:
     """``tfft`` in a process group of its own; stdout is collected line by line as it arrives."""
 
@@ -167,7 +171,8 @@ def test_rehearsal_spreads_reward_actors_and_training_workers_over_both_nodes(lo
 def test_killed_training_worker_restarts_from_the_latest_checkpoint(loopback_cluster):
     cluster = loopback_cluster
     out = cluster["root"] / "kill-worker"
-    run = Driver(tfft(cluster, "run", out, "bank.size=1000", "eval.size=1000", "finetune.steps=100"), cluster["env"])
+    args = tfft(cluster, "run", out, "bank.size=1000", "eval.size=1000", "finetune.steps=100", *FAULT_RUN)
+    run = Driver(args, cluster["env"])
     run.wait_for(lambda d: any(s >= 70 for s in d.steps()))
     before = {a["actor_id"] for a in actors(cluster, "RayTrainWorker", alive_only=True)}
     victim = actors(cluster, "RayTrainWorker", alive_only=True)[0]
@@ -209,7 +214,7 @@ def test_killed_reward_actor_has_its_batch_redone_once(loopback_cluster):
 def test_killed_driver_resumes_finished_stages_and_the_training_checkpoint(loopback_cluster):
     cluster = loopback_cluster
     out = cluster["root"] / "kill-driver"
-    args = tfft(cluster, "run", out, "bank.size=1000", "eval.size=1000", "finetune.steps=100")
+    args = tfft(cluster, "run", out, "bank.size=1000", "eval.size=1000", "finetune.steps=100", *FAULT_RUN)
     first = Driver(args, cluster["env"])
     first.wait_for(lambda d: any(s >= 70 for s in d.steps()))
     first.kill()
