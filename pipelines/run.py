@@ -18,7 +18,7 @@ from pipelines.bankio import Bank
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
 from pipelines.outdir import claim_output_dir
-from pipelines.plots import plot_rewards, plot_samples
+from pipelines.plots import plot_rewards
 from pipelines.pretrain import BaseModel, load_or_pretrain
 from pipelines.raysession import connect
 from pipelines.schema import Config
@@ -360,16 +360,6 @@ def _record(
         title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={cfg.objective.kl_weight:g}",
     )
     run.log_artifact(out / "rewards.png")
-    if base_bank.x.shape[1] == 2:
-        plot_samples(
-            out / "samples.png",
-            base_bank.x,
-            final_bank.x,
-            base_bank.reward,
-            final_bank.reward,
-            title=f"{cfg.objective.kind} {side} alpha={alpha:g} kl_weight={cfg.objective.kl_weight:g}",
-        )
-        run.log_artifact(out / "samples.png")
     for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
         run.log_artifact(path)
     return summary

@@ -18,6 +18,8 @@ mass onto the rare peak, and left-CVaR fine-tuning empties the failure region an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -88,3 +90,17 @@ class TailReward2D(Reward):
             x, failure_depth=self.failure_depth, peak_height=self.peak_height, peak_width=self.peak_width
         )
         return RewardBatch(r, torch.isfinite(r.detach()))
+
+    def figures(self, out_dir: str | Path, base_x: np.ndarray, base_valid: np.ndarray, final_x: np.ndarray,
+                final_valid: np.ndarray) -> list[Path]:
+        """``samples.png``: base and fine-tuned samples side by side, coloured by this reward."""
+        from rewards.plots import plot_samples
+
+        rewards = []
+        for x, valid in ((base_x, base_valid), (final_x, final_valid)):
+            r = self.evaluate(torch.as_tensor(np.asarray(x, dtype=np.float64))).rewards.numpy()
+            rewards.append(np.where(np.asarray(valid, dtype=bool), r, np.nan))
+        path = Path(out_dir) / "samples.png"
+        plot_samples(path, np.asarray(base_x), np.asarray(final_x), rewards[0], rewards[1],
+                     title="2-D task: base and fine-tuned samples")
+        return [path]
