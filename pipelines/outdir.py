@@ -1,12 +1,14 @@
-"""The one guard of output directories: a rerun resumes only a run of the same config (run, sweep, trial)."""
+"""Output directories: the guard that lets a rerun resume only a run of the same config (run, sweep, trial),
+and a sweep trial's status as its directory records it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipelines.config import ConfigError
 
-__all__ = ["claim_output_dir"]
+__all__ = ["claim_output_dir", "trial_status"]
 
 
 def claim_output_dir(directory: Path, config_text: str, what: str = "a run") -> None:
@@ -27,3 +29,12 @@ def claim_output_dir(directory: Path, config_text: str, what: str = "a run") -> 
             f"'--out {directory}' holds {what} with a different config.yaml; choose a new --out to start over"
         )
     path.write_text(config_text)
+
+
+def trial_status(trial_dir: Path) -> str:
+    """A sweep trial's status: "done" once its ``summary.json`` exists, else what ``status.json`` says
+    (e.g. "stopped" by the scheduler, "failed"), else "not run"."""
+    if (trial_dir / "summary.json").is_file():
+        return "done"
+    marker = trial_dir / "status.json"
+    return json.loads(marker.read_text())["status"] if marker.is_file() else "not run"

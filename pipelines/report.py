@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 from omegaconf import OmegaConf
 
+from pipelines.outdir import trial_status
 from pipelines.plots import _pyplot
 from tfft.tail import cvar
 from tfft.target import tilt_weights
@@ -77,12 +78,10 @@ def _trial_row(sweep_dir: Path, trial: dict[str, Any], banks: dict[str, Any]) ->
         "seed": cfg["seed"],
         **{k: v for k, v in trial["params"].items() if k.split(".")[-1] not in COLUMNS},
     }
-    if not (trial_dir / "summary.json").is_file():
-        marker = trial_dir / "status.json"
-        row["status"] = json.loads(marker.read_text())["status"] if marker.is_file() else "not run"
+    row["status"] = trial_status(trial_dir)
+    if row["status"] != "done":
         return row
     summary = json.loads((trial_dir / "summary.json").read_text())
-    row["status"] = "done"
     threshold = summary.get("threshold") or {}
     row.update({k: threshold.get(k, math.nan) for k in ("eta", "ess", "tail_mass")})
     row.update({f"{m}_mean": summary[m]["mean"] for m in _MODELS})

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
-from pipelines.outdir import claim_output_dir
+from pipelines.outdir import claim_output_dir, trial_status
 from pipelines.run import choose_solver, prepare_base, run_from_bank
 from pipelines.schema import Config
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
@@ -106,7 +106,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     for trial in sweep.trials:
         trial_dir = out / "trials" / trial.name
         claim_output_dir(trial_dir, to_yaml(trial.config), f"trial '{trial.name}'")
-        status = _status(trial_dir)
+        status = trial_status(trial_dir)
         if status in ("done", "stopped"):
             why = "summary.json exists" if status == "done" else "stopped early by the scheduler"
             _append_log(out, f"skipped {trial.name} ({why})")
@@ -145,7 +145,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
         except BaseException:
             parent.finish("KILLED")
             raise
-    statuses = {t.name: _status(out / "trials" / t.name) for t in sweep.trials}
+    statuses = {t.name: trial_status(out / "trials" / t.name) for t in sweep.trials}
     from pipelines.report import write_report
 
     write_report(out, run=parent, log=log)
@@ -187,13 +187,6 @@ def _completed_callback() -> Any:
             self.names.add(trial.config["trial"])
 
     return Completed()
-
-
-def _status(trial_dir: Path) -> str:
-    if (trial_dir / "summary.json").is_file():
-        return "done"
-    marker = trial_dir / "status.json"
-    return json.loads(marker.read_text())["status"] if marker.is_file() else "not run"
 
 
 def _tune(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
-from pipelines.tracking import TrackedRun, open_run
+from pipelines.tracking import TrackedRun, open_run, retry_store_write
 
 __all__ = ["RetryingRun", "open_or_reuse"]
 
@@ -15,13 +14,7 @@ class RetryingRun(TrackedRun):
     'database is locked' at once (without waiting) when two transactions upgrade to writing together."""
 
     def _retry(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        for attempt in range(8):
-            try:
-                return fn(*args, **kwargs)
-            except Exception:
-                if attempt == 7:
-                    raise
-                time.sleep(0.1 * 2**attempt)
+        retry_store_write(fn, *args, **kwargs)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._retry(super().log_params, params)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["resolve_tracking_uri", "MetricLogger", "open_run", "TrackedRun"]
+__all__ = ["resolve_tracking_uri", "MetricLogger", "open_run", "retry_store_write", "TrackedRun"]
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -35,8 +37,6 @@ class MetricLogger:
         self._client = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
@@ -48,14 +48,27 @@ class MetricLogger:
             for key, value in metrics.items()
             if value is not None and math.isfinite(float(value))
         ]
-        for attempt in range(5):  # SQLite may be briefly locked by another writer
-            try:
-                self._client.log_batch(self.run_id, metrics=batch)
-                return
-            except Exception:
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 * 2**attempt)
+        retry_store_write(self._client.log_batch, self.run_id, metrics=batch)
+
+
+STORE_WRITE_TRIES = 8
+
+
+def retry_store_write(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call an MLflow store write, retrying with back-off 0.1 s * 2^k (up to ``STORE_WRITE_TRIES`` tries).
+
+    Concurrent writers (training workers, sweep trials) share one SQLite store, and SQLite can answer
+    'database is locked' at once when two transactions upgrade to writing together. The one retry policy of
+    every MLflow write in the pipeline.
+    """
+    for attempt in range(STORE_WRITE_TRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            if attempt == STORE_WRITE_TRIES - 1:
+                raise
+            time.sleep(0.1 * 2**attempt)
+    return None
 
 
 class TrackedRun:
