@@ -2,6 +2,7 @@
 
     python -m benchmarks.step_speed                        # this machine's CPU (and CUDA when present)
     python -m benchmarks.step_speed --baseline DIR         # also time the `tfft` package found in DIR
+                                                           # (mkdir -p DIR && git archive REV tfft | tar -x -C DIR)
     python -m benchmarks.step_speed --quick                # fewer repetitions
 
 For each model shape (batch n, K = 40 SDE steps, Adam step included) it times:
