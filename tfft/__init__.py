@@ -3,10 +3,22 @@
 DESIGN.md sections: tail statistics and the threshold (§3, :mod:`tfft.tail`), pseudo-reward, tilt and
 target statistics (§5, :mod:`tfft.target`), the velocity network and flow matching (:mod:`tfft.model`),
 samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`), the pseudo-reward signal
-(:mod:`tfft.pseudo`), the solvers behind one ``step`` interface (§6-7, :mod:`tfft.solvers`).
+(:mod:`tfft.pseudo`), the solvers behind one ``step`` interface (§6-7, :mod:`tfft.solvers`), and the CUDA-graph
+captures of the sampler and the adjoint (:mod:`tfft.graphs`).
 """
 
-from tfft.adjoint import Adjoint, Conditioning, adjoint_matching_loss, girsanov_kl, lean_adjoint, select_time_steps
+from tfft.adjoint import (
+    Adjoint,
+    Conditioning,
+    adjoint_matching_loss,
+    girsanov_kl,
+    girsanov_kl_estimate,
+    lean_adjoint,
+    matching_loss,
+    select_time_steps,
+    step_weights,
+)
+from tfft.graphs import GraphedAdjoint, GraphedSampler
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
 from tfft.refine import RefineResult, TailMeasurement, left_basin, refine_threshold
 from tfft.solvers import (
@@ -45,6 +57,8 @@ __all__ = [
     "AdjointMatchingConfig",
     "AdjointMatchingSolver",
     "Conditioning",
+    "GraphedAdjoint",
+    "GraphedSampler",
     "PseudoReward",
     "RefineResult",
     "TailMeasurement",
@@ -53,6 +67,8 @@ __all__ = [
     "StepResult",
     "WeightedFlowMatchingSolver",
     "girsanov_kl",
+    "girsanov_kl_estimate",
+    "matching_loss",
     "oversample_weights",
     "pseudo_reward_signal",
     "sde_drift",
@@ -67,6 +83,7 @@ __all__ = [
     "sample_sde",
     "select_time_steps",
     "solve_threshold",
+    "step_weights",
     "summarize",
     "target_interval",
     "target_summary",
