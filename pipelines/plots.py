@@ -6,16 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rewards.plots import pyplot
+
 __all__ = ["plot_rewards"]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_rewards(
@@ -31,7 +24,7 @@ def plot_rewards(
     title: str = "",
 ) -> None:
     """Histograms of valid rewards (base vs fine-tuned) with the threshold eta* and both CVaRs marked."""
-    plt = _pyplot()
+    plt = pyplot()
     base, finetuned = base[np.isfinite(base)], finetuned[np.isfinite(finetuned)]
     both = np.concatenate([base, finetuned])
     bins = np.linspace(both.min(), both.max(), 80) if both.size else 10

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipelines.outdir import trial_status
-from pipelines.plots import _pyplot
+from rewards.plots import pyplot
 from tfft.tail import cvar
 from tfft.target import tilt_weights
 
@@ -155,7 +155,7 @@ def _mean_by(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any], v
 
 def _plot_cvar_vs_alpha(rows: list[dict[str, Any]], path: Path) -> None:
     """Rows: objective side; columns: right- and left-CVaR at alpha; a line per kl_weight (mean over seeds)."""
-    plt = _pyplot()
+    plt = pyplot()
     sides = sorted({r["side"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(len(sides), 2, figsize=(10, 3.8 * len(sides)), squeeze=False)
     colors = plt.get_cmap("viridis")
@@ -186,7 +186,7 @@ def _plot_cvar_vs_alpha(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
     """The objective's CVaR (own side, own alpha) against KL(p*||q) of the target; a curve per alpha."""
-    plt = _pyplot()
+    plt = pyplot()
     sides = sorted({r["side"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(sides), figsize=(6.5 * len(sides), 4.6), squeeze=False)
     colors = plt.get_cmap("plasma")
@@ -216,7 +216,7 @@ def _plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _plot_histograms(sweep_dir: Path, rows: list[dict[str, Any]], path: Path) -> None:
     """A grid of reward histograms: a row per (side, alpha, other keys), a column per kl_weight; base vs fine-tuned."""
-    plt = _pyplot()
+    plt = pyplot()
     ignore = {"trial", "status", "kl_weight", "seed"} | set(COLUMNS[7:])
 
     def row_key(r: dict[str, Any]) -> tuple[Any, ...]:

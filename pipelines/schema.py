@@ -166,8 +166,7 @@ class FinetuneConfig:
     ``fast_path`` (default on): the solver's fast path, same loss and gradients as the reference (adjoint only
     for trajectories in the tail, the sampler's evaluations reused by the loss, CUDA graphs on GPUs;
     ``benchmarks/results/step_speed_*.md``); off: the reference path. ``matmul_precision``: highest (exact
-    float32) | high (TF32 matmuls on GPUs that have them: about 1.4x faster steps on an H100, closed-form
-    accuracy unchanged in the tests).
+    float32) | high (TF32 matmuls on GPUs that have them; ``benchmarks/results/step_speed_cuda_tf32.md``).
     The guard (``guard``): keep the best state by ``guard_metric`` (objective: the running E[g] - gamma KL;
     pseudo_reward: E[g] alone) when the last is worse by more than two standard errors, and the starting state
     when no window beat the base model's value; stop early when the training samples' validity falls more than

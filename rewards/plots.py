@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_samples"]
+__all__ = ["plot_samples", "pyplot"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on workers and CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +30,7 @@ def plot_samples(
     max_points: int = 5000,
 ) -> None:
     """Side-by-side 2-D scatters of base and fine-tuned samples, coloured by reward (2-D tasks)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
     finite = np.concatenate([base_r[np.isfinite(base_r)], finetuned_r[np.isfinite(finetuned_r)]])
     vmin, vmax = (np.percentile(finite, 1), np.percentile(finite, 99.5)) if finite.size else (0, 1)

@@ -36,6 +36,7 @@ __all__ = [
     "matching_loss",
     "select_time_steps",
     "step_weights",
+    "zero_loss",
 ]
 
 
@@ -377,11 +378,15 @@ def _check_weights(sample_weights: Tensor | None, n: int, like: Tensor) -> Tenso
     return sample_weights.detach().to(device=like.device, dtype=like.dtype)
 
 
-def _empty_terms(velocity: VelocityField, n: int, like: Tensor) -> LossTerms:
-    """A zero loss still attached to the model's parameters (so that DDP's backward sees every parameter)."""
+def zero_loss(velocity: VelocityField, like: Tensor) -> Tensor:
+    """A scalar 0 still attached to the model's parameters (so that DDP's backward sees every parameter)."""
     zero = torch.zeros((), dtype=like.dtype, device=like.device)
-    anchor = sum((p.sum() * 0.0 for p in _parameters(velocity)), zero)
-    return LossTerms(anchor, torch.zeros(n, dtype=like.dtype, device=like.device), zero, zero, zero)
+    return sum((p.sum() * 0.0 for p in _parameters(velocity)), zero)
+
+
+def _empty_terms(velocity: VelocityField, n: int, like: Tensor) -> LossTerms:
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    return LossTerms(zero_loss(velocity, like), torch.zeros(n, dtype=like.dtype, device=like.device), zero, zero, zero)
 
 
 def girsanov_kl_estimate(

@@ -83,7 +83,6 @@ class GraphedSampler:
         self.x0 = torch.zeros((n, d), device=device, dtype=dtype)
         self.offset = check_sde_arguments(self.x0, steps, offset)
         self.noise = torch.zeros((steps, n, d), device=device, dtype=dtype)
-        self.steps = steps
 
         def run() -> Trajectory:
             out = sample_sde(velocity, self.x0, steps, offset=self.offset, noise=self.noise, return_trajectory=True)

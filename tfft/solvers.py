@@ -23,16 +23,21 @@ from torch import Tensor
 from tfft.adjoint import (
     Adjoint,
     Conditioning,
+    LossTerms,
     girsanov_kl_estimate,
     lean_adjoint,
     matching_loss,
     select_time_steps,
     step_weights,
+    zero_loss,
 )
 from tfft.graphs import GraphedAdjoint, GraphedSampler, bucket_rows, graphs_available
-from tfft.model import VelocityField, flow_matching_loss
+from tfft.model import VelocityField
+from tfft.oversample import oversample_weights
 from tfft.pseudo import PseudoReward
 from tfft.sampling import Trajectory, check_sde_arguments, sample_sde
+from tfft.step import StepResult
+from tfft.weighted import WeightedFlowMatchingSolver
 
 __all__ = [
     "AdjointMatchingConfig",
@@ -44,14 +49,6 @@ __all__ = [
 
 PseudoRewardFn = Callable[[Tensor], PseudoReward]
 """``fn(x1 (n, d)) -> PseudoReward``: g, grad g and validity at the trajectories' end points."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One solver step: ``loss`` (scalar, attached) and ``metrics`` (name -> detached 0-dim tensor)."""
-
-    loss: Tensor
-    metrics: dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -97,37 +94,6 @@ class AdjointMatchingConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.oversample < 1:
             raise ValueError(f"oversample must be >= 1, got {self.oversample}")
-
-
-def oversample_weights(active: Tensor, valid: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """Horvitz-Thompson weights that keep about n of a pool of N trajectories, favouring active ones.
-
-    Active trajectories are kept with probability p_a = min(1, (n/2) / #active), the other valid ones with
-    p_i = min(1, (n - p_a #active) / #inactive); a kept trajectory gets weight 1 / (N_valid p), a dropped or
-    invalid one 0. Then sum_i w_i f_i is an unbiased estimate of the valid pool's mean of f, for any f.
-
-    Args:
-        active, valid: (N,) bool masks (active implies valid).
-        n: the batch size to aim for.
-
-    Returns:
-        (N,) float64 weights.
-    """
-    if active.shape != valid.shape or active.dim() != 1:
-        raise ValueError(f"active and valid must be (N,) masks; got {tuple(active.shape)}, {tuple(valid.shape)}")
-    active = active & valid
-    inactive = valid & ~active
-    n_valid, n_active, n_inactive = int(valid.sum()), int(active.sum()), int(inactive.sum())
-    weights = torch.zeros(active.shape, dtype=torch.float64)
-    if n_valid == 0:
-        return weights
-    p_a = min(1.0, 0.5 * n / n_active) if n_active else 0.0
-    p_i = min(1.0, max(n - p_a * n_active, 0.0) / n_inactive) if n_inactive else 0.0
-    draw = torch.rand(active.shape, generator=generator, device=generator.device if generator else None).cpu()
-    keep_p = torch.where(active.cpu(), torch.tensor(p_a, dtype=torch.float64), torch.tensor(p_i, dtype=torch.float64))
-    keep = valid.cpu() & (draw.to(torch.float64) < keep_p)
-    weights[keep] = 1.0 / (n_valid * keep_p[keep])
-    return weights
 
 
 def _unwrap(model: VelocityField) -> VelocityField:
@@ -254,35 +220,45 @@ class AdjointMatchingSolver:
             v_theta, v_base, next_adjoint, indices, h=sub.h, offset=sub.offset, weights=w,
             conditioning=self.conditioning,
         )
-        with torch.no_grad():
-            total = w.sum().clamp_min(1e-30)
-            assert sub.velocities is not None
-            kl_steps = girsanov_kl_estimate(
-                sub.velocities[indices], v_base, indices, step_weights(indices, cfg.steps, late_fraction=cfg.late_fraction),
-                h=sub.h, offset=sub.offset,
-            )
-            kl = (kl_steps * w).sum() / total
-            g = (signal.value.to(device=device, dtype=dtype)[keep] * w).sum() / total
-            reward = torch.nan_to_num(signal.reward.to(device=device, dtype=dtype)[keep])
-            shares = terms.per_sample.clamp_min(0.0)  # no boolean indexing: no host sync
-            loss_sum = shares.sum()
-            positive = loss_sum > 0
-            metrics = {
-                "loss": terms.loss.detach(),
-                "loss_at_base": terms.loss_at_base,
-                "delta_v": terms.delta_v,
-                "max_share": torch.where(positive, shares.max() / loss_sum.clamp_min(1e-300), loss_sum),
-                "loss_ess": torch.where(positive, loss_sum.pow(2) / shares.pow(2).sum().clamp_min(1e-300), loss_sum),
-                "clipped_fraction": terms.clipped_fraction,
-                "valid_fraction": valid.to(dtype).mean(),
-                "active_fraction": active.to(dtype).sum() / valid.to(dtype).sum().clamp_min(1.0),
-                "mean_reward": (reward * w).sum() / total,
-                "pseudo_reward": g,
-                "kl": kl,
-                "objective": g - cfg.kl_weight * kl,
-                "batch": torch.tensor(float(keep.numel()), dtype=dtype, device=device),
-            }
+        metrics = self._metrics(signal, sub, keep, w, v_base, indices, terms, valid, active)
         return StepResult(terms.loss, metrics)
+
+    @torch.no_grad()
+    def _metrics(
+        self, signal: PseudoReward, sub: Trajectory, keep: Tensor, w: Tensor, v_base: Tensor, indices: Tensor,
+        terms: LossTerms, valid: Tensor, active: Tensor,
+    ) -> dict[str, Tensor]:
+        """The step's detached diagnostics (class docstring), without a host synchronisation."""
+        cfg = self.config
+        device, dtype = w.device, w.dtype
+        total = w.sum().clamp_min(1e-30)
+        assert sub.velocities is not None
+        kl_steps = girsanov_kl_estimate(
+            sub.velocities[indices], v_base, indices, step_weights(indices, cfg.steps, late_fraction=cfg.late_fraction),
+            h=sub.h, offset=sub.offset,
+        )
+        kl = (kl_steps * w).sum() / total
+        g = (signal.value.to(device=device, dtype=dtype)[keep] * w).sum() / total
+        reward = torch.nan_to_num(signal.reward.to(device=device, dtype=dtype)[keep])
+        shares = terms.per_sample.clamp_min(0.0)  # no boolean indexing: no host sync
+        loss_sum = shares.sum()
+        positive = loss_sum > 0
+        metrics = {
+            "loss": terms.loss.detach(),
+            "loss_at_base": terms.loss_at_base,
+            "delta_v": terms.delta_v,
+            "max_share": torch.where(positive, shares.max() / loss_sum.clamp_min(1e-300), loss_sum),
+            "loss_ess": torch.where(positive, loss_sum.pow(2) / shares.pow(2).sum().clamp_min(1e-300), loss_sum),
+            "clipped_fraction": terms.clipped_fraction,
+            "valid_fraction": valid.to(dtype).mean(),
+            "active_fraction": active.to(dtype).sum() / valid.to(dtype).sum().clamp_min(1.0),
+            "mean_reward": (reward * w).sum() / total,
+            "pseudo_reward": g,
+            "kl": kl,
+            "objective": g - cfg.kl_weight * kl,
+            "batch": torch.tensor(float(keep.numel()), dtype=dtype, device=device),
+        }
+        return metrics
 
     def _adjoint_at_steps(self, sub: Trajectory, terminal: Tensor, indices: Tensor, *, capacity: int) -> tuple[Tensor, Tensor]:
         """a_{k+1} and v_base(X_k, t_k) at the chosen steps, (m, n, d) each.
@@ -323,7 +299,7 @@ class AdjointMatchingSolver:
     def _empty_step(self, valid: Tensor, active: Tensor, like: Tensor) -> StepResult:
         """No valid trajectory: a zero loss attached to the parameters, and the fractions that say why."""
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
-        anchor = sum((p.sum() * 0.0 for p in _parameters(self.model)), zero)
+        anchor = zero_loss(self.model, like)
         metrics = {name: zero for name in ("loss", "loss_at_base", "delta_v", "max_share", "loss_ess",
                                            "clipped_fraction", "mean_reward", "pseudo_reward", "kl", "objective",
                                            "batch")}
@@ -339,56 +315,3 @@ class AdjointMatchingSolver:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore `state_dict()`."""
         self.conditioning.load_state_dict(state)
-
-
-def _parameters(model: VelocityField) -> list[Tensor]:
-    return list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-
-
-class WeightedFlowMatchingSolver:
-    """Weighted flow matching on a bank (DESIGN.md section 7): each step draws n bank samples with probabilities
-    w_i ∝ exp(g(x_i) / gamma) (with replacement) and takes the plain flow-matching loss on them, whose expectation
-    is the weighted loss sum_i w_i || v_theta(x_t, t) - (x_i - x0) ||^2.
-
-    Args:
-        model: v_theta.
-        bank_x: bank samples, (N, d).
-        bank_weights: non-negative weights, (N,) (normalised here).
-
-    ``step`` metrics: loss, weights_ess (ESS of the frozen weights), batch.
-    """
-
-    def __init__(self, model: VelocityField, bank_x: Tensor, bank_weights: Tensor) -> None:
-        if bank_x.dim() != 2 or bank_weights.shape != (bank_x.shape[0],):
-            raise ValueError(
-                f"bank_x must be (N, d) and bank_weights (N,); got {tuple(bank_x.shape)}, {tuple(bank_weights.shape)}"
-            )
-        w = bank_weights.detach().to(torch.float64).cpu()
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
-            raise ValueError("bank_weights must be finite, non-negative and not all zero")
-        self.model, self.bank_x, self.weights = model, bank_x, w / w.sum()
-        self.ess = float(1.0 / self.weights.pow(2).sum())
-
-    def step(self, n: int, generator: torch.Generator | None = None, index_generator: torch.Generator | None = None) -> StepResult:
-        """Flow-matching loss on n bank samples drawn by weight; `index_generator` (CPU) draws the rows."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        idx = torch.multinomial(self.weights, n, replacement=True, generator=index_generator)
-        x1 = self.bank_x[idx.to(self.bank_x.device)]
-        loss = flow_matching_loss(self.model, x1, generator=generator)
-        dtype, device = loss.dtype, loss.device
-        metrics = {
-            "loss": loss.detach(),
-            "weights_ess": torch.tensor(self.ess, dtype=dtype, device=device),
-            "batch": torch.tensor(float(n), dtype=dtype, device=device),
-        }
-        return StepResult(loss, metrics)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """No running state."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Nothing to restore."""
-        if state:
-            raise ValueError(f"weighted flow matching has no state, got keys {sorted(state)}")
