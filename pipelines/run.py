@@ -87,13 +87,14 @@ def run_pipeline(
         log(f"[config] WARNING: {warning}")
     _prepare_out(cfg, out)
     started = time.time()
+    base = load_or_pretrain(cfg, log=log)  # a bad data source fails here, before MLflow or Ray
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     run = open_run(tracking_uri, cfg.tracking.experiment, out.name, enabled=cfg.tracking.enabled)
     run.log_params(to_flat_dict(cfg))
     if run.enabled:
         log(f"[mlflow] run {run.run_id} in {tracking_uri}")
     try:
-        base, base_bank = prepare_base(cfg, out, log=log)
+        base, base_bank = prepare_base(cfg, out, log=log, base=base)
         summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=solver, log=log,
                                 finetune_callbacks=finetune_callbacks)
     except BaseException:
@@ -116,9 +117,11 @@ def run_bank_only(cfg: Config, out: str | Path, *, log: Callable[[str], None] = 
     return bank
 
 
-def prepare_base(cfg: Config, out: Path, *, log: Callable[[str], None] = print) -> tuple[BaseModel, Bank]:
-    """The pretrained base model (cached) and its bank ``out/bank_base.parquet`` (resumable)."""
-    base = load_or_pretrain(cfg, log=log)
+def prepare_base(
+    cfg: Config, out: Path, *, log: Callable[[str], None] = print, base: BaseModel | None = None
+) -> tuple[BaseModel, Bank]:
+    """The pretrained base model (cached; ``base`` when given) and its bank ``out/bank_base.parquet`` (resumable)."""
+    base = base if base is not None else load_or_pretrain(cfg, log=log)
     connect(cfg.ray, log=log)
     base_bank = generate_bank(
         cfg, (base.config, base.state_dict), size=cfg.bank.size, label="base", out_path=out / "bank_base.parquet", log=log

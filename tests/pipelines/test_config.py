@@ -119,13 +119,14 @@ def test_out_naming_a_file_is_a_one_line_error(capsys, tmp_path):
 )
 def test_a_bad_data_source_is_a_one_line_error_before_ray(capsys, tmp_path, source, why):
     # os.system(n, seed) has the wrong signature; numpy.arange(n, seed) returns a 1-D (empty) array.
-    # Both fail in pretraining, before any Ray work.
+    # Both fail in pretraining, before any MLflow or Ray work (a fresh MLflow store logs its creation).
+    store = tmp_path / "mlflow.db"
     args = ["run", str(CONFIGS[0]), f"data.source={source}", "seed=0", f"pretrain.cache_dir={tmp_path / 'c'}",
-            "--out", str(tmp_path / "o")]
+            f"tracking.uri=sqlite:///{store}", "--out", str(tmp_path / "o")]
     _one_line_error(capsys, args, "data.source", why)
     import ray
 
-    assert not ray.is_initialized()
+    assert not ray.is_initialized() and not store.exists()
 
 
 def test_reward_hooks_are_declared_on_the_base_class():
