@@ -19,6 +19,9 @@ Failure policy (issue 3, item 1):
   counts towards that budget, so a sample that fails consistently costs about
   ``max(retries + 1, log2(batch_size) + 1)`` calls, and with ``split`` it is only ever declared invalid
   alone, never with a good sample.
+- a failure raised with ``retry=False`` is still bisected (a multi-sample chunk with ``split``), but a
+  chunk that is not split is declared invalid at once, whatever budget of retries is left: such a
+  sample costs about ``log2(batch_size) + 1`` calls with ``split``, and exactly one without.
 
 Every requested sample is accounted for exactly once. Calls run on ``max_in_flight`` threads (in the
 caller's thread when it is 1); only the caller's thread touches the bookkeeping, so ``call`` is the only
@@ -63,14 +66,19 @@ _jitter = random.Random()
 
 
 class CallFailure(Exception):
-    """A failed call of a reward on one chunk: ``reason`` in :data:`CALL_FAILURES`, ``detail`` for logs."""
+    """A failed call of a reward on one chunk: ``reason`` in :data:`CALL_FAILURES`, ``detail`` for logs.
 
-    def __init__(self, reason: str, detail: str = ""):
+    ``retry=False``: calling again with the same samples cannot succeed (the chunk may still be bisected,
+    but a chunk that is not split is not called again).
+    """
+
+    def __init__(self, reason: str, detail: str = "", retry: bool = True):
         if reason not in CALL_FAILURES:
             raise ValueError(f"CallFailure reason must be one of {CALL_FAILURES}, got {reason!r}")
-        super().__init__(reason, detail)
+        super().__init__(reason, detail, retry)
         self.reason = reason
         self.detail = detail
+        self.retry = bool(retry)
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
@@ -132,13 +140,15 @@ class _Job:
 
 @dataclass(frozen=True)
 class _Outcome:
-    """What one call gave: rewards and per-sample reasons, or a failure reason; its wall time."""
+    """What one call gave: rewards and per-sample reasons, or a failure reason (and whether calling again
+    may help); its wall time."""
 
     rewards: np.ndarray | None
     reasons: list[str] | None
     failure: str
     detail: str
     seconds: float
+    retry: bool = True
 
 
 def _parse(out: Any, size: int) -> tuple[np.ndarray, list[str] | None]:
@@ -165,7 +175,7 @@ def _attempt(call: Callable[[np.ndarray], Any], chunk: np.ndarray) -> _Outcome:
     try:
         rewards, reasons = _parse(call(chunk), len(chunk))
     except CallFailure as exc:
-        return _Outcome(None, None, exc.reason, exc.detail, time.perf_counter() - start)
+        return _Outcome(None, None, exc.reason, exc.detail, time.perf_counter() - start, exc.retry)
     except Exception as exc:  # any error of the reward is a failed call, never the end of the run
         return _Outcome(None, None, "exception", f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
     return _Outcome(rewards, reasons, "", "", time.perf_counter() - start)
@@ -242,7 +252,7 @@ def evaluate_robust(
             half = len(idx) // 2
             later(idx[:half], failures, 0, backoff_s)
             later(idx[half:], failures, 0, backoff_s)
-        elif failures <= retries:
+        elif failures <= retries and out.retry:
             later(idx, failures, job.repeats + 1, backoff_s * 2**job.repeats)
         else:
             last_failure[out.failure] = out.detail

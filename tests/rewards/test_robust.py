@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 
@@ -121,6 +122,28 @@ def test_transient_failures_are_retried(fail_first, retries, valid):
     assert result.valid.all() == valid
     assert result.attempts.tolist() == [min(fail_first, retries) + 1] * 3
     assert result.errors == ["" if valid else "crash"] * 3
+
+
+@pytest.mark.parametrize("split, attempts", [(True, 4), (False, 1)])
+def test_a_failure_marked_no_retry_is_bisected_but_never_repeated(split, attempts):
+    # batch of 8 with a bad sample 5: 8 -> 4 -> 2 -> 1 with split (4 calls), then no repeat although
+    # retries allows 6 more; without split the whole chunk fails after its one call
+    def call(chunk: np.ndarray) -> np.ndarray:
+        if (chunk[:, 0] < 0).any():
+            raise CallFailure("exception", "HTTP 400: bad sample", retry=False)
+        return chunk.sum(1)
+
+    x = samples(8, bad=[5])
+    result = evaluate_robust(call, x, batch_size=8, retries=6, backoff_s=0.0, split=split)
+    assert result.attempts[5] == attempts and result.errors[5] == "exception"
+    if split:
+        assert result.errors == ["exception" if i == 5 else "" for i in range(8)]
+        np.testing.assert_array_equal(result.rewards[result.valid], x[result.valid].sum(1))
+    else:
+        assert result.errors == ["exception"] * 8 and result.n_calls == 1
+    failure = pickle.loads(pickle.dumps(CallFailure("crash", "x", retry=False)))
+    assert (failure.reason, failure.detail, failure.retry) == ("crash", "x", False)
+    assert CallFailure("crash").retry and str(failure) == "crash: x"
 
 
 def test_backoff_doubles_between_repeats():
