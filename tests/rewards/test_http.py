@@ -354,6 +354,12 @@ def test_http_config_loads():
     reward = load_reward(cfg.reward.target, cfg.reward.kwargs)
     assert isinstance(reward, Endpoint) and reward.url == "http://127.0.0.1:8765"
     assert cfg.finetune.solver in ("auto", "weighted")
+    overrides = ["reward.target=rewards.http:Endpoint", "reward.kwargs.url=http://127.0.0.1:8765"]  # README's
+    cfg = load_config(REPO / "tune_configs" / "toy2d_right.yaml", overrides)
+    assert load_reward(cfg.reward.target, cfg.reward.kwargs).value_kwargs() == {"url": "http://127.0.0.1:8765"}
+    from pipelines.run import choose_solver
+
+    assert choose_solver(cfg) == "weighted"
 
 
 def test_server_command_line_prints_its_url_and_serves():
