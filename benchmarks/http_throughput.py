@@ -121,14 +121,17 @@ def write(result: dict) -> None:
         "all clients started together, wall time from the first start to the last end; the median of "
         f"{result['repeats']} runs per point (all of them in `http_throughput.json`).",
         "",
-        "| P | M | P·M | ideal P·M·16/0.05 (samples/s) | measured (samples/s) | fraction | ≥ 90% | ms per request |",
-        "|---|---|---|---|---|---|---|---|",
+        "| P | M | P·M | ideal P·M·16/0.05 (samples/s) | measured (samples/s) | fraction | ≥ 90% | ms per request "
+        "| single runs (fraction) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["points"]:
         lines.append(
             f"| {r['processes']} | {r['in_flight']} | {r['concurrency']} | {r['ideal_samples_per_s']:.0f} | "
             f"{r['samples_per_s']:.0f} | {r['fraction_of_ideal']:.1%} | {'yes' if r['meets_90'] else 'no'} | "
-            f"{r['ms_per_request']:.1f} |"
+            f"{r['ms_per_request']:.1f} | "
+            + ", ".join(f"{x / r['ideal_samples_per_s']:.1%}" for x in r.get("runs_samples_per_s", []))
+            + " |"
         )
     failing = [r for r in result["points"] if not r["meets_90"]]
     lines.append("")
@@ -141,7 +144,11 @@ def write(result: dict) -> None:
             "(JSON, HTTP parsing, threads), which on this machine shares its cores with everything else running."
         )
     else:
-        lines.append("Every point reaches at least 90% of the ideal rate.")
+        lines.append("Every point reaches at least 90% of the ideal rate (the median of its runs).")
+    below = sum(x < 0.9 * r["ideal_samples_per_s"] for r in result["points"] for x in r.get("runs_samples_per_s", []))
+    if below:
+        lines.append(f"{below} single run(s) fell below 90%: the margin is a few ms per request, which other "
+                     "work on the machine takes.")
     (RESULTS / "http_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,16 +21,17 @@ optional list of n JSON values and sends each chunk its entries. The verdict on 
   not followed): the same.
 
 Chunking, calls in flight, retries with exponential back-off and jitter (on 'timeout', 'crash' and
-'malformed', never on 'exception') and bisection of failing chunks are
+'malformed'; never on a 4xx, whose 'exception' says so) and bisection of failing chunks are
 :func:`rewards.robust.evaluate_robust`'s: a sample that makes the server answer 400 ends up alone, its
 neighbours get their rewards, and it costs about ``log2(batch_size) + 1`` requests, one per bisection
-level. A sample with a non-finite coordinate (JSON has no NaN) is not sent: it is invalid ('nan') at once.
+level. A sample with a non-finite coordinate (JSON has no NaN) is never sent: it is invalid ('nan').
 
 Timeouts: connecting and waiting for the status line and headers share one budget of ``timeout_s``
 (urllib3's ``Timeout(total=...)``); the body is then read one socket read at a time with the socket's
 timeout set to what is left of it, so a server that never answers, or that trickles its body byte by
-byte, costs ``timeout_s``. The one case bounded per socket read only: a server that trickles its
-status line and headers themselves.
+byte, costs ``timeout_s``. Bounded per socket read only (each read waits at most ``timeout_s``): a
+server that trickles its status line and headers themselves, and, with urllib3 older than 2.3 (no
+``read1``), the body as well.
 
 The bearer token is read from ``os.environ[token_env]`` at each request, in the process where the
 reward runs (a Ray actor), never stored on the object, and replaced by ``***`` in any error detail. The
