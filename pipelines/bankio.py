@@ -51,6 +51,14 @@ class Bank:
             **{f"invalid_{k}": v for k, v in self.failure_counts().items()},
         }
 
+    def scored(self, invalid_reward: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """(reward (n,), mask (n,)) under ``objective.invalid_reward`` (`tfft.invalid.assign_invalid`): None
+        keeps the bank's own mask; a number is the reward of every invalid sample, and the mask is all True."""
+        from tfft.invalid import assign_invalid
+
+        reward, valid, _ = assign_invalid(self.reward, self.valid, invalid_reward)
+        return reward, valid
+
     def failure_counts(self) -> dict[str, int]:
         """Invalid samples per reason."""
         reasons, counts = np.unique(self.error[~self.valid], return_counts=True)

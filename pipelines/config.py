@@ -116,6 +116,11 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
         "objective.kl_weight",
         f"must be > 0, got {obj.kl_weight}",
     )
+    _require(
+        obj.invalid_reward is None or math.isfinite(obj.invalid_reward),
+        "objective.invalid_reward",
+        f"must be empty (exclude failed samples) or a finite number, got {obj.invalid_reward}",
+    )
     _require(cfg.sampler.kind in ("sde", "ode"), "sampler.kind", f"must be 'sde' or 'ode', got {cfg.sampler.kind!r}")
     _require(cfg.sampler.steps >= 2, "sampler.steps", f"must be >= 2, got {cfg.sampler.steps}")
     _require(

@@ -59,7 +59,8 @@ class _Rounds:
             self.cfg, (self.base.config, self.state), size=self.cfg.threshold.refine_size, label=f"refine{k}",
             out_path=self.dir / f"bank-{k}.parquet", log=self.log,
         )
-        r = bank.reward[bank.valid]
+        reward, valid = bank.scored(self.cfg.objective.invalid_reward)
+        r = reward[valid]
         if r.size == 0:
             raise RuntimeError(f"refine round {k}: no valid reward in {self.dir / f'bank-{k}.parquet'}")
         mass = float(np.mean(r > eta) if side == "right" else np.mean(r < eta))
@@ -89,7 +90,8 @@ def refine_threshold(
         round, eta, tail_mass, n, se, proposal, lo, hi (None where open), updated, within_noise, next_eta).
     """
     side, alpha = objective["side"], objective["alpha"]
-    rewards = np.asarray(base_bank.reward[base_bank.valid], dtype=np.float64)
+    reward, valid = base_bank.scored(cfg.objective.invalid_reward)
+    rewards = np.asarray(reward[valid], dtype=np.float64)
     rounds = _Rounds(cfg, out, base, objective, state, finetune, log)
 
     def report(record: RefineRound) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from pipelines.bank import generate_bank
@@ -22,7 +23,7 @@ from pipelines.plots import plot_rewards
 from pipelines.pretrain import BaseModel, load_or_pretrain
 from pipelines.raysession import connect
 from pipelines.schema import Config
-from pipelines.summary import flatten_interval, flatten_stats, format_table
+from pipelines.summary import flatten_interval, flatten_invalid, flatten_stats, format_table, invalid_record
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import Reward, load_reward
 from pipelines.refinement import refine_threshold
@@ -137,16 +138,20 @@ def solve_objective(
     """Threshold eta* on the bank's valid rewards (None for objective.kind=mean) and the pseudo-reward params."""
     threshold = None
     if cfg.objective.kind == "cvar":
+        reward, valid = base_bank.scored(cfg.objective.invalid_reward)
         threshold = solve_threshold(
-            base_bank.reward,
+            reward,
             side=cfg.objective.side,
             alpha=cfg.objective.alpha,
             kl_weight=cfg.objective.kl_weight,
-            valid=base_bank.valid,
+            valid=valid,
         )
+        n_failed = len(base_bank) - base_bank.n_valid
+        rule = (f"{n_failed} invalid samples excluded" if cfg.objective.invalid_reward is None
+                else f"{n_failed} invalid samples at reward {cfg.objective.invalid_reward:g}")
         log(
             f"[threshold] eta* = {threshold.eta:.4f}, J = {threshold.value:.4f}, ESS = {threshold.ess:.0f}, "
-            f"active fraction = {threshold.active_fraction:.3f} ({threshold.n_invalid} invalid samples excluded)"
+            f"active fraction = {threshold.active_fraction:.3f} ({rule})"
         )
         if threshold.ess < cfg.threshold.ess_warning:
             log(
@@ -216,9 +221,12 @@ def _finetune_cached(
         log(f"[finetune] reusing {model_path}")
         return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
     weighted = solver == "weighted"
-    tilt = tilt_weights(base_bank.reward, valid=base_bank.valid, **objective) if weighted else None
-    if weighted:
-        log(f"[finetune] weighted flow matching on {int(base_bank.valid.sum())} bank samples, "
+    tilt, rows = None, None
+    if weighted:  # the tilt of every sample that counts (failures too, under an invalid reward) with a finite x
+        reward, valid = base_bank.scored(cfg.objective.invalid_reward)
+        rows = valid & np.isfinite(base_bank.x).all(axis=1)
+        tilt = tilt_weights(np.where(rows, reward, np.nan), valid=rows, **objective)
+        log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples, "
             f"ESS of the frozen weights {effective_sample_size(tilt):.0f}")
     started = time.time()
     result = run_finetune(
@@ -232,8 +240,8 @@ def _finetune_cached(
         reward_kwargs=dict(cfg.reward.kwargs),
         seed=cfg.seed,
         solver=solver,
-        bank_x=base_bank.x[base_bank.valid] if weighted else None,
-        bank_weights=tilt[base_bank.valid] if weighted else None,
+        bank_x=base_bank.x[rows] if weighted else None,
+        bank_weights=tilt[rows] if weighted else None,
         mlflow=run.worker_args(),
         init_state=init_state,
         steps=steps,
@@ -317,11 +325,14 @@ def _record(
     objective: dict[str, Any],
     solver: str,
 ) -> dict[str, Any]:
-    base_stats = summarize(base_bank.reward, valid=base_bank.valid).to_dict()
-    final_stats = summarize(final_bank.reward, valid=final_bank.valid).to_dict()
-    target_stats = target_summary(base_bank.reward, valid=base_bank.valid, **objective).to_dict()
+    invalid_reward = cfg.objective.invalid_reward
+    base_r, base_v = base_bank.scored(invalid_reward)
+    final_r, final_v = final_bank.scored(invalid_reward)
+    base_stats = _stats(summarize(base_r, valid=base_v), base_bank)
+    final_stats = _stats(summarize(final_r, valid=final_v), final_bank)
+    target_stats = _stats(target_summary(base_r, valid=base_v, **objective), base_bank)
     tilt = {key: objective[key] for key in ("eta", "side", "alpha", "kl_weight")}
-    interval = target_interval(base_bank.reward, valid=base_bank.valid, seed=cfg.seed, **tilt).to_dict()
+    interval = target_interval(base_r, valid=base_v, seed=cfg.seed, **tilt).to_dict()
     record = _finetune_record(out)
     summary: dict[str, Any] = {
         "threshold": threshold.to_dict() if threshold is not None else None,
@@ -336,6 +347,8 @@ def _record(
         "guard": record.get("guard"),
         "sampler": sampler_record(cfg),
         "failures": {"base": base_bank.accounting(), "final": final_bank.accounting()},
+        "invalid": invalid_record(invalid_reward, {"base": (base_bank.reward, base_bank.valid),
+                                                   "finetuned": (final_bank.reward, final_bank.valid)}),
     }
     metrics: dict[str, float] = {}
     for name in ("base", "finetuned", "target"):
@@ -349,23 +362,32 @@ def _record(
             metrics.update({f"{label}.{k}": float(v) for k, v in values.items()})
     for label, counts in summary["failures"].items():
         metrics.update({f"bank_{label}.{k}": float(v) for k, v in counts.items()})
+    metrics.update(flatten_invalid(summary["invalid"]))
     run.log_metrics(metrics, step=cfg.finetune.steps)
     side, alpha = (cfg.objective.side, cfg.objective.alpha) if cfg.objective.kind == "cvar" else ("right", 0.1)
     plot_rewards(
         out / "rewards.png",
-        base_bank.reward[base_bank.valid],
-        final_bank.reward[final_bank.valid],
+        base_r[base_v],
+        final_r[final_v],
         eta=objective["eta"],
         side=side,
         alpha=alpha,
-        cvar_base=cvar(base_bank.reward[base_bank.valid], side=side, alpha=alpha),
-        cvar_finetuned=cvar(final_bank.reward[final_bank.valid], side=side, alpha=alpha),
+        cvar_base=cvar(base_r[base_v], side=side, alpha=alpha),
+        cvar_finetuned=cvar(final_r[final_v], side=side, alpha=alpha),
         title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={cfg.objective.kl_weight:g}",
     )
     run.log_artifact(out / "rewards.png")
     for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
         run.log_artifact(path)
     return summary
+
+
+def _stats(summary: Any, bank: Bank) -> dict[str, Any]:
+    """A `TailSummary` as a dict whose ``n_valid`` counts the samples whose reward succeeded (under an invalid
+    reward every sample enters the statistics, but the row still says how many failed)."""
+    out = summary.to_dict()
+    out["n_valid"] = bank.n_valid
+    return out
 
 
 def _describe(reward: Reward, base_bank: Bank, final_bank: Bank) -> dict[str, dict[str, float]]:

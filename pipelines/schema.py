@@ -70,12 +70,15 @@ class RewardConfig:
 @dataclass
 class ObjectiveConfig:
     """What to fine-tune for: ``kind`` mean | cvar; ``side`` right | left; tail mass ``alpha`` in (0, 1];
-    ``kl_weight`` (gamma) > 0 weights KL(p || q)."""
+    ``kl_weight`` (gamma) > 0 weights KL(p || q); ``invalid_reward``: empty (null) excludes samples whose reward
+    failed from the threshold, the tilt and every statistic, a number is the reward they take instead
+    (`tfft.invalid`)."""
 
     kind: str = "cvar"
     side: str = "right"
     alpha: float = 0.1
     kl_weight: float = 10.0
+    invalid_reward: Optional[float] = None
 
 
 @dataclass

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_table", "flatten_interval", "flatten_stats"]
+import numpy as np
+
+from tfft.invalid import assign_invalid, tail_both_ways
+
+__all__ = ["format_table", "flatten_interval", "flatten_stats", "invalid_record", "flatten_invalid"]
 
 _COLUMNS = ("base", "finetuned", "target")
 
@@ -55,6 +59,10 @@ def format_table(summary: dict[str, Any]) -> str:
         if interval:
             line += f"{_interval_cell(interval, i, name):>24}"
         lines.append(line)
+    invalid = summary.get("invalid")
+    if invalid:
+        lines.append("")
+        lines.append(_invalid_line(invalid))
     th = summary.get("threshold")
     if th:
         lines.append("")
@@ -85,3 +93,50 @@ def flatten_interval(prefix: str, interval: dict[str, Any]) -> dict[str, float]:
             for level, value in stats[f"cvar_{side}"].items():
                 out[f"{prefix}_{bound}.cvar_{side}_{level}"] = float(value)
     return out
+
+
+def invalid_record(invalid_reward: float | None, banks: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """``summary.json["invalid"]``: the rule for failed samples and what it touched, per bank.
+
+    ``banks`` maps a label ('base', 'finetuned') to the bank's raw (reward (n,), valid (n,)). The record holds
+    ``rule`` ('exclude' | 'assign'), ``value``, ``invalid_fraction`` per bank and, for each bank where any sample
+    failed, ``left_tail_both_ways[label]``: the left CVaR with failures excluded and assigned
+    (`tfft.invalid.tail_both_ways`).
+    """
+    fractions, both = {}, {}
+    rule = "exclude" if invalid_reward is None else "assign"
+    for label, (reward, valid) in banks.items():
+        fractions[label] = assign_invalid(reward, valid, invalid_reward)[2].invalid_fraction
+        ways = tail_both_ways(reward, valid, invalid_reward)
+        if ways is not None:
+            both[label] = ways.to_dict()
+    return {"rule": rule, "value": invalid_reward, "invalid_fraction": fractions, "left_tail_both_ways": both}
+
+
+def flatten_invalid(record: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of :func:`invalid_record`: ``invalid.assigned`` (1 under 'assign'), ``invalid.value`` (when
+    assigned), ``<label>.invalid_fraction`` and ``<label>.cvar_left_<level>_{excluded,assigned}``."""
+    out = {"invalid.assigned": float(record["rule"] == "assign")}
+    if record["value"] is not None:
+        out["invalid.value"] = float(record["value"])
+    for label, fraction in record["invalid_fraction"].items():
+        out[f"{label}.invalid_fraction"] = float(fraction)
+    for label, ways in record["left_tail_both_ways"].items():
+        for rule in ("excluded", "assigned"):
+            for level, value in ways[rule].items():
+                out[f"{label}.cvar_left_{level}_{rule}"] = float(value)
+    return out
+
+
+def _invalid_line(record: dict[str, Any]) -> str:
+    fractions = ", ".join(f"{label} {f:.2%}" for label, f in record["invalid_fraction"].items())
+    if record["rule"] == "exclude":
+        head = f"failed samples: excluded from every statistic (invalid: {fractions})"
+    else:
+        head = f"failed samples: counted at reward {record['value']:g} (invalid: {fractions})"
+    parts = [head]
+    for label, ways in record["left_tail_both_ways"].items():
+        level = "0.1" if "0.1" in ways["excluded"] else next(iter(ways["excluded"]))
+        parts.append(f"{label} left-CVaR({level}) {ways['excluded'][level]:.4f} excluded / "
+                     f"{ways['assigned'][level]:.4f} with failures at {ways['value_used']:.4g}")
+    return "; ".join(parts)

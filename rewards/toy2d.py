@@ -14,6 +14,9 @@ Reward (smooth, differentiable everywhere):
 
 So mean fine-tuning drifts the whole distribution towards higher reward, right-CVaR fine-tuning piles
 mass onto the rare peak, and left-CVaR fine-tuning empties the failure region and leaves the rest alone.
+
+With ``crash_radius`` > 0 the reward also *fails* (NaN, reason 'crash') within that distance of the failure
+centre, as a simulator that crashes on the worst designs: the task of ``objective.invalid_reward``.
 """
 
 from __future__ import annotations
@@ -76,12 +79,17 @@ class TailReward2D(Reward):
     version = "1"
     differentiable = True
 
-    def __init__(self, failure_depth: float = 6.0, peak_height: float = 7.0, peak_width: float = 0.7):
+    def __init__(
+        self, failure_depth: float = 6.0, peak_height: float = 7.0, peak_width: float = 0.7, crash_radius: float = 0.0
+    ):
         if peak_width <= 0:
             raise ValueError(f"peak_width must be > 0, got {peak_width}")
+        if not crash_radius >= 0:
+            raise ValueError(f"crash_radius must be >= 0, got {crash_radius}")
         self.failure_depth = float(failure_depth)
         self.peak_height = float(peak_height)
         self.peak_width = float(peak_width)
+        self.crash_radius = float(crash_radius)
 
     def evaluate(self, x: torch.Tensor) -> RewardBatch:
         if x.ndim != 2 or x.shape[1] != 2:
@@ -89,7 +97,18 @@ class TailReward2D(Reward):
         r = tail_reward(
             x, failure_depth=self.failure_depth, peak_height=self.peak_height, peak_width=self.peak_width
         )
-        return RewardBatch(r, torch.isfinite(r.detach()))
+        valid = torch.isfinite(r.detach())
+        errors = None
+        if self.crash_radius > 0:
+            centre = torch.as_tensor(_FAILURE_CENTRE, dtype=x.dtype, device=x.device)
+            crashed = ((x.detach() - centre) ** 2).sum(-1) < self.crash_radius**2
+            r = torch.where(crashed, torch.full_like(r, float("nan")), r)
+            valid = valid & ~crashed
+            if bool(crashed.any()):
+                errors = ["crash" if c else ("" if v else "nan") for c, v in zip(crashed.tolist(), valid.tolist())]
+        if errors is None and not bool(valid.all()):
+            errors = ["" if v else "nan" for v in valid.tolist()]
+        return RewardBatch(r, valid, errors)
 
     def figures(self, out_dir: str | Path, base_x: np.ndarray, base_valid: np.ndarray, final_x: np.ndarray,
                 final_valid: np.ndarray) -> list[Path]:

@@ -56,6 +56,8 @@ def test_shipped_configs_validate(path):
         ("finetune.guard_patience=-1", "finetune.guard_patience"),
         ("finetune.warmup_steps=-1", "finetune.warmup_steps"),
         ("sampler.steps=1", "sampler.steps"),
+        ("objective.invalid_reward=nan", "objective.invalid_reward"),
+        ("objective.invalid_reward=low", "objective.invalid_reward"),
     ],
 )
 def test_bad_settings_name_the_key(override, key):
