@@ -1,7 +1,8 @@
 """Failed samples in the lower tail: excluded or counted at a penalty (``objective.invalid_reward``).
 
-The 2-D task with ``crash_radius``: its reward fails (NaN, reason 'crash') near the failure centre, as a
-simulator that crashes on the worst designs. Left-CVaR(0.1) fine-tuning with each solver under each rule:
+The 2-D task with ``crash_radius``: its reward fails (NaN, reason 'crash') within 0.45 of (0.8, -0.8), inside
+the body, where the neighbours' rewards are ordinary. Left-CVaR(0.1) fine-tuning with each solver under each
+rule (``--centre failure`` puts the crashes in the low-reward well instead, where they hide in the left tail):
 
     python -m benchmarks.invalid_reward                 # -> benchmarks/results/invalid_reward.{md,json}
     python -m benchmarks.invalid_reward --size 4000 --steps 200 --out /tmp/inv   # a quicker look
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_000, help="bank and evaluation size (default 10000)")
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     parser.add_argument("--penalty", type=float, default=-10.0, help="objective.invalid_reward of the penalty runs")
+    parser.add_argument("--centre", choices=("body", "failure"), default="body",
+                        help="crash region: in the body (the config's) or at the failure centre (radius 0.6)")
     parser.add_argument("--out", default="runs/invalid_reward", help="run directories (reruns resume)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "invalid_reward"))
     args = parser.parse_args()
@@ -49,7 +52,9 @@ def main() -> None:
     for solver in ("adjoint", "weighted"):
         for rule, value in (("exclude", None), ("penalty", args.penalty)):
             run_dir = out / f"{solver}_{rule}"
-            overrides = [f"bank.size={args.size}", f"eval.size={args.size}", f"finetune.steps={args.steps}",
+            crash = [] if args.centre == "body" else ["reward.kwargs.crash_centre=[-2.5,-1.5]",
+                                                       "reward.kwargs.crash_radius=0.6"]
+            overrides = [*crash, f"bank.size={args.size}", f"eval.size={args.size}", f"finetune.steps={args.steps}",
                          f"finetune.solver={solver}", f"objective.invalid_reward={'null' if value is None else value}"]
             code = tfft(["run", str(CONFIG), "--out", str(run_dir), *overrides])
             if code != 0:
@@ -71,9 +76,11 @@ def main() -> None:
         "# Failures in the lower tail: excluded or counted at a penalty",
         "",
         f"Written by `python -m benchmarks.invalid_reward --size {args.size} --steps {args.steps} --penalty "
-        f"{args.penalty:g}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, {platform.machine()}; "
-        f"{seconds / 60:.1f} min for the four runs). Config `tune_configs/toy2d_crash_left.yaml`: the 2-D task whose "
-        "reward crashes within 0.6 of the failure centre, left-CVaR(0.1), kl_weight 10. L-CVaR columns: the fine-tuned "
+        f"{args.penalty:g} --centre {args.centre}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, "
+        f"{platform.machine()}; {seconds / 60:.1f} min for the four runs). Config `tune_configs/toy2d_crash_left.yaml`: "
+        "the 2-D task whose reward crashes "
+        + ("within 0.45 of (0.8, -0.8), in the body" if args.centre == "body" else "within 0.6 of the failure centre")
+        + ", left-CVaR(0.1), kl_weight 10. L-CVaR columns: the fine-tuned "
         f"model's left-CVaR(0.1) over valid samples only, and with every failure at {args.penalty:g}.",
         "",
         "| solver | failed samples | eta* | invalid % base | invalid % fine-tuned | L-CVaR excluded | "
@@ -90,7 +97,7 @@ def main() -> None:
             f"{100 * row['invalid_finetuned']:.2f} | {row['lcvar_excluded']:.3f} | {row['lcvar_penalty']:.3f} | "
             f"{row['mean_valid']:.3f} |"
         )
-    results = Path(args.results)
+    results = Path(args.results + ("" if args.centre == "body" else "_failure_centre"))
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
     results.with_suffix(".json").write_text(json.dumps({"size": args.size, "steps": args.steps,

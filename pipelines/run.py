@@ -27,6 +27,7 @@ from pipelines.summary import flatten_interval, flatten_invalid, flatten_stats, 
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import Reward, load_reward
 from pipelines.refinement import refine_threshold
+from tfft.invalid import tilt_rewards
 from tfft.tail import Threshold, cvar, solve_threshold
 from tfft.target import (
     effective_sample_size,
@@ -222,9 +223,9 @@ def _finetune_cached(
         return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
     weighted = solver == "weighted"
     tilt, rows = None, None
-    if weighted:  # the tilt of every sample that counts (failures too, under an invalid reward) with a finite x
-        reward, valid = base_bank.scored(cfg.objective.invalid_reward)
-        rows = valid & np.isfinite(base_bank.x).all(axis=1)
+    if weighted:  # failures at the invalid reward, or neutral (tfft.invalid.tilt_rewards); rows with a finite x
+        reward, rows = tilt_rewards(base_bank.reward, base_bank.valid, cfg.objective.invalid_reward, objective["eta"])
+        rows = rows & np.isfinite(base_bank.x).all(axis=1)
         tilt = tilt_weights(np.where(rows, reward, np.nan), valid=rows, **objective)
         log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples, "
             f"ESS of the frozen weights {effective_sample_size(tilt):.0f}")

@@ -15,8 +15,10 @@ Reward (smooth, differentiable everywhere):
 So mean fine-tuning drifts the whole distribution towards higher reward, right-CVaR fine-tuning piles
 mass onto the rare peak, and left-CVaR fine-tuning empties the failure region and leaves the rest alone.
 
-With ``crash_radius`` > 0 the reward also *fails* (NaN, reason 'crash') within that distance of the failure
-centre, as a simulator that crashes on the worst designs: the task of ``objective.invalid_reward``.
+With ``crash_radius`` > 0 the reward also *fails* (NaN, reason 'crash') within that distance of
+``crash_centre`` (default: the failure centre), as a simulator that crashes on some designs: the task of
+``objective.invalid_reward``. At the failure centre the crashes hide inside the low-reward well (their
+neighbours are in the left tail anyway); elsewhere, e.g. in the body, nothing but the crash marks them.
 """
 
 from __future__ import annotations
@@ -80,7 +82,12 @@ class TailReward2D(Reward):
     differentiable = True
 
     def __init__(
-        self, failure_depth: float = 6.0, peak_height: float = 7.0, peak_width: float = 0.7, crash_radius: float = 0.0
+        self,
+        failure_depth: float = 6.0,
+        peak_height: float = 7.0,
+        peak_width: float = 0.7,
+        crash_radius: float = 0.0,
+        crash_centre: tuple[float, float] | list[float] = _FAILURE_CENTRE,
     ):
         if peak_width <= 0:
             raise ValueError(f"peak_width must be > 0, got {peak_width}")
@@ -90,6 +97,10 @@ class TailReward2D(Reward):
         self.peak_height = float(peak_height)
         self.peak_width = float(peak_width)
         self.crash_radius = float(crash_radius)
+        centre = tuple(float(c) for c in crash_centre)
+        if len(centre) != 2:
+            raise ValueError(f"crash_centre must be two numbers, got {crash_centre!r}")
+        self.crash_centre = centre
 
     def evaluate(self, x: torch.Tensor) -> RewardBatch:
         if x.ndim != 2 or x.shape[1] != 2:
@@ -100,7 +111,7 @@ class TailReward2D(Reward):
         valid = torch.isfinite(r.detach())
         errors = None
         if self.crash_radius > 0:
-            centre = torch.as_tensor(_FAILURE_CENTRE, dtype=x.dtype, device=x.device)
+            centre = torch.as_tensor(self.crash_centre, dtype=x.dtype, device=x.device)
             crashed = ((x.detach() - centre) ** 2).sum(-1) < self.crash_radius**2
             r = torch.where(crashed, torch.full_like(r, float("nan")), r)
             valid = valid & ~crashed

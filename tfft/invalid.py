@@ -11,6 +11,11 @@ Two rules:
   below the valid rewards the failures sit in the left tail; the weighted solver's tilt then moves mass
   away from the failure region. Adjoint matching gives invalid samples no gradient under either rule.
 
+What the fine-tuning objective E[g] - gamma KL sees of a failure (:func:`tilt_rewards`): under 'assign',
+g(c); under 'exclude', g = 0, i.e. a failure is neutral, neither in the tail nor rewarded, as it is for adjoint
+matching (no gradient). So under 'exclude' the weighted solver keeps failed samples at their base weight
+relative to the untilted samples, and only a penalty moves mass out of a failure region.
+
 When any sample failed, :func:`tail_both_ways` reports the left-tail statistic under both rules. Under
 exclusion there is no value to assign; the comparison uses the smallest valid reward (``value_used``), the
 most favourable penalty that still ranks a failure at least as bad as every observed outcome, so the
@@ -27,7 +32,7 @@ import numpy as np
 
 from tfft.tail import cvar
 
-__all__ = ["assign_invalid", "InvalidRule", "tail_both_ways", "TailBothWays"]
+__all__ = ["assign_invalid", "InvalidRule", "tail_both_ways", "TailBothWays", "tilt_rewards"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +125,28 @@ def tail_both_ways(
         value_used=used,
         invalid_fraction=float((~valid).mean()),
     )
+
+
+def tilt_rewards(
+    reward: np.ndarray, valid: np.ndarray, value: float | None, eta: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rewards the weighted solver tilts by, and the rows it regresses onto.
+
+    Args:
+        reward, valid: (n,) the bank's rewards and mask.
+        value: ``objective.invalid_reward`` (None: exclude).
+        eta: the threshold of a CVaR objective, None for the mean objective.
+
+    Returns:
+        (reward (n,), rows (n,) bool). Under 'assign' every row, failures at ``value``. Under 'exclude' with a
+        threshold, every row, failures at eta, where the pseudo-reward is 0 on either side (neutral). Under
+        'exclude' for the mean objective (no neutral reward: g = r) only the valid rows.
+    """
+    reward = np.asarray(reward, dtype=np.float64).reshape(-1)
+    valid = np.asarray(valid, dtype=bool).reshape(-1)
+    if value is not None:
+        filled, rows, _ = assign_invalid(reward, valid, value)
+        return filled, rows
+    if eta is None:
+        return np.where(valid, reward, np.nan), valid.copy()
+    return np.where(valid, reward, float(eta)), np.ones_like(valid)

@@ -136,3 +136,12 @@ def loopback_cluster(tmp_path_factory):
         current = Path("/tmp/ray/ray_current_cluster")
         if current.is_file() and current.read_text().strip().endswith(f":{ports['6379']}"):
             current.unlink()
+
+
+@pytest.fixture(scope="session")
+def pretrain_cache(tmp_path_factory) -> Path:
+    """One pretraining cache for the session: the modules that run the default 2-D base model (the end-to-end
+    runs, the sweep) train it once. The cache is keyed by the settings, so a module with other settings still
+    gets its own base model."""
+    return tmp_path_factory.mktemp("pretrain_cache")
+

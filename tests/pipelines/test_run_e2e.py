@@ -1,7 +1,7 @@
 """End to end on the 2-D task: mean, right-CVaR and left-CVaR fine-tuning through the whole pipeline.
 
-One local Ray session for the module. The shipped configs run at half size (10k banks, 300 fine-tuning
-steps: ``SMOKE``); the full-size runs are the benchmark's (``benchmarks/toy2d_figure.py``).
+One local Ray session for the module. The shipped configs run at smoke size (10k banks, 300 fine-tuning
+steps, 20 SDE steps: ``SMOKE``); the full-size runs are the benchmark's (``benchmarks/toy2d_figure.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 from pipelines.bankio import read_bank
 from pipelines.cli import main
+from tfft.tail import cvar
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).parents[2]
 STAT_KEYS = {"n", "n_valid", "mean", "cvar_right", "cvar_left"}
 LEVELS = {"0.05", "0.1", "0.2"}
 N = 10_000
-SMOKE = [f"bank.size={N}", f"eval.size={N}", "finetune.steps=300"]
+SMOKE = [f"bank.size={N}", f"eval.size={N}", "finetune.steps=300", "sampler.steps=20"]
 
 USER_MODULE = '''
 import numpy as np
@@ -33,12 +34,13 @@ def source(n, seed):
     return np.random.default_rng(seed).normal(size=(n, 3))
 
 def reward(x):
-    return -((x - 1.0) ** 2).sum(-1)
+    r = -((x - 1.0) ** 2).sum(-1)
+    return torch.where(x[:, 0] < -1.5, torch.full_like(r, float("nan")), r)  # fails for x0 < -1.5 (about 7%)
 '''
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, pretrain_cache):
     """A shared Ray session whose workers see a user module on PYTHONPATH, plus shared stores."""
     import ray
 
@@ -55,7 +57,7 @@ def env(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     connect(RayConfig(num_cpus=2))
-    common = [f"pretrain.cache_dir={root / 'cache'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"]
+    common = [f"pretrain.cache_dir={pretrain_cache}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"]
     yield {"root": root, "common": common, "uri": f"sqlite:///{root / 'mlflow.db'}"}
     ray.shutdown()
     sys.path.remove(str(user_dir))
@@ -100,7 +102,9 @@ def test_outputs_follow_the_contract(runs):
             assert summary["threshold"]["tail_mass"] == pytest.approx(0.1, abs=0.01)
         bank = read_bank(out_dir / "bank_final.parquet")
         assert len(bank) == N and sorted(bank.ids.tolist()) == list(range(N))
-        assert summary["sampler"]["same_as_finetune"] and summary["sampler"]["steps"] == 40
+        assert summary["invalid"] == {"rule": "exclude", "value": None, "left_tail_both_ways": {},
+                                      "invalid_fraction": {"base": 0.0, "finetuned": 0.0}}
+        assert summary["sampler"]["same_as_finetune"] and summary["sampler"]["steps"] == 20
         assert summary["guard"]["kept"] in ("last", "best") and summary["guard"]["reason"]
         interval = summary["target_interval"]
         for key in ("mean",):
@@ -181,19 +185,33 @@ def test_changed_config_in_same_out_is_refused(runs, env, capsys):
 
 
 def test_plain_function_reward_and_data_source_from_pythonpath(env):
-    """A user module on PYTHONPATH: 3-D data source and a plain torch function as the reward."""
+    """A user module on PYTHONPATH: 3-D data source and a plain torch function as the reward, which fails (NaN)
+    for x0 < -1.5; the run counts the failures at objective.invalid_reward = -30 (in the left tail)."""
     out_dir = env["root"] / "user"
     args = [
-        "run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir),
-        "data.source=my_task:source", "reward.target=my_task:reward",
+        "run", str(ROOT / "tune_configs/toy2d_left.yaml"), "--out", str(out_dir),
+        "data.source=my_task:source", "reward.target=my_task:reward", "objective.invalid_reward=-30",
         "bank.size=1000", "eval.size=1000", "pretrain.steps=200", "finetune.steps=20", "finetune.log_every=5",
         *env["common"],
     ]
     assert main(args) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 1000
-    assert read_bank(out_dir / "bank_final.parquet").x.shape == (1000, 3)
+    final = read_bank(out_dir / "bank_final.parquet")
+    assert final.x.shape == (1000, 3)
     assert not (out_dir / "samples.png").exists()  # only 2-D tasks get the scatter
+    # failures: counted at -30 in the statistics, reported both ways, the mask kept in n_valid
+    base = read_bank(out_dir / "bank_base.parquet")
+    assert set(base.error[~base.valid]) == {"nan"} and 0.02 < (~base.valid).mean() < 0.15
+    invalid = summary["invalid"]
+    assert invalid["rule"] == "assign" and invalid["value"] == -30.0
+    assert invalid["invalid_fraction"]["base"] == pytest.approx((~base.valid).mean())
+    assert summary["base"]["n_valid"] == base.n_valid and summary["base"]["n"] == 1000
+    want = cvar(np.where(base.valid, base.reward, -30.0), side="left", alpha=0.1)
+    assert summary["base"]["cvar_left"]["0.1"] == pytest.approx(want)
+    ways = invalid["left_tail_both_ways"]["base"]
+    assert ways["assigned"]["0.1"] == pytest.approx(want)
+    assert ways["excluded"]["0.1"] == pytest.approx(cvar(base.reward[base.valid], side="left", alpha=0.1))
 
 
 def test_molecule_config_runs_for_another_molecule_by_override(env):

@@ -193,14 +193,14 @@ def _checkpointed(out: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory):
+def sweep_dir(tmp_path_factory, pretrain_cache):
     """The smoke grid, killed (SIGKILL to its process group) once two trials have finished and another
     holds a fine-tuning checkpoint, then run again with the same --out."""
     import ray
 
     root = tmp_path_factory.mktemp("sweep")
     out = root / "grid"
-    args = [str(SMOKE), "--out", str(out), f"pretrain.cache_dir={root / 'cache'}",
+    args = [str(SMOKE), "--out", str(out), f"pretrain.cache_dir={pretrain_cache}",
             f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2"]
     started = time.time()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}

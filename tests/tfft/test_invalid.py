@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tfft.invalid import assign_invalid, tail_both_ways
+from tfft.invalid import assign_invalid, tail_both_ways, tilt_rewards
 from tfft.tail import cvar, solve_threshold
 from tfft.target import tilt_weights
 
@@ -69,3 +69,19 @@ def test_a_penalty_moves_target_mass_out_of_the_failures():
         assert th.tail_mass == pytest.approx(0.1, abs=5e-3)
         masses.append(float(w[~valid].sum()))
     assert float((~valid).mean()) > masses[0] > masses[1] > masses[2] > 0
+
+
+def test_tilt_rewards_make_failures_neutral_unless_a_reward_is_assigned():
+    # Under 'exclude' a failure takes eta, where g = 0 on either side: its tilt weight equals an untilted sample's.
+    r, valid = _bank(2000, 0.1, seed=4)
+    eta = 0.3
+    filled, rows = tilt_rewards(r, valid, None, eta)
+    assert rows.all() and np.all(filled[~valid] == eta) and np.array_equal(filled[valid], r[valid])
+    w = tilt_weights(filled, eta=eta, side="left", alpha=0.1, kl_weight=1.0, valid=rows)
+    untilted = w[valid & (r >= eta)]
+    assert np.allclose(w[~valid], untilted[0]) and np.allclose(untilted, untilted[0])
+    assert w[valid & (r < eta)].max() < untilted[0]
+    penalised, rows = tilt_rewards(r, valid, -5.0, eta)
+    assert rows.all() and np.all(penalised[~valid] == -5.0)
+    mean_rows = tilt_rewards(r, valid, None, None)[1]  # the mean objective has no neutral reward
+    assert np.array_equal(mean_rows, valid)
