@@ -109,7 +109,7 @@ def test_bank_of_a_composite_reward_keeps_each_term_as_a_column(ray_session, tmp
     second = read_bank(tmp_path / "second" / "bank_base.parquet")
     assert len(first) == SIZE and sorted(first.ids.tolist()) == list(range(SIZE))
     assert list(first.terms) == ["TailReward2D", "distance"]
-    x = torch.from_numpy(first.x)
+    x = torch.from_numpy(np.array(first.x))  # a writable copy
     tail = TailReward2D(crash_radius=0.6).evaluate(x)
     np.testing.assert_array_equal(first.terms["TailReward2D"], np.where(tail.valid, tail.rewards, np.nan))
     np.testing.assert_array_equal(first.terms["distance"], distance_penalty(x).numpy())
