@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines.bankio import Bank, concat_banks, read_bank, write_atomic
+from pipelines.bankio import TERM_PREFIX, Bank, concat_banks, read_bank, write_atomic
 from pipelines.schema import Config, PoolConfig
 
 __all__ = ["SamplerActor", "RewardActor", "generate_bank", "pool_strategy"]
@@ -79,7 +79,9 @@ class RewardActor:
 
     Rewards already in the persistent cache are not evaluated again. The rest are scored by the robust
     engine (chunks of ``call_size``, ``max_in_flight`` calls at once, retries with back-off, bisection of
-    failing chunks): a failing reward marks samples invalid with a reason and the run goes on.
+    failing chunks): a failing reward marks samples invalid with a reason and the run goes on. A reward
+    with ``term_names`` (`rewards.compose.WeightedSum`) adds one float64 column ``term.<name>`` per term
+    (from its result's ``terms``, or from the cache for cached samples; NaN where missing).
     """
 
     def __init__(self, target: str, kwargs: dict[str, Any], pool: dict[str, Any], cache_dir: str | None):
@@ -88,6 +90,7 @@ class RewardActor:
 
         torch.set_num_threads(1)
         self.reward = load_reward(target, kwargs)
+        self.term_names = tuple(self.reward.term_names)
         self.pool = dict(pool)
         self.cache = None
         if cache_dir:
@@ -120,9 +123,12 @@ class RewardActor:
         attempts = np.zeros(n, dtype=np.int64)
         seconds = np.zeros(n)
         cached = np.zeros(n, dtype=bool)
+        terms = {name: np.full(n, np.nan) for name in self.term_names}
         keys = sample_keys(x) if self.cache is not None else None
         if self.cache is not None:
             cached, reward, valid, error = self.cache.lookup(keys)
+            if terms:
+                terms = self.cache.lookup_terms(keys, self.term_names)
         todo = np.flatnonzero(~cached)
         if todo.size:
             res = self._score(x[todo])
@@ -131,8 +137,12 @@ class RewardActor:
             error[todo] = np.asarray(res.errors, dtype=object)
             attempts[todo] = np.asarray(res.attempts, dtype=np.int64)
             seconds[todo] = np.asarray(res.seconds, dtype=np.float64)
+            for name, values in terms.items():
+                got = (res.terms or {}).get(name)
+                values[todo] = np.nan if got is None else np.asarray(got, dtype=np.float64)
             if self.cache is not None:
-                self.cache.add([keys[i] for i in todo], reward[todo], valid[todo], error[todo])
+                self.cache.add([keys[i] for i in todo], reward[todo], valid[todo], error[todo],
+                               terms={name: values[todo] for name, values in terms.items()})
         valid &= np.isfinite(reward)
         error = np.where(valid, "", np.where(error == "", "nan", error))
         return {
@@ -144,6 +154,7 @@ class RewardActor:
             "attempts": attempts,
             "seconds": seconds,
             "cached": cached,
+            **{TERM_PREFIX + name: values for name, values in terms.items()},
         }
 
 
@@ -302,6 +313,7 @@ def _batch_to_bank(parts: list[dict[str, np.ndarray]]) -> Bank:
                 seconds=cat["seconds"].astype(np.float64),
                 attempts=cat["attempts"].astype(np.int64),
                 cached=cat["cached"].astype(bool),
+                terms={k[len(TERM_PREFIX):]: v.astype(np.float64) for k, v in cat.items() if k.startswith(TERM_PREFIX)},
             )
         ]
     )

@@ -4,25 +4,33 @@ A bank row is ``(id, x, reward, valid, error, attempts, seconds, cached)``: ``x`
 d float64, ``reward`` is NaN when ``valid`` is false, ``error`` names the reason ('' when valid:
 'timeout', 'crash', 'nan', 'malformed', 'exception'), ``attempts`` counts reward calls that involved the
 sample, ``seconds`` is its share of reward wall time and ``cached`` says it came from the reward cache.
+A reward that reports per-sample terms (`rewards.compose.WeightedSum`: each term's own value) adds one
+float64 column ``term.<name>`` per term, NaN where that term failed; banks without terms have none, and
+files written before terms existed read as banks without terms.
 Shards are written to a temporary name and renamed, so a reader never sees a partial shard.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["Bank", "bank_to_table", "table_to_bank", "write_atomic", "read_bank", "concat_banks"]
+__all__ = ["Bank", "TERM_PREFIX", "bank_to_table", "table_to_bank", "write_atomic", "read_bank", "concat_banks"]
+
+TERM_PREFIX = "term."
 
 
 @dataclass(frozen=True)
 class Bank:
-    """Samples with rewards. Shapes: ids (n,), x (n, d); every other field (n,)."""
+    """Samples with rewards. Shapes: ids (n,), x (n, d); every other field (n,).
+
+    ``terms``: name -> (n,) float64, the reward's per-sample terms (empty for most rewards).
+    """
 
     ids: np.ndarray
     x: np.ndarray
@@ -32,6 +40,7 @@ class Bank:
     seconds: np.ndarray
     attempts: np.ndarray
     cached: np.ndarray
+    terms: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -68,6 +77,7 @@ class Bank:
 def bank_to_table(bank: Bank) -> pa.Table:
     d = bank.x.shape[1]
     flat = pa.array(np.ascontiguousarray(bank.x, dtype=np.float64).reshape(-1))
+    terms = {TERM_PREFIX + name: pa.array(np.asarray(v, dtype=np.float64)) for name, v in bank.terms.items()}
     return pa.table(
         {
             "id": pa.array(bank.ids.astype(np.int64)),
@@ -78,6 +88,7 @@ def bank_to_table(bank: Bank) -> pa.Table:
             "seconds": pa.array(bank.seconds.astype(np.float64)),
             "attempts": pa.array(bank.attempts.astype(np.int32)),
             "cached": pa.array(bank.cached.astype(bool)),
+            **terms,
         }
     )
 
@@ -95,6 +106,11 @@ def table_to_bank(table: pa.Table) -> Bank:
         seconds=table.column("seconds").to_numpy(zero_copy_only=False).astype(np.float64),
         attempts=table.column("attempts").to_numpy(zero_copy_only=False).astype(np.int64),
         cached=table.column("cached").to_numpy(zero_copy_only=False).astype(bool),
+        terms={
+            name[len(TERM_PREFIX):]: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            for name in table.column_names
+            if name.startswith(TERM_PREFIX)
+        },
     )
 
 
@@ -112,9 +128,15 @@ def read_bank(path: str | Path) -> Bank:
 
 
 def concat_banks(banks: list[Bank]) -> Bank:
-    """Concatenate banks and sort by id."""
+    """Concatenate banks and sort by id. Terms: the union of the banks' names (in order of appearance), NaN
+    in the rows of a bank without that term."""
     if not banks:
         raise ValueError("no banks to concatenate")
-    cat = {f: np.concatenate([getattr(b, f) for b in banks]) for f in Bank.__dataclass_fields__}
+    cat = {f: np.concatenate([getattr(b, f) for b in banks]) for f in Bank.__dataclass_fields__ if f != "terms"}
     order = np.argsort(cat["ids"], kind="stable")
-    return Bank(**{k: v[order] for k, v in cat.items()})
+    names = list(dict.fromkeys(name for b in banks for name in b.terms))
+    terms = {
+        name: np.concatenate([np.asarray(b.terms.get(name, np.full(len(b), np.nan)), dtype=np.float64) for b in banks])[order]
+        for name in names
+    }
+    return Bank(**{k: v[order] for k, v in cat.items()}, terms=terms)

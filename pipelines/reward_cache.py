@@ -6,6 +6,10 @@ only ever creates new files under a unique name, written to a temporary name and
 of concurrent writers, on one machine or on a shared file system, never conflict and a reader never sees
 a partial file. Readers load every part. Valid rewards and deterministic failures ('nan') are cached;
 transient failures (timeouts, crashes) are not, so they are tried again on a rerun.
+
+A reward's per-sample terms (`rewards.compose.WeightedSum`) are cached with its reward, as float64 columns
+``term.<name>`` of the same part: a cache hit brings back its terms too (:meth:`RewardCache.lookup_terms`).
+A term a part does not hold reads as NaN.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,7 @@ import pyarrow.parquet as pq
 __all__ = ["reward_identity", "sample_keys", "RewardCache", "CACHEABLE_ERRORS"]
 
 CACHEABLE_ERRORS = ("", "nan")
+_TERM = "term."
 
 
 def reward_identity(target: str, kwargs: dict[str, Any], version: str) -> str:
@@ -46,6 +52,7 @@ class RewardCache:
         self.writer = uuid.uuid4().hex[:12]
         self._count = 0
         self._index: dict[bytes, tuple[float, bool, str]] = {}
+        self._terms: dict[bytes, dict[str, float]] = {}  # only the entries that came with terms
         self._parts: set[str] = set()
         self.reload()
 
@@ -67,6 +74,11 @@ class RewardCache:
             errors = table.column("error").to_pylist()
             for k, r, v, e in zip(keys, rewards, valid, errors):
                 self._index[k] = (float("nan") if r is None else float(r), bool(v), str(e))
+            names = [c for c in table.column_names if c.startswith(_TERM)]
+            if names:
+                columns = {c[len(_TERM):]: table.column(c).to_pylist() for c in names}
+                for i, k in enumerate(keys):
+                    self._terms[k] = {t: float("nan") if col[i] is None else float(col[i]) for t, col in columns.items()}
 
     def __len__(self) -> int:
         return len(self._index)
@@ -90,17 +102,39 @@ class RewardCache:
                 reward[i], valid[i], error[i] = entry
         return hit, reward, valid, error
 
-    def add(self, keys: list[bytes], reward: np.ndarray, valid: np.ndarray, error: np.ndarray) -> int:
-        """Commit the cacheable entries as one new part; returns how many were written."""
+    def lookup_terms(self, keys: list[bytes], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """name -> (n,) float64: the cached value of each term for each key (NaN on a miss or a term not
+        stored). Call it after :meth:`lookup` (which reads new parts on a miss)."""
+        out = {name: np.full(len(keys), np.nan) for name in names}
+        for i, k in enumerate(keys):
+            entry = self._terms.get(k)
+            if entry is not None:
+                for name in names:
+                    out[name][i] = entry.get(name, np.nan)
+        return out
+
+    def add(
+        self,
+        keys: list[bytes],
+        reward: np.ndarray,
+        valid: np.ndarray,
+        error: np.ndarray,
+        terms: Mapping[str, np.ndarray] | None = None,
+    ) -> int:
+        """Commit the cacheable entries as one new part; returns how many were written.
+
+        ``terms``: name -> (n,) float64 per-sample terms of the reward, stored with each entry."""
         keep = [i for i, e in enumerate(error) if str(e) in CACHEABLE_ERRORS and keys[i] not in self._index]
         if not keep:
             return 0
+        terms = {name: np.asarray(v, dtype=np.float64) for name, v in (terms or {}).items()}
         table = pa.table(
             {
                 "key": pa.array([keys[i] for i in keep], type=pa.binary(16)),
                 "reward": pa.array([float(reward[i]) for i in keep], type=pa.float64()),
                 "valid": pa.array([bool(valid[i]) for i in keep]),
                 "error": pa.array([str(error[i]) for i in keep]),
+                **{_TERM + name: pa.array(v[keep], type=pa.float64()) for name, v in terms.items()},
             }
         )
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -112,4 +146,6 @@ class RewardCache:
         self._parts.add(name)
         for i in keep:
             self._index[keys[i]] = (float(reward[i]), bool(valid[i]), str(error[i]))
+            if terms:
+                self._terms[keys[i]] = {name: float(v[i]) for name, v in terms.items()}
         return len(keep)

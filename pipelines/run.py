@@ -24,6 +24,7 @@ from pipelines.pretrain import BaseModel, load_or_pretrain
 from pipelines.raysession import connect
 from pipelines.schema import Config
 from pipelines.summary import flatten_interval, flatten_invalid, flatten_stats, format_table, invalid_record
+from pipelines.summary import flatten_terms, term_record
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import Reward, load_reward
 from pipelines.refinement import refine_threshold
@@ -356,6 +357,10 @@ def _record(
         metrics.update(flatten_stats(name, summary[name]))
     metrics.update(flatten_interval("target", interval))
     reward = load_reward(cfg.reward.target, cfg.reward.kwargs)
+    terms = term_record({"base": base_bank.terms, "finetuned": final_bank.terms}, getattr(reward, "term_weights", None))
+    if terms:  # a reward with terms (rewards.compose:WeightedSum): each term's statistics
+        summary["terms"] = terms
+        metrics.update(flatten_terms(terms))
     extra = _describe(reward, base_bank, final_bank)
     if extra:
         summary["samples"] = extra

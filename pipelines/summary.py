@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from tfft.invalid import assign_invalid, tail_both_ways
+from tfft.target import summarize
 
-__all__ = ["format_table", "flatten_interval", "flatten_stats", "invalid_record", "flatten_invalid"]
+__all__ = [
+    "format_table", "flatten_interval", "flatten_stats", "invalid_record", "flatten_invalid", "term_record",
+    "flatten_terms",
+]
 
 _COLUMNS = ("base", "finetuned", "target")
 
@@ -63,6 +68,9 @@ def format_table(summary: dict[str, Any]) -> str:
     if invalid:
         lines.append("")
         lines.append(_invalid_line(invalid))
+    if summary.get("terms"):
+        lines.append("")
+        lines.extend(_term_line(name, entry) for name, entry in summary["terms"].items())
     th = summary.get("threshold")
     if th:
         lines.append("")
@@ -140,3 +148,44 @@ def _invalid_line(record: dict[str, Any]) -> str:
         parts.append(f"{label} left-CVaR({level}) {ways['excluded'][level]:.4f} excluded / "
                      f"{ways['assigned'][level]:.4f} with failures at {ways['value_used']:.4g}")
     return "; ".join(parts)
+
+
+def term_record(
+    terms: Mapping[str, Mapping[str, np.ndarray]], weights: Mapping[str, float] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``summary.json["terms"]``: each reward term's statistics per bank (`rewards.compose.WeightedSum`).
+
+    ``terms`` maps a bank label ('base', 'finetuned') to its per-sample terms (``Bank.terms``: name -> (n,)
+    float64, NaN where the term failed); ``weights`` maps a name to its weight (None where unknown). Returns
+    ``{name: {"weight": w, "base": S, "finetuned": S}}`` with S the ``TailSummary.to_dict()`` of the term's
+    values over the samples where it is valid (`tfft.target.summarize`), in the order the names first
+    appear; empty when no bank has terms.
+    """
+    names = list(dict.fromkeys(name for values in terms.values() for name in values))
+    record: dict[str, dict[str, Any]] = {}
+    for name in names:
+        weight = None if weights is None or name not in weights else float(weights[name])
+        entry: dict[str, Any] = {"weight": weight}
+        for label, values in terms.items():
+            if name in values and np.size(values[name]):
+                entry[label] = summarize(np.asarray(values[name], dtype=np.float64)).to_dict()
+        record[name] = entry
+    return record
+
+
+def flatten_terms(record: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of :func:`term_record`: ``<label>.term.<name>.mean``, ``.n_valid``, ``.cvar_right_0.1``..."""
+    out: dict[str, float] = {}
+    for name, entry in record.items():
+        for label, stats in entry.items():
+            if label != "weight":
+                out.update(flatten_stats(f"{label}.term.{name}", stats))
+    return out
+
+
+def _term_line(name: str, entry: Mapping[str, Any]) -> str:
+    """``term smooth (weight 0.5): mean 1.2345 (base) -> 2.3456 (finetuned)``."""
+    weight = entry.get("weight")
+    head = f"term {name}" + ("" if weight is None else f" (weight {weight:g})")
+    means = " -> ".join(f"{stats['mean']:.4f} ({label})" for label, stats in entry.items() if label != "weight")
+    return f"{head}: mean {means}"

@@ -28,12 +28,17 @@ class RewardBatch:
         errors: per-sample failure reason ('' when valid), or None when every sample is valid.
             Reasons used by the pipeline: 'timeout', 'crash', 'nan', 'malformed', 'exception'.
         attempts: (n,) int, calls that each sample took (retries included), or None (one each).
+        terms: per-sample parts of the reward, name -> (n,) float64 (NaN where that part failed), or None.
+            A reward that reports them declares their names in :attr:`Reward.term_names`
+            (`rewards.compose.WeightedSum`: each term's own value); the bank stores them as columns
+            ``term.<name>`` when they come through ``evaluate_detailed`` (`rewards.robust.RobustResult.terms`).
     """
 
     rewards: torch.Tensor
     valid: torch.Tensor
     errors: list[str] | None = None
     attempts: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] | None = None
 
 
 class Reward:
@@ -43,11 +48,19 @@ class Reward:
     differentiable by autograd with respect to ``x`` (then adjoint matching can use it); otherwise the
     pipeline fine-tunes with the gradient-free weighted solver. ``version`` enters the reward's identity
     (caching): bump it whenever the reward's values change.
+
+    ``term_names``: the names of the per-sample terms the reward reports with its values
+    (:attr:`RewardBatch.terms`, `rewards.robust.RobustResult.terms`); each becomes a bank column
+    ``term.<name>``. Default: none. ``robust_settings``: True when :meth:`evaluate_detailed` takes the reward
+    pool's call settings as keywords (``batch_size``, ``max_in_flight``, ``retries``, ``backoff_s``,
+    ``split``) for what it evaluates in-process (`rewards.compose.WeightedSum`). Default: False.
     """
 
     name: str = "reward"
     version: str = "1"
     differentiable: bool = False
+    term_names: tuple[str, ...] = ()
+    robust_settings: bool = False
 
     def evaluate(self, x: torch.Tensor) -> RewardBatch:  # pragma: no cover - interface
         """x: (n, d) float tensor -> :class:`RewardBatch` of n rewards."""

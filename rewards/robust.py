@@ -96,6 +96,9 @@ class RobustResult:
         seconds: (n,) float64; valid: wall time of the successful call / its chunk size; invalid: the sum
             of its shares (call time / chunk size) over every call that involved it.
         n_calls: calls made in all.
+        terms: per-sample parts of the reward, name -> (n,) float64, NaN where that part failed; None when
+            the reward has none (`rewards.compose.WeightedSum`: each term's own value). The bank stores
+            them as columns ``term.<name>``.
     """
 
     rewards: np.ndarray
@@ -104,6 +107,7 @@ class RobustResult:
     attempts: np.ndarray
     seconds: np.ndarray
     n_calls: int
+    terms: dict[str, np.ndarray] | None = None
 
     def failure_counts(self) -> dict[str, int]:
         """Invalid samples per reason, e.g. ``{'timeout': 2, 'nan': 1}`` (reasons with 0 left out)."""
@@ -124,6 +128,8 @@ class RobustResult:
             valid=torch.from_numpy(self.valid.copy()),
             errors=None if bool(self.valid.all()) else list(self.errors),
             attempts=torch.from_numpy(self.attempts.astype(np.int64)),
+            terms=None if self.terms is None else {k: torch.from_numpy(np.array(v, dtype=np.float64))
+                                                   for k, v in self.terms.items()},
         )
 
 
@@ -313,8 +319,14 @@ def evaluate_reward_robust(
     like any failure); samples the reward marks invalid keep its reason ('nan' when it gives none).
     Nothing can time out in a thread. With ``max_in_flight > 1`` the reward must be thread-safe. A reward
     with its own robust evaluation (:meth:`rewards.base.Reward.evaluate_detailed` returns a result, e.g.
-    :class:`rewards.simulator.Command`) is used as is and the other arguments are ignored.
+    :class:`rewards.simulator.Command`) is used as is and the other arguments are ignored, except by a
+    reward with ``robust_settings`` (`rewards.compose.WeightedSum`), which gets them for its in-process parts.
     """
+    if getattr(reward, "robust_settings", False):
+        return reward.evaluate_detailed(
+            np.asarray(x, dtype=np.float64), batch_size=batch_size, max_in_flight=max_in_flight,
+            retries=retries, backoff_s=backoff_s, split=split,
+        )
     detailed = reward.evaluate_detailed(np.asarray(x, dtype=np.float64))
     if detailed is not None:
         return detailed

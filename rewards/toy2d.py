@@ -30,7 +30,7 @@ import torch
 
 from rewards.base import Reward, RewardBatch
 
-__all__ = ["sample_base", "tail_reward", "TailReward2D", "COMPONENTS"]
+__all__ = ["sample_base", "tail_reward", "distance_penalty", "TailReward2D", "COMPONENTS"]
 
 # (weight, mean, std) of the base mixture.
 COMPONENTS: tuple[tuple[float, tuple[float, float], float], ...] = (
@@ -72,6 +72,15 @@ def tail_reward(
         - failure_depth * torch.exp(-d_fail / (2 * 0.9**2))
         + peak_height * torch.exp(-d_peak / (2 * peak_width**2))
     )
+
+
+def distance_penalty(x: torch.Tensor, *, centre: tuple[float, ...] = (0.0, 0.0)) -> torch.Tensor:
+    """-||x - centre||^2 for x of shape (n, d) -> (n,); differentiable. A second term for the 2-D task
+    (``tune_configs/toy2d_composite.yaml``: `rewards.compose.WeightedSum`), pulling samples towards ``centre``."""
+    c = torch.as_tensor(centre, dtype=x.dtype, device=x.device)
+    if c.shape != (x.shape[-1],):
+        raise ValueError(f"distance_penalty: centre has {c.numel()} coordinates for samples of dimension {x.shape[-1]}")
+    return -((x - c) ** 2).sum(-1)
 
 
 class TailReward2D(Reward):

@@ -4,6 +4,9 @@
 of x0 scaled to the 2-D task's samples): the sampler pool draws the samples, the reward pool's actors
 send them to the server through ``rewards.http:Endpoint``. Every sample must land in the bank once, with
 the reason that follows from its own input, and the valid rewards must be the server's function.
+
+The same session also builds banks of a composite reward (``rewards.compose:WeightedSum``): each term a
+bank column, through the reward pool and the reward cache.
 """
 
 from __future__ import annotations
@@ -79,3 +82,44 @@ def test_bank_through_a_faulty_http_server(ray_session, tmp_path):
             held[row] += 1
     assert [held[tuple(row)] for row in bank.x.tolist()] == bank.attempts.tolist()
     print(f"bank of {SIZE} through the HTTP server: {wall:.1f} s, {counts}")
+
+
+def test_bank_of_a_composite_reward_keeps_each_term_as_a_column(ray_session, tmp_path):
+    """``tfft bank tune_configs/toy2d_composite.yaml`` (a crash region on the 2-D term), twice with one reward
+    cache: the bank's term columns are each term evaluated on the bank's x, the reward their weighted sum; the
+    second bank takes every sample from the cache, its term columns included."""
+    import torch
+
+    from rewards.toy2d import TailReward2D, distance_penalty
+
+    common = [
+        "reward.kwargs.terms=[{target: 'rewards.toy2d:TailReward2D', kwargs: {crash_radius: 0.6}},"
+        " {target: 'rewards.toy2d:distance_penalty', weight: 0.2, name: distance}]",
+        f"bank.size={SIZE}", f"bank.shard_size={SIZE // 2}", "bank.reward.batch_size=16", "bank.sampler.batch_size=32",
+        "bank.reward.num_cpus=0.5", "bank.sampler.num_cpus=0.5", "bank.reward.call_size=8",
+        "pretrain.steps=200", "pretrain.n_samples=4000", f"pretrain.cache_dir={tmp_path / 'cache'}",
+        f"bank.cache_dir={tmp_path / 'rewards'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    config = str(ROOT / "tune_configs/toy2d_composite.yaml")
+    began = time.perf_counter()
+    assert main(["bank", config, "--out", str(tmp_path / "first"), *common]) == 0
+    assert main(["bank", config, "--out", str(tmp_path / "second"), *common]) == 0
+    wall = time.perf_counter() - began
+    first = read_bank(tmp_path / "first" / "bank_base.parquet")
+    second = read_bank(tmp_path / "second" / "bank_base.parquet")
+    assert len(first) == SIZE and sorted(first.ids.tolist()) == list(range(SIZE))
+    assert list(first.terms) == ["TailReward2D", "distance"]
+    x = torch.from_numpy(np.array(first.x))  # a writable copy
+    tail = TailReward2D(crash_radius=0.6).evaluate(x)
+    np.testing.assert_array_equal(first.terms["TailReward2D"], np.where(tail.valid, tail.rewards, np.nan))
+    np.testing.assert_array_equal(first.terms["distance"], distance_penalty(x).numpy())
+    np.testing.assert_array_equal(first.valid, tail.valid.numpy())
+    assert 0 < (~first.valid).sum() < SIZE // 2 and set(first.error[~first.valid]) == {"crash"}
+    want = first.terms["TailReward2D"] + 0.2 * first.terms["distance"]
+    np.testing.assert_array_equal(first.reward, want)  # NaN where the 2-D term crashed
+    # crashes are not cached (transient): the second bank evaluates them again, and takes the rest from the cache
+    assert not first.cached.any() and (second.cached == first.valid).all()
+    np.testing.assert_array_equal(second.x, first.x)
+    for name in first.terms:
+        np.testing.assert_array_equal(second.terms[name], first.terms[name])
+    print(f"two banks of {SIZE} with a composite reward: {wall:.1f} s")

@@ -58,3 +58,23 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     hit, r, _, _ = cache.lookup(sample_keys(x))
     assert hit.all() and np.array_equal(r, x[:, 0])
     assert not list((tmp_path / "id").glob(".*"))  # no temporary files left
+
+
+def test_terms_are_cached_with_the_reward(tmp_path):
+    cache = RewardCache(tmp_path, "id")
+    x = np.arange(8.0).reshape(4, 2)
+    keys = sample_keys(x)
+    reward = np.array([1.0, np.nan, 3.0, np.nan])
+    valid = np.array([True, False, True, False])
+    error = np.array(["", "nan", "", "timeout"], dtype=object)
+    terms = {"tail": np.array([0.5, np.nan, 1.5, 2.5]), "dist": np.array([-1.0, -2.0, -3.0, np.nan])}
+    assert cache.add(keys, reward, valid, error, terms=terms) == 3
+    assert cache.add(sample_keys(x + 100), reward, valid, error) == 3  # a part without terms
+    fresh = RewardCache(tmp_path, "id")
+    hit, r, v, e = fresh.lookup(keys + sample_keys(x[:1] + 100))
+    assert hit.tolist() == [True, True, True, False, True] and r[2] == 3.0
+    got = fresh.lookup_terms(keys + sample_keys(x[:1] + 100), ["tail", "dist", "other"])
+    np.testing.assert_array_equal(got["tail"], [0.5, np.nan, 1.5, np.nan, np.nan])  # miss and no terms: NaN
+    np.testing.assert_array_equal(got["dist"], [-1.0, -2.0, -3.0, np.nan, np.nan])  # a failed sample keeps its terms
+    assert np.isnan(got["other"]).all()
+    np.testing.assert_array_equal(cache.lookup_terms(keys[:1], ["tail"])["tail"], [0.5])  # the writer's own index
