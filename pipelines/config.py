@@ -38,6 +38,11 @@ def _merge(sources: Sequence[Any]) -> Config:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise ConfigError(_explain(exc)) from None
+    except (TypeError, ValueError) as exc:  # e.g. a dotted override into a list item: 'terms.1.weight=0.5'
+        raise ConfigError(
+            f"cannot merge the config sources: {exc}; an override cannot reach into a list item "
+            "(replace the whole list, e.g. key='[...]')"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

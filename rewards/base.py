@@ -8,6 +8,7 @@ path ``package.module:Name`` plus keyword arguments, and must be picklable (they
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["RewardBatch", "Reward", "FunctionReward", "import_object", "load_reward"]
+__all__ = ["RewardBatch", "Reward", "FunctionReward", "source_version", "import_object", "load_reward"]
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,23 @@ class Reward:
         return batch, grad
 
 
+def source_version(fn: Callable[..., Any]) -> str:
+    """A version string that changes when ``fn``'s code changes: a hash of its source (of its bytecode and
+    constants when the source cannot be read). Plain functions have no ``version`` to bump, so the reward cache
+    keys them by this instead: editing the function never reads values cached by the old one."""
+    try:
+        text = inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        text = repr((code.co_code, code.co_consts)).encode() if code is not None else repr(fn).encode()
+    return "src-" + hashlib.sha256(text).hexdigest()[:16]
+
+
 class FunctionReward(Reward):
-    """Wraps ``f(x: Tensor (n, d), **kwargs) -> Tensor (n,)``; non-finite outputs mark invalid samples."""
+    """Wraps ``f(x: Tensor (n, d), **kwargs) -> Tensor (n,)``; non-finite outputs mark invalid samples.
+
+    ``version`` is :func:`source_version` of ``f``, so the reward cache never serves values of an edited function.
+    """
 
     differentiable = True
 
@@ -125,6 +141,7 @@ class FunctionReward(Reward):
         self.fn = fn
         self.kwargs = kwargs
         self.name = name or f"{fn.__module__}:{fn.__qualname__}"
+        self.version = source_version(fn)
 
     def evaluate(self, x: torch.Tensor) -> RewardBatch:
         out = self.fn(x, **self.kwargs)

@@ -108,6 +108,11 @@ def _one_line_error(capsys, args: list[str], *keys: str) -> None:
     assert len(err) == 1 and err[0].startswith("tfft: config error:") and all(k in err[0] for k in keys), err
 
 
+def test_an_override_into_a_list_item_is_a_config_error():
+    with pytest.raises(ConfigError, match="replace the whole list"):
+        load_config(Path(__file__).parents[2] / "tune_configs/toy2d_composite.yaml", ["reward.kwargs.terms.1.weight=0.5"])
+
+
 def test_out_naming_a_file_is_a_one_line_error(capsys, tmp_path):
     target = tmp_path / "results.txt"
     target.write_text("not a directory")

@@ -42,7 +42,7 @@ def ray_session():
     ray.shutdown()
 
 
-def test_bank_through_a_faulty_http_server(ray_session, tmp_path):
+def test_bank_through_a_faulty_http_server(ray_session, tmp_path, pretrain_cache):
     server, url = serve(faults=True, fault_scale=SCALE, record=True)
     try:
         timeout_s, retries, batch_size = 0.5, 1, 8
@@ -52,7 +52,7 @@ def test_bank_through_a_faulty_http_server(ray_session, tmp_path):
             f"reward.kwargs.batch_size={batch_size}", "reward.kwargs.backoff_s=0.01",
             f"bank.size={SIZE}", f"bank.shard_size={SIZE}", "bank.reward.batch_size=32", "bank.sampler.batch_size=32",
             "bank.reward.num_cpus=0.5", "bank.sampler.num_cpus=0.5",
-            "pretrain.steps=200", "pretrain.n_samples=4000", f"pretrain.cache_dir={tmp_path / 'cache'}",
+            "pretrain.steps=200", "pretrain.n_samples=4000", f"pretrain.cache_dir={pretrain_cache}",
             f"bank.cache_dir={tmp_path / 'rewards'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         ]
         began = time.perf_counter()
@@ -84,7 +84,7 @@ def test_bank_through_a_faulty_http_server(ray_session, tmp_path):
     print(f"bank of {SIZE} through the HTTP server: {wall:.1f} s, {counts}")
 
 
-def test_bank_of_a_composite_reward_keeps_each_term_as_a_column(ray_session, tmp_path):
+def test_bank_of_a_composite_reward_keeps_each_term_as_a_column(ray_session, tmp_path, pretrain_cache):
     """``tfft bank tune_configs/toy2d_composite.yaml`` (a crash region on the 2-D term), twice with one reward
     cache: the bank's term columns are each term evaluated on the bank's x, the reward their weighted sum; the
     second bank takes every sample from the cache, its term columns included."""
@@ -97,7 +97,7 @@ def test_bank_of_a_composite_reward_keeps_each_term_as_a_column(ray_session, tmp
         " {target: 'rewards.toy2d:distance_penalty', weight: 0.2, name: distance}]",
         f"bank.size={SIZE}", f"bank.shard_size={SIZE // 2}", "bank.reward.batch_size=16", "bank.sampler.batch_size=32",
         "bank.reward.num_cpus=0.5", "bank.sampler.num_cpus=0.5", "bank.reward.call_size=8",
-        "pretrain.steps=200", "pretrain.n_samples=4000", f"pretrain.cache_dir={tmp_path / 'cache'}",
+        "pretrain.steps=200", "pretrain.n_samples=4000", f"pretrain.cache_dir={pretrain_cache}",
         f"bank.cache_dir={tmp_path / 'rewards'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
     config = str(ROOT / "tune_configs/toy2d_composite.yaml")

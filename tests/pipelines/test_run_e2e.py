@@ -57,7 +57,8 @@ def env(tmp_path_factory, pretrain_cache):
     if ray.is_initialized():
         ray.shutdown()
     connect(RayConfig(num_cpus=2))
-    common = [f"pretrain.cache_dir={pretrain_cache}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"]
+    common = [f"pretrain.cache_dir={pretrain_cache}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+              f"bank.cache_dir={root / 'rewards'}"]
     yield {"root": root, "common": common, "uri": f"sqlite:///{root / 'mlflow.db'}"}
     ray.shutdown()
     sys.path.remove(str(user_dir))

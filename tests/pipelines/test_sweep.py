@@ -200,7 +200,7 @@ def sweep_dir(tmp_path_factory, pretrain_cache):
 
     root = tmp_path_factory.mktemp("sweep")
     out = root / "grid"
-    args = [str(SMOKE), "--out", str(out), f"pretrain.cache_dir={pretrain_cache}",
+    args = [str(SMOKE), "--out", str(out), f"pretrain.cache_dir={pretrain_cache}", f"bank.cache_dir={root / 'rewards'}",
             f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2"]
     started = time.time()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}

@@ -92,3 +92,21 @@ def test_rewards_are_picklable(target):
 
 def test_import_object_dotted_attribute():
     assert import_object("rewards.toy2d:TailReward2D.evaluate") is TailReward2D.evaluate
+
+
+def test_a_plain_function_reward_is_versioned_by_its_source(tmp_path, monkeypatch):
+    # Editing a plain function must change its cache identity (it has no version to bump).
+    import importlib
+
+    from rewards.base import load_reward
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "edited_reward.py"
+    module.write_text("def reward(x):\n    return -(x ** 2).sum(-1)\n")
+    first = load_reward("edited_reward:reward").version
+    assert load_reward("edited_reward:reward").version == first
+    module.write_text("def reward(x):\n    return -(x ** 2).sum(-1) + 1.0\n")
+    import edited_reward
+
+    importlib.reload(edited_reward)
+    assert load_reward("edited_reward:reward").version != first
