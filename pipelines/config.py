@@ -121,6 +121,16 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
         "objective.kl_weight",
         f"must be > 0, got {obj.kl_weight}",
     )
+    sv = cfg.reward.serve
+    _require(bool(sv.name), "reward.serve.name", "must name the Serve application")
+    _require(sv.num_replicas >= 1, "reward.serve.num_replicas", f"must be >= 1, got {sv.num_replicas}")
+    _require(sv.max_replicas == 0 or 1 <= max(sv.min_replicas, 1) <= sv.max_replicas, "reward.serve.max_replicas",
+             f"must be 0 (fixed num_replicas) or >= max(min_replicas, 1), got {sv.max_replicas}")
+    _require(sv.num_cpus >= 0 and sv.num_gpus >= 0, "reward.serve.num_cpus",
+             f"num_cpus and num_gpus must be >= 0, got {sv.num_cpus} and {sv.num_gpus}")
+    _require(sv.max_ongoing_requests >= 1, "reward.serve.max_ongoing_requests",
+             f"must be >= 1, got {sv.max_ongoing_requests}")
+    _require(sv.timeout_s > 0, "reward.serve.timeout_s", f"must be > 0, got {sv.timeout_s}")
     _require(
         obj.invalid_reward is None or math.isfinite(obj.invalid_reward),
         "objective.invalid_reward",
@@ -204,7 +214,10 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
             raise ConfigError(f"'data.source': {exc}") from None
         _require(callable(source), "data.source", f"{cfg.data.source!r} is not callable")
         try:
-            load_reward(cfg.reward.target, cfg.reward.kwargs)
+            if cfg.reward.serve.enabled:  # built once, by the Serve application, never on the driver
+                import_object(cfg.reward.target)
+            else:
+                load_reward(cfg.reward.target, cfg.reward.kwargs)
         except ValueError as exc:
             raise ConfigError(f"'reward.target': {exc}") from None
 

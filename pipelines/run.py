@@ -23,6 +23,7 @@ from pipelines.plots import plot_rewards
 from pipelines.pretrain import BaseModel, load_or_pretrain
 from pipelines.raysession import connect
 from pipelines.schema import Config
+from pipelines.serving import PROXY, attach, detach, served_differentiable
 from pipelines.summary import flatten_interval, flatten_invalid, flatten_stats, format_table, invalid_record
 from pipelines.summary import flatten_terms, term_record
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
@@ -39,7 +40,7 @@ from tfft.target import (
     tilt_weights,
 )
 
-__all__ = ["run_pipeline", "run_bank_only", "prepare_base", "solve_objective", "run_from_bank", "objective_of", "choose_solver"]
+__all__ = ["run_pipeline", "run_bank_only", "prepare_base", "attach_reward", "solve_objective", "run_from_bank", "objective_of", "choose_solver"]
 
 
 def objective_of(cfg: Config, threshold: Threshold | None) -> dict[str, Any]:
@@ -56,7 +57,10 @@ def objective_of(cfg: Config, threshold: Threshold | None) -> dict[str, Any]:
 
 def choose_solver(cfg: Config) -> str:
     """adjoint when the reward has gradients, else weighted; an explicit choice is checked."""
-    differentiable = bool(load_reward(cfg.reward.target, cfg.reward.kwargs).differentiable)
+    if cfg.reward.serve.enabled and cfg.reward.target != PROXY:  # never build a served reward on the driver
+        differentiable = served_differentiable(cfg)
+    else:
+        differentiable = bool(load_reward(cfg.reward.target, cfg.reward.kwargs).differentiable)
     solver = cfg.finetune.solver
     if solver == "auto":
         return "adjoint" if differentiable else "weighted"
@@ -96,13 +100,17 @@ def run_pipeline(
     run.log_params(to_flat_dict(cfg))
     if run.enabled:
         log(f"[mlflow] run {run.run_id} in {tracking_uri}")
+    served, started_app = cfg, False
     try:
-        base, base_bank = prepare_base(cfg, out, log=log, base=base)
-        summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=solver, log=log,
+        served, started_app = attach_reward(cfg, log)
+        base, base_bank = prepare_base(served, out, log=log, base=base)
+        summary = run_from_bank(served, out, base, base_bank, run=run, solver=solver, log=log,
                                 finetune_callbacks=finetune_callbacks)
     except BaseException:
         run.finish("FAILED")
         raise
+    finally:
+        detach(served, started_app, log=log)
     summary["wall_seconds"] = time.time() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     run.log_artifact(out / "summary.json")
@@ -115,9 +123,22 @@ def run_bank_only(cfg: Config, out: str | Path, *, log: Callable[[str], None] = 
     """``tfft bank``: the base model and ``out/bank_base.parquet``; prints the bank's accounting."""
     out = Path(out).resolve()
     _prepare_out(cfg, out)
-    _, bank = prepare_base(cfg, out, log=log)
+    served, started_app = attach_reward(cfg, log)
+    try:
+        _, bank = prepare_base(served, out, log=log)
+    finally:
+        detach(served, started_app, log=log)
     log("[bank base] " + ", ".join(f"{k} {v}" for k, v in bank.accounting().items()))
     return bank
+
+
+def attach_reward(cfg: Config, log: Callable[[str], None]) -> tuple[Config, bool]:
+    """With ``reward.serve.enabled``: Ray up, the reward's Serve application running, the config pointing at it
+    (`pipelines.serving.attach`). Otherwise the config as it is."""
+    if not cfg.reward.serve.enabled:
+        return cfg, False
+    connect(cfg.ray, log=log)
+    return attach(cfg, log=log)
 
 
 def prepare_base(

@@ -15,6 +15,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "PretrainConfig",
+    "ServeConfig",
     "RewardConfig",
     "ObjectiveConfig",
     "SamplerConfig",
@@ -60,11 +61,34 @@ class PretrainConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The reward held once by a Ray Serve application (`pipelines.serving`), shared by every reward actor,
+    training worker and sweep trial. ``enabled``: serve it; ``name``: the application (reached by name when it
+    is already running, else started by tfft); ``num_replicas`` fixed, or autoscaling between ``min_replicas``
+    and ``max_replicas`` when ``max_replicas`` > 0; ``num_cpus``/``num_gpus`` per replica;
+    ``max_ongoing_requests`` per replica; ``timeout_s`` per request; ``keep``: leave an application tfft
+    started running when the run ends."""
+
+    enabled: bool = False
+    name: str = "tfft-reward"
+    num_replicas: int = 1
+    min_replicas: int = 0
+    max_replicas: int = 0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 8
+    timeout_s: float = 300.0
+    keep: bool = False
+
+
+@dataclass
 class RewardConfig:
-    """The reward: ``target`` is ``module:Name`` of a Reward class or a function; ``kwargs`` go to it."""
+    """The reward: ``target`` is ``module:Name`` of a Reward class or a function; ``kwargs`` go to it;
+    ``serve``: hold it once in a Ray Serve application (:class:`ServeConfig`)."""
 
     target: str = "rewards.toy2d:TailReward2D"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 @dataclass

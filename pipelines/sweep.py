@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.outdir import claim_output_dir, trial_status
-from pipelines.run import choose_solver, prepare_base, run_from_bank
+from pipelines.run import attach_reward, choose_solver, prepare_base, run_from_bank
+from pipelines.serving import detach
 from pipelines.schema import Config
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
 from pipelines.sweep_spec import Sweep, TrialSpec
@@ -199,6 +200,30 @@ def _tune(
     uri: str,
     log: Callable[[str], None],
 ) -> None:
+    served, started = {}, []
+    for trial in todo:  # a served reward: one Serve application for every trial (joined by name after the first)
+        served[trial.name], new = attach_reward(trial.config, log)
+        if new:
+            started.append(served[trial.name])
+    try:
+        _tune_served(sweep, out, todo, served, solvers, banks, runs, uri, log)
+    finally:
+        for cfg in started:
+            detach(cfg, True, log=log)
+
+
+def _tune_served(
+    sweep: Sweep,
+    out: Path,
+    todo: list[TrialSpec],
+    served: dict[str, Config],
+    solvers: dict[str, str],
+    banks: dict[str, str],
+    runs: dict[str, str | None],
+    uri: str,
+    log: Callable[[str], None],
+) -> None:
+    """:func:`_tune` once the trials' configs point at their served reward (``served``: trial name -> config)."""
     import ray
     from ray import tune
 
@@ -206,13 +231,16 @@ def _tune(
     for trial in todo:  # one base model and bank per group, before any trial starts
         if trial.bank_group not in bases:
             bank_dir = (out / banks[trial.bank_group]).parent
-            bases[trial.bank_group] = prepare_base(trial.config, bank_dir, log=log)
-    resources = ray.cluster_resources()
+            bases[trial.bank_group] = prepare_base(served[trial.name], bank_dir, log=log)
+    resources = dict(ray.cluster_resources())
+    sv = todo[0].config.reward.serve
+    if sv.enabled:  # the served reward's replicas hold their CPUs for the whole sweep
+        resources["CPU"] = resources.get("CPU", 0.0) - sv.num_cpus * (sv.max_replicas or sv.num_replicas)
     concurrent = plan_concurrency(resources, [t.config for t in todo], sweep.sweep.max_concurrent_trials)
     budget = resources.get("CPU", 0.0) / concurrent - DRIVER_CPUS
     jobs = {}
     for trial in todo:
-        cfg = fit_trial(trial.config, budget)
+        cfg = fit_trial(served[trial.name], budget)
         jobs[trial.name] = {
             "name": trial.name,
             "params": trial.params,
