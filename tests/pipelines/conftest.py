@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -87,6 +88,44 @@ def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 
     raise RuntimeError(f"the loopback cluster at {address} did not reach {n} live nodes")
 
 
+# The cluster is stopped right after the last test that uses it, not at the end of the session: its idle
+# raylets, GCS and dashboards would otherwise take CPU from every test that follows (2 cores).
+_LAST_CLUSTER_TEST: list[str] = []
+_STOP_CLUSTER: list[Callable[[], None]] = []
+
+
+def pytest_collection_modifyitems(session, config, items):
+    users = [item.nodeid for item in items if "loopback_cluster" in getattr(item, "fixturenames", ())]
+    _LAST_CLUSTER_TEST[:] = users[-1:]
+
+
+@pytest.hookimpl(trylast=True)  # after the item's own fixtures are torn down
+def pytest_runtest_teardown(item, nextitem):
+    if _LAST_CLUSTER_TEST and item.nodeid == _LAST_CLUSTER_TEST[0]:
+        while _STOP_CLUSTER:
+            _STOP_CLUSTER.pop()()
+
+
+def _stop_nodes(nodes: list[subprocess.Popen], port: int) -> None:
+    for proc in reversed(nodes):  # both nodes shut down at once: each takes a while to stop
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 3  # a graceful stop takes about 30 s; nothing of the nodes is needed after
+    for proc in reversed(nodes):
+        try:
+            proc.wait(max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    # `ray start` records its address for later `ray.init()` calls; a stale record would misdirect
+    # Ray Train's placement-group cleaner in the test modules that follow.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
+
+
 @pytest.fixture(scope="session")
 def loopback_cluster(tmp_path_factory):
     """Start the rehearsal's two nodes; yields address, dashboard URL, env, the shared dir and the lines."""
@@ -107,6 +146,14 @@ def loopback_cluster(tmp_path_factory):
     assert len(starts) == 2 and "--head" in starts[0], starts
     address = f"127.0.0.1:{ports['6379']}"
     nodes = [_start_node(starts[0], env, root / "head.log")]
+    stopped: list[bool] = []
+
+    def stop() -> None:  # once: after the last test that uses the cluster, or at the end of the session
+        if not stopped:
+            stopped.append(True)
+            _stop_nodes(nodes, ports["6379"])
+
+    _STOP_CLUSTER.append(stop)
     try:
         _wait_for_nodes(address, env, 1)
         nodes.append(_start_node(starts[1], env, root / "worker.log"))
@@ -119,23 +166,7 @@ def loopback_cluster(tmp_path_factory):
             "lines": lines,
         }
     finally:
-        for proc in reversed(nodes):  # both nodes shut down at once: each takes a while to stop
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10  # a graceful stop takes about 30 s; nothing of the nodes is needed after
-        for proc in reversed(nodes):
-            try:
-                proc.wait(max(deadline - time.time(), 0.1))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-        # `ray start` records its address for later `ray.init()` calls; a stale record would misdirect
-        # Ray Train's placement-group cleaner in the test modules that follow.
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.is_file() and current.read_text().strip().endswith(f":{ports['6379']}"):
-            current.unlink()
+        stop()
 
 
 @pytest.fixture(scope="session")

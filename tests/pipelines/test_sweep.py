@@ -1,13 +1,16 @@
 """``tfft sweep``: the sweep section (fast, no Ray), concurrent MLflow writers, and one real sweep on Ray.
 
-The Ray part runs one 2 x 2 grid (alpha x kl_weight, right side) of the shipped smoke config: it is killed
-after two trials finish, restarted with the same --out, and then checked for resumption, MLflow runs,
-Tune's intermediate results and the expected trends of the report table.
+The Ray part runs one 2 x 2 grid (alpha x kl_weight, right side) of the shipped smoke config with its reward
+served by Ray Serve (``reward.serve``): it is killed after two trials finish, restarted with the same --out,
+and then checked for resumption, MLflow runs, Tune's intermediate results, the expected trends of the report
+table, and that each sweep run built the served reward once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import multiprocessing
 import os
@@ -28,6 +31,26 @@ from pipelines.sweep_spec import load_sweep
 
 ROOT = Path(__file__).parents[2]
 SMOKE = ROOT / "tune_configs" / "sweep_toy2d_smoke.yaml"
+
+# The served reward of the real sweep: the 2-D reward, appending its pid to ``log`` each time it is built.
+COUNTING = '''
+import os
+from rewards.toy2d import TailReward2D
+
+class CountingToy(TailReward2D):
+    def __init__(self, log, **kwargs):
+        super().__init__(**kwargs)
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+'''
+APP = "smoke-served-reward"
+
+
+def _served(log: Path) -> list[str]:
+    """Overrides that serve the counting reward (one replica of a quarter CPU)."""
+    return ["reward.target=counting_reward:CountingToy", f"reward.kwargs.log={log}", "reward.serve.enabled=true",
+            f"reward.serve.name={APP}", "reward.serve.num_cpus=0.25"]
+
 
 GRID = """
 objective: {side: right}
@@ -195,15 +218,24 @@ def _checkpointed(out: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory, pretrain_cache):
     """The smoke grid, killed (SIGKILL to its process group) once two trials have finished and another
-    holds a fine-tuning checkpoint, then run again with the same --out."""
+    holds a fine-tuning checkpoint, then run again with the same --out.
+
+    Its reward is served (``reward.serve``): the 2-D reward, counting its constructions in a file, held by one
+    Ray Serve replica that every trial's reward actors and training workers call."""
     import ray
 
     root = tmp_path_factory.mktemp("sweep")
     out = root / "grid"
+    user = root / "user"
+    user.mkdir()
+    (user / "counting_reward.py").write_text(COUNTING)
+    constructions = root / "constructions.log"
     args = [str(SMOKE), "--out", str(out), f"pretrain.cache_dir={pretrain_cache}", f"bank.cache_dir={root / 'rewards'}",
-            f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2"]
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2", *_served(constructions)]
     started = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    old_path = os.environ.get("PYTHONPATH", "")
+    path = os.pathsep.join(p for p in (str(ROOT), str(user), old_path) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     output = root / "interrupted_sweep.log"
     with open(output, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", *args], cwd=root, env=env,
@@ -219,12 +251,23 @@ def sweep_dir(tmp_path_factory, pretrain_cache):
     killed_after = time.time() - started
     done_before = {p.parent.name: p.stat().st_mtime for p in (out / "trials").glob("*/summary.json")}
     interrupted = _checkpointed(out)
+    built_before = len(constructions.read_text().splitlines())
     if ray.is_initialized():
         ray.shutdown()
-    assert main(["sweep", *args]) == 0
-    ray.shutdown()
+    os.environ["PYTHONPATH"] = path
+    sys.path.insert(0, str(user))
+    restart = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(restart):
+            assert main(["sweep", *args]) == 0
+    finally:
+        ray.shutdown()
+        sys.path.remove(str(user))
+        os.environ["PYTHONPATH"] = old_path
     return {"out": out, "root": root, "done_before": done_before, "interrupted": interrupted,
-            "seconds": time.time() - started, "killed_after": killed_after}
+            "seconds": time.time() - started, "killed_after": killed_after, "first_log": output.read_text(),
+            "restart_log": restart.getvalue(), "built_before": built_before,
+            "built": len(constructions.read_text().splitlines())}
 
 
 def _log_lines(out: Path) -> list[list[str]]:
@@ -300,3 +343,29 @@ def test_report_shows_the_tail_rising_as_kl_weight_falls(sweep_dir):
             assert all(a > b for a, b in zip(tails, tails[1:])), (side, alpha, tails)
             for r in cell:
                 assert float(r[f"finetuned_cvar_{side}"]) > float(r[f"base_cvar_{side}"]), r
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_each_sweep_run_builds_the_served_reward_once(sweep_dir):
+    # The killed run built it once (its Ray died with it); the restart started a fresh application, built it
+    # once more, let its second trial join it by name and deleted it at the end. No reward actor, training
+    # worker or driver built one of its own.
+    assert sweep_dir["built_before"] == 1 and sweep_dir["built"] == 2
+    first, restart = sweep_dir["first_log"], sweep_dir["restart_log"]
+    assert first.count(f"[serve] starting application '{APP}'") == 1
+    assert first.count(f"[serve] using the running application '{APP}'") == 3  # four trials, one application
+    assert restart.count(f"[serve] starting application '{APP}'") == 1
+    assert restart.count(f"[serve] using the running application '{APP}'") == 1
+    assert f"[serve] deleted application '{APP}'" in restart
+    # the served values are the reward's own
+    import numpy as np
+    import torch
+
+    from pipelines.bankio import read_bank
+    from rewards.toy2d import TailReward2D
+
+    bank = read_bank(next(sweep_dir["out"].rglob("bank_base.parquet")))
+    direct = TailReward2D().evaluate(torch.as_tensor(np.array(bank.x))).rewards.numpy()
+    np.testing.assert_array_equal(bank.reward, direct)
+
