@@ -137,7 +137,7 @@ class TailReward2D(Reward):
 
         rewards = []
         for x, valid in ((base_x, base_valid), (final_x, final_valid)):
-            r = self.evaluate(torch.as_tensor(np.asarray(x, dtype=np.float64))).rewards.numpy()
+            r = self.evaluate(torch.from_numpy(np.array(x, dtype=np.float64))).rewards.numpy()  # a writable copy
             rewards.append(np.where(np.asarray(valid, dtype=bool), r, np.nan))
         path = Path(out_dir) / "samples.png"
         plot_samples(path, np.asarray(base_x), np.asarray(final_x), rewards[0], rewards[1],
