@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shlex
 import signal
 import socket
@@ -65,6 +64,14 @@ def with_ports(line: str, ports: dict[str, int]) -> str:
     for default, port in ports.items():
         line = line.replace(default, str(port))
     return line
+
+
+def _exported(lines: list[str], env: dict[str, str]) -> dict[str, str]:
+    """``env`` after the block's ``export`` lines, run by bash in order (command substitutions included)."""
+    exports = "\n".join(line for line in lines if line.startswith("export "))
+    done = subprocess.run(["bash", "-c", exports + "\nenv -0"], env=env, capture_output=True, check=True)
+    pairs = (item.split("=", 1) for item in done.stdout.decode().split("\0") if "=" in item)
+    return {k: v for k, v in pairs if k != "_"}
 
 
 def _start_node(line: str, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -131,17 +138,15 @@ def loopback_cluster(tmp_path_factory):
     """Start the rehearsal's two nodes; yields address, dashboard URL, env, the shared dir and the lines."""
     root = tmp_path_factory.mktemp("cluster")
     ports = {"6379": free_port(), "8265": free_port()}
-    env = dict(
-        os.environ,
-        PATH=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
-        PYTHONPATH=os.pathsep.join([str(root / "user"), str(ROOT)]),
-        RAY_AUTH_MODE="token",  # token authentication stays on, with a token of this session's own
-        RAY_AUTH_TOKEN=secrets.token_hex(16),
-        TFFT_SHARED=str(root / "shared"),
-    )
+    # A clean environment, as a new user's shell: no Ray authentication of the test's own. The block's export
+    # lines (the token among them) are evaluated by bash, as pasted; only TFFT_SHARED is redirected.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    clean.update(PATH=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
+                 PYTHONPATH=os.pathsep.join([str(root / "user"), str(ROOT)]))
+    lines = [with_ports(line, ports) for line in rehearsal_commands()]
+    env = {**_exported(lines, clean), "TFFT_SHARED": str(root / "shared")}
     (root / "user").mkdir()
     (root / "user" / "counting_reward.py").write_text(COUNTING_REWARD)
-    lines = [with_ports(line, ports) for line in rehearsal_commands()]
     starts = [line for line in lines if line.startswith("ray start")]
     assert len(starts) == 2 and "--head" in starts[0], starts
     address = f"127.0.0.1:{ports['6379']}"
