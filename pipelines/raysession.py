@@ -7,7 +7,34 @@ import sys
 
 from pipelines.schema import RayConfig
 
-__all__ = ["connect"]
+__all__ = ["connect", "check_address"]
+
+
+def _address(ray_cfg: RayConfig) -> str:
+    return ray_cfg.address or os.environ.get("RAY_ADDRESS", "")
+
+
+def check_address(ray_cfg: RayConfig, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` cluster address (``ray.address``, ``--address`` or RAY_ADDRESS) must accept a TCP connection
+    within ``timeout_s``; ConfigError naming the address otherwise. Before any expensive work: Ray itself would
+    retry for about a minute and end in a traceback. ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    from pipelines.config import ConfigError
+
+    address = _address(ray_cfg)
+    if not address or address == "auto" or "://" in address or address.startswith("local"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"'ray.address' must look like host:port, auto or ray://host:port, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"'ray.address': cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start it "
+            "(`ray start --head`) or fix --address / ray.address / RAY_ADDRESS"
+        ) from None
 
 
 def connect(ray_cfg: RayConfig, *, log=print) -> None:
@@ -16,7 +43,7 @@ def connect(ray_cfg: RayConfig, *, log=print) -> None:
 
     if ray.is_initialized():
         return
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS", "")
+    address = _address(ray_cfg)
     # Workers must import the same project modules and user reward modules as the driver.
     paths = [p for p in [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p]
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
@@ -24,7 +51,17 @@ def connect(ray_cfg: RayConfig, *, log=print) -> None:
         runtime_env = {}  # under `ray job submit` the job's own runtime env (--working-dir) ships the code
     if address:
         log(f"[ray] connecting to {address}")
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except Exception as exc:
+            if "auth" not in str(exc).lower():
+                raise
+            from pipelines.config import ConfigError
+
+            raise ConfigError(
+                f"'ray.address': the cluster at {address} refused this client's token; set RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN to the cluster's token (its head writes it to ~/.ray/auth_token)"
+            ) from None
     else:
         kwargs = {"num_cpus": ray_cfg.num_cpus} if ray_cfg.num_cpus > 0 else {}
         # The dashboard serves the state API that Ray Train's controller polls (without it, the

@@ -21,7 +21,7 @@ from pipelines.finetune import run_finetune
 from pipelines.outdir import claim_output_dir
 from pipelines.plots import plot_rewards
 from pipelines.pretrain import BaseModel, load_or_pretrain
-from pipelines.raysession import connect
+from pipelines.raysession import check_address, connect
 from pipelines.schema import Config
 from pipelines.serving import PROXY, attach, detach, served_differentiable
 from pipelines.summary import flatten_interval, flatten_invalid, flatten_stats, format_table, invalid_record
@@ -90,6 +90,7 @@ def run_pipeline(
     """
     out = Path(out).resolve()
     solver = choose_solver(cfg)  # config problems surface before Ray starts
+    check_address(cfg.ray)
     for warning in sampler_warnings(cfg, solver):
         log(f"[config] WARNING: {warning}")
     _prepare_out(cfg, out)
@@ -122,6 +123,7 @@ def run_pipeline(
 def run_bank_only(cfg: Config, out: str | Path, *, log: Callable[[str], None] = print) -> Bank:
     """``tfft bank``: the base model and ``out/bank_base.parquet``; prints the bank's accounting."""
     out = Path(out).resolve()
+    check_address(cfg.ray)
     _prepare_out(cfg, out)
     served, started_app = attach_reward(cfg, log)
     try:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.outdir import claim_output_dir, trial_status
+from pipelines.raysession import check_address
 from pipelines.run import attach_reward, choose_solver, prepare_base, run_from_bank
 from pipelines.serving import detach
 from pipelines.schema import Config
@@ -97,6 +98,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     out = Path(out).resolve()
     solvers = {t.name: choose_solver(t.config) for t in sweep.trials}  # config problems before Ray starts
     _check_scheduler(sweep, solvers)
+    check_address(sweep.base.ray)
     claim_output_dir(out, to_yaml(sweep.base), "a sweep")
     state_path = out / "sweep.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}

@@ -113,6 +113,21 @@ def test_an_override_into_a_list_item_is_a_config_error():
         load_config(Path(__file__).parents[2] / "tune_configs/toy2d_composite.yaml", ["reward.kwargs.terms.1.weight=0.5"])
 
 
+@pytest.mark.parametrize("command", ["run", "bank", "sweep"])
+def test_an_unreachable_cluster_is_a_one_line_error_naming_the_address(capsys, tmp_path, command):
+    import socket
+
+    import ray
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = CONFIGS[0] if command != "sweep" else Path(__file__).parents[2] / "tune_configs/sweep_toy2d_smoke.yaml"
+    _one_line_error(capsys, [command, str(config), "--out", str(tmp_path / "o"), "--address", f"127.0.0.1:{port}"],
+                    f"127.0.0.1:{port}", "cannot reach a Ray cluster")
+    assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
 def test_out_naming_a_file_is_a_one_line_error(capsys, tmp_path):
     target = tmp_path / "results.txt"
     target.write_text("not a directory")
