@@ -210,9 +210,18 @@ def _wait_for(path: Path, word: str, count: int, proc: subprocess.Popen, output:
 
 
 def _checkpointed(out: Path) -> set[str]:
-    """Unfinished trials that hold a fine-tuning checkpoint."""
-    ckpts = (out / "trials").glob("*/train/finetune/checkpoint_*")
-    return {p.parents[2].name for p in ckpts if not (p.parents[2] / "summary.json").is_file()}
+    """Unfinished trials that hold a fine-tuning checkpoint Ray Train has registered (listed in its checkpoint
+    manager's snapshot: a checkpoint directory alone may be one that a kill interrupts before it counts)."""
+    found = set()
+    for snapshot in (out / "trials").glob("*/train/finetune/checkpoint_manager_snapshot.json"):
+        trial = snapshot.parents[2]
+        try:
+            registered = json.loads(snapshot.read_text()).get("checkpoint_results") or []
+        except (OSError, ValueError):  # being written
+            continue
+        if registered and not (trial / "summary.json").is_file():
+            found.add(trial.name)
+    return found
 
 
 @pytest.fixture(scope="module")
