@@ -33,6 +33,19 @@ def _left_cvar(reward: np.ndarray, valid: np.ndarray, penalty: float | None) -> 
     return float(cvar(r, side="left", alpha=0.1))
 
 
+def _target_invalid(bank, summary: dict, value: float | None) -> float:
+    """The crash mass of the run's target on its base bank: the weighted solver's tilt of the failures
+    (`tfft.invalid.tilt_rewards`: at the penalty, or neutral under exclusion)."""
+    from tfft.invalid import tilt_rewards
+    from tfft.target import tilt_weights
+
+    objective = summary["objective"]
+    reward, rows = tilt_rewards(bank.reward, bank.valid, value, objective["eta"])
+    w = tilt_weights(reward, eta=objective["eta"], side=objective["side"], alpha=objective["alpha"],
+                     kl_weight=objective["kl_weight"], valid=rows)
+    return float(w[~bank.valid].sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=10_000, help="bank and evaluation size (default 10000)")
@@ -70,6 +83,7 @@ def main() -> None:
                 "lcvar_excluded": _left_cvar(final.reward, final.valid, None),
                 "lcvar_penalty": _left_cvar(final.reward, final.valid, args.penalty),
                 "mean_valid": float(np.mean(final.reward[final.valid])),
+                "target_invalid": _target_invalid(base, summary, value),
             })
     seconds = time.time() - started
     lines = [
@@ -84,8 +98,8 @@ def main() -> None:
         f"model's left-CVaR(0.1) over valid samples only, and with every failure at {args.penalty:g}.",
         "",
         "| solver | failed samples | eta* | invalid % base | invalid % fine-tuned | L-CVaR excluded | "
-        f"L-CVaR failures at {args.penalty:g} | mean of valid |",
-        "|---|---|---|---|---|---|---|---|",
+        f"L-CVaR failures at {args.penalty:g} | mean of valid | target's crash mass (tilt on the base bank) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base_row = rows[0]
     lines.append(f"| base model | | | {100 * base_row['invalid_base']:.2f} | | {base_row['lcvar_excluded_base']:.3f} | "
@@ -95,7 +109,7 @@ def main() -> None:
         lines.append(
             f"| {row['solver']} | {rule} | {row['eta']:.3f} | {100 * row['invalid_base']:.2f} | "
             f"{100 * row['invalid_finetuned']:.2f} | {row['lcvar_excluded']:.3f} | {row['lcvar_penalty']:.3f} | "
-            f"{row['mean_valid']:.3f} |"
+            f"{row['mean_valid']:.3f} | {row['target_invalid']:.2g} |"
         )
     results = Path(args.results + ("" if args.centre == "body" else "_failure_centre"))
     results.parent.mkdir(parents=True, exist_ok=True)
