@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipelines.lr_schedule import SCHEDULES
 from pipelines.schema import Config
 
 __all__ = ["ConfigError", "load_config", "validate", "to_yaml", "to_flat_dict", "from_dict"]
@@ -177,6 +178,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     )
     _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
     _require(ft.warmup_steps >= 0, "finetune.warmup_steps", f"must be >= 0, got {ft.warmup_steps}")
+    _require(ft.lr_schedule in SCHEDULES, "finetune.lr_schedule", f"must be one of {SCHEDULES}, got {ft.lr_schedule!r}")
     _require(ft.grad_clip > 0, "finetune.grad_clip", f"must be > 0, got {ft.grad_clip}")
     _require(ft.reward_grad_clip >= 0, "finetune.reward_grad_clip", f"must be >= 0, got {ft.reward_grad_clip}")
     _require(ft.sde_steps == 0 or ft.sde_steps >= 2, "finetune.sde_steps",

@@ -10,6 +10,7 @@ worker group continues from the latest checkpoint.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from pipelines.lr_schedule import lr_factor
 
 __all__ = ["FinetuneResult", "train_loop", "run_finetune"]
 
@@ -141,8 +144,11 @@ def train_loop(config: dict[str, Any]) -> None:
         p.requires_grad_(False)
     model = build_model(config["model_config"], config.get("init_state") or config["base_state"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=device.type == "cuda")  # fewer kernels on GPU
-    # Linear warm-up: Adam's first steps are full-size in every direction before its moments settle.
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(config["warmup_steps"], 1)))
+    # Linear warm-up (Adam's first steps are full-size in every direction before its moments settle), then the
+    # schedule's decay: a constant rate leaves the last state with the optimiser's noise in it.
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(lr_factor, total=config["steps"], warmup=config["warmup_steps"],
+                               schedule=config["lr_schedule"]))
     guard = Guard(enabled=config["guard"], metric=config["guard_metric"], min_valid_fraction=config["min_valid_fraction"],
                   patience=config["guard_patience"], baseline=config["guard_baseline"])
     solver_state, best_state, start_step = None, None, 0
@@ -289,6 +295,7 @@ def run_finetune(
         "batch_size": finetune.batch_size,
         "lr": finetune.lr,
         "warmup_steps": finetune.warmup_steps,
+        "lr_schedule": finetune.lr_schedule,
         "sde_steps": sde_steps,
         "normalize": finetune.normalize,
         "clip_quantile": finetune.clip_quantile,

@@ -177,7 +177,8 @@ class FinetuneConfig:
 
     ``solver``: adjoint (adjoint matching, needs reward gradients) | weighted (weighted flow matching on
     the bank, DESIGN §7) | auto (adjoint when the reward is differentiable). ``batch_size`` is global
-    (split over workers); the learning rate ``lr`` is reached by a linear warm-up over ``warmup_steps``;
+    (split over workers); the learning rate ``lr`` is reached by a linear warm-up over ``warmup_steps``, then ``lr_schedule``: cosine
+    (default; decays to zero over ``steps``, so the final state carries little optimiser noise) | constant;
     ``grad_clip`` caps the gradient norm (set so that it is rarely hit: the fraction of
     clipped steps is logged as ``grad_clipped``); ``reward_grad_clip`` (0: off) caps the norm of each sample's
     reward gradient before it enters the adjoint (rewards with steep walls, e.g. atom clashes in an energy).
@@ -211,6 +212,7 @@ class FinetuneConfig:
     batch_size: int = 512
     lr: float = 3e-3
     warmup_steps: int = 20
+    lr_schedule: str = "cosine"
     grad_clip: float = 100.0
     reward_grad_clip: float = 0.0
     sde_steps: int = 0
