@@ -182,6 +182,9 @@ class FinetuneConfig:
     ``grad_clip`` caps the gradient norm (set so that it is rarely hit: the fraction of
     clipped steps is logged as ``grad_clipped``); ``reward_grad_clip`` (0: off) caps the norm of each sample's
     reward gradient before it enters the adjoint (rewards with steep walls, e.g. atom clashes in an energy).
+    ``anchor`` (weighted only, default on): the anchored weighted flow-matching loss (``tfft.weighted``): a
+    control variate on the base velocity, so that rows outside the tail leave the model where it is; off: the
+    plain loss, which refits the model to the bank's points everywhere.
     ``sde_steps``: K of the training trajectories (0: ``sampler.steps``, one sampler for bank, training and
     evaluation). ``late_fraction``, ``n_early``: the loss's time steps. The regression's conditioning (DESIGN
     §6): ``clip_quantile`` (0: off) and ``clip_factor`` clip ||sigma a|| per sample at
@@ -213,6 +216,7 @@ class FinetuneConfig:
     lr: float = 3e-3
     warmup_steps: int = 20
     lr_schedule: str = "cosine"
+    anchor: bool = True
     grad_clip: float = 100.0
     reward_grad_clip: float = 0.0
     sde_steps: int = 0

@@ -1,4 +1,26 @@
-"""Weighted flow matching on a bank (DESIGN.md section 7), behind the solvers' ``step`` interface."""
+"""Weighted flow matching on a bank (DESIGN.md section 7), behind the solvers' ``step`` interface.
+
+Two estimators of the same target p* ∝ q exp(g / gamma), q the base model's law:
+
+- **plain** (``base=None``): draw bank rows by w_i ∝ exp(g(x_i) / gamma) and take the flow-matching loss on them.
+  Its minimiser is the velocity of the *weighted bank*, a finite set of points, and its gradient at the base model
+  is the full flow-matching noise of every row. Both move the model even where the tilt is flat: on alanine
+  dipeptide, 1000 steps of it with *uniform* weights (a target equal to the base) already lowered the
+  right-CVaR(0.1) of the energy reward from -10.2 to -11.0 kcal/mol (lr 1e-4, cosine decay, batch 256).
+- **anchored** (``base`` given, the default in the pipeline): a control variate built from the base velocity,
+
+      L(theta) = E_{i ~ bank, t, x0} [ (rho_i - 1) || v_theta(x_t, t) - u_i ||^2 + || v_theta(x_t, t) - v_base(x_t, t) ||^2 ],
+
+  u_i = x_i - x0, x_t = t x_i + (1 - t) x0, rho_i = w_i / c with c the bank's median weight. Per x_t the
+  minimiser solves Z v = E[rho u | x_t] - E[u | x_t] + v_base with Z = E[rho | x_t]; where the base velocity is
+  its own law's flow-matching velocity (v_base = E[u | x_t]) this is v = E[rho u | x_t] / E[rho | x_t], the
+  velocity of the tilted law p* exactly, for any c. Rows with rho = 1 (outside the CVaR tail, where g = 0: most of
+  the bank) contribute only the anchor, whose gradient at v_theta = v_base is exactly zero, so the update is
+  driven by the tilt alone; and wherever the base is not its samples' flow-matching velocity, the anchor keeps
+  the base's velocity instead of refitting it to the bank. Every row's term is convex in v (its coefficient is
+  rho_i > 0). Batches are stratified: the rows with rho != 1 get ``active_share`` of the batch (at least their
+  share of the bank), each stratum weighted by its bank fraction, so the estimate of L stays unbiased.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +30,67 @@ from torch import Tensor
 from tfft.model import VelocityField, flow_matching_loss
 from tfft.step import StepResult
 
-__all__ = ["WeightedFlowMatchingSolver"]
+__all__ = ["WeightedFlowMatchingSolver", "anchored_flow_matching_loss"]
+
+
+def anchored_flow_matching_loss(
+    model: VelocityField,
+    base: VelocityField,
+    x1: Tensor,
+    rho: Tensor,
+    row_weights: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The anchored (control-variate) weighted flow-matching loss on one batch (module docstring).
+
+    Args:
+        model: v_theta(x (n, d), t (n,)) -> (n, d); base: v_base, evaluated without gradient.
+        x1: bank rows, (n, d); rho: their relative tilt w_i / c, (n,), positive.
+        row_weights: the estimator's weight of each row, (n,) (stratum fraction / rows drawn from it).
+        generator: for t ~ U(0, 1) (drawn first, (n,)) and x0 ~ N(0, I) ((n, d)).
+
+    Returns:
+        (loss, delta_v): the weighted sum over rows of (rho - 1) ||v_theta - u||^2 + ||v_theta - v_base||^2
+        (summed over dimensions, like the plain loss), and the weighted mean of ||v_theta - v_base||^2 (detached).
+    """
+    n = x1.shape[0]
+    t = torch.rand(n, generator=generator, device=x1.device, dtype=x1.dtype)
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    x_t = t[:, None] * x1 + (1.0 - t[:, None]) * x0
+    v = model(x_t, t)
+    with torch.no_grad():
+        v_base = base(x_t, t)
+    to_base = (v - v_base).pow(2).sum(dim=1)
+    to_data = (v - (x1 - x0)).pow(2).sum(dim=1)
+    rho, row_weights = rho.to(v.dtype), row_weights.to(v.dtype)
+    loss = (row_weights * ((rho - 1.0) * to_data + to_base)).sum()
+    return loss, (row_weights * to_base).sum().detach()
 
 
 class WeightedFlowMatchingSolver:
-    """Weighted flow matching on a bank (DESIGN.md section 7): each step draws n bank samples with probabilities
-    w_i ∝ exp(g(x_i) / gamma) (with replacement) and takes the plain flow-matching loss on them, whose expectation
-    is the weighted loss sum_i w_i || v_theta(x_t, t) - (x_i - x0) ||^2.
+    """Weighted flow matching on a bank (module docstring): plain, or anchored on the base velocity.
 
     Args:
         model: v_theta.
         bank_x: bank samples, (N, d).
-        bank_weights: non-negative weights, (N,) (normalised here).
+        bank_weights: non-negative tilt weights w_i ∝ exp(g(x_i) / gamma), (N,) (normalised here).
+        base: the frozen base velocity; given, the anchored estimator is used.
+        active_share: anchored only: the least share of each batch drawn from the rows with rho != 1.
 
-    ``step`` metrics: loss, weights_ess (ESS of the frozen weights), batch.
+    ``step`` metrics: loss, weights_ess (ESS of the frozen weights), batch; anchored also delta_v (mean
+    ||v_theta - v_base||^2 on the batch) and active_fraction (bank fraction of rows with rho != 1).
     """
 
-    def __init__(self, model: VelocityField, bank_x: Tensor, bank_weights: Tensor) -> None:
+    def __init__(
+        self,
+        model: VelocityField,
+        bank_x: Tensor,
+        bank_weights: Tensor,
+        *,
+        base: VelocityField | None = None,
+        active_share: float = 0.5,
+    ) -> None:
         if bank_x.dim() != 2 or bank_weights.shape != (bank_x.shape[0],):
             raise ValueError(
                 f"bank_x must be (N, d) and bank_weights (N,); got {tuple(bank_x.shape)}, {tuple(bank_weights.shape)}"
@@ -32,23 +98,58 @@ class WeightedFlowMatchingSolver:
         w = bank_weights.detach().to(torch.float64).cpu()
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
             raise ValueError("bank_weights must be finite, non-negative and not all zero")
+        if not 0.0 < active_share < 1.0:
+            raise ValueError(f"active_share must be in (0, 1), got {active_share}")
         self.model, self.bank_x, self.weights = model, bank_x, w / w.sum()
         self.ess = float(1.0 / self.weights.pow(2).sum())
+        self.base, self.active_share = base, float(active_share)
+        if base is not None:
+            positive = self.weights[self.weights > 0]
+            rho = self.weights / positive.median()
+            self.rho = rho.to(bank_x.device)
+            active = (rho - 1.0).abs() > 1e-9
+            self.active_rows = torch.nonzero(active).flatten()
+            self.rest_rows = torch.nonzero(~active).flatten()
+            self.active_fraction = float(active.double().mean())
 
     def step(self, n: int, generator: torch.Generator | None = None, index_generator: torch.Generator | None = None) -> StepResult:
-        """Flow-matching loss on n bank samples drawn by weight; `index_generator` (CPU) draws the rows."""
+        """One batch of n bank rows; `index_generator` (CPU) draws the rows, `generator` t and x0."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        idx = torch.multinomial(self.weights, n, replacement=True, generator=index_generator)
-        x1 = self.bank_x[idx.to(self.bank_x.device)]
-        loss = flow_matching_loss(self.model, x1, generator=generator)
+        if self.base is None:
+            idx = torch.multinomial(self.weights, n, replacement=True, generator=index_generator)
+            loss = flow_matching_loss(self.model, self.bank_x[idx.to(self.bank_x.device)], generator=generator)
+            extra: dict[str, float] = {}
+        else:
+            idx, row_weights = self._stratified(n, index_generator)
+            idx = idx.to(self.bank_x.device)
+            loss, delta_v = anchored_flow_matching_loss(
+                self.model, self.base, self.bank_x[idx], self.rho[idx], row_weights.to(self.bank_x.device),
+                generator=generator,
+            )
+            extra = {"delta_v": delta_v, "active_fraction": self.active_fraction}
         dtype, device = loss.dtype, loss.device
         metrics = {
             "loss": loss.detach(),
             "weights_ess": torch.tensor(self.ess, dtype=dtype, device=device),
             "batch": torch.tensor(float(n), dtype=dtype, device=device),
+            **{k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in extra.items()},
         }
         return StepResult(loss, metrics)
+
+    def _stratified(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Rows and their estimator weights: n_a from the rows with rho != 1, the rest from the others."""
+        frac = self.active_fraction
+        if frac in (0.0, 1.0) or n == 1:
+            rows = self.active_rows if frac == 1.0 else self.rest_rows if frac == 0.0 else torch.arange(len(self.rho))
+            idx = rows[torch.randint(0, len(rows), (n,), generator=generator)]
+            return idx, torch.full((n,), 1.0 / n, dtype=torch.float64)
+        n_a = min(max(round(n * max(frac, self.active_share)), 1), n - 1)
+        a = self.active_rows[torch.randint(0, len(self.active_rows), (n_a,), generator=generator)]
+        b = self.rest_rows[torch.randint(0, len(self.rest_rows), (n - n_a,), generator=generator)]
+        weights = torch.cat([torch.full((n_a,), frac / n_a, dtype=torch.float64),
+                             torch.full((n - n_a,), (1.0 - frac) / (n - n_a), dtype=torch.float64)])
+        return torch.cat([a, b]), weights
 
     def state_dict(self) -> dict[str, Tensor]:
         """No running state."""
