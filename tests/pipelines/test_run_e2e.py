@@ -197,7 +197,7 @@ def test_plain_function_reward_and_data_source_from_pythonpath(env):
     ]
     assert main(args) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 1000
+    assert summary["solver"] == "weighted" and summary["finetuned"]["n"] == 100  # as the config ships0
     final = read_bank(out_dir / "bank_final.parquet")
     assert final.x.shape == (1000, 3)
     assert not (out_dir / "samples.png").exists()  # only 2-D tasks get the scatter
@@ -229,7 +229,7 @@ def test_molecule_config_runs_for_another_molecule_by_override(env):
     assert main(args) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
     assert read_bank(out_dir / "bank_base.parquet").x.shape == (200, 27)
-    assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 100
+    assert summary["solver"] == "weighted" and summary["finetuned"]["n"] == 100  # as the config ships
     assert summary["failures"]["base"]["valid"] >= 100  # most generated ethanols keep their bonds
     for label in ("base", "finetuned"):
         stats = summary["samples"][label]
