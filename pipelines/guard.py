@@ -11,7 +11,8 @@ the best so far and with the first window (the base model's value, KL = 0):
 - training stops early when the validity of the training samples falls below ``min_valid_fraction``, or when
   the objective has stayed below its start by more than two standard errors for ``patience`` windows.
 
-The weighted solver has no running objective: its guard checks nothing and keeps the last state.
+The weighted solver has no running objective: this guard keeps its last state. For every solver the
+evaluation check (`pipelines.eval_guard`) then compares the fine-tuned samples with the base bank.
 """
 
 from __future__ import annotations

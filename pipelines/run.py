@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from pipelines.bank import generate_bank
-from pipelines.bankio import Bank
+from pipelines.bankio import Bank, write_atomic
+from pipelines.eval_guard import check_evaluation
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
 from pipelines.outdir import claim_output_dir
@@ -220,10 +222,50 @@ def run_from_bank(
     final_bank = generate_bank(
         cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet", log=log
     )
+    if refinement is None:  # refinement keeps its rounds' own states; its table shows each round
+        final_bank = _guard_evaluation(cfg, out, base, base_bank, final_bank, objective, log)
     summary = _record(cfg, out, run, base_bank, final_bank, threshold, objective, solver)
     if refinement is not None:
         summary["refinement"] = refinement
     return summary
+
+
+def _guard_evaluation(
+    cfg: Config, out: Path, base: BaseModel, base_bank: Bank, final_bank: Bank, objective: dict[str, Any],
+    log: Callable[[str], None],
+) -> Bank:
+    """The guard's last check (`pipelines.eval_guard`): a fine-tuned model whose own statistic on the evaluation
+    bank is below the base model's by more than two standard errors is set aside (``checkpoint/model_rejected.pt``,
+    ``bank_rejected.parquet``) and the base model is kept: ``checkpoint/model.pt`` holds its weights and the
+    final bank is the first ``eval.size`` samples of the base bank. Returns the final bank to record."""
+    invalid_reward = cfg.objective.invalid_reward
+    check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), objective)
+    model_path = out / "checkpoint" / "model.pt"
+    if model_path.with_name("model_rejected.pt").is_file():
+        return final_bank  # decided by an earlier run: the final bank is already the base model's
+    blob = torch.load(model_path, map_location="cpu", weights_only=True)
+    guard = dict(blob.get("guard") or {})
+    if guard.get("evaluation") == check.to_dict():
+        return final_bank
+    guard["evaluation"] = check.to_dict()
+    if check.worse and cfg.finetune.guard:
+        log(f"[guard] WARNING: {check.describe()}: keeping the base model (the fine-tuned one is in "
+            f"{model_path.with_name('model_rejected.pt')})")
+        for path in (out / "bank_final.parquet", out / "bank_final.parquet.shards"):
+            if path.exists():
+                path.replace(out / path.name.replace("bank_final", "bank_rejected"))
+        model_path.replace(model_path.with_name("model_rejected.pt"))
+        guard.update(kept="base", reason=f"evaluation: {check.describe()}, below it by more than two standard "
+                     "errors; the base model is returned")
+        blob = {**blob, "state_dict": base.state_dict}
+        n = min(cfg.eval.size, len(base_bank))
+        final_bank = replace(base_bank, **{f: getattr(base_bank, f)[:n] for f in Bank.__dataclass_fields__ if f != "terms"},
+                             terms={k: v[:n] for k, v in base_bank.terms.items()})
+        write_atomic(final_bank, out / "bank_final.parquet")
+    tmp = model_path.with_suffix(".tmp")
+    torch.save({**blob, "guard": guard}, tmp)
+    tmp.replace(model_path)
+    return final_bank
 
 
 def _finetune_cached(

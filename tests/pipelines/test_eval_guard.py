@@ -1,0 +1,93 @@
+"""The guard's last check on the evaluation (`pipelines.eval_guard`, `pipelines.run._guard_evaluation`)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.bankio import Bank, read_bank
+from pipelines.config import load_config
+from pipelines.eval_guard import check_evaluation, own_statistic
+from pipelines.pretrain import BaseModel
+from pipelines.run import _guard_evaluation
+from tfft.tail import cvar
+
+RIGHT = {"eta": 1.0, "side": "right", "alpha": 0.1, "kl_weight": 1.0}
+LEFT = {"eta": -1.0, "side": "left", "alpha": 0.1, "kl_weight": 1.0}
+MEAN = {"eta": None, "side": "right", "alpha": 1.0, "kl_weight": 1.0}
+
+
+@pytest.mark.parametrize("objective", [RIGHT, LEFT, MEAN])
+def test_own_statistic_and_its_standard_error(objective) -> None:
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=4000)
+    valid = np.ones(4000, dtype=bool)
+    value, se = own_statistic(r, valid, objective)
+    exact = float(r.mean()) if objective["eta"] is None else cvar(r, side=objective["side"], alpha=0.1)
+    assert value == pytest.approx(exact, abs=2e-3)  # the influence-function mean is the plug-in CVaR
+    # Its standard error against the spread over independent banks of the same law.
+    values = [own_statistic(rng.normal(size=4000), valid, objective)[0] for _ in range(300)]
+    assert se == pytest.approx(float(np.std(values)), rel=0.25)
+
+
+def test_check_evaluation_flags_only_a_clear_loss() -> None:
+    rng = np.random.default_rng(1)
+    base, ok = rng.normal(size=2000), np.ones(2000, dtype=bool)
+    same = check_evaluation(base, ok, rng.normal(size=2000), ok, RIGHT)
+    assert not same.worse and same.statistic == "right-CVaR(0.1)"
+    worse = check_evaluation(base, ok, rng.normal(size=2000) - 0.5, ok, RIGHT)
+    assert worse.worse and worse.finetuned < worse.base
+    better_left = check_evaluation(base, ok, rng.normal(size=2000) * 0.5, ok, LEFT)
+    assert not better_left.worse and better_left.finetuned > better_left.base
+    empty = check_evaluation(base, ok, np.full(2000, np.nan), np.zeros(2000, dtype=bool), RIGHT)
+    assert not empty.worse and math.isnan(empty.finetuned)
+
+
+def _bank(rewards: np.ndarray, shift: float) -> Bank:
+    n = len(rewards)
+    return Bank(np.arange(n), np.full((n, 2), shift), rewards, np.ones(n, dtype=bool), np.full(n, "", dtype=object),
+                np.zeros(n), np.ones(n, dtype=int), np.zeros(n, dtype=bool))
+
+
+def test_a_worse_model_is_set_aside_and_the_base_kept(tmp_path) -> None:
+    cfg = load_config(None, ["eval.size=300"])
+    base_state = {"w": torch.zeros(2)}
+    tuned_state = {"w": torch.ones(2)}
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"state_dict": tuned_state, "guard": {"kept": "last", "reason": "r"}}, tmp_path / "checkpoint" / "model.pt")
+    rng = np.random.default_rng(2)
+    base_bank = _bank(rng.normal(size=1000), 0.0)
+    final_bank = _bank(rng.normal(size=300) - 1.0, 1.0)  # clearly worse on the right tail
+    from pipelines.bankio import write_atomic
+
+    write_atomic(final_bank, tmp_path / "bank_final.parquet")
+    base = BaseModel({"dim": 2}, base_state, "", True)
+    kept = _guard_evaluation(cfg, tmp_path, base, base_bank, final_bank, RIGHT, lambda line: None)
+    assert len(kept) == 300 and float(kept.x.max()) == 0.0  # the base bank's first rows
+    assert float(read_bank(tmp_path / "bank_final.parquet").x.max()) == 0.0
+    assert float(read_bank(tmp_path / "bank_rejected.parquet").x.min()) == 1.0
+    blob = torch.load(tmp_path / "checkpoint" / "model.pt", weights_only=True)
+    assert torch.equal(blob["state_dict"]["w"], base_state["w"])
+    assert blob["guard"]["kept"] == "base" and blob["guard"]["evaluation"]["worse"]
+    rejected = torch.load(tmp_path / "checkpoint" / "model_rejected.pt", weights_only=True)
+    assert torch.equal(rejected["state_dict"]["w"], tuned_state["w"])
+    # A rerun finds the decision made: nothing moves again.
+    again = _guard_evaluation(cfg, tmp_path, base, base_bank, kept, RIGHT, lambda line: None)
+    assert len(again) == 300 and (tmp_path / "bank_rejected.parquet").is_file()
+
+
+def test_a_model_that_holds_is_kept_and_the_check_recorded(tmp_path) -> None:
+    cfg = load_config(None, [])
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "guard": {"kept": "last"}}, tmp_path / "checkpoint" / "model.pt")
+    rng = np.random.default_rng(3)
+    base_bank, final_bank = _bank(rng.normal(size=1000), 0.0), _bank(rng.normal(size=500) + 0.5, 1.0)
+    base = BaseModel({"dim": 2}, {"w": torch.zeros(2)}, "", True)
+    kept = _guard_evaluation(cfg, tmp_path, base, base_bank, final_bank, RIGHT, lambda line: None)
+    assert kept is final_bank and not (tmp_path / "checkpoint" / "model_rejected.pt").exists()
+    blob = torch.load(tmp_path / "checkpoint" / "model.pt", weights_only=True)
+    assert blob["guard"]["kept"] == "last" and not blob["guard"]["evaluation"]["worse"]
+    assert blob["guard"]["evaluation"]["finetuned"] > blob["guard"]["evaluation"]["base"]
