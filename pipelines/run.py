@@ -14,7 +14,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from pipelines.bank import generate_bank
 from pipelines.bankio import Bank
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
@@ -29,6 +28,8 @@ from pipelines.summary import flatten_terms, term_record
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import Reward, load_reward
 from pipelines.refinement import refine_threshold
+from pipelines.screen_stats import audit_statistics, flatten_screen
+from pipelines.screening import bank_for
 from tfft.invalid import tilt_rewards
 from tfft.tail import Threshold, cvar, solve_threshold
 from tfft.target import (
@@ -149,8 +150,9 @@ def prepare_base(
     """The pretrained base model (cached; ``base`` when given) and its bank ``out/bank_base.parquet`` (resumable)."""
     base = base if base is not None else load_or_pretrain(cfg, log=log)
     connect(cfg.ray, log=log)
-    base_bank = generate_bank(
-        cfg, (base.config, base.state_dict), size=cfg.bank.size, label="base", out_path=out / "bank_base.parquet", log=log
+    base_bank = bank_for(
+        cfg, (base.config, base.state_dict), size=cfg.bank.size, label="base", out_path=out / "bank_base.parquet",
+        tilted=True, log=log,
     )
     if base_bank.n_valid < 2:
         raise RuntimeError(f"the base bank has {base_bank.n_valid} valid samples; the threshold needs at least 2")
@@ -217,8 +219,9 @@ def run_from_bank(
                 init_state=init, steps=cfg.threshold.refine_steps or None, callbacks=callbacks,
             ),
         )
-    final_bank = generate_bank(
-        cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet", log=log
+    final_bank = bank_for(
+        cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet",
+        tilted=False, log=log,
     )
     summary = _record(cfg, out, run, base_bank, final_bank, threshold, objective, solver)
     if refinement is not None:
@@ -358,6 +361,10 @@ def _record(
     target_stats = _stats(target_summary(base_r, valid=base_v, **objective), base_bank)
     tilt = {key: objective[key] for key in ("eta", "side", "alpha", "kl_weight")}
     interval = target_interval(base_r, valid=base_v, seed=cfg.seed, **tilt).to_dict()
+    # screened banks (reward.screen): what the certified tail cannot give comes from the audit
+    screened = audit_statistics({"base": (base_bank, base_r, base_v), "finetuned": (final_bank, final_r, final_v)},
+                                {"base": base_stats, "finetuned": final_stats, "target": target_stats}, interval,
+                                objective=tilt, tolerance=cfg.reward.screen.tolerance, seed=cfg.seed)
     record = _finetune_record(out)
     summary: dict[str, Any] = {
         "threshold": threshold.to_dict() if threshold is not None else None,
@@ -374,8 +381,9 @@ def _record(
         "failures": {"base": base_bank.accounting(), "final": final_bank.accounting()},
         "invalid": invalid_record(invalid_reward, {"base": (base_bank.reward, base_bank.valid),
                                                    "finetuned": (final_bank.reward, final_bank.valid)}),
+        **screened,
     }
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = flatten_screen(screened)
     for name in ("base", "finetuned", "target"):
         metrics.update(flatten_stats(name, summary[name]))
     metrics.update(flatten_interval("target", interval))
@@ -396,19 +404,24 @@ def _record(
     side, alpha = (cfg.objective.side, cfg.objective.alpha) if cfg.objective.kind == "cvar" else ("right", 0.1)
     plot_rewards(
         out / "rewards.png",
-        base_r[base_v],
-        final_r[final_v],
+        base_r[_evaluated(base_bank, base_v)],
+        final_r[_evaluated(final_bank, final_v)],
         eta=objective["eta"],
         side=side,
         alpha=alpha,
-        cvar_base=cvar(base_r[base_v], side=side, alpha=alpha),
-        cvar_finetuned=cvar(final_r[final_v], side=side, alpha=alpha),
+        cvar_base=base_stats[f"cvar_{side}"].get(f"{alpha:g}", cvar(base_r[base_v], side=side, alpha=alpha)),
+        cvar_finetuned=final_stats[f"cvar_{side}"].get(f"{alpha:g}", cvar(final_r[final_v], side=side, alpha=alpha)),
         title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={cfg.objective.kl_weight:g}",
     )
     run.log_artifact(out / "rewards.png")
     for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
         run.log_artifact(path)
     return summary
+
+
+def _evaluated(bank: Bank, valid: np.ndarray) -> np.ndarray:
+    """The rows with a reward of their own (a screened bank's skipped rows hold a placeholder)."""
+    return valid & bank.evaluated if bank.screened else valid
 
 
 def _stats(summary: Any, bank: Bank) -> dict[str, Any]:
