@@ -160,3 +160,71 @@ def test_screening_the_mean_is_refused_before_any_work():
         load_config(None, ["reward.screen.target=rewards.toy2d:TailReward2D", "objective.kind=mean"])
     with pytest.raises(ConfigError, match="'reward.screen.target'.*alpha is 1"):
         load_config(None, ["reward.screen.target=rewards.toy2d:TailReward2D", "objective.alpha=1"])
+
+
+@pytest.fixture(scope="module")
+def screened_run(tmp_path_factory, pretrain_cache):
+    """One small run of the Gaussian task through Ray with the noisy screen; returns (out, summary, stdout)."""
+    import io
+    from contextlib import redirect_stdout
+
+    import ray
+
+    from pipelines.raysession import connect
+    from pipelines.run import run_pipeline
+    from pipelines.schema import RayConfig
+
+    root = tmp_path_factory.mktemp("screened")
+    overrides = [
+        "threshold.refine_rounds=0", f"objective.kl_weight={GAMMA}", "bank.size=12000", "bank.shard_size=6000",
+        "eval.size=4000", "pretrain.steps=300", "pretrain.n_samples=5000", "sampler.steps=10",
+        "finetune.solver=weighted", "finetune.steps=10", "finetune.num_workers=1", "finetune.batch_size=64",
+        "finetune.log_every=5", "reward.screen.target=rewards.gaussian:noisy_identity",
+        f"pretrain.cache_dir={pretrain_cache}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+        f"bank.cache_dir={root / 'rewards'}",
+    ]
+    cfg = load_config(ROOT / "tune_configs/gaussian_refine.yaml", overrides)
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(RayConfig(num_cpus=2))
+    try:
+        text = io.StringIO()
+        with redirect_stdout(text):
+            summary = run_pipeline(cfg, root / "run")
+            again = run_pipeline(cfg, root / "run")  # a rerun reuses both screened banks
+        yield root / "run", summary, again, text.getvalue(), f"sqlite:///{root / 'mlflow.db'}"
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_screened_run_records_its_accounting_and_matches_full_evaluation(screened_run):
+    out, summary, again, text, uri = screened_run
+    screen = summary["screen"]
+    n = 12000
+    print(text)
+    assert {"expensive_calls", "skipped", "audited", "miss_rate", "miss_rate_upper", "base", "finetuned"} <= set(screen)
+    assert screen["expensive_calls"] == screen["base"]["expensive_calls"] <= n / 3 and screen["audited"] == 1200
+    assert screen["skipped"] == n - screen["expensive_calls"] and screen["miss_rate_upper"] <= 0.05
+    base = read_bank(out / "bank_base.parquet")
+    assert base.screened and int(base.evaluated.sum()) == screen["expensive_calls"] and base.audited.sum() == 1200
+    assert np.isnan(base.reward[~base.evaluated]).all() and base.valid.all() and summary["failures"]["base"]["invalid"] == 0
+    final = read_bank(out / "bank_final.parquet")
+    assert final.screened and int(final.evaluated.sum()) == screen["finetuned"]["expensive_calls"]
+    # full evaluation of the same bank (r = x): the threshold and the target's right tail agree
+    r = base.x[:, 0]
+    full = solve_threshold(r, side="right", alpha=ALPHA, kl_weight=GAMMA)
+    boot = target_interval(r, eta=full.eta, side="right", alpha=ALPHA, kl_weight=GAMMA, seed=0).to_dict()
+    assert summary["threshold"]["eta"] == pytest.approx(full.eta, abs=0.05)
+    assert boot["lo"]["cvar_right"]["0.1"] <= summary["target"]["cvar_right"]["0.1"] <= boot["hi"]["cvar_right"]["0.1"]
+    assert "base.mean" in summary["screened_from_audit"] and "target.cvar_right.0.1" not in summary["screened_from_audit"]
+    assert abs(summary["base"]["mean"] - r.mean()) < 0.15
+    assert "screened evaluation: base" in text and "*" in text and "[bank base] reusing" in text
+    assert again["screen"] == screen and again["threshold"] == summary["threshold"]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and "screen.base.expensive_calls" in runs[0].data.metrics
+    assert "audit_lo.base.mean" in runs[0].data.metrics
