@@ -21,7 +21,7 @@ import torch
 from pipelines.bankio import TERM_PREFIX, Bank, concat_banks, read_bank, write_atomic
 from pipelines.schema import Config, PoolConfig
 
-__all__ = ["SamplerActor", "RewardActor", "generate_bank", "pool_strategy"]
+__all__ = ["SamplerActor", "RewardActor", "generate_bank", "pool_strategy", "remote_args", "rows_to_bank"]
 
 
 def _seed_for(seed: int, label: str, first_id: int) -> int:
@@ -167,7 +167,7 @@ def pool_strategy(pool: PoolConfig) -> Any:
     return ActorPoolStrategy(size=pool.size)
 
 
-def _remote_args(pool: PoolConfig) -> dict[str, Any]:
+def remote_args(pool: PoolConfig) -> dict[str, Any]:
     """Extra Ray actor options of a pool: its custom resources. (Ray Data's own defaults restart a
     killed actor and retry the batches it held; tests/pipelines/test_cluster.py checks that.)"""
     return {"resources": {k: float(v) for k, v in pool.resources.items()}} if pool.resources else {}
@@ -251,7 +251,7 @@ def _run_pools(
         num_cpus=sampler_pool.num_cpus,
         num_gpus=sampler_pool.num_gpus,
         batch_size=block,
-        **_remote_args(sampler_pool),
+        **remote_args(sampler_pool),
     )
     ds = ds.map_batches(
         RewardActor,
@@ -265,7 +265,7 @@ def _run_pools(
         num_cpus=reward_pool.num_cpus,
         num_gpus=reward_pool.num_gpus,
         batch_size=reward_pool.batch_size,
-        **_remote_args(reward_pool),
+        **remote_args(reward_pool),
     )
     bounds = np.array([a for a, _, _ in shards] + [shards[-1][1]])
     pending: dict[int, list[dict[str, np.ndarray]]] = {k: [] for _, _, k in shards}
@@ -283,7 +283,7 @@ def _run_pools(
             filled[k] += int(sel.sum())
             if filled[k] == need[k]:
                 parts = pending.pop(k)
-                write_atomic(_batch_to_bank(parts), _shard_path(shard_dir, k))
+                write_atomic(rows_to_bank(parts), _shard_path(shard_dir, k))
         done_rows += len(ids)
         invalid += int((~batch["valid"].astype(bool)).sum())
         from_cache += int(batch["cached"].astype(bool).sum())
@@ -300,7 +300,8 @@ def _run_pools(
         raise RuntimeError(f"bank {label}: shards incomplete after the pipeline ran: {missing}")
 
 
-def _batch_to_bank(parts: list[dict[str, np.ndarray]]) -> Bank:
+def rows_to_bank(parts: list[dict[str, np.ndarray]]) -> Bank:
+    """A :class:`Bank` (sorted by id) from :class:`RewardActor` outputs."""
     cat = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
     return concat_banks(
         [

@@ -7,6 +7,9 @@ sample, ``seconds`` is its share of reward wall time and ``cached`` says it came
 A reward that reports per-sample terms (`rewards.compose.WeightedSum`: each term's own value) adds one
 float64 column ``term.<name>`` per term, NaN where that term failed; banks without terms have none, and
 files written before terms existed read as banks without terms.
+A screened bank (`pipelines.screening`) adds ``screen`` (float64, the cheap reward), ``evaluated`` (bool: the
+expensive reward was called) and ``audited`` (bool: in the random audit); an unevaluated row keeps reward NaN
+with ``valid`` True (it did not fail). Banks without screening have none of the three.
 Shards are written to a temporary name and renamed, so a reader never sees a partial shard.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +34,8 @@ class Bank:
     """Samples with rewards. Shapes: ids (n,), x (n, d); every other field (n,).
 
     ``terms``: name -> (n,) float64, the reward's per-sample terms (empty for most rewards).
+    ``screen``, ``evaluated``, ``audited``: (n,) of a screened bank (module doc), else None; ``screening``: its
+    accounting (`tfft.screen.ScreenResult.record` and the certified tail; kept beside the file, not in it).
     """
 
     ids: np.ndarray
@@ -41,6 +47,15 @@ class Bank:
     attempts: np.ndarray
     cached: np.ndarray
     terms: dict[str, np.ndarray] = field(default_factory=dict)
+    screen: np.ndarray | None = None
+    evaluated: np.ndarray | None = None
+    audited: np.ndarray | None = None
+    screening: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def screened(self) -> bool:
+        """True for a bank built by screened evaluation (it has an ``evaluated`` column)."""
+        return self.evaluated is not None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -58,6 +73,7 @@ class Bank:
             "cached": int(self.cached.sum()),
             "attempts": int(self.attempts.sum()),
             **{f"invalid_{k}": v for k, v in self.failure_counts().items()},
+            **({"unevaluated": int((~self.evaluated).sum())} if self.screened else {}),
         }
 
     def scored(self, invalid_reward: float | None) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +88,9 @@ class Bank:
         """Invalid samples per reason."""
         reasons, counts = np.unique(self.error[~self.valid], return_counts=True)
         return {str(r) or "unknown": int(c) for r, c in zip(reasons, counts)}
+
+
+_SCREEN_COLUMNS = {"screen": np.float64, "evaluated": bool, "audited": bool}
 
 
 def bank_to_table(bank: Bank) -> pa.Table:
@@ -89,6 +108,8 @@ def bank_to_table(bank: Bank) -> pa.Table:
             "attempts": pa.array(bank.attempts.astype(np.int32)),
             "cached": pa.array(bank.cached.astype(bool)),
             **terms,
+            **{name: pa.array(np.asarray(getattr(bank, name)).astype(kind))
+               for name, kind in _SCREEN_COLUMNS.items() if getattr(bank, name) is not None},
         }
     )
 
@@ -111,6 +132,8 @@ def table_to_bank(table: pa.Table) -> Bank:
             for name in table.column_names
             if name.startswith(TERM_PREFIX)
         },
+        **{name: table.column(name).to_numpy(zero_copy_only=False).astype(kind)
+           for name, kind in _SCREEN_COLUMNS.items() if name in table.column_names},
     )
 
 
@@ -132,7 +155,13 @@ def concat_banks(banks: list[Bank]) -> Bank:
     in the rows of a bank without that term."""
     if not banks:
         raise ValueError("no banks to concatenate")
-    cat = {f: np.concatenate([getattr(b, f) for b in banks]) for f in Bank.__dataclass_fields__ if f != "terms"}
+    plain = [f for f in Bank.__dataclass_fields__ if f not in ("terms", "screening") and f not in _SCREEN_COLUMNS]
+    cat = {f: np.concatenate([getattr(b, f) for b in banks]) for f in plain}
+    for name, kind in _SCREEN_COLUMNS.items():  # a screened column: absent rows take NaN / True / False
+        if any(getattr(b, name) is not None for b in banks):
+            fill = {"screen": np.nan, "evaluated": True, "audited": False}[name]
+            cat[name] = np.concatenate([np.full(len(b), fill, dtype=kind) if getattr(b, name) is None
+                                        else np.asarray(getattr(b, name)).astype(kind) for b in banks])
     order = np.argsort(cat["ids"], kind="stable")
     names = list(dict.fromkeys(name for b in banks for name in b.terms))
     terms = {

@@ -107,6 +107,25 @@ def _check_pool(prefix: str, pool: Any) -> None:
         )
 
 
+def _check_screen(cfg: Config) -> None:
+    """``reward.screen``: ranges, and an objective that screening can serve (a tail, not the mean)."""
+    sc = cfg.reward.screen
+    _require(math.isfinite(sc.audit) and 0.0 < sc.audit <= 1.0, "reward.screen.audit", f"must be in (0, 1], got {sc.audit}")
+    _require(sc.min_audit >= 1, "reward.screen.min_audit", f"must be >= 1, got {sc.min_audit}")
+    _require(math.isfinite(sc.tolerance) and 0.0 < sc.tolerance < 1.0, "reward.screen.tolerance",
+             f"must be in (0, 1), got {sc.tolerance}")
+    _require(math.isfinite(sc.confidence) and 0.5 < sc.confidence < 1.0, "reward.screen.confidence",
+             f"must be in (0.5, 1), got {sc.confidence}")
+    _require(sc.batch_size >= 0, "reward.screen.batch_size", f"must be >= 0 (0: alpha * bank size / 4), got {sc.batch_size}")
+    if not sc.target:
+        return
+    _require(cfg.objective.kind == "cvar", "reward.screen.target",
+             "is set but objective.kind is 'mean': the mean needs every sample's reward, so there is nothing to "
+             "screen out; use objective.kind=cvar or leave reward.screen.target empty")
+    _require(cfg.objective.alpha < 1.0, "reward.screen.target",
+             "is set but objective.alpha is 1 (the mean): every sample is in the tail; use alpha < 1 or no screen")
+
+
 def validate(cfg: Config, *, check_imports: bool = True) -> None:
     """Check every value's range and that import paths resolve. Raises :class:`ConfigError`."""
     obj = cfg.objective
@@ -132,6 +151,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(sv.max_ongoing_requests >= 1, "reward.serve.max_ongoing_requests",
              f"must be >= 1, got {sv.max_ongoing_requests}")
     _require(sv.timeout_s > 0, "reward.serve.timeout_s", f"must be > 0, got {sv.timeout_s}")
+    _check_screen(cfg)
     _require(
         obj.invalid_reward is None or math.isfinite(obj.invalid_reward),
         "objective.invalid_reward",
@@ -222,6 +242,11 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
                 load_reward(cfg.reward.target, cfg.reward.kwargs)
         except ValueError as exc:
             raise ConfigError(f"'reward.target': {exc}") from None
+        if cfg.reward.screen.target:
+            try:
+                load_reward(cfg.reward.screen.target, cfg.reward.screen.kwargs)
+            except ValueError as exc:
+                raise ConfigError(f"'reward.screen.target': {exc}") from None
 
 
 def to_yaml(cfg: Config) -> str:

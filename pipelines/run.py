@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from pipelines.bank import generate_bank
 from pipelines.bankio import Bank, write_atomic
 from pipelines.eval_guard import check_evaluation
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
@@ -31,6 +30,8 @@ from pipelines.summary import flatten_terms, term_record
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 from rewards.base import Reward, load_reward
 from pipelines.refinement import refine_threshold
+from pipelines.screen_stats import audit_statistics, flatten_screen
+from pipelines.screening import bank_for
 from tfft.invalid import tilt_rewards
 from tfft.tail import Threshold, cvar, solve_threshold
 from tfft.target import (
@@ -151,8 +152,9 @@ def prepare_base(
     """The pretrained base model (cached; ``base`` when given) and its bank ``out/bank_base.parquet`` (resumable)."""
     base = base if base is not None else load_or_pretrain(cfg, log=log)
     connect(cfg.ray, log=log)
-    base_bank = generate_bank(
-        cfg, (base.config, base.state_dict), size=cfg.bank.size, label="base", out_path=out / "bank_base.parquet", log=log
+    base_bank = bank_for(
+        cfg, (base.config, base.state_dict), size=cfg.bank.size, label="base", out_path=out / "bank_base.parquet",
+        tilted=True, log=log,
     )
     if base_bank.n_valid < 2:
         raise RuntimeError(f"the base bank has {base_bank.n_valid} valid samples; the threshold needs at least 2")
@@ -219,8 +221,9 @@ def run_from_bank(
                 init_state=init, steps=cfg.threshold.refine_steps or None, callbacks=callbacks,
             ),
         )
-    final_bank = generate_bank(
-        cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet", log=log
+    final_bank = bank_for(
+        cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet",
+        tilted=False, log=log,
     )
     if refinement is None:  # refinement keeps its rounds' own states; its table shows each round
         final_bank = _guard_evaluation(cfg, out, base, base_bank, final_bank, objective, log)
@@ -238,6 +241,8 @@ def _guard_evaluation(
     bank is below the base model's by more than two standard errors is set aside (``checkpoint/model_rejected.pt``,
     ``bank_rejected.parquet``) and the base model is kept: ``checkpoint/model.pt`` holds its weights and the
     final bank is the first ``eval.size`` samples of the base bank. Returns the final bank to record."""
+    if base_bank.screened or final_bank.screened:
+        return final_bank  # a screened bank's skipped rows have no reward; its summary reports the certified tail
     invalid_reward = cfg.objective.invalid_reward
     check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), objective)
     model_path = out / "checkpoint" / "model.pt"
@@ -259,8 +264,8 @@ def _guard_evaluation(
                      "errors; the base model is returned")
         blob = {**blob, "state_dict": base.state_dict}
         n = min(cfg.eval.size, len(base_bank))
-        final_bank = replace(base_bank, **{f: getattr(base_bank, f)[:n] for f in Bank.__dataclass_fields__ if f != "terms"},
-                             terms={k: v[:n] for k, v in base_bank.terms.items()})
+        rows = {f: v[:n] for f in Bank.__dataclass_fields__ if isinstance(v := getattr(base_bank, f), np.ndarray)}
+        final_bank = replace(base_bank, **rows, terms={k: v[:n] for k, v in base_bank.terms.items()})
         write_atomic(final_bank, out / "bank_final.parquet")
     tmp = model_path.with_suffix(".tmp")
     torch.save({**blob, "guard": guard}, tmp)
@@ -400,6 +405,10 @@ def _record(
     target_stats = _stats(target_summary(base_r, valid=base_v, **objective), base_bank)
     tilt = {key: objective[key] for key in ("eta", "side", "alpha", "kl_weight")}
     interval = target_interval(base_r, valid=base_v, seed=cfg.seed, **tilt).to_dict()
+    # screened banks (reward.screen): what the certified tail cannot give comes from the audit
+    screened = audit_statistics({"base": (base_bank, base_r, base_v), "finetuned": (final_bank, final_r, final_v)},
+                                {"base": base_stats, "finetuned": final_stats, "target": target_stats}, interval,
+                                objective=tilt, tolerance=cfg.reward.screen.tolerance, seed=cfg.seed)
     record = _finetune_record(out)
     summary: dict[str, Any] = {
         "threshold": threshold.to_dict() if threshold is not None else None,
@@ -416,8 +425,9 @@ def _record(
         "failures": {"base": base_bank.accounting(), "final": final_bank.accounting()},
         "invalid": invalid_record(invalid_reward, {"base": (base_bank.reward, base_bank.valid),
                                                    "finetuned": (final_bank.reward, final_bank.valid)}),
+        **screened,
     }
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = flatten_screen(screened)
     for name in ("base", "finetuned", "target"):
         metrics.update(flatten_stats(name, summary[name]))
     metrics.update(flatten_interval("target", interval))
@@ -438,19 +448,24 @@ def _record(
     side, alpha = (cfg.objective.side, cfg.objective.alpha) if cfg.objective.kind == "cvar" else ("right", 0.1)
     plot_rewards(
         out / "rewards.png",
-        base_r[base_v],
-        final_r[final_v],
+        base_r[_evaluated(base_bank, base_v)],
+        final_r[_evaluated(final_bank, final_v)],
         eta=objective["eta"],
         side=side,
         alpha=alpha,
-        cvar_base=cvar(base_r[base_v], side=side, alpha=alpha),
-        cvar_finetuned=cvar(final_r[final_v], side=side, alpha=alpha),
+        cvar_base=base_stats[f"cvar_{side}"].get(f"{alpha:g}", cvar(base_r[base_v], side=side, alpha=alpha)),
+        cvar_finetuned=final_stats[f"cvar_{side}"].get(f"{alpha:g}", cvar(final_r[final_v], side=side, alpha=alpha)),
         title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={cfg.objective.kl_weight:g}",
     )
     run.log_artifact(out / "rewards.png")
     for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
         run.log_artifact(path)
     return summary
+
+
+def _evaluated(bank: Bank, valid: np.ndarray) -> np.ndarray:
+    """The rows with a reward of their own (a screened bank's skipped rows hold a placeholder)."""
+    return valid & bank.evaluated if bank.screened else valid
 
 
 def _stats(summary: Any, bank: Bank) -> dict[str, Any]:

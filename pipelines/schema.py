@@ -16,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "PretrainConfig",
     "ServeConfig",
+    "ScreenConfig",
     "RewardConfig",
     "ObjectiveConfig",
     "SamplerConfig",
@@ -82,13 +83,34 @@ class ServeConfig:
 
 
 @dataclass
+class ScreenConfig:
+    """Screened evaluation of the banks (`pipelines.screening`, `tfft.screen`): a cheap reward ranks the samples
+    and the expensive one is paid only where the tail can be. ``target``: ``module:Name`` of the cheap reward (a
+    Reward class or a function, as ``reward.target``; empty: no screening, every sample is evaluated); ``kwargs``
+    go to it. ``audit``: fraction of each bank evaluated in full at random (at least ``min_audit`` samples);
+    ``tolerance``: the largest fraction of the tail that may be left unevaluated, certified at ``confidence``
+    (one-sided Wilson bound from the audit), else the bank is evaluated in full; ``batch_size``: samples per
+    screened batch of expensive calls (0: alpha * bank size / 4). Needs ``objective.kind=cvar`` with alpha < 1."""
+
+    target: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    audit: float = 0.1
+    min_audit: int = 100
+    tolerance: float = 0.05
+    confidence: float = 0.95
+    batch_size: int = 0
+
+
+@dataclass
 class RewardConfig:
     """The reward: ``target`` is ``module:Name`` of a Reward class or a function; ``kwargs`` go to it;
-    ``serve``: hold it once in a Ray Serve application (:class:`ServeConfig`)."""
+    ``serve``: hold it once in a Ray Serve application (:class:`ServeConfig`); ``screen``: a cheap reward that
+    decides which samples need the expensive one (:class:`ScreenConfig`)."""
 
     target: str = "rewards.toy2d:TailReward2D"
     kwargs: dict[str, Any] = field(default_factory=dict)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
 
 
 @dataclass

@@ -52,6 +52,7 @@ def format_table(summary: dict[str, Any]) -> str:
         header += f"{label:>24}"
     lines = [header, "-" * len(header)]
     ref = summary[present[0]]
+    from_audit = set(summary.get("screened_from_audit") or ())
     for i, (name, _) in enumerate(_rows(ref)):
         cells = []
         for c in present:
@@ -59,11 +60,15 @@ def format_table(summary: dict[str, Any]) -> str:
             if i == 0:
                 cells.append(f"{s['n_valid']}/{s['n']}")
             else:
-                cells.append(f"{_rows(s)[i][1]:.4f}")
+                mark = "*" if f"{c}.{_entry(name)}" in from_audit else ""
+                cells.append(f"{_rows(s)[i][1]:.4f}{mark}")
         line = f"{name:<18}" + "".join(f"{v:>14}" for v in cells)
         if interval:
             line += f"{_interval_cell(interval, i, name):>24}"
         lines.append(line)
+    if summary.get("screen"):
+        lines.append("")
+        lines.append(_screen_line(summary["screen"], bool(from_audit)))
     invalid = summary.get("invalid")
     if invalid:
         lines.append("")
@@ -79,6 +84,27 @@ def format_table(summary: dict[str, Any]) -> str:
             "ESS = {ess:.0f}, active fraction = {active_fraction:.4f}".format(**th)
         )
     return "\n".join(lines)
+
+
+def _entry(row_name: str) -> str:
+    """A table row's name as a ``screened_from_audit`` entry: 'mean', 'right-CVaR(0.1)' -> 'cvar_right.0.1'."""
+    if row_name == "mean":
+        return "mean"
+    side, level = row_name.split("-CVaR(")
+    return f"cvar_{side}.{level.rstrip(')')}"
+
+
+def _screen_line(screen: dict[str, Any], marked: bool) -> str:
+    """Screened evaluation's accounting per bank, and what the table's stars mean."""
+    parts = []
+    for label, record in screen.items():
+        if isinstance(record, dict) and "expensive_calls" in record:
+            n = record["expensive_calls"] + record["skipped"]
+            parts.append(f"{label} {record['expensive_calls']}/{n} expensive calls ({record['audited']} audited"
+                         + (", full evaluation" if record.get("full") else
+                            f", miss rate {record['miss_rate']:.3f} <= {record['miss_rate_upper']:.3f}") + ")")
+    note = "; * from the random audit only (summary.json: screened_from_audit, audit_interval)" if marked else ""
+    return "screened evaluation: " + "; ".join(parts) + note
 
 
 def flatten_stats(prefix: str, stats: dict[str, Any]) -> dict[str, float]:
