@@ -1,6 +1,6 @@
 """Screened evaluation on the molecule task: the base bank with and without the MMFF94 screen.
 
-    python -m benchmarks.screen_table                 # alanine dipeptide, seed 0, the configs' bank of 2,000
+    python -m benchmarks.screen_table                 # alanine dipeptide, seed 0, the configs' bank of 5,000
     python -m benchmarks.screen_table --seed 1 --bank-size 8000
     python -m benchmarks.screen_table --quick         # ethanol, a bank of 600, a short pretraining (smoke only)
 
