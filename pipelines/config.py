@@ -198,6 +198,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     )
     _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
     _require(ft.warmup_steps >= 0, "finetune.warmup_steps", f"must be >= 0, got {ft.warmup_steps}")
+    _require(ft.time_power > 0, "finetune.time_power", f"must be > 0, got {ft.time_power}")
     _require(ft.lr_schedule in SCHEDULES, "finetune.lr_schedule", f"must be one of {SCHEDULES}, got {ft.lr_schedule!r}")
     _require(ft.grad_clip > 0, "finetune.grad_clip", f"must be > 0, got {ft.grad_clip}")
     _require(ft.reward_grad_clip >= 0, "finetune.reward_grad_clip", f"must be >= 0, got {ft.reward_grad_clip}")

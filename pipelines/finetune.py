@@ -89,7 +89,7 @@ def _build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn
     if config["solver"] == "weighted":
         bank_x = torch.as_tensor(np.array(config["bank_x"]), dtype=torch.float32, device=device)
         return WeightedFlowMatchingSolver(model, bank_x, torch.as_tensor(np.array(config["bank_weights"])),
-                                          base=base if config["anchor"] else None)
+                                          base=base if config["anchor"] else None, time_power=config["time_power"])
     am = AdjointMatchingConfig(
         kl_weight=config["objective"]["kl_weight"], steps=config["sde_steps"], late_fraction=config["late_fraction"],
         n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
@@ -298,6 +298,7 @@ def run_finetune(
         "warmup_steps": finetune.warmup_steps,
         "lr_schedule": finetune.lr_schedule,
         "anchor": finetune.anchor,
+        "time_power": finetune.time_power,
         "sde_steps": sde_steps,
         "normalize": finetune.normalize,
         "clip_quantile": finetune.clip_quantile,

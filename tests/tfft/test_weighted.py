@@ -97,3 +97,24 @@ def test_active_share_is_checked() -> None:
     with pytest.raises(ValueError, match="active_share"):
         WeightedFlowMatchingSolver(LearnedMean(torch.zeros(2)), bank, torch.ones(10), base=LearnedMean(torch.zeros(2)),
                                    active_share=1.0)
+
+
+def test_draw_times_has_the_stated_density() -> None:
+    from tfft.weighted import draw_times
+
+    t = draw_times(200_000, 3.0, generator=torch.Generator().manual_seed(0))
+    assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
+    assert abs(float(t.mean()) - 0.75) < 3e-3  # density 3 t^2: mean k / (k + 1)
+    assert abs(float((t < 0.5).double().mean()) - 0.125) < 3e-3  # P(t < 1/2) = 2^-3
+    with pytest.raises(ValueError, match="time_power"):
+        draw_times(3, 0.0)
+
+
+def test_late_times_keep_the_minimiser() -> None:
+    # The same tilted-mean problem as above with times favouring t near 1: the minimiser does not move.
+    bank = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(4))
+    weights = torch.as_tensor(tilt_weights(bank[:, 0].numpy(), eta=None, side="right", alpha=1.0, kl_weight=2.0))
+    base = LearnedMean(torch.zeros(2)).requires_grad_(False)
+    model = LearnedMean(torch.zeros(2))
+    mean = _fit(WeightedFlowMatchingSolver(model, bank, weights, base=base, time_power=3.0), model, 400)
+    torch.testing.assert_close(mean, (weights[:, None].float() * bank).sum(0), atol=0.06, rtol=0)
