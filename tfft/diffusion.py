@@ -54,6 +54,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tfft.user_model import share_child_state
+
 __all__ = ["PREDICTION_TYPES", "VPDiffusionFlow", "log_snr", "timestep_for_log_snr", "alpha_bar_at", "flow_time"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -99,6 +101,9 @@ class VPDiffusionFlow(nn.Module):
             when not None.
         alphas_cumprod: abar_k of the discrete scheduler, (T,), strictly decreasing in (0, 1).
         prediction_type: ``epsilon`` or ``v_prediction``.
+
+    The wrapper's state dict is the network's (same keys), so the network's own checkpoint (e.g. a diffusers
+    ``diffusion_pytorch_model.safetensors``) loads into it as it is.
     """
 
     def __init__(self, network: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon") -> None:
@@ -115,6 +120,7 @@ class VPDiffusionFlow(nn.Module):
         self.network = network
         self.prediction_type = prediction_type
         self.register_buffer("alphas_cumprod", abar, persistent=False)  # the schedule, not weights
+        share_child_state(self, "network")  # the state dict is the network's: its own checkpoints load as they are
 
     def forward(self, x: Tensor, t: Tensor, cond: object = None) -> Tensor:
         """v(x, tau), x (n, *shape), t = tau (n,) in [0, 1]."""

@@ -21,9 +21,7 @@ from torch import Tensor, nn
 
 from tfft.model import _expand_time
 
-__all__ = ["FlatVelocity", "check_sample_shape"]
-
-_CHILD = "network."
+__all__ = ["FlatVelocity", "check_sample_shape", "share_child_state"]
 
 
 def check_sample_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
@@ -51,8 +49,7 @@ class FlatVelocity(nn.Module):
         self.network = network
         self.sample_shape = check_sample_shape(sample_shape)
         self.dim = math.prod(self.sample_shape)
-        self.register_state_dict_post_hook(_drop_child_prefix)
-        self.register_load_state_dict_pre_hook(_add_child_prefix)
+        share_child_state(self, "network")
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """x (n, d), t scalar or (n,) -> (n, d)."""
@@ -67,30 +64,37 @@ class FlatVelocity(nn.Module):
         return out.reshape(n, self.dim)
 
 
-def _drop_child_prefix(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """State-dict post hook: ``<prefix>network.k`` -> ``<prefix>k`` (the wrapper's state is the network's),
-    for the tensors and for the per-module metadata (versions) that travel with them."""
-    _rename(state, prefix + _CHILD, prefix)
-    metadata = getattr(state, "_metadata", None)
-    if metadata is not None:
-        own = metadata.get(prefix[:-1])
-        _rename(metadata, prefix + _CHILD, prefix)
-        child = metadata.pop(prefix + _CHILD[:-1], None)
-        metadata[prefix[:-1]] = child if child is not None else own
+def share_child_state(wrapper: nn.Module, child: str) -> None:
+    """Make ``wrapper``'s state dict its child's: keys ``<child>.k`` are saved as ``k`` and loaded back.
 
+    For wrappers that add no state of their own (:class:`FlatVelocity`, ``tfft.diffusion.VPDiffusionFlow``): a
+    checkpoint of the user's network loads into the wrapper, and the wrapper's state into the network. The
+    per-module metadata (versions) travels with the keys. Works at any depth of nesting.
+    """
+    prefix_of_child = child + "."
 
-def _add_child_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load pre hook: ``<prefix>k`` -> ``<prefix>network.k``, the inverse of :func:`_drop_child_prefix`."""
-    _rename(state, prefix, prefix + _CHILD)
-    metadata = getattr(state, "_metadata", None)  # only on the dict at the top of the load
-    if metadata is not None:
-        _rename(metadata, prefix, prefix + _CHILD, skip=prefix[:-1])
-        if prefix[:-1] in metadata:
-            metadata[prefix + _CHILD[:-1]] = metadata[prefix[:-1]]
+    def drop(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        _rename(state, prefix + prefix_of_child, prefix)
+        metadata = getattr(state, "_metadata", None)
+        if metadata is not None:
+            inner = metadata.pop(prefix + child, None)  # the child's own entry stands for the wrapper's
+            if inner is not None:
+                metadata[prefix[:-1]] = inner
+            _rename(metadata, prefix + prefix_of_child, prefix)
+
+    def add(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        _rename(state, prefix, prefix + prefix_of_child)
+        metadata = getattr(state, "_metadata", None)  # only on the dict at the top of the load
+        if metadata is not None:
+            _rename(metadata, prefix, prefix + prefix_of_child, skip=prefix[:-1])
+            if prefix[:-1] in metadata:
+                metadata[prefix + child] = metadata[prefix[:-1]]
+
+    wrapper.register_state_dict_post_hook(drop)
+    wrapper.register_load_state_dict_pre_hook(add)
 
 
 def _rename(mapping: dict[str, Any], old: str, new: str, skip: str | None = None) -> None:
-    """Replace the prefix ``old`` by ``new`` in every key that has it and does not already start with ``new``."""
-    already = new if new.startswith(old) else None
-    for key in [k for k in mapping if k.startswith(old) and k != skip and not (already and k.startswith(already))]:
+    """Replace the prefix ``old`` by ``new`` in every key that has it (except ``skip``)."""
+    for key in [k for k in mapping if k.startswith(old) and k != skip]:
         mapping[new + key[len(old):]] = mapping.pop(key)

@@ -173,3 +173,13 @@ def test_on_a_uniform_grid_the_gap_to_ddim_shrinks_with_steps():
         gaps[steps] = float((got - want).abs().max() / want.abs().max())
     print(f"uniform grid in tau vs DDIM, max relative difference: {gaps}")
     assert gaps[20] < 0.1 and gaps[100] < 0.05 and gaps[100] < 0.7 * gaps[20]
+
+
+def test_state_dict_is_the_networks():
+    diffusers = pytest.importorskip("diffusers")
+    unet, scheduler = _unet_and_scheduler("epsilon")
+    flow = VPDiffusionFlow(unet, scheduler.alphas_cumprod)
+    assert list(flow.state_dict()) == list(unet.state_dict())
+    fresh = diffusers.UNet2DModel.from_config(unet.config)
+    VPDiffusionFlow(fresh, scheduler.alphas_cumprod).load_state_dict(unet.state_dict())  # strict
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), unet.state_dict().values()))
