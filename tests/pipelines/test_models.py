@@ -130,3 +130,26 @@ def test_errors_found_when_the_model_is_built(tmp_path):
         load_or_pretrain(_cfg(tmp_path, *USER, "model.kwargs.wrong=1", "pretrain.steps=0"), log=lambda _: None)
     with pytest.raises(ConfigError, match=r"'model.target' .*forward\(x \(2, \*\[2\]\)"):  # flat shape: (n, 2)
         load_or_pretrain(_cfg(tmp_path, *USER, "model.sample_shape=[]", "pretrain.steps=0"), log=lambda _: None)
+
+
+def test_readme_example_builds_pretrains_and_reloads(tmp_path, monkeypatch):
+    """README's "Bring your own model": its module and config load, pretrain a few steps, and the cached state
+    loads into the user's own module."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Bring your own model"):readme.index("## Plugging in your own reward")]
+    module, config, command = (body for _, body in re.findall(r"```(\w+)\n(.*?)```", section, re.S))
+    (tmp_path / "my_flow.py").write_text(module)
+    (tmp_path / "my_flow.yaml").write_text(config)
+    assert "tfft run my_flow.yaml" in command
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(tmp_path / "my_flow.yaml", [f"pretrain.cache_dir={tmp_path / 'cache'}", "pretrain.steps=3",
+                                                  "pretrain.n_samples=64", "pretrain.batch_size=16"])
+    base = load_or_pretrain(cfg, log=lambda _: None)
+    assert base.config["sample_shape"] == [1, 8, 8] and base.config["dim"] == 64
+    import my_flow
+
+    my_flow.conv_flow(**cfg.model.kwargs).load_state_dict(base.state_dict)
+    assert build_model(base.config, base.state_dict)(torch.randn(3, 64), torch.rand(3)).shape == (3, 64)
