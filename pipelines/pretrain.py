@@ -97,8 +97,8 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
     or pretrained by flow matching on ``data.source`` and cached (reused when the cache holds it)."""
     trains = cfg.pretrain.steps > 0 and not cfg.model.checkpoint
     cache_dir = Path(os.path.expanduser(cfg.pretrain.cache_dir))
-    path = cache_dir / f"base-{pretrain_key(cfg)}.pt"
-    if trains and path.is_file():
+    path = cache_dir / f"base-{pretrain_key(cfg)}.pt" if trains else None
+    if path is not None and path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         log(f"[pretrain] reusing cached base model {path}")
         return BaseModel(blob["config"], blob["state_dict"], str(path), cached=True)
@@ -114,6 +114,19 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
             why += f" (pretrain.steps={cfg.pretrain.steps} ignored: a checkpoint is never pretrained)"
         log(f"[pretrain] base model {why}")
         return BaseModel(config, _detached(model), cfg.model.checkpoint, cached=False)
+    _fit(cfg, model, data, log)
+    state = _detached(model)
+    assert path is not None
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"config": config, "state_dict": state}, tmp)
+    os.replace(tmp, path)  # atomic: concurrent runs never read a partial file
+    log(f"[pretrain] saved base model to {path}")
+    return BaseModel(config, state, str(path), cached=False)
+
+
+def _fit(cfg: Config, model: torch.nn.Module, data: torch.Tensor, log: Callable[[str], None]) -> None:
+    """Flow matching (Adam, cosine decay) on ``data`` (n, d) for ``pretrain.steps`` steps, in place."""
     steps = cfg.pretrain.steps
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -133,13 +146,6 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
             n = report_every if step % report_every == 0 else step % report_every
             log(f"[pretrain] step {step}/{steps} loss {running / n:.4f} ({time.time() - start:.0f}s)")
             running = 0.0
-    state = _detached(model)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"config": config, "state_dict": state}, tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never read a partial file
-    log(f"[pretrain] saved base model to {path}")
-    return BaseModel(config, state, str(path), cached=False)
 
 
 def _build_base(cfg: Config, config: dict[str, Any]) -> torch.nn.Module:
