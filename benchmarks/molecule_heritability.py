@@ -52,7 +52,8 @@ def _tail_kept(a: np.ndarray, b: np.ndarray, top: bool, alpha: float = 0.1) -> f
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.config import load_config
-    from pipelines.pretrain import build_model, load_or_pretrain
+    from pipelines.models import build_model
+    from pipelines.pretrain import load_or_pretrain
     from rewards.base import load_reward
     from tfft.sampling import sample_sde
 

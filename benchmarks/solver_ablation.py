@@ -31,7 +31,8 @@ def _run(job: tuple[str, str, int, int]) -> tuple[str, str, float, float, float]
     """(variant, side, fine-tuned CVaR, target CVaR, base CVaR) of one fine-tuning."""
     name, side, steps, batch = job
     from pipelines.config import load_config
-    from pipelines.pretrain import build_model, load_or_pretrain
+    from pipelines.models import build_model
+    from pipelines.pretrain import load_or_pretrain
     from rewards.toy2d import TailReward2D
     from tfft.pseudo import pseudo_reward_signal
     from tfft.sampling import sample_sde

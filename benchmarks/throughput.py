@@ -101,7 +101,8 @@ def cpu_bound(quick: bool) -> dict:
 def cheap_bank(quick: bool) -> dict:
     from pipelines.bank import generate_bank
     from pipelines.config import load_config
-    from pipelines.pretrain import build_model, load_or_pretrain
+    from pipelines.models import build_model
+    from pipelines.pretrain import load_or_pretrain
     from rewards.toy2d import TailReward2D
     from tfft.sampling import sample_sde
 

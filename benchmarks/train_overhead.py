@@ -33,7 +33,8 @@ def in_process_seconds(work: Path) -> dict[str, Any]:
     """The fine-tuning of the run in ``work`` redone as a plain loop in this process; wall seconds and steps."""
     from pipelines.config import load_config
     from pipelines.finetune import _build_solver
-    from pipelines.pretrain import build_model, load_or_pretrain
+    from pipelines.models import build_model
+    from pipelines.pretrain import load_or_pretrain
     from pipelines.run import training_steps
 
     cfg = load_config(work / "config.yaml")

@@ -55,7 +55,7 @@ def _stats(r: np.ndarray, valid: np.ndarray, weights: np.ndarray | None = None) 
 def _train(base: Any, bank_x: torch.Tensor, weights: np.ndarray, *, anchor: bool, schedule: str, steps: int,
            lr: float, batch: int, seed: int) -> torch.nn.Module:
     from pipelines.lr_schedule import lr_factor
-    from pipelines.pretrain import build_model
+    from pipelines.models import build_model
     from tfft.weighted import WeightedFlowMatchingSolver
 
     model = build_model(base.config, base.state_dict)
@@ -75,7 +75,8 @@ def _train(base: Any, bank_x: torch.Tensor, weights: np.ndarray, *, anchor: bool
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.config import load_config
-    from pipelines.pretrain import build_model, load_or_pretrain
+    from pipelines.models import build_model
+    from pipelines.pretrain import load_or_pretrain
     from rewards.base import load_reward
     from tfft.tail import solve_threshold
     from tfft.target import tilt_weights

@@ -43,7 +43,7 @@ class SamplerActor:
     ):
         import ray
 
-        from pipelines.pretrain import build_model
+        from pipelines.models import build_model
 
         payload = model[0]
         if isinstance(payload, ray.ObjectRef):

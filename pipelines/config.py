@@ -126,6 +126,32 @@ def _check_screen(cfg: Config) -> None:
              "is set but objective.alpha is 1 (the mean): every sample is in the tail; use alpha < 1 or no screen")
 
 
+def _check_model(model: Any, check_imports: bool) -> None:
+    """The model's settings; the data dimension against ``sample_shape`` is checked when data is drawn
+    (`pipelines.pretrain`), the checkpoint's keys when it is loaded (`pipelines.models`)."""
+    _require(model.hidden >= 1, "model.hidden", f"must be >= 1, got {model.hidden}")
+    _require(model.depth >= 1, "model.depth", f"must be >= 1, got {model.depth}")
+    _require(model.time_features >= 2, "model.time_features", f"must be >= 2, got {model.time_features}")
+    shape = list(model.sample_shape)
+    _require(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape), "model.sample_shape",
+             f"must be a list of positive ints (empty: [d], the data dimension), got {shape}")
+    _require(model.target or not model.kwargs, "model.kwargs",
+             "go to model.target's factory; the built-in MLP takes model.hidden, model.depth, model.time_features")
+    if model.checkpoint:
+        path = Path(model.checkpoint).expanduser()
+        _require(path.is_file(), "model.checkpoint", f"{model.checkpoint!r} is not a file")
+        _require(path.suffix in (".pt", ".pth", ".safetensors"), "model.checkpoint",
+                 f"must be a .pt, .pth or .safetensors file, got {model.checkpoint!r}")
+    if model.target and check_imports:
+        from rewards.base import import_object
+
+        try:
+            factory = import_object(model.target)
+        except ValueError as exc:
+            raise ConfigError(f"'model.target': {exc}") from None
+        _require(callable(factory), "model.target", f"{model.target!r} is not callable")
+
+
 def validate(cfg: Config, *, check_imports: bool = True) -> None:
     """Check every value's range and that import paths resolve. Raises :class:`ConfigError`."""
     obj = cfg.objective
@@ -164,9 +190,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
         "sampler.grid",
         f"must be 'uniform' or 'quadratic', got {cfg.sampler.grid!r}",
     )
-    _require(cfg.model.hidden >= 1, "model.hidden", f"must be >= 1, got {cfg.model.hidden}")
-    _require(cfg.model.depth >= 1, "model.depth", f"must be >= 1, got {cfg.model.depth}")
-    _require(cfg.model.time_features >= 2, "model.time_features", f"must be >= 2, got {cfg.model.time_features}")
+    _check_model(cfg.model, check_imports)
     pre = cfg.pretrain
     _require(pre.n_samples >= 1, "pretrain.n_samples", f"must be >= 1, got {pre.n_samples}")
     _require(pre.steps >= 0, "pretrain.steps", f"must be >= 0, got {pre.steps}")

@@ -131,7 +131,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipelines.guard import Guard
-    from pipelines.pretrain import build_model
+    from pipelines.models import build_model
 
     loop_started = time.time()  # the loop's own time, without the worker group's start-up
     _quiet_train_logs()

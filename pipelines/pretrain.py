@@ -1,13 +1,16 @@
-"""``tfft pretrain``: flow-matching pretraining of the base model, cached by content.
+"""``tfft pretrain``: the base model: built, loaded from ``model.checkpoint``, or flow-matching pretrained
+and cached by content.
 
 The cache key is a hash of everything that determines the weights (data source, model and pretraining
-settings, seed), so any later run with the same settings reuses the file instead of training again.
+settings, seed), so any later run with the same settings reuses the file instead of training again. A model
+loaded from a checkpoint, or taken as built (``pretrain.steps: 0``), is not cached: nothing was trained.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -18,11 +21,13 @@ import numpy as np
 import torch
 
 from pipelines.config import ConfigError
+from pipelines.models import build_model, build_network, checkpoint_identity, load_checkpoint, model_config
 from pipelines.schema import Config
 from rewards.base import import_object
-from tfft.model import VelocityMLP, flow_matching_loss
+from tfft.model import flow_matching_loss
+from tfft.user_model import FlatVelocity
 
-__all__ = ["BaseModel", "pretrain_key", "load_or_pretrain", "build_model"]
+__all__ = ["BaseModel", "pretrain_key", "load_or_pretrain"]
 
 
 @dataclass(frozen=True)
@@ -35,19 +40,11 @@ class BaseModel:
     cached: bool
 
 
-def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> VelocityMLP:
-    """Rebuild a VelocityMLP from its constructor config and (optionally) weights."""
-    model = VelocityMLP(**config)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    return model
-
-
 def pretrain_key(cfg: Config) -> str:
     """Hash of every setting that determines the pretrained weights."""
     payload = {
         "source": cfg.data.source,
-        "model": asdict(cfg.model),
+        "model": _model_key(cfg),
         "pretrain": {k: v for k, v in asdict(cfg.pretrain).items() if k != "cache_dir"},
         "seed": cfg.seed,
         "torch": torch.__version__.split("+")[0],
@@ -57,38 +54,79 @@ def pretrain_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _draw_data(cfg: Config) -> np.ndarray:
+def _model_key(cfg: Config) -> dict[str, Any]:
+    """The model's part of the cache key: the built-in MLP's settings exactly as before user models (so older
+    caches keep their keys); for a user model its factory, kwargs, shape and checkpoint's content."""
+    model = cfg.model
+    key: dict[str, Any] = {"hidden": model.hidden, "depth": model.depth, "time_features": model.time_features}
+    if model.target:
+        key = {"target": model.target, "kwargs": dict(model.kwargs)}
+    if model.sample_shape:
+        key["sample_shape"] = list(model.sample_shape)
+    if model.checkpoint:
+        key["checkpoint"] = checkpoint_identity(model.checkpoint)
+    return key
+
+
+def _draw_data(cfg: Config, n: int) -> np.ndarray:
     source: Callable[[int, int], Any] = import_object(cfg.data.source)
     try:
-        data = np.asarray(source(cfg.pretrain.n_samples, cfg.seed, **dict(cfg.data.kwargs)), dtype=np.float32)
+        data = np.asarray(source(n, cfg.seed, **dict(cfg.data.kwargs)), dtype=np.float32)
     except (TypeError, ValueError) as exc:  # wrong signature, or not numbers
         raise ConfigError(
             f"data.source {cfg.data.source!r} must be called as source(n, seed, **data.kwargs) and return an "
             f"(n, d) array of numbers; calling it failed: {type(exc).__name__}: {exc}"
         ) from exc
-    if data.ndim != 2 or data.shape[0] != cfg.pretrain.n_samples:
+    if data.ndim != 2 or data.shape[0] != n:
         raise ConfigError(
-            f"data.source {cfg.data.source!r} must return an array of shape (n, d) with n = "
-            f"{cfg.pretrain.n_samples}; got shape {data.shape}"
+            f"data.source {cfg.data.source!r} must return an array of shape (n, d) with n = {n}; got shape {data.shape}"
         )
     if not np.isfinite(data).all():
         raise ConfigError(f"data.source {cfg.data.source!r} returned non-finite values")
+    shape = list(cfg.model.sample_shape)
+    if shape and math.prod(shape) != data.shape[1]:
+        raise ConfigError(
+            f"'model.sample_shape' {shape} has {math.prod(shape)} entries but data.source {cfg.data.source!r} "
+            f"draws samples of dimension {data.shape[1]}; their product must equal the data dimension"
+        )
     return data
 
 
 def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> BaseModel:
-    """Return the cached base model for ``cfg``, training and caching it first if needed."""
+    """Return the base model for ``cfg``: loaded from ``model.checkpoint``, as built (``pretrain.steps: 0``),
+    or pretrained by flow matching on ``data.source`` and cached (reused when the cache holds it)."""
+    trains = cfg.pretrain.steps > 0 and not cfg.model.checkpoint
     cache_dir = Path(os.path.expanduser(cfg.pretrain.cache_dir))
-    path = cache_dir / f"base-{pretrain_key(cfg)}.pt"
-    if path.is_file():
+    path = cache_dir / f"base-{pretrain_key(cfg)}.pt" if trains else None
+    if path is not None and path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         log(f"[pretrain] reusing cached base model {path}")
         return BaseModel(blob["config"], blob["state_dict"], str(path), cached=True)
 
-    data = torch.from_numpy(_draw_data(cfg))
+    # without training a few draws tell the data dimension (and check model.sample_shape against it)
+    data = torch.from_numpy(_draw_data(cfg, cfg.pretrain.n_samples if trains else min(cfg.pretrain.n_samples, 16)))
     torch.manual_seed(cfg.seed)
-    config = {"dim": int(data.shape[1]), **asdict(cfg.model)}
-    model = build_model(config)
+    config = model_config(cfg.model, int(data.shape[1]))
+    model = _build_base(cfg, config)
+    if not trains:
+        why = f"loaded {cfg.model.checkpoint}" if cfg.model.checkpoint else "pretrain.steps=0: the model as built"
+        if cfg.model.checkpoint and cfg.pretrain.steps:
+            why += f" (pretrain.steps={cfg.pretrain.steps} ignored: a checkpoint is never pretrained)"
+        log(f"[pretrain] base model {why}")
+        return BaseModel(config, _detached(model), cfg.model.checkpoint, cached=False)
+    _fit(cfg, model, data, log)
+    state = _detached(model)
+    assert path is not None
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"config": config, "state_dict": state}, tmp)
+    os.replace(tmp, path)  # atomic: concurrent runs never read a partial file
+    log(f"[pretrain] saved base model to {path}")
+    return BaseModel(config, state, str(path), cached=False)
+
+
+def _fit(cfg: Config, model: torch.nn.Module, data: torch.Tensor, log: Callable[[str], None]) -> None:
+    """Flow matching (Adam, cosine decay) on ``data`` (n, d) for ``pretrain.steps`` steps, in place."""
     steps = cfg.pretrain.steps
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -108,10 +146,29 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
             n = report_every if step % report_every == 0 else step % report_every
             log(f"[pretrain] step {step}/{steps} loss {running / n:.4f} ({time.time() - start:.0f}s)")
             running = 0.0
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"config": config, "state_dict": state}, tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never read a partial file
-    log(f"[pretrain] saved base model to {path}")
-    return BaseModel(config, state, str(path), cached=False)
+
+
+def _build_base(cfg: Config, config: dict[str, Any]) -> torch.nn.Module:
+    """The flat velocity of ``config``, with ``model.checkpoint`` loaded; a user model is probed once, so that
+    a wrong output shape fails here, naming the setting, and not inside a Ray actor."""
+    if "target" not in config:
+        model = build_model(config)
+        if cfg.model.checkpoint:
+            load_checkpoint(model, cfg.model.checkpoint)
+        return model
+    network = build_network(config)
+    if cfg.model.checkpoint:
+        load_checkpoint(network, cfg.model.checkpoint)
+    model = FlatVelocity(network, config["sample_shape"])
+    probe = torch.zeros(2, config["dim"])
+    try:
+        with torch.no_grad():
+            model(probe, torch.full((2,), 0.5))
+    except Exception as exc:
+        raise ConfigError(f"'model.target' {cfg.model.target!r}: forward(x (2, *{config['sample_shape']}), t (2,), "
+                          f"None) failed: {type(exc).__name__}: {exc}") from exc
+    return model
+
+
+def _detached(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -19,6 +19,7 @@ from pipelines.bankio import Bank, write_atomic
 from pipelines.eval_guard import check_evaluation
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
+from pipelines.models import model_record
 from pipelines.outdir import claim_output_dir
 from pipelines.plots import plot_rewards
 from pipelines.pretrain import BaseModel, load_or_pretrain
@@ -228,6 +229,7 @@ def run_from_bank(
     if refinement is None:  # refinement keeps its rounds' own states; its table shows each round
         final_bank = _guard_evaluation(cfg, out, base, base_bank, final_bank, objective, log)
     summary = _record(cfg, out, run, base_bank, final_bank, threshold, objective, solver)
+    summary["model"] = model_record(base.config, cfg.model.checkpoint)  # banks hold samples flattened
     if refinement is not None:
         summary["refinement"] = refinement
     return summary

@@ -43,8 +43,25 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The velocity network (``tfft.model.VelocityMLP``)."""
+    """The base flow model: the built-in velocity MLP, or the user's own module (README: "Bring your own model").
 
+    ``target``: empty (default) builds the built-in ``tfft.model.VelocityMLP`` from ``hidden`` (width),
+    ``depth`` (hidden layers) and ``time_features`` (Fourier time features), on flat samples of the data's
+    dimension d. Otherwise ``module:factory``, called as ``factory(**kwargs)``; it returns a ``torch.nn.Module``
+    whose ``forward(x, t, cond)`` takes x (n, *sample_shape), t (n,) and ``cond`` (None: conditions are not
+    passed yet) and returns the velocity of the linear interpolant x_t = t x1 + (1 - t) x0 (t = 0 noise, t = 1
+    data), shaped like x (``hidden``, ``depth`` and ``time_features`` are then unused). ``kwargs``: keyword
+    arguments of the factory. ``sample_shape``: the shape of one sample, a list of positive ints whose
+    product is the data's dimension d (empty: ``[d]``); banks store samples flattened in row-major order and
+    ``summary.json["model"]["sample_shape"]`` records it. ``checkpoint``: empty, or a state dict to load
+    strictly into the model (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, also a tfft
+    ``checkpoint/model.pt``; or ``.safetensors``). With a checkpoint nothing is pretrained, whatever
+    ``pretrain.steps`` says; without one, ``pretrain.steps: 0`` takes the model as built (seeded by ``seed``)."""
+
+    target: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    sample_shape: list[int] = field(default_factory=list)
+    checkpoint: str = ""
     hidden: int = 128
     depth: int = 3
     time_features: int = 16
@@ -52,7 +69,10 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    """Flow-matching pretraining of the base model; the result is cached under ``cache_dir``."""
+    """Flow-matching pretraining of the base model on ``n_samples`` draws of ``data.source``; the result is
+    cached under ``cache_dir``, keyed by every setting that determines it (for a user model: ``model.target``,
+    ``model.kwargs`` and ``model.sample_shape`` too). ``steps: 0``, or a ``model.checkpoint``: no pretraining,
+    nothing cached; the model as built (and loaded) is the base model."""
 
     n_samples: int = 50_000
     steps: int = 3000

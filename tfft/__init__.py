@@ -3,9 +3,10 @@
 DESIGN.md sections: tail statistics and the threshold (§3, :mod:`tfft.tail`), pseudo-reward, tilt and
 target statistics (§5, :mod:`tfft.target`), the velocity network and flow matching (:mod:`tfft.model`),
 samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`), the pseudo-reward signal
-(:mod:`tfft.pseudo`), the solvers behind one ``step`` interface (§6-7, :mod:`tfft.solvers`), the CUDA-graph
-captures of the sampler and the adjoint (:mod:`tfft.graphs`), the rule for failed samples (:mod:`tfft.invalid`)
-and screened reward evaluation (:mod:`tfft.screen`).
+(:mod:`tfft.pseudo`), a user's model of any sample shape in the flat interface (:mod:`tfft.user_model`), a VP
+diffusion network as a flow (:mod:`tfft.diffusion`), the solvers behind one ``step`` interface (§6-7,
+:mod:`tfft.solvers`), the CUDA-graph captures of the sampler and the adjoint (:mod:`tfft.graphs`), the rule for
+failed samples (:mod:`tfft.invalid`) and screened reward evaluation (:mod:`tfft.screen`).
 """
 
 from tfft.adjoint import (
@@ -19,6 +20,7 @@ from tfft.adjoint import (
     select_time_steps,
     step_weights,
 )
+from tfft.diffusion import VPDiffusionFlow
 from tfft.graphs import GraphedAdjoint, GraphedSampler
 from tfft.invalid import InvalidRule, TailBothWays, assign_invalid, tail_both_ways, tilt_rewards
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
@@ -31,6 +33,7 @@ from tfft.solvers import (
     oversample_weights,
 )
 from tfft.model import GaussianVelocity, VelocityMLP, flow_matching_loss
+from tfft.user_model import FlatVelocity
 from tfft.screen import ScreenResult, placeholder_rewards, screened_evaluate, wilson_upper
 from tfft.sampling import Trajectory, sample_ode, sample_sde, sde_drift, time_grid
 from tfft.tail import Threshold, cvar, solve_threshold, threshold_objective, var
@@ -63,6 +66,8 @@ __all__ = [
     "TargetInterval",
     "Trajectory",
     "VelocityMLP",
+    "FlatVelocity",
+    "VPDiffusionFlow",
     "GaussianVelocity",
     "adjoint_matching_loss",
     "Adjoint",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def env(tmp_path_factory, pretrain_cache):
     user_dir = root / "user_modules"
     user_dir.mkdir()
     (user_dir / "my_task.py").write_text(USER_MODULE)
+    shutil.copy(Path(__file__).with_name("user_flow_model.py"), user_dir)  # a user's own flow model
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(user_dir), old) if p)
     sys.path.insert(0, str(user_dir))
@@ -243,3 +245,45 @@ def test_molecule_config_runs_for_another_molecule_by_override(env):
         "attributes.run_name = 'ethanol'",
     )
     assert runs and "finetuned.diversity_rmsd" in runs[0].data.metrics
+
+
+USER_MODEL_CONFIG = """
+data: {source: user_flow_model:source, kwargs: {mean: [1.5, -0.5]}}
+model: {target: user_flow_model:gaussian_flow, kwargs: {mean: [1.5, -0.5]}, sample_shape: [2, 1]}
+pretrain: {steps: 0}
+reward: {target: user_flow_model:first_coordinate}
+objective: {kind: cvar, side: right, alpha: 0.1, kl_weight: 1.0}
+sampler: {steps: 10}
+bank: {size: 4000, shard_size: 2000}
+eval: {size: 1000}
+finetune: {steps: 10, batch_size: 64, num_workers: 1, log_every: 5}
+"""
+
+
+def test_user_flow_model_without_pretraining(env):
+    """A user's module (samples shaped (2, 1); exact velocity of N(mean, I) plus a zero-initialised correction),
+    no pretraining: the base bank is N(mean, I) (the SDE's Euler steps keep the mean exactly), summary.json
+    records the shape, and checkpoint/model.pt loads into the user's module."""
+    import torch
+
+    from pipelines.models import build_model
+    from user_flow_model import gaussian_flow
+
+    config = env["root"] / "user_model.yaml"
+    config.write_text(USER_MODEL_CONFIG)
+    out_dir = env["root"] / "user_model"
+    assert main(["run", str(config), "--out", str(out_dir), *env["common"]]) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["model"] == {"target": "user_flow_model:gaussian_flow", "kwargs": {"mean": [1.5, -0.5]},
+                                "sample_shape": [2, 1], "dim": 2, "checkpoint": ""}
+    assert summary["solver"] == "adjoint"
+    base = read_bank(out_dir / "bank_base.parquet")
+    assert base.x.shape == (4000, 2)
+    assert base.x.mean(0) == pytest.approx([1.5, -0.5], abs=4 / np.sqrt(4000))  # 4 standard errors
+    assert base.x.std(0) == pytest.approx([1.0, 1.0], abs=0.1)
+    blob = torch.load(out_dir / "checkpoint" / "model.pt", map_location="cpu", weights_only=True)
+    network = gaussian_flow([1.5, -0.5])
+    network.load_state_dict(blob["state_dict"])  # strict: the user's own keys
+    x, t = torch.randn(8, 2), torch.rand(8)
+    want = network(x.reshape(8, 2, 1), t, None).reshape(8, 2)
+    assert torch.allclose(build_model(blob["config"], blob["state_dict"])(x, t), want)
