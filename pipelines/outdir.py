@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pipelines.config import ConfigError
 
-__all__ = ["claim_output_dir", "trial_status"]
+__all__ = ["claim_output_dir", "config_differences", "trial_status"]
 
 
 def claim_output_dir(directory: Path, config_text: str, what: str = "a run") -> None:
@@ -25,10 +26,44 @@ def claim_output_dir(directory: Path, config_text: str, what: str = "a run") -> 
         raise ConfigError(f"'--out {directory}' cannot be created: {exc.strerror or exc}") from exc
     path = directory / "config.yaml"
     if path.is_file() and path.read_text() != config_text:
-        raise ConfigError(
-            f"'--out {directory}' holds {what} with a different config.yaml; choose a new --out to start over"
-        )
+        changed = config_differences(path.read_text(), config_text)
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise ConfigError(
+                f"'--out {directory}' holds {what} with a different config.yaml (differs in {shown}); choose a new "
+                "--out to start over"
+            )
     path.write_text(config_text)
+
+
+def config_differences(old_text: str, new_text: str) -> list[str]:
+    """Dotted keys whose values differ between two ``config.yaml`` texts, sorted.
+
+    A key only in the new text (added to the schema since the old run) counts only when its value is not the
+    schema default, so a run made before a new key existed still resumes when that key keeps its default; a key
+    only in the old text (removed from the schema) does not count.
+    """
+    from omegaconf import OmegaConf
+
+    from pipelines.config import to_flat_dict
+    from pipelines.schema import Config
+
+    def flat(text: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict) and node:
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = "{}" if node == {} else node
+
+        walk("", OmegaConf.to_container(OmegaConf.create(text), resolve=False))
+        return out
+
+    old, new, default = flat(old_text), flat(new_text), to_flat_dict(Config())
+    changed = [k for k, v in new.items() if (old[k] != v if k in old else default.get(k, v) != v or k not in default)]
+    return sorted(changed)
 
 
 def trial_status(trial_dir: Path) -> str:
