@@ -42,9 +42,12 @@ def _bank(name: str, seed: int, work: Path, overrides: list[str]) -> dict[str, A
     out = work / f"{CONFIGS[name]}_seed{seed}"
     cfg = load_config(ROOT / "tune_configs" / f"{CONFIGS[name]}.yaml",
                       [f"seed={seed}", f"bank.cache_dir={(out / 'rewards').resolve()}", *overrides])
+    timing = out / "bank_seconds.json"  # the time of the run that built the bank (a reused bank takes none)
     started = time.time()
     bank = run_bank_only(cfg, out)
-    seconds = time.time() - started
+    if not timing.is_file():
+        timing.write_text(json.dumps({"seconds": time.time() - started}))
+    seconds = float(json.loads(timing.read_text())["seconds"])
     obj = cfg.objective
     tilt = {"side": obj.side, "alpha": obj.alpha, "kl_weight": obj.kl_weight}
     reward, valid = bank.scored(obj.invalid_reward)
