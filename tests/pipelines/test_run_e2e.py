@@ -199,7 +199,7 @@ def test_plain_function_reward_and_data_source_from_pythonpath(env):
     ]
     assert main(args) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["solver"] == "weighted" and summary["finetuned"]["n"] == 100  # as the config ships0
+    assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 1000
     final = read_bank(out_dir / "bank_final.parquet")
     assert final.x.shape == (1000, 3)
     assert not (out_dir / "samples.png").exists()  # only 2-D tasks get the scatter
