@@ -17,29 +17,18 @@ Writes ``benchmarks/results/molecule_heritability.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.molecule_lab import RESULTS, molecule_setup, score, write_results
+
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(x)).astype(np.float64)
-
-
-def _score(reward: Any, x: torch.Tensor, chunk: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    r, v = [], []
-    for i in range(0, len(x), chunk):
-        out = reward.evaluate(x[i : i + chunk].double())
-        r.append(out.rewards.numpy())
-        v.append(out.valid.numpy().astype(bool))
-    return np.concatenate(r), np.concatenate(v)
 
 
 def _tail_kept(a: np.ndarray, b: np.ndarray, top: bool, alpha: float = 0.1) -> float:
@@ -51,24 +40,19 @@ def _tail_kept(a: np.ndarray, b: np.ndarray, top: bool, alpha: float = 0.1) -> f
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.config import load_config
     from pipelines.models import build_model
-    from pipelines.pretrain import load_or_pretrain
-    from rewards.base import load_reward
     from tfft.sampling import sample_sde
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(ROOT / "tune_configs" / "molecule_right.yaml", [f"seed={args.seed}"])
-    base = load_or_pretrain(cfg, log=lambda line: print(line, flush=True))
+    cfg, base, reward = molecule_setup(args.seed)
     model = build_model(base.config, base.state_dict).eval()
-    reward = load_reward(cfg.reward.target, dict(cfg.reward.kwargs))
     steps, dim, n = cfg.sampler.steps, int(base.config["dim"]), args.n
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(steps, n, dim, generator=gen)
     started = time.time()
     with torch.no_grad():
         x1 = sample_sde(model, torch.zeros(n, dim), steps, noise=noise)
-    r0, v0 = _score(reward, x1)
+    r0, v0 = score(reward, x1)
     rows = []
     for t in args.times:
         k = int(round(t * steps))
@@ -76,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fresh[k:] = torch.randn(steps - k, n, dim, generator=gen)
         with torch.no_grad():
             x1b = sample_sde(model, torch.zeros(n, dim), steps, noise=fresh)
-        r1, v1 = _score(reward, x1b)
+        r1, v1 = score(reward, x1b)
         ok = v0 & v1 & np.isfinite(r0) & np.isfinite(r1)
         a, b = r0[ok], r1[ok]
         rho = float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
@@ -117,11 +101,7 @@ def main() -> None:
     if args.quick:
         args.n = 100
     result = run(args)
-    stem = Path(args.results)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_table(result))
-    print(_table(result))
+    write_results(args.results, result, _table(result))
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ constant or a cosine-decayed learning rate. Writes ``benchmarks/results/weighted
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.molecule_lab import RESULTS, molecule_setup, score, write_results
+
 ALPHA, KL_WEIGHT = 0.1, 50.0
 
 
@@ -33,15 +31,6 @@ def _sample(model: torch.nn.Module, n: int, steps: int, seed: int, dim: int) -> 
 
     with torch.no_grad():
         return sample_sde(model, torch.zeros(n, dim), steps, generator=torch.Generator().manual_seed(seed))
-
-
-def _score(reward: Any, x: torch.Tensor, chunk: int = 250) -> tuple[np.ndarray, np.ndarray]:
-    r, v = [], []
-    for i in range(0, len(x), chunk):
-        out = reward.evaluate(x[i : i + chunk].double())
-        r.append(out.rewards.numpy())
-        v.append(out.valid.numpy().astype(bool))
-    return np.concatenate(r), np.concatenate(v)
 
 
 def _stats(r: np.ndarray, valid: np.ndarray, weights: np.ndarray | None = None) -> dict[str, float]:
@@ -74,21 +63,16 @@ def _train(base: Any, bank_x: torch.Tensor, weights: np.ndarray, *, anchor: bool
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.config import load_config
     from pipelines.models import build_model
-    from pipelines.pretrain import load_or_pretrain
-    from rewards.base import load_reward
     from tfft.tail import solve_threshold
     from tfft.target import tilt_weights
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(ROOT / "tune_configs" / "molecule_right.yaml", [f"seed={args.seed}"])
-    base = load_or_pretrain(cfg, log=lambda line: print(line, flush=True))
-    reward = load_reward(cfg.reward.target, dict(cfg.reward.kwargs))
+    cfg, base, reward = molecule_setup(args.seed)
     dim, steps_sde = int(base.config["dim"]), cfg.sampler.steps
     started = time.time()
     bank_x = _sample(build_model(base.config, base.state_dict), args.bank, steps_sde, args.seed, dim)
-    r, valid = _score(reward, bank_x)
+    r, valid = score(reward, bank_x)
     print(f"[bank] {args.bank} samples scored in {time.time() - started:.0f}s", flush=True)
     tilts: dict[str, np.ndarray] = {"uniform": np.where(valid, 1.0, 0.0)}
     thresholds = {}
@@ -99,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     targets = {name: _stats(r, valid, w) for name, w in tilts.items()}
     eval_seed = args.seed + 10_000
     rows = [{"tilt": "-", "loss": "base model", "schedule": "-",
-             **_stats(*_score(reward, _sample(build_model(base.config, base.state_dict), args.eval, steps_sde,
+             **_stats(*score(reward, _sample(build_model(base.config, base.state_dict), args.eval, steps_sde,
                                                 eval_seed, dim)))}]
     keep = valid & np.isfinite(bank_x.numpy()).all(axis=1)
     x_keep = bank_x[torch.as_tensor(keep)].float()
@@ -112,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = _train(base, x_keep, tilts[tilt][keep], anchor=anchor, schedule=schedule, steps=args.steps,
                        lr=args.lr, batch=args.batch, seed=args.seed)
         row = {"tilt": tilt, "loss": "anchored" if anchor else "plain", "schedule": schedule,
-               **_stats(*_score(reward, _sample(model, args.eval, steps_sde, eval_seed, dim)))}
+               **_stats(*score(reward, _sample(model, args.eval, steps_sde, eval_seed, dim)))}
         rows.append(row)
         print(f"[variant] {row} ({time.time() - t0:.0f}s)", flush=True)
     return {"smiles": cfg.task["smiles"], "seed": args.seed, "bank": args.bank, "eval": args.eval,
@@ -162,11 +146,7 @@ def main() -> None:
     if args.quick:
         args.bank, args.eval, args.steps = 200, 200, 50
     result = run(args)
-    stem = Path(args.results)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_table(result))
-    print(_table(result))
+    write_results(args.results, result, _table(result))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,13 @@ class Bank:
             **({"unevaluated": int((~self.evaluated).sum())} if self.screened else {}),
         }
 
+    def take(self, positions: np.ndarray | slice) -> Bank:
+        """Rows ``positions`` (an index array or a slice), in that order, with every column (screen columns too);
+        the screening record stays with the whole bank and is dropped."""
+        columns = {f: None if (v := getattr(self, f)) is None else v[positions]
+                   for f in self.__dataclass_fields__ if f not in ("terms", "screening")}
+        return Bank(**columns, terms={k: v[positions] for k, v in self.terms.items()})
+
     def scored(self, invalid_reward: float | None) -> tuple[np.ndarray, np.ndarray]:
         """(reward (n,), mask (n,)) under ``objective.invalid_reward`` (`tfft.invalid.assign_invalid`): None
         keeps the bank's own mask; a number is the reward of every invalid sample, and the mask is all True."""

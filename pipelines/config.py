@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.lr_schedule import SCHEDULES
 from pipelines.schema import Config
 
-__all__ = ["ConfigError", "load_config", "validate", "to_yaml", "to_flat_dict", "from_dict"]
+__all__ = ["ConfigError", "load_config", "validate", "to_yaml", "to_flat_dict", "flatten", "from_dict"]
 
 
 class ConfigError(ValueError):
@@ -281,6 +281,11 @@ def to_yaml(cfg: Config) -> str:
 
 def to_flat_dict(cfg: Config) -> dict[str, Any]:
     """``{"objective.alpha": 0.1, ...}``: the resolved config flattened (for MLflow params)."""
+    return flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+
+
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": leaf}``; an empty nested dict is the leaf ``"{}"``."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -292,5 +297,5 @@ def to_flat_dict(cfg: Config) -> dict[str, Any]:
         else:
             out[prefix] = node
 
-    walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    walk("", tree)
     return out

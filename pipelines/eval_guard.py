@@ -10,18 +10,23 @@ compared with the base bank's. Both are means of an influence function, so each 
     mean:   phi_i = r_i;        se = std(phi) / sqrt(n).
 
 The fine-tuned model is rejected when its statistic is below the base's by more than two standard errors of
-the difference; the pipeline then keeps the base model (`pipelines.run`).
+the difference; :func:`apply_evaluation_check` then keeps the base model in the run directory.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
-__all__ = ["EvaluationCheck", "own_statistic", "check_evaluation"]
+from pipelines.bankio import Bank, write_atomic
+from pipelines.schema import Config
+
+__all__ = ["EvaluationCheck", "own_statistic", "check_evaluation", "apply_evaluation_check"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +91,42 @@ def check_evaluation(
     margin = 2.0 * math.hypot(base_se, final_se)
     worse = bool(final < base - margin) if all(map(math.isfinite, (base, final, margin))) else False
     return EvaluationCheck(_name(objective), base, base_se, final, final_se, worse)
+
+
+def apply_evaluation_check(
+    cfg: Config, out: Path, base_state: dict[str, torch.Tensor], base_bank: Bank, final_bank: Bank,
+    objective: dict[str, Any], *, log: Callable[[str], None] = print,
+) -> Bank:
+    """Record :func:`check_evaluation` in ``out/checkpoint/model.pt``'s guard and act on it; returns the final bank.
+
+    A rejected model (``worse``, with ``finetune.guard`` on) is set aside as ``checkpoint/model_rejected.pt`` and
+    ``bank_rejected.parquet``; ``checkpoint/model.pt`` then holds ``base_state`` and the final bank is the first
+    ``eval.size`` rows of the base bank (samples of the model kept). A rerun finds the decision made. Screened
+    banks are left alone: their skipped rows have no reward, and their summary reports the certified tail.
+    """
+    model_path = out / "checkpoint" / "model.pt"
+    rejected = model_path.with_name("model_rejected.pt")
+    if base_bank.screened or final_bank.screened or rejected.is_file():
+        return final_bank
+    invalid_reward = cfg.objective.invalid_reward
+    check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), objective)
+    blob = torch.load(model_path, map_location="cpu", weights_only=True)
+    guard = dict(blob.get("guard") or {})
+    if guard.get("evaluation") == check.to_dict():
+        return final_bank
+    guard["evaluation"] = check.to_dict()
+    if check.worse and cfg.finetune.guard:
+        log(f"[guard] WARNING: {check.describe()}: keeping the base model (the fine-tuned one is in {rejected})")
+        for path in (out / "bank_final.parquet", out / "bank_final.parquet.shards"):
+            if path.exists():
+                path.replace(out / path.name.replace("bank_final", "bank_rejected"))
+        model_path.replace(rejected)
+        guard.update(kept="base", reason=f"evaluation: {check.describe()}, below it by more than two standard "
+                     "errors; the base model is returned")
+        blob = {**blob, "state_dict": base_state}
+        final_bank = base_bank.take(slice(0, min(cfg.eval.size, len(base_bank))))
+        write_atomic(final_bank, out / "bank_final.parquet")
+    tmp = model_path.with_suffix(".tmp")
+    torch.save({**blob, "guard": guard}, tmp)
+    tmp.replace(model_path)
+    return final_bank

@@ -147,7 +147,7 @@ def train_loop(config: dict[str, Any]) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=device.type == "cuda")  # fewer kernels on GPU
     # Linear warm-up (Adam's first steps are full-size in every direction before its moments settle), then the
     # schedule's decay: a constant rate leaves the last state with the optimiser's noise in it.
-    warmup = torch.optim.lr_scheduler.LambdaLR(
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, functools.partial(lr_factor, total=config["steps"], warmup=config["warmup_steps"],
                                schedule=config["lr_schedule"]))
     guard = Guard(enabled=config["guard"], metric=config["guard_metric"], min_valid_fraction=config["min_valid_fraction"],
@@ -159,7 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
             blob = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=True)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
-        warmup.load_state_dict(blob["scheduler"])
+        scheduler.load_state_dict(blob["scheduler"])
         start_step, solver_state, best_state = int(blob["step"]), blob["solver"], blob.get("best")
         guard.load_state_dict(blob["guard"])
     # The velocity networks' buffers are constants (time-embedding frequencies): DDP's default would broadcast
@@ -192,7 +192,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if name in metrics:
                 metrics[f"{name}_sq"] = metrics[name] ** 2
         opt.step()
-        warmup.step()
+        scheduler.step()
         for k, v in metrics.items():
             sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
         last = step == config["steps"]
@@ -215,7 +215,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if save and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-                blob = {"model": state, "optimizer": opt.state_dict(), "scheduler": warmup.state_dict(), "step": step,
+                blob = {"model": state, "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                         "solver": solver.state_dict(),
                         "guard": guard.state_dict(), "best": best_state, "stopped": stop,
                         "loop_seconds": time.time() - loop_started}

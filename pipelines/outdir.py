@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ConfigError
+from omegaconf import OmegaConf
+
+from pipelines.config import ConfigError, flatten, to_flat_dict
+from pipelines.schema import Config
 
 __all__ = ["claim_output_dir", "config_differences", "trial_status"]
 
@@ -43,27 +46,17 @@ def config_differences(old_text: str, new_text: str) -> list[str]:
     schema default, so a run made before a new key existed still resumes when that key keeps its default; a key
     only in the old text (removed from the schema) does not count.
     """
-    from omegaconf import OmegaConf
-
-    from pipelines.config import to_flat_dict
-    from pipelines.schema import Config
-
     def flat(text: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, node: Any) -> None:
-            if isinstance(node, dict) and node:
-                for k, v in node.items():
-                    walk(f"{prefix}.{k}" if prefix else str(k), v)
-            else:
-                out[prefix] = "{}" if node == {} else node
-
-        walk("", OmegaConf.to_container(OmegaConf.create(text), resolve=False))
-        return out
+        return flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=False))
 
     old, new, default = flat(old_text), flat(new_text), to_flat_dict(Config())
-    changed = [k for k, v in new.items() if (old[k] != v if k in old else default.get(k, v) != v or k not in default)]
-    return sorted(changed)
+
+    def differs(key: str, value: Any) -> bool:
+        if key in old:
+            return old[key] != value
+        return key not in default or default[key] != value  # added since: counts only off its default
+
+    return sorted(k for k, v in new.items() if differs(k, v))
 
 
 def trial_status(trial_dir: Path) -> str:

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from pipelines.config import ConfigError
-from pipelines.models import build_model, build_network, checkpoint_identity, load_checkpoint, model_config
+from pipelines.models import build_model, checkpoint_identity, load_checkpoint, model_config
 from pipelines.schema import Config
 from rewards.base import import_object
 from tfft.model import flow_matching_loss
-from tfft.user_model import FlatVelocity
 
 __all__ = ["BaseModel", "pretrain_key", "load_or_pretrain"]
 
@@ -149,24 +148,19 @@ def _fit(cfg: Config, model: torch.nn.Module, data: torch.Tensor, log: Callable[
 
 
 def _build_base(cfg: Config, config: dict[str, Any]) -> torch.nn.Module:
-    """The flat velocity of ``config``, with ``model.checkpoint`` loaded; a user model is probed once, so that
-    a wrong output shape fails here, naming the setting, and not inside a Ray actor."""
-    if "target" not in config:
-        model = build_model(config)
-        if cfg.model.checkpoint:
-            load_checkpoint(model, cfg.model.checkpoint)
-        return model
-    network = build_network(config)
+    """The flat velocity of ``config``, with ``model.checkpoint`` loaded (a user model's wrapper has its network's
+    key names); a user model is probed once, so that a wrong output shape fails here, naming the setting, and
+    not inside a Ray actor."""
+    model = build_model(config)
     if cfg.model.checkpoint:
-        load_checkpoint(network, cfg.model.checkpoint)
-    model = FlatVelocity(network, config["sample_shape"])
-    probe = torch.zeros(2, config["dim"])
-    try:
-        with torch.no_grad():
-            model(probe, torch.full((2,), 0.5))
-    except Exception as exc:
-        raise ConfigError(f"'model.target' {cfg.model.target!r}: forward(x (2, *{config['sample_shape']}), t (2,), "
-                          f"None) failed: {type(exc).__name__}: {exc}") from exc
+        load_checkpoint(model, cfg.model.checkpoint)
+    if "target" in config:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, config["dim"]), torch.full((2,), 0.5))
+        except Exception as exc:
+            raise ConfigError(f"'model.target' {cfg.model.target!r}: forward(x (2, *{config['sample_shape']}), "
+                              f"t (2,), None) failed: {type(exc).__name__}: {exc}") from exc
     return model
 
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from pipelines.bankio import Bank, write_atomic
-from pipelines.eval_guard import check_evaluation
+from pipelines.bankio import Bank
+from pipelines.eval_guard import apply_evaluation_check
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
 from pipelines.models import model_record
@@ -227,52 +226,12 @@ def run_from_bank(
         tilted=False, log=log,
     )
     if refinement is None:  # refinement keeps its rounds' own states; its table shows each round
-        final_bank = _guard_evaluation(cfg, out, base, base_bank, final_bank, objective, log)
+        final_bank = apply_evaluation_check(cfg, out, base.state_dict, base_bank, final_bank, objective, log=log)
     summary = _record(cfg, out, run, base_bank, final_bank, threshold, objective, solver)
     summary["model"] = model_record(base.config, cfg.model.checkpoint)  # banks hold samples flattened
     if refinement is not None:
         summary["refinement"] = refinement
     return summary
-
-
-def _guard_evaluation(
-    cfg: Config, out: Path, base: BaseModel, base_bank: Bank, final_bank: Bank, objective: dict[str, Any],
-    log: Callable[[str], None],
-) -> Bank:
-    """The guard's last check (`pipelines.eval_guard`): a fine-tuned model whose own statistic on the evaluation
-    bank is below the base model's by more than two standard errors is set aside (``checkpoint/model_rejected.pt``,
-    ``bank_rejected.parquet``) and the base model is kept: ``checkpoint/model.pt`` holds its weights and the
-    final bank is the first ``eval.size`` samples of the base bank. Returns the final bank to record."""
-    if base_bank.screened or final_bank.screened:
-        return final_bank  # a screened bank's skipped rows have no reward; its summary reports the certified tail
-    invalid_reward = cfg.objective.invalid_reward
-    check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), objective)
-    model_path = out / "checkpoint" / "model.pt"
-    if model_path.with_name("model_rejected.pt").is_file():
-        return final_bank  # decided by an earlier run: the final bank is already the base model's
-    blob = torch.load(model_path, map_location="cpu", weights_only=True)
-    guard = dict(blob.get("guard") or {})
-    if guard.get("evaluation") == check.to_dict():
-        return final_bank
-    guard["evaluation"] = check.to_dict()
-    if check.worse and cfg.finetune.guard:
-        log(f"[guard] WARNING: {check.describe()}: keeping the base model (the fine-tuned one is in "
-            f"{model_path.with_name('model_rejected.pt')})")
-        for path in (out / "bank_final.parquet", out / "bank_final.parquet.shards"):
-            if path.exists():
-                path.replace(out / path.name.replace("bank_final", "bank_rejected"))
-        model_path.replace(model_path.with_name("model_rejected.pt"))
-        guard.update(kept="base", reason=f"evaluation: {check.describe()}, below it by more than two standard "
-                     "errors; the base model is returned")
-        blob = {**blob, "state_dict": base.state_dict}
-        n = min(cfg.eval.size, len(base_bank))
-        rows = {f: v[:n] for f in Bank.__dataclass_fields__ if isinstance(v := getattr(base_bank, f), np.ndarray)}
-        final_bank = replace(base_bank, **rows, terms={k: v[:n] for k, v in base_bank.terms.items()})
-        write_atomic(final_bank, out / "bank_final.parquet")
-    tmp = model_path.with_suffix(".tmp")
-    torch.save({**blob, "guard": guard}, tmp)
-    tmp.replace(model_path)
-    return final_bank
 
 
 def _finetune_cached(
@@ -455,14 +414,21 @@ def _record(
         eta=objective["eta"],
         side=side,
         alpha=alpha,
-        cvar_base=base_stats[f"cvar_{side}"].get(f"{alpha:g}", cvar(base_r[base_v], side=side, alpha=alpha)),
-        cvar_finetuned=final_stats[f"cvar_{side}"].get(f"{alpha:g}", cvar(final_r[final_v], side=side, alpha=alpha)),
+        cvar_base=_own_cvar(base_stats, base_r[base_v], side, alpha),
+        cvar_finetuned=_own_cvar(final_stats, final_r[final_v], side, alpha),
         title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={cfg.objective.kl_weight:g}",
     )
     run.log_artifact(out / "rewards.png")
     for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
         run.log_artifact(path)
     return summary
+
+
+def _own_cvar(stats: dict[str, Any], rewards: np.ndarray, side: str, alpha: float) -> float:
+    """CVaR_alpha from the recorded statistics (a screened bank's come from its certified tail or audit), computed
+    from ``rewards`` only when alpha is not one of the recorded levels."""
+    recorded = stats[f"cvar_{side}"].get(f"{alpha:g}")
+    return recorded if recorded is not None else cvar(rewards, side=side, alpha=alpha)
 
 
 def _evaluated(bank: Bank, valid: np.ndarray) -> np.ndarray:

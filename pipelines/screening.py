@@ -48,13 +48,6 @@ UNTILTED = 1e12
 Pool = Callable[[np.ndarray, np.ndarray], Bank]
 
 
-def _take(bank: Bank, positions: np.ndarray) -> Bank:
-    """Rows ``positions`` of a bank without screen columns, in that order."""
-    plain = ("ids", "x", "reward", "valid", "error", "seconds", "attempts", "cached")
-    return Bank(**{f: getattr(bank, f)[positions] for f in plain},
-                terms={k: v[positions] for k, v in bank.terms.items()})
-
-
 class Journal:
     """The expensive results of a screened bank, one parquet part per batch, committed atomically."""
 
@@ -76,7 +69,7 @@ class Journal:
         self.index = {int(i): k for k, i in enumerate(self.bank.ids)}
 
     def rows(self, ids: np.ndarray) -> Bank:
-        return _take(self.bank, np.array([self.index[int(i)] for i in ids], dtype=np.int64))
+        return self.bank.take(np.array([self.index[int(i)] for i in ids], dtype=np.int64))
 
 
 def _ranking(screens: Bank, side: str) -> np.ndarray:

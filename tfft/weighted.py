@@ -168,9 +168,8 @@ class WeightedFlowMatchingSolver:
     def _stratified(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Rows and their estimator weights: n_a from the rows with rho != 1, the rest from the others."""
         frac = self.active_fraction
-        if frac in (0.0, 1.0) or n == 1:
-            rows = self.active_rows if frac == 1.0 else self.rest_rows if frac == 0.0 else torch.arange(len(self.rho))
-            idx = rows[torch.randint(0, len(rows), (n,), generator=generator)]
+        if not 0.0 < frac < 1.0 or n == 1:  # one stratum, or one row: uniform over the bank
+            idx = torch.randint(0, len(self.rho), (n,), generator=generator)
             return idx, torch.full((n,), 1.0 / n, dtype=torch.float64)
         n_a = min(max(round(n * max(frac, self.active_share)), 1), n - 1)
         a = self.active_rows[torch.randint(0, len(self.active_rows), (n_a,), generator=generator)]

@@ -1,4 +1,4 @@
-"""The guard's last check on the evaluation (`pipelines.eval_guard`, `pipelines.run._guard_evaluation`)."""
+"""The guard's last check on the evaluation (`pipelines.eval_guard`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.bankio import Bank, read_bank
+from pipelines.bankio import Bank, read_bank, write_atomic
 from pipelines.config import load_config
-from pipelines.eval_guard import check_evaluation, own_statistic
-from pipelines.pretrain import BaseModel
-from pipelines.run import _guard_evaluation
+from pipelines.eval_guard import apply_evaluation_check, check_evaluation, own_statistic
 from tfft.tail import cvar
 
 RIGHT = {"eta": 1.0, "side": "right", "alpha": 0.1, "kl_weight": 1.0}
@@ -61,11 +59,8 @@ def test_a_worse_model_is_set_aside_and_the_base_kept(tmp_path) -> None:
     rng = np.random.default_rng(2)
     base_bank = _bank(rng.normal(size=1000), 0.0)
     final_bank = _bank(rng.normal(size=300) - 1.0, 1.0)  # clearly worse on the right tail
-    from pipelines.bankio import write_atomic
-
     write_atomic(final_bank, tmp_path / "bank_final.parquet")
-    base = BaseModel({"dim": 2}, base_state, "", True)
-    kept = _guard_evaluation(cfg, tmp_path, base, base_bank, final_bank, RIGHT, lambda line: None)
+    kept = apply_evaluation_check(cfg, tmp_path, base_state, base_bank, final_bank, RIGHT, log=lambda line: None)
     assert len(kept) == 300 and float(kept.x.max()) == 0.0  # the base bank's first rows
     assert float(read_bank(tmp_path / "bank_final.parquet").x.max()) == 0.0
     assert float(read_bank(tmp_path / "bank_rejected.parquet").x.min()) == 1.0
@@ -75,7 +70,7 @@ def test_a_worse_model_is_set_aside_and_the_base_kept(tmp_path) -> None:
     rejected = torch.load(tmp_path / "checkpoint" / "model_rejected.pt", weights_only=True)
     assert torch.equal(rejected["state_dict"]["w"], tuned_state["w"])
     # A rerun finds the decision made: nothing moves again.
-    again = _guard_evaluation(cfg, tmp_path, base, base_bank, kept, RIGHT, lambda line: None)
+    again = apply_evaluation_check(cfg, tmp_path, base_state, base_bank, kept, RIGHT, log=lambda line: None)
     assert len(again) == 300 and (tmp_path / "bank_rejected.parquet").is_file()
 
 
@@ -85,8 +80,7 @@ def test_a_model_that_holds_is_kept_and_the_check_recorded(tmp_path) -> None:
     torch.save({"state_dict": {"w": torch.ones(2)}, "guard": {"kept": "last"}}, tmp_path / "checkpoint" / "model.pt")
     rng = np.random.default_rng(3)
     base_bank, final_bank = _bank(rng.normal(size=1000), 0.0), _bank(rng.normal(size=500) + 0.5, 1.0)
-    base = BaseModel({"dim": 2}, {"w": torch.zeros(2)}, "", True)
-    kept = _guard_evaluation(cfg, tmp_path, base, base_bank, final_bank, RIGHT, lambda line: None)
+    kept = apply_evaluation_check(cfg, tmp_path, {"w": torch.zeros(2)}, base_bank, final_bank, RIGHT, log=lambda line: None)
     assert kept is final_bank and not (tmp_path / "checkpoint" / "model_rejected.pt").exists()
     blob = torch.load(tmp_path / "checkpoint" / "model.pt", weights_only=True)
     assert blob["guard"]["kept"] == "last" and not blob["guard"]["evaluation"]["worse"]
