@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 from pipelines.schema import RayConfig
 
@@ -67,6 +69,37 @@ def connect(ray_cfg: RayConfig, *, log=print) -> None:
         # The dashboard serves the state API that Ray Train's controller polls (without it, the
         # controller warns every few seconds) and the job API; it listens on loopback only.
         # address="local": always a fresh local Ray, never a leftover `ray start` cluster on this machine
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env, **kwargs)
+        port = _free_port()
+        # Ray's own processes that look the cluster up by address (Ray Train's placement-group cleaner, the state
+        # API) would otherwise find every local Ray on this machine and pick the latest: another run's. Fixing
+        # the GCS port before the start lets the workers be told which cluster is theirs.
+        runtime_env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}}
+        with _environ(RAY_GCS_SERVER_PORT=str(port)):
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                     **kwargs)
     res = ray.cluster_resources()
     log(f"[ray] {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs, python {sys.version.split()[0]}")
+
+
+def _free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
