@@ -54,10 +54,10 @@ __all__ = [
 ]
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_COMPONENTS = {  # sub-directory: the file that must be there
-    "unet": "config.json",
-    "text_encoder": "config.json",
+_COMPONENTS = {  # sub-directory: the file that must be there ("": the directory itself; default config.json)
     "tokenizer": "",
+    "tokenizer_2": "",
+    "tokenizer_3": "",
     "scheduler": "scheduler_config.json",
 }
 
@@ -73,7 +73,8 @@ def check_pipeline_dir(path: Any, components: Sequence[str], key: str = "model.k
                           f"{', '.join(c + '/' for c in components)}; nothing is downloaded)")
     for component in components:
         sub = root / component
-        needed = sub / _COMPONENTS.get(component, "config.json") if _COMPONENTS.get(component, "config.json") else sub
+        name = _COMPONENTS.get(component, "config.json")
+        needed = sub / name if name else sub
         if not needed.exists():
             raise ConfigError(f"'{key}': {str(root)!r} has no {component}/ component ({str(needed)!r} is missing)")
     return root
@@ -97,8 +98,9 @@ class PromptEncoder:
     Args:
         tokenizer: a transformers tokenizer.
         text_encoder: ``CLIPTextModel``-like; frozen and kept on the CPU here.
-        encode_fn: instead of the two above, any ``fn(prompts: list[str]) -> Tensor (p, n_tokens, cross_dim)``
-            (a benchmark's stand-in; ``calls`` still counts its calls).
+        encode_fn: instead of the two above, any ``fn(prompts: list[str]) -> Tensor (p, ...)`` or a tuple of such
+            tensors (SD3: hidden states and pooled embeddings); calling the encoder then returns the same structure,
+            one row per prompt (``calls`` counts its calls).
     """
 
     def __init__(self, tokenizer: Any = None, text_encoder: nn.Module | None = None,
@@ -113,10 +115,11 @@ class PromptEncoder:
         self._on: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
 
     @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> Tensor:
+    def _encode(self, prompts: list[str]) -> Any:
         self.calls += 1
         if self.encode_fn is not None:
-            return self.encode_fn(prompts).detach().float().cpu()
+            out = self.encode_fn(prompts)
+            return tuple(o.detach().float().cpu() for o in out) if isinstance(out, tuple) else out.detach().float().cpu()
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids)[0].float()
@@ -128,20 +131,24 @@ class PromptEncoder:
             if not isinstance(name, str):
                 raise TypeError(f"prompts must be strings, got {type(name).__name__}")
         if new:
-            for name, emb in zip(new, self._encode(new)):
-                self._cpu[name] = emb
+            out = self._encode(new)
+            for i, name in enumerate(new):
+                self._cpu[name] = tuple(o[i] for o in out) if isinstance(out, tuple) else out[i]
 
-    def __call__(self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """(n, n_tokens, cross_dim) on ``device``/``dtype`` for n prompts (a broadcast view when all are equal)."""
+    def __call__(self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> Any:
+        """(n, n_tokens, cross_dim) on ``device``/``dtype`` for n prompts (a broadcast view when all are equal), or
+        a tuple of such batches when ``encode_fn`` returns tuples."""
         self.add(prompts)
         cache = self._on.setdefault((torch.device(device), dtype), {})
         for name in dict.fromkeys(prompts):
             if name not in cache:
-                cache[name] = self._cpu[name].to(device=device, dtype=dtype)
-        if len(set(prompts)) == 1:
-            one = cache[prompts[0]]
-            return one.unsqueeze(0).expand(len(prompts), *one.shape)
-        return torch.stack([cache[name] for name in prompts])
+                value = self._cpu[name]
+                cache[name] = (tuple(v.to(device=device, dtype=dtype) for v in value) if isinstance(value, tuple)
+                               else value.to(device=device, dtype=dtype))
+        rows = [cache[name] for name in prompts]
+        if isinstance(rows[0], tuple):
+            return tuple(_rows([row[i] for row in rows], len(set(prompts)) == 1) for i in range(len(rows[0])))
+        return _rows(rows, len(set(prompts)) == 1)
 
     @property
     def prompts(self) -> list[str]:
@@ -152,6 +159,11 @@ class PromptEncoder:
         state = dict(self.__dict__)
         state["_on"] = {}
         return state
+
+
+def _rows(rows: list[Tensor], same: bool) -> Tensor:
+    """One batch of per-prompt tensors: a broadcast view of the first when all prompts are the same."""
+    return rows[0].unsqueeze(0).expand(len(rows), *rows[0].shape) if same else torch.stack(rows)
 
 
 @dataclass(frozen=True)
