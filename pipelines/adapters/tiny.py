@@ -4,13 +4,15 @@ For tests and demos (nothing is downloaded): the same loaders that read a real S
 read these.
 
     python -m pipelines.adapters.tiny OUT_DIR     # writes OUT_DIR/sd (unet/, text_encoder/, tokenizer/, vae/,
-                                                  # scheduler/, model_index.json) and OUT_DIR/clip
+                                                  # scheduler/, model_index.json), OUT_DIR/sd3 and OUT_DIR/clip
 
 - ``write_tiny_sd(path)``: ``UNet2DConditionModel`` (two blocks, one cross-attention block, cross-attention dim 32,
   latents 4 x 8 x 8), ``CLIPTextModel`` (hidden 32, two layers), a byte-level CLIP tokenizer with a vocabulary and
   merges written here (16 tokens per prompt), ``AutoencoderKL`` (two blocks: a factor-2 decoder, images
   3 x 16 x 16) and Stable Diffusion's DDIM schedule (scaled-linear betas 0.00085 to 0.012, 1000 steps, epsilon
   prediction, ``steps_offset`` 1, ``set_alpha_to_one`` False).
+- ``write_tiny_sd3(path)``: the rectified-flow counterpart (``SD3Transformer2DModel``, two CLIP text encoders,
+  no T5, ``FlowMatchEulerDiscreteScheduler``), for ``pipelines.adapters.stable_diffusion_3``.
 - ``write_tiny_clip(path)``: ``CLIPModel`` (text and vision towers of width 32, projection 16, 16 x 16 images in
   patches of 4) with the same tokenizer.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_WORDS", "write_tiny_tokenizer", "write_tiny_sd", "write_tiny_clip", "main"]
+__all__ = ["TINY_WORDS", "write_tiny_tokenizer", "write_tiny_sd", "write_tiny_sd3", "write_tiny_clip", "main"]
 
 TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree", "house")
 """Words with their own token (merges written for them); any other text falls back to byte tokens."""
@@ -124,6 +126,48 @@ def write_tiny_sd(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def write_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Stable-Diffusion-3-class directory at ``path``: ``SD3Transformer2DModel`` (two layers, latents
+    4 x 8 x 8, patches of 2, joint attention dim 32), two ``CLIPTextModelWithProjection`` (hidden 16, projection 16:
+    their concatenated states fill the joint dim, their pooled outputs the pooled dim 32) with the tiny tokenizer, no
+    T5 (diffusers then uses zeros), ``FlowMatchEulerDiscreteScheduler`` (shift 3) and a 4-channel ``AutoencoderKL``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, _ = _vocab_and_merges()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=8,
+    )
+    transformer.save_pretrained(str(path / "transformer"))
+    for suffix in ("", "_2"):
+        write_tiny_tokenizer(path / f"tokenizer{suffix}")
+        text = _text_config(len(vocab), vocab[EOS], vocab[BOS])
+        text.update(hidden_size=16, intermediate_size=24, num_attention_heads=2)
+        CLIPTextModelWithProjection(CLIPTextConfig(**text)).save_pretrained(str(path / f"text_encoder{suffix}"))
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+        sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
+    ).save_pretrained(str(path / "vae"))
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(str(path / "scheduler"))
+    index = {
+        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "image_encoder": [None, None], "feature_extractor": [None, None],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
 def write_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     """A tiny random ``CLIPModel`` directory with its tokenizer at ``path`` (module docstring)."""
     from transformers import CLIPConfig, CLIPModel
@@ -143,11 +187,12 @@ def write_tiny_clip(path: str | Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random SD-class pipeline and a tiny CLIP model.")
-    parser.add_argument("out", help="directory; receives sd/ and clip/")
+    parser.add_argument("out", help="directory; receives sd/, sd3/ and clip/")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.out)
     print(write_tiny_sd(out / "sd", seed=args.seed))
+    print(write_tiny_sd3(out / "sd3", seed=args.seed))
     print(write_tiny_clip(out / "clip", seed=args.seed))
 
 
