@@ -49,6 +49,7 @@ __all__ = [
     "GuidedUNet",
     "TextToImageFlow",
     "check_pipeline_dir",
+    "latent_noise",
     "latent_shape",
     "stable_diffusion",
 ]
@@ -252,6 +253,15 @@ class TextToImageFlow(nn.Module):
         embeds = self.prompts(rows, x.device, dtype)
         uncond = self.prompts([""], x.device, dtype) if self.guidance_scale != 1.0 else None
         return self.flow(x, t, TextCondition(embeds, uncond))
+
+
+def latent_noise(n: int, seed: int, shape: Sequence[int] = (4, 64, 64)) -> Any:
+    """``data.source`` for a run whose base model is loaded as built (``pretrain.steps: 0``): N(0, I) latents
+    (n, prod(shape)), float32. The pipeline draws a few to learn the data dimension; nothing is trained on them."""
+    import numpy as np
+
+    dim = int(np.prod([int(s) for s in shape]))
+    return np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
 
 
 def _scheduler_schedule(root: Path) -> tuple[Tensor, str]:
