@@ -1,6 +1,6 @@
 """Adjoint-matching fine-tuning steps of a Stable-Diffusion-1.5-sized UNet with LoRA, bf16 (CUDA), or a smoke run.
 
-    python -m benchmarks.sd_lora_step                 # CUDA: SD1.5-size UNet, batches 4 and 8 -> results/sd_lora_step.md
+    python -m benchmarks.sd_lora_step                 # CUDA: SD1.5-size UNet, batch 4 and 8 -> results/sd_lora_step.md
     python -m benchmarks.sd_lora_step --steps 2       # without CUDA: the tiny random pipeline, 2 steps (smoke check)
     python -m benchmarks.sd_lora_step --write         # ... and write the CPU numbers (results/sd_lora_step_cpu.md)
 
@@ -56,7 +56,8 @@ SD15_UNET_CONFIG: dict[str, Any] = {  # runwayml/stable-diffusion-v1-5, unet/con
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
-SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear"}
 PROMPT_TOKENS = 77
 
 

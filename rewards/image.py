@@ -258,8 +258,8 @@ class ClipScore(_ClipReward):
             device = next(model.parameters()).device
             tokens = self._tokenizer(new, padding=True, truncation=True, return_tensors="pt").to(device)
             with torch.no_grad():
-                pooled = model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
-                embeds = model.text_projection(pooled)
+                out = model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+                embeds = model.text_projection(out.pooler_output)
             self.text_calls += 1
             self._text.update(zip(new, embeds))
         return torch.stack([self._text[p] for p in prompts])

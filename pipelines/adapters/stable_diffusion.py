@@ -120,7 +120,9 @@ class PromptEncoder:
         self.calls += 1
         if self.encode_fn is not None:
             out = self.encode_fn(prompts)
-            return tuple(o.detach().float().cpu() for o in out) if isinstance(out, tuple) else out.detach().float().cpu()
+            if isinstance(out, tuple):
+                return tuple(o.detach().float().cpu() for o in out)
+            return out.detach().float().cpu()
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids)[0].float()

@@ -62,7 +62,8 @@ class RectifiedFlowTransformer(nn.Module):
         self.prompt = str(prompt)
         self.autocast_dtype = autocast_dtype
         config = getattr(transformer, "config", None)
-        self.sample_shape = (int(config.in_channels), int(config.sample_size), int(config.sample_size)) if config else None
+        self.sample_shape = None if config is None else (
+            int(config.in_channels), int(config.sample_size), int(config.sample_size))
         prompts.add(list(conditions or []) + [self.prompt] + ([""] if self.guidance_scale != 1.0 else []))
         share_child_state(self, "transformer")
 
@@ -91,8 +92,10 @@ class RectifiedFlowTransformer(nn.Module):
         return -out
 
 
-def stable_diffusion_3(path: str, *, conditions: Sequence[str] | None = None, guidance_scale: float = 1.0,
-                       dtype: str = "float32", prompt: str = "", max_sequence_length: int = 256) -> RectifiedFlowTransformer:
+def stable_diffusion_3(
+    path: str, *, conditions: Sequence[str] | None = None, guidance_scale: float = 1.0, dtype: str = "float32",
+    prompt: str = "", max_sequence_length: int = 256,
+) -> RectifiedFlowTransformer:
     """``model.target`` factory: the SD3-class directory ``path`` as a :class:`RectifiedFlowTransformer`.
 
     Args:
@@ -127,9 +130,10 @@ def stable_diffusion_3(path: str, *, conditions: Sequence[str] | None = None, gu
             encoder.float().eval().requires_grad_(False)
 
     def encode(prompts: list[str]) -> tuple[Tensor, Tensor]:
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
-                                                  do_classifier_free_guidance=False,
-                                                  max_sequence_length=max_sequence_length)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
+            do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+        )
         return embeds, pooled
 
     return RectifiedFlowTransformer(

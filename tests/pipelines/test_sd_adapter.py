@@ -133,7 +133,8 @@ def test_bad_settings_name_the_key_before_loading(sd_dir, tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"'model\.kwargs\.guidance_scale'"):
         stable_diffusion(str(sd_dir), guidance_scale=-1.0)
     with pytest.raises(ConfigError, match=r"'model\.target' .*'model\.kwargs\.path'"):  # through the pipeline's builder
-        build_model({"dim": 256, "target": TARGET, "kwargs": {"path": str(tmp_path / "nowhere")}, "sample_shape": [4, 8, 8]})
+        build_model({"dim": 256, "target": TARGET, "kwargs": {"path": str(tmp_path / "nowhere")},
+                     "sample_shape": [4, 8, 8]})
 
 
 def test_builds_through_the_pipelines_model_config(sd_dir):

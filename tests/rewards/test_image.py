@@ -148,7 +148,8 @@ def test_aesthetic_score_is_the_head_on_normalised_embeddings(dirs, tmp_path):
     reward._head = load_linear_head(head).double()
     got, fd = _directional_check(reward, _images(2, 6).double())
     assert abs(got - fd) < 1e-6 * max(1.0, abs(fd)) and abs(fd) > 1e-4, (got, fd)
-    linear = _head(tmp_path / "linear.safetensors", {"weight": torch.randn(1, 16, generator=gen), "bias": torch.zeros(1)})
+    linear = _head(tmp_path / "linear.safetensors",
+                   {"weight": torch.randn(1, 16, generator=gen), "bias": torch.zeros(1)})
     assert AestheticScore(str(dirs["clip"]), linear, IMAGE).evaluate(x).rewards.shape == (5,)
     with pytest.raises(ValueError, match="outputs 4 values"):
         load_linear_head(_head(tmp_path / "bad.safetensors", {"weight": torch.randn(4, 16)}))
