@@ -147,3 +147,32 @@ def test_builds_through_the_pipelines_model_config(sd_dir):
         assert torch.equal(model(x, t), flow(x.reshape(2, *SHAPE), t).reshape(2, 256))
     model(x, t).square().sum().backward()  # the UNet trains
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir):
+    """benchmarks.sd_lora_step's setting: LoRA on the UNet, v_base = the same module with the adapters off (and
+    gradient checkpointing off for the call); one adjoint-matching step trains only the LoRA weights."""
+    pytest.importorskip("peft")
+    from benchmarks.sd_lora_step import AdaptersDisabled, add_lora, stand_in_reward
+    from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver
+    from tfft.user_model import FlatVelocity
+
+    plain = FlatVelocity(stable_diffusion(str(sd_dir), prompt="a cat"), SHAPE)
+    flow = stable_diffusion(str(sd_dir), prompt="a cat")
+    trainable = add_lora(flow.unet)
+    flow.unet.enable_gradient_checkpointing()
+    model = FlatVelocity(flow, SHAPE)
+    base = AdaptersDisabled(model, flow.unet)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    x, t = torch.randn(3, 256), torch.rand(3)
+    with torch.no_grad():
+        for name, p in flow.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # make the adapters matter
+        assert torch.allclose(base(x, t), plain(x, t), atol=1e-5)
+        assert (model(x, t) - plain(x, t)).abs().max() > 1e-3
+    assert flow.unet.is_gradient_checkpointing  # restored after the base call
+    solver = AdjointMatchingSolver(model, base, stand_in_reward, AdjointMatchingConfig(kl_weight=1.0, steps=4, n_early=1))
+    solver.step(torch.randn(2, 256), torch.Generator().manual_seed(0)).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n and g is not None for n, g in grads.items())
