@@ -7,6 +7,7 @@ and with classifier-free guidance (DDIM is Euler of the wrapped flow: tfft.diffu
 (c) The module's state and parameters are the UNet's; UNet state dicts load into it and back.
 (d) Bad settings are ConfigErrors naming the key and the path, raised before any weights are read.
 (e) The model config of the current pipeline (``pipelines.models.build_model``) builds it as a flat velocity.
+(f) benchmarks/sd_lora_step.py's setting: v_base is the LoRA UNet with its adapters disabled.
 """
 
 from __future__ import annotations
