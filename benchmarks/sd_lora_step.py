@@ -1,0 +1,228 @@
+"""Adjoint-matching fine-tuning steps of a Stable-Diffusion-1.5-sized UNet with LoRA, bf16 (CUDA), or a smoke run.
+
+    python -m benchmarks.sd_lora_step                 # CUDA: SD1.5-size UNet, batch 4 and 8 -> results/sd_lora_step.md
+    python -m benchmarks.sd_lora_step --steps 2       # without CUDA: the tiny random pipeline, 2 steps (smoke check)
+    python -m benchmarks.sd_lora_step --write         # ... and write the CPU numbers (results/sd_lora_step_cpu.md)
+
+The model is the adapter of ``pipelines.adapters.stable_diffusion`` (``TextToImageFlow``) around a UNet with LoRA
+(peft, rank 16, on the attention projections to_q, to_k, to_v, to_out.0; only the LoRA weights train), under
+bf16 autocast on CUDA. The base velocity v_base is the same module with the adapters disabled, so the base costs
+no second copy of the UNet. On CUDA the UNet is built from SD 1.5's published ``unet/config.json`` (below) with
+random weights: 4 x 64 x 64 latents, cross-attention 768, one fixed random prompt embedding (77 x 768) in place of
+the text encoder (its output is cached per prompt and not part of a step). Without CUDA the tiny pipeline of
+``pipelines.adapters.tiny`` is written to a temporary directory and loaded by the ``stable_diffusion`` factory.
+
+A step is ``tfft.solvers.AdjointMatchingSolver.step`` (K = 20 SDE steps, the loss on the last 25% of steps plus
+``--n-early`` random early ones) on a differentiable stand-in reward on latents, r(x) = -||x||^2 / (2 d), with the
+expected-reward objective (every trajectory carries an adjoint: the heaviest case), then backward and an AdamW
+step. Reported: median ms/step over ``--steps`` timed steps after 2 warm-up steps, and the peak CUDA memory.
+Gradient checkpointing of the UNet is on for the loss's forward and backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+RESULTS = Path(__file__).parent / "results"
+K = 20
+LORA_RANK = 16
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+SD15_UNET_CONFIG: dict[str, Any] = {  # runwayml/stable-diffusion-v1-5, unet/config.json
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear"}
+PROMPT_TOKENS = 77
+
+
+class AdaptersDisabled(nn.Module):
+    """v_base: the fine-tuned module with its LoRA adapters switched off for the call (no weight copy)."""
+
+    def __init__(self, model: nn.Module, unet: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a submodule: the base owns no parameters
+        object.__setattr__(self, "unet", unet)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """v_base(x, t). Gradient checkpointing is off for the call: its recomputation would run in the backward
+        pass (the adjoint's VJP), after the adapters are back on."""
+        checkpointing = self.unet.is_gradient_checkpointing
+        self.unet.disable_adapters()
+        if checkpointing:
+            self.unet.disable_gradient_checkpointing()
+        try:
+            return self.model(x, t)
+        finally:
+            self.unet.enable_adapters()
+            if checkpointing:
+                self.unet.enable_gradient_checkpointing()
+
+
+def add_lora(unet: Any) -> int:
+    """LoRA of rank 16 on the attention projections (peft through diffusers); returns the trainable parameter count."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def sd15_flow(device: str) -> tuple[nn.Module, Any]:
+    """The SD1.5-sized TextToImageFlow (random weights, bf16 autocast) and its UNet."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from pipelines.adapters.stable_diffusion import PromptEncoder, TextToImageFlow
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    embedding = torch.randn(1, PROMPT_TOKENS, SD15_UNET_CONFIG["cross_attention_dim"])
+    encoder = PromptEncoder(encode_fn=lambda prompts: embedding.expand(len(prompts), -1, -1))
+    abar = DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod
+    flow = TextToImageFlow(unet, encoder, abar, "epsilon", prompt="a benchmark prompt", autocast_dtype=torch.bfloat16)
+    return flow.to(device), unet
+
+
+def tiny_flow(directory: Path) -> tuple[nn.Module, Any]:
+    """The tiny random pipeline, written to ``directory`` and loaded by the model factory."""
+    from pipelines.adapters.stable_diffusion import stable_diffusion
+    from pipelines.adapters.tiny import write_tiny_sd
+
+    flow = stable_diffusion(str(write_tiny_sd(directory / "sd")), prompt="a photo of a cat", dtype="bfloat16")
+    return flow, flow.unet
+
+
+def stand_in_reward(x1: Tensor) -> Any:
+    """r(x) = -||x||^2 / (2 d) with its gradient, as the expected-reward pseudo-reward (every row active)."""
+    from tfft.pseudo import pseudo_reward_signal
+
+    d = x1.shape[1]
+    valid = torch.ones(len(x1), dtype=torch.bool, device=x1.device)
+    return pseudo_reward_signal(-x1.pow(2).sum(1) / (2 * d), -x1 / d, valid, eta=None, side="right", alpha=1.0)
+
+
+def time_steps(flow: nn.Module, unet: Any, batch: int, steps: int, device: str, n_early: int) -> dict[str, Any]:
+    """Median ms per fine-tuning step (solver step, backward, AdamW) and peak CUDA memory at this batch."""
+    from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver
+    from tfft.user_model import FlatVelocity
+
+    model = FlatVelocity(flow, flow.sample_shape)
+    base = AdaptersDisabled(model, unet)
+    config = AdjointMatchingConfig(kl_weight=1.0, steps=K, n_early=n_early)
+    solver = AdjointMatchingSolver(model, base, stand_in_reward, config)
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(0)
+    times: list[float] = []
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(2 + steps):
+            start = time.perf_counter()
+            optimiser.zero_grad(set_to_none=True)
+            result = solver.step(torch.randn(batch, model.dim, generator=gen, device=device), gen)
+            result.loss.backward()
+            optimiser.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2 or device == "cpu":
+                times.append(1000.0 * (time.perf_counter() - start))
+    graphs = [str(w.message) for w in caught if "CUDA-graph" in str(w.message)]
+    return {
+        "batch": batch,
+        "ms_per_step": statistics.median(times),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+        "loss_rows": int(result.metrics["batch"]),
+        "delta_v": float(result.metrics["delta_v"]),  # > 0 once the LoRA weights moved: the base is not the model
+        "graphs": "eager (capture failed)" if graphs else ("CUDA graphs" if device == "cuda" else "eager"),
+    }
+
+
+def write(rows: list[dict[str, Any]], device_name: str, trainable: int, args: argparse.Namespace, path: Path) -> None:
+    lines = [
+        f"# SD-1.5-sized LoRA fine-tuning step (adjoint matching) on {device_name}",
+        "",
+        f"torch {torch.__version__}; UNet of SD 1.5's config with random weights; LoRA rank {LORA_RANK} on "
+        f"{', '.join(LORA_TARGETS)} ({trainable:,} trainable parameters); bf16 autocast; K = {K} SDE steps, loss on "
+        f"the last 25% of steps plus {args.n_early} early ones; expected-reward objective on a stand-in latent "
+        f"reward (every trajectory carries an adjoint); AdamW step included; median over {args.steps} steps after "
+        "2 warm-up steps. Written by `python -m benchmarks.sd_lora_step`.",
+        "",
+        "| batch | ms/step | peak memory (GiB) | loops |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['batch']} | {row['error']} | | |")
+        else:
+            lines.append(f"| {row['batch']} | {row['ms_per_step']:,.0f} | {row['peak_gib']:.1f} | {row['graphs']} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"[sd_lora_step] wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on CUDA, 2 on the CPU)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 4 8 on CUDA, 2 on the CPU")
+    parser.add_argument("--n-early", type=int, default=3, help="random early steps in the loss")
+    parser.add_argument("--write", action="store_true", help="without CUDA, write results/sd_lora_step_cpu.md")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    args.steps = args.steps or (5 if cuda else 2)
+    batches = args.batches or ([4, 8] if cuda else [2])
+    with tempfile.TemporaryDirectory() as tmp:
+        if cuda:
+            flow, unet = sd15_flow(device)
+        else:
+            torch.set_num_threads(1)
+            flow, unet = tiny_flow(Path(tmp))
+        trainable = add_lora(unet)
+        unet.to(device)
+        unet.enable_gradient_checkpointing()
+        rows = []
+        for batch in batches:
+            try:
+                row = time_steps(flow, unet, batch, args.steps, device, args.n_early)
+            except torch.cuda.OutOfMemoryError:
+                row = {"batch": batch, "error": "out of memory"}
+                torch.cuda.empty_cache()
+            print(f"[sd_lora_step] {device} batch {batch}: {row}", flush=True)
+            rows.append(row)
+    if cuda:
+        write(rows, torch.cuda.get_device_name(), trainable, args, RESULTS / "sd_lora_step.md")
+    elif args.write:
+        write(rows, f"CPU ({platform.processor() or platform.machine()}), tiny pipeline", trainable, args,
+              RESULTS / "sd_lora_step_cpu.md")
+
+
+if __name__ == "__main__":
+    main()
