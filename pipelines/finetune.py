@@ -338,7 +338,7 @@ def run_finetune(
     loop_config = {
         "model_config": model_config,
         "base_state": base_state,
-        "init_state": init_state,
+        "init_state": None if lora is not None else init_state,  # LoRA warm-starts from init_adapter
         "objective": objective,
         "solver": solver,
         "reward_target": reward_target,
