@@ -425,7 +425,8 @@ def run_finetune(
     loop_seconds = blob.get("loop_seconds")
     record = None
     if lora_model is not None:
-        state, record = _lora_outcome(lora_model, lora, None if kept == "base" else state, blob.get("peak_memory_bytes"))
+        adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
+        state, record = _lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
     return FinetuneResult(state, history, solver, result.checkpoint.path, kept, why, guard.stopped,
                           None if loop_seconds is None else float(loop_seconds), lora_model, record)
 
