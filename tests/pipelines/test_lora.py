@@ -246,3 +246,30 @@ def test_graphed_adjoint_step_on_cuda_equals_a_separate_frozen_base():
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=0)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [MLP, USER], ids=["mlp", "user"])
+def test_training_steps_change_only_adapters(config):
+    """A few optimiser steps as the training loop takes them (Adam on the parameters that require gradients,
+    clipping over all): every non-adapter tensor stays the base's exactly, and the adapters off are the base."""
+    state = _base_state(config)
+    lora = build_lora_model(config, state, SETTINGS)
+    opt = torch.optim.Adam([p for p in lora.velocity.parameters() if p.requires_grad], lr=1e-2)
+    solver = AdjointMatchingSolver(lora.velocity, lora.base, _reward_fn,
+                                   AdjointMatchingConfig(kl_weight=0.5, steps=8, n_early=3))
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        result = solver.step(torch.randn(64, 2, generator=gen), gen)
+        opt.zero_grad(set_to_none=True)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora.velocity.parameters(), 100.0)
+        opt.step()
+    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+             for k, v in lora.peft.state_dict().items() if ".lora_" not in k}
+    assert set(after) == set(state)
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    assert any(p.abs().sum() > 0 for n, p in lora.velocity.named_parameters() if "lora_B" in n)  # B moved
+    x, t = torch.randn(64, 2), torch.rand(64)
+    with torch.no_grad():
+        assert torch.equal(lora.base(x, t), build_model(config, state)(x, t))
+        assert not torch.allclose(lora.velocity(x, t), lora.base(x, t), atol=1e-5)
