@@ -152,6 +152,27 @@ def _check_model(model: Any, check_imports: bool) -> None:
         _require(callable(factory), "model.target", f"{model.target!r} is not callable")
 
 
+def _check_lora(cfg: Config, check_imports: bool) -> None:
+    """``finetune.lora``: ranges; with imports checked, the model is built on the driver and wrapped, so that a
+    target pattern matching no module fails here (`pipelines.lora.check_lora`)."""
+    lora = cfg.finetune.lora
+    if not lora.enabled:
+        return
+    _require(lora.rank >= 1, "finetune.lora.rank", f"must be >= 1, got {lora.rank}")
+    _require(lora.alpha is None or (math.isfinite(lora.alpha) and lora.alpha > 0), "finetune.lora.alpha",
+             f"must be > 0 (empty: = rank), got {lora.alpha}")
+    _require(math.isfinite(lora.dropout) and 0.0 <= lora.dropout < 1.0, "finetune.lora.dropout",
+             f"must be in [0, 1), got {lora.dropout}")
+    _require(all(isinstance(p, str) and p for p in lora.target_modules), "finetune.lora.target_modules",
+             f"must be a list of non-empty module-name patterns (empty list: every nn.Linear), got {lora.target_modules}")
+    if check_imports:
+        from pipelines.lora import check_lora
+        from pipelines.models import model_config
+
+        shape = [int(s) for s in cfg.model.sample_shape]
+        check_lora(lora, model_config(cfg.model, math.prod(shape) if shape else 1))  # names do not depend on d
+
+
 def validate(cfg: Config, *, check_imports: bool = True) -> None:
     """Check every value's range and that import paths resolve. Raises :class:`ConfigError`."""
     obj = cfg.objective
@@ -245,6 +266,7 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(ft.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {ft.checkpoint_every}")
     _check_resources("finetune.resources_per_worker", ft.resources_per_worker)
     _require(ft.max_failures >= 0, "finetune.max_failures", f"must be >= 0, got {ft.max_failures}")
+    _check_lora(cfg, check_imports)
     _require(cfg.threshold.ess_warning >= 0, "threshold.ess_warning", "must be >= 0")
     th = cfg.threshold
     _require(th.refine_rounds >= 0, "threshold.refine_rounds", f"must be >= 0, got {th.refine_rounds}")

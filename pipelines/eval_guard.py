@@ -121,6 +121,7 @@ def apply_evaluation_check(
             if path.exists():
                 path.replace(out / path.name.replace("bank_final", "bank_rejected"))
         model_path.replace(rejected)
+        _set_aside_lora(model_path.parent)
         guard.update(kept="base", reason=f"evaluation: {check.describe()}, below it by more than two standard "
                      "errors; the base model is returned")
         blob = {**blob, "state_dict": base_state}
@@ -130,3 +131,14 @@ def apply_evaluation_check(
     torch.save({**blob, "guard": guard}, tmp)
     tmp.replace(model_path)
     return final_bank
+
+
+def _set_aside_lora(checkpoint: Path) -> None:
+    """A rejected LoRA run's adapter files (``finetune.lora``) move to ``checkpoint/rejected/``: what stays in
+    ``checkpoint/`` is the model kept."""
+    names = ("adapter_model.safetensors", "adapter_config.json", "merged.safetensors")
+    present = [checkpoint / name for name in names if (checkpoint / name).is_file()]
+    if present:
+        (checkpoint / "rejected").mkdir(exist_ok=True)
+        for path in present:
+            path.replace(checkpoint / "rejected" / path.name)

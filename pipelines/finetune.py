@@ -29,7 +29,10 @@ __all__ = ["FinetuneResult", "train_loop", "run_finetune"]
 @dataclass(frozen=True)
 class FinetuneResult:
     """The fine-tuned weights, the metrics history reported by rank 0, the solver used, and which state the
-    guard kept (``kept``: "best" | "last") with the reason and, if it stopped training early, why."""
+    guard kept (``kept``: "best" | "last") with the reason and, if it stopped training early, why.
+
+    With LoRA, ``state_dict`` is the merged network (keys as without LoRA), ``lora`` the adapter-wrapped model
+    with the kept adapter (to save), ``lora_record`` what ``summary.json["lora"]`` says."""
 
     state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float]]
@@ -39,6 +42,8 @@ class FinetuneResult:
     kept_reason: str = ""
     stopped_early: str = ""
     loop_seconds: float | None = None
+    lora: Any = None  # with finetune.lora: the driver's `pipelines.lora.LoraModel` holding the kept adapter
+    lora_record: dict[str, Any] | None = None
 
 
 def _quiet_train_logs() -> None:
@@ -131,7 +136,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipelines.guard import Guard
-    from pipelines.models import build_model
 
     loop_started = time.time()  # the loop's own time, without the worker group's start-up
     _quiet_train_logs()
@@ -140,11 +144,11 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config["threads"])))
     torch.set_float32_matmul_precision(config["matmul_precision"])
     device = ray.train.torch.get_device()
-    base = build_model(config["model_config"], config["base_state"]).to(device).eval()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    model = build_model(config["model_config"], config.get("init_state") or config["base_state"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=device.type == "cuda")  # fewer kernels on GPU
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, base, lora = _build_models(config, device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
+                           fused=device.type == "cuda")  # fewer kernels on GPU
     # Linear warm-up (Adam's first steps are full-size in every direction before its moments settle), then the
     # schedule's decay: a constant rate leaves the last state with the optimiser's noise in it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -157,7 +161,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             blob = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=True)
-        model.load_state_dict(blob["model"])
+        _load_model_state(model, lora, blob["model"])
         opt.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         start_step, solver_state, best_state = int(blob["step"]), blob["solver"], blob.get("best")
@@ -204,7 +208,7 @@ def train_loop(config: dict[str, Any]) -> None:
         decision = guard.update(step, window.get(metric), window.get(f"{metric}_se", 0.0),
                                 window.get("valid_fraction", 1.0))
         if decision.improved and rank == 0:
-            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+            best_state = _model_state(model, lora)
         stop = decision.stop
         report = {"step": step, **window}
         if rank == 0:
@@ -214,17 +218,62 @@ def train_loop(config: dict[str, Any]) -> None:
         save = step % config["checkpoint_every"] == 0 or last or stop
         if save and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+                state = _model_state(model, lora)
                 blob = {"model": state, "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                         "solver": solver.state_dict(),
                         "guard": guard.state_dict(), "best": best_state, "stopped": stop,
-                        "loop_seconds": time.time() - loop_started}
+                        "loop_seconds": time.time() - loop_started, "peak_memory_bytes": _peak_memory(device)}
                 torch.save(blob, os.path.join(tmp, "state.pt"))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(report)
         if stop:
             break
+
+
+def _build_models(config: dict[str, Any], device: Any) -> tuple[Any, Any, Any]:
+    """(trained model, frozen base velocity, `pipelines.lora.LoraModel` or None) on ``device``.
+
+    Without LoRA the base is a separate frozen copy. With ``config["lora"]`` the model is the base network with
+    adapters (fresh, or ``config["init_adapter"]``), only they require gradients, and the base is the same model
+    with its adapters switched off (`pipelines.lora.AdapterOffVelocity`): one copy of the weights.
+    """
+    if config.get("lora"):
+        from pipelines.lora import LoraSettings, build_lora_model
+
+        lora = build_lora_model(config["model_config"], config["base_state"], LoraSettings.from_dict(config["lora"]),
+                                adapter=config.get("init_adapter"))
+        return lora.velocity.to(device), lora.base, lora
+    from pipelines.models import build_model
+
+    base = build_model(config["model_config"], config["base_state"]).to(device).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = build_model(config["model_config"], config.get("init_state") or config["base_state"]).to(device)
+    return model, base, None
+
+
+def _model_state(model: torch.nn.Module, lora: Any) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: its state dict, or with LoRA only the adapter (peft's format)."""
+    if lora is not None:
+        from pipelines.lora import adapter_state
+
+        return adapter_state(lora.peft)
+    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+
+
+def _load_model_state(model: torch.nn.Module, lora: Any, state: dict[str, torch.Tensor]) -> None:
+    if lora is not None:
+        from pipelines.lora import load_adapter
+
+        load_adapter(lora.peft, state)
+    else:
+        model.load_state_dict(state)
+
+
+def _peak_memory(device: Any) -> int | None:
+    """Peak bytes allocated on a CUDA device since the loop started (None elsewhere)."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
 _SHOWN = ("loss_ratio", "objective", "kl", "mean_reward", "active_fraction", "valid_fraction", "clipped_fraction",
@@ -266,6 +315,8 @@ def run_finetune(
     min_valid_fraction: float = 0.0,
     guard_baseline: float | None = None,
     log: Callable[[str], None] = print,
+    lora: Any = None,
+    init_adapter: dict[str, torch.Tensor] | None = None,
 ) -> FinetuneResult:
     """Run the TorchTrainer; rerunning with the same ``(storage_path, name)`` resumes its checkpoints.
 
@@ -274,7 +325,9 @@ def run_finetune(
     trial's ``TuneReportCallback``). ``sde_steps`` is the training trajectories' K (None: the bank sampler's
     ``sampler.steps`` is not known here, so the caller resolves it; falls back to ``finetune.sde_steps``).
     ``min_valid_fraction``: the guard's validity floor for the training samples; ``guard_baseline``: the base
-    model's objective E_q[g] for the guard (None: its first window).
+    model's objective E_q[g] for the guard (None: its first window). ``lora``: `pipelines.lora.LoraSettings`
+    (None: full fine-tuning); then only adapters train, ``init_adapter`` (peft's format) warm-starts them, and
+    the result's ``state_dict`` is the merged network.
     """
     sde_steps = int(sde_steps or finetune.sde_steps)
     if sde_steps < 1:
@@ -285,7 +338,7 @@ def run_finetune(
     loop_config = {
         "model_config": model_config,
         "base_state": base_state,
-        "init_state": init_state,
+        "init_state": None if lora is not None else init_state,  # LoRA warm-starts from init_adapter
         "objective": objective,
         "solver": solver,
         "reward_target": reward_target,
@@ -321,6 +374,8 @@ def run_finetune(
         "bank_x": bank_x,
         "bank_weights": bank_weights,
         "mlflow": mlflow,
+        "lora": None if lora is None else lora.to_dict(),
+        "init_adapter": init_adapter,
     }
     resources = {"CPU": finetune.cpus_per_worker, **{k: float(v) for k, v in finetune.resources_per_worker.items()}}
     if finetune.use_gpu:
@@ -346,6 +401,7 @@ def run_finetune(
         f"[finetune] solver={solver}, {finetune.num_workers} workers, {loop_config['steps']} steps, "
         f"global batch {finetune.batch_size}"
     )
+    lora_model = _driver_lora(lora, model_config, base_state, init_adapter, log)
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"fine-tuning failed: {result.error}")
@@ -367,5 +423,37 @@ def run_finetune(
         state = blob["best"] if kept == "best" and blob.get("best") is not None else blob["model"]
     log(f"[finetune] kept the {kept} state: {why}")
     loop_seconds = blob.get("loop_seconds")
+    record = None
+    if lora_model is not None:
+        adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
+        state, record = _lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
     return FinetuneResult(state, history, solver, result.checkpoint.path, kept, why, guard.stopped,
-                          None if loop_seconds is None else float(loop_seconds))
+                          None if loop_seconds is None else float(loop_seconds), lora_model, record)
+
+
+def _driver_lora(lora: Any, model_config: dict[str, Any], base_state: dict[str, torch.Tensor],
+                 init_adapter: dict[str, torch.Tensor] | None, log: Callable[[str], None]) -> Any:
+    """The LoRA model on the driver (None without LoRA): it counts the parameters for the log line, and after
+    training it takes the kept adapter, to merge and save."""
+    if lora is None:
+        return None
+    from pipelines.lora import build_lora_model, count_parameters, lora_log_line
+
+    model = build_lora_model(model_config, base_state, lora, adapter=init_adapter)
+    log(lora_log_line(lora, *count_parameters(model.velocity)))
+    return model
+
+
+def _lora_outcome(lora_model: Any, lora: Any, adapter: dict[str, torch.Tensor] | None,
+                  peak_memory: int | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(merged state with ``adapter`` loaded (None: keep the starting one), ``summary.json["lora"]``)."""
+    from pipelines.lora import count_parameters, load_adapter, merged_state
+
+    if adapter is not None:
+        load_adapter(lora_model.peft, adapter)
+    trainable, total = count_parameters(lora_model.velocity)
+    record = {**lora.to_dict(), "target_modules": list(lora_model.targets), "patterns": list(lora.target_modules),
+              "trainable": trainable, "total": total}
+    if peak_memory is not None:
+        record["peak_memory_bytes"] = int(peak_memory)
+    return merged_state(lora_model.peft), record

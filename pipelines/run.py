@@ -18,6 +18,7 @@ from pipelines.bankio import Bank
 from pipelines.eval_guard import apply_evaluation_check
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
+from pipelines.lora import lora_settings, read_adapter, save_lora_checkpoint
 from pipelines.models import model_record
 from pipelines.outdir import claim_output_dir
 from pipelines.plots import plot_rewards
@@ -214,12 +215,18 @@ def run_from_bank(
     state = _finetune_cached(cfg, out, base, base_bank, objective, solver, run, log, callbacks=callbacks)
     refinement = None
     if cfg.threshold.refine_rounds and threshold is not None:
+        previous = [out]  # the run whose checkpoint the next round warm-starts from (its LoRA adapter)
+
+        def finetune_round(out_k: Path, objective_k: dict[str, Any], init: dict[str, torch.Tensor]) -> Any:
+            adapter = read_adapter(previous[0] / "checkpoint") if cfg.finetune.lora.enabled else None
+            state_k = _finetune_cached(cfg, out_k, base, base_bank, objective_k, solver, run, log, init_state=init,
+                                       init_adapter=adapter, steps=cfg.threshold.refine_steps or None,
+                                       callbacks=callbacks)
+            previous[0] = out_k
+            return state_k
+
         state, objective, refinement = refine_threshold(
-            cfg, out, base, base_bank, objective, state, run=run, log=log,
-            finetune=lambda out_k, objective_k, init: _finetune_cached(
-                cfg, out_k, base, base_bank, objective_k, solver, run, log,
-                init_state=init, steps=cfg.threshold.refine_steps or None, callbacks=callbacks,
-            ),
+            cfg, out, base, base_bank, objective, state, run=run, log=log, finetune=finetune_round,
         )
     final_bank = bank_for(
         cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet",
@@ -247,8 +254,12 @@ def _finetune_cached(
     init_state: dict[str, torch.Tensor] | None = None,
     steps: int | None = None,
     callbacks: list[Any] | None = None,
+    init_adapter: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Fine-tune into ``out/checkpoint/model.pt``, or load it when a previous run finished it."""
+    """Fine-tune into ``out/checkpoint/model.pt``, or load it when a previous run finished it.
+
+    With ``finetune.lora`` the state is the merged network, and ``out/checkpoint`` also gets the adapter
+    (``save_pretrained``; ``init_adapter`` warm-starts it) and, with ``merge``, ``merged.safetensors``."""
     model_path = out / "checkpoint" / "model.pt"
     if model_path.is_file():
         log(f"[finetune] reusing {model_path}")
@@ -283,6 +294,8 @@ def _finetune_cached(
         guard_baseline=_base_objective(base_bank, objective),
         min_valid_fraction=max(base_bank.n_valid / max(len(base_bank.valid), 1) - cfg.finetune.guard_validity_drop, 0.0),
         log=log,
+        lora=lora_settings(cfg.finetune.lora),
+        init_adapter=init_adapter,
     )
     model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = model_path.with_suffix(".tmp")
@@ -291,9 +304,21 @@ def _finetune_cached(
     guard = {"kept": result.kept, "reason": result.kept_reason, "stopped_early": result.stopped_early}
     blob = {"config": base.config, "state_dict": result.state_dict, "solver": solver, "objective": objective,
             "seconds": seconds, "loop_seconds": result.loop_seconds, "guard": guard}
+    if result.lora is not None:  # the adapter files first: model.pt marks the stage done
+        save_lora_checkpoint(model_path.parent, result.lora, merge=cfg.finetune.lora.merge)
+        blob["lora"] = result.lora_record
+        _log_lora(run, result.lora_record)
     torch.save(blob, tmp)
     tmp.replace(model_path)
     return result.state_dict
+
+
+def _log_lora(run: TrackedRun, record: dict[str, Any]) -> None:
+    """MLflow params of the LoRA run (the config's ``finetune.lora.*`` are logged with the config)."""
+    run.log_params({"lora.target_modules": ",".join(record["target_modules"]),
+                    "lora.trainable_parameters": record["trainable"], "lora.total_parameters": record["total"]})
+    if "peak_memory_bytes" in record:
+        run.log_metrics({"lora.peak_memory_bytes": float(record["peak_memory_bytes"])})
 
 
 def _base_objective(bank: Bank, objective: dict[str, Any]) -> float:
@@ -316,7 +341,7 @@ def _finetune_record(out: Path) -> dict[str, Any]:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     seconds, loop = blob.get("seconds"), blob.get("loop_seconds")
     return {"seconds": None if seconds is None else float(seconds), "guard": blob.get("guard"),
-            "loop_seconds": None if loop is None else float(loop)}
+            "loop_seconds": None if loop is None else float(loop), "lora": blob.get("lora")}
 
 
 def sampler_record(cfg: Config) -> dict[str, Any]:
@@ -388,6 +413,8 @@ def _record(
                                                    "finetuned": (final_bank.reward, final_bank.valid)}),
         **screened,
     }
+    if record.get("lora") is not None:
+        summary["lora"] = record["lora"]
     metrics: dict[str, float] = flatten_screen(screened)
     for name in ("base", "finetuned", "target"):
         metrics.update(flatten_stats(name, summary[name]))

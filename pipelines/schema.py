@@ -24,6 +24,7 @@ __all__ = [
     "RewardPoolConfig",
     "BankConfig",
     "EvalConfig",
+    "LoraConfig",
     "FinetuneConfig",
     "ThresholdConfig",
     "TrackingConfig",
@@ -214,6 +215,24 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (README "LoRA"; `pipelines.lora`): with ``enabled`` only the adapters train
+    (the optimiser and DDP see nothing else) and the base velocity is the same network with them switched off.
+    ``rank`` r >= 1; ``alpha`` (empty: = rank) sets the adapter's scale alpha / r; ``dropout`` on the adapter's
+    input; ``target_modules``: module-name patterns as peft takes a list (a module matches a pattern equal to its
+    full name or ending in ``.pattern``), each must match a module; empty (default): every ``nn.Linear`` of the
+    network, found by name, none excluded. ``merge``: also write ``checkpoint/merged.safetensors``, the user
+    network's state dict with the adapters merged (loadable without peft)."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    merge: bool = False
+
+
+@dataclass
 class FinetuneConfig:
     """Fine-tuning in a Ray Train worker group.
 
@@ -285,6 +304,7 @@ class FinetuneConfig:
     log_every: int = 25
     checkpoint_every: int = 100
     max_failures: int = 2
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -85,3 +85,20 @@ def test_a_model_that_holds_is_kept_and_the_check_recorded(tmp_path) -> None:
     blob = torch.load(tmp_path / "checkpoint" / "model.pt", weights_only=True)
     assert blob["guard"]["kept"] == "last" and not blob["guard"]["evaluation"]["worse"]
     assert blob["guard"]["evaluation"]["finetuned"] > blob["guard"]["evaluation"]["base"]
+
+
+def test_a_rejected_lora_run_sets_its_adapter_aside(tmp_path) -> None:
+    """With finetune.lora the adapter files describe the rejected model: they leave checkpoint/ with it."""
+    cfg = load_config(None, ["eval.size=300"])
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "guard": {}}, ckpt / "model.pt")
+    names = ("adapter_model.safetensors", "adapter_config.json", "merged.safetensors")
+    for name in names:
+        (ckpt / name).write_text(name)
+    rng = np.random.default_rng(3)
+    base_bank, final_bank = _bank(rng.normal(size=1000), 0.0), _bank(rng.normal(size=300) - 1.0, 1.0)
+    write_atomic(final_bank, tmp_path / "bank_final.parquet")
+    apply_evaluation_check(cfg, tmp_path, {"w": torch.zeros(2)}, base_bank, final_bank, RIGHT, log=lambda line: None)
+    assert not any((ckpt / name).exists() for name in names)
+    assert all((ckpt / "rejected" / name).read_text() == name for name in names)
