@@ -7,9 +7,9 @@ import os
 import sys
 from collections.abc import Iterator
 
-from pipelines.schema import RayConfig
+from pipelines.schema import FinetuneConfig, RayConfig
 
-__all__ = ["connect", "check_address"]
+__all__ = ["connect", "check_address", "check_local_capacity"]
 
 
 def _address(ray_cfg: RayConfig) -> str:
@@ -37,6 +37,35 @@ def check_address(ray_cfg: RayConfig, timeout_s: float = 5.0) -> None:
             f"'ray.address': cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start it "
             "(`ray start --head`) or fix --address / ray.address / RAY_ADDRESS"
         ) from None
+
+
+def check_local_capacity(ray_cfg: RayConfig, finetune: FinetuneConfig) -> None:
+    """The local Ray a run is about to start must hold the fine-tuning worker group: ConfigError naming the keys
+    otherwise (Ray Train would wait for the workers, time out and retry forever). Skipped for a cluster
+    (``ray.address`` or RAY_ADDRESS, where autoscaling may add nodes) and when Ray is already running."""
+    import ray
+
+    from pipelines.config import ConfigError
+
+    if _address(ray_cfg) or ray.is_initialized():
+        return
+    cpus = ray_cfg.num_cpus or _local_cpus()
+    need = finetune.num_workers * finetune.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(
+            f"'finetune.num_workers' ({finetune.num_workers}) x 'finetune.cpus_per_worker' "
+            f"({finetune.cpus_per_worker:g}) needs {need:g} CPUs, but the local Ray has {cpus} ('ray.num_cpus'"
+            f"{'' if ray_cfg.num_cpus else ': all cores'}); lower finetune.num_workers or raise ray.num_cpus"
+        )
+    if finetune.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < finetune.num_workers:
+            raise ConfigError(
+                f"'finetune.use_gpu' asks for one GPU per worker ('finetune.num_workers' {finetune.num_workers}), "
+                f"but this machine has {gpus}; lower finetune.num_workers or set finetune.use_gpu=false"
+            )
 
 
 def connect(ray_cfg: RayConfig, *, log=print) -> None:
@@ -79,6 +108,13 @@ def connect(ray_cfg: RayConfig, *, log=print) -> None:
                      **kwargs)
     res = ray.cluster_resources()
     log(f"[ray] {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs, python {sys.version.split()[0]}")
+
+
+def _local_cpus() -> int:
+    """The cores this process may run on (what a local Ray counts by default)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _free_port() -> int:

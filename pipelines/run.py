@@ -23,7 +23,7 @@ from pipelines.models import model_record
 from pipelines.outdir import claim_output_dir
 from pipelines.plots import plot_rewards
 from pipelines.pretrain import BaseModel, load_or_pretrain
-from pipelines.raysession import check_address, connect
+from pipelines.raysession import check_address, check_local_capacity, connect
 from pipelines.schema import Config
 from pipelines.serving import PROXY, attach, detach, served_differentiable
 from pipelines.summary import flatten_interval, flatten_invalid, flatten_stats, format_table, invalid_record
@@ -95,6 +95,7 @@ def run_pipeline(
     out = Path(out).resolve()
     solver = choose_solver(cfg)  # config problems surface before Ray starts
     check_address(cfg.ray)
+    check_local_capacity(cfg.ray, cfg.finetune)
     for warning in sampler_warnings(cfg, solver):
         log(f"[config] WARNING: {warning}")
     _prepare_out(cfg, out)

@@ -23,11 +23,14 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).parents[2]
-TINY = ["bank.size=1000", "eval.size=1000", "finetune.steps=10", "sampler.steps=10", "pretrain.steps=200",
-        "ray.num_cpus=1"]
+TINY = ["bank.size=1000", "eval.size=1000", "finetune.steps=10", "sampler.steps=10", "pretrain.steps=200"]
 # Lines that mean Ray or a stage went wrong: Ray's error-level log lines ("[2026-01-01 10:00:00,123 E 4242 4243]"),
 # tracebacks, ERROR-level Python logging, the multiple-instances message.
 BAD = re.compile(r"Found multiple active Ray instances|Traceback|\bERROR\b|,\d{3} E \d+ \d+\]")
+# Ray logs one error-level line in every run, alone or not: an actor pool whose actors take their constructor
+# arguments (the model's weights) from the object store may not restart if those are lost. It is a warning about
+# a possibility, and it is not what this test is about; any other error line fails it.
+BENIGN = re.compile(r"has constructor arguments in the object store and max_restarts > 0")
 COMPARED = ("threshold", "base", "finetuned", "target")
 
 
@@ -55,5 +58,5 @@ def test_two_runs_together_match_a_run_alone(tmp_path):
     for proc, out in zip(procs, pair):
         summary, text = _finish(proc, out)
         assert summary == alone, f"{out.name} differs from the run alone"
-        bad = [line for line in text.splitlines() if BAD.search(line)]
+        bad = [line for line in text.splitlines() if BAD.search(line) and not BENIGN.search(line)]
         assert not bad, f"{out.name}'s log has error lines:\n" + "\n".join(bad[:10])

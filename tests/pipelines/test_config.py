@@ -163,3 +163,18 @@ def test_reward_hooks_are_declared_on_the_base_class():
     argv = ["cp", "{input}", "{output}"]
     command = load_reward("rewards.simulator:Command", {"argv": argv, "timeout_s": 5})
     assert command.value_kwargs() == {"argv": argv, "env": command.env, "name": command.name}
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["ray.num_cpus=1", "finetune.num_workers=2"], ("'finetune.num_workers' (2)", "ray.num_cpus", "needs 2 CPUs")),
+    (["ray.num_cpus=2", "finetune.cpus_per_worker=1.5"], ("'finetune.cpus_per_worker' (1.5)", "needs 3 CPUs")),
+])
+def test_a_worker_group_larger_than_the_local_ray_is_a_one_line_error(capsys, tmp_path, overrides, keys):
+    """Ray Train would wait for workers that cannot start, time out and retry forever."""
+    import ray
+
+    if ray.is_initialized():  # the check is for a Ray the run is about to start
+        ray.shutdown()
+    config = Path(__file__).parents[2] / "tune_configs/toy2d_right.yaml"
+    _one_line_error(capsys, ["run", str(config), "--out", str(tmp_path / "o"), *overrides], *keys)
+    assert not (tmp_path / "o").exists()  # nothing done
