@@ -43,7 +43,7 @@ class DataConfig:
 
     source: str = "rewards.toy2d:sample_base"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    conditions: Any = field(default_factory=list)
+    conditions: Any = None
 
 
 @dataclass
