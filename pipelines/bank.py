@@ -134,7 +134,7 @@ class RewardActor:
             self.cache = RewardCache(cache_dir, identity)
 
     def _score(self, x: np.ndarray, cond: np.ndarray | None = None) -> Any:
-        from rewards.robust import RobustResult, evaluate_reward_robust
+        from rewards.robust import RobustResult
 
         if cond is not None:  # one robust evaluation per condition present, each with its value bound
             parts = {int(c): self._score_one(_WithCondition(self.reward, self.conditions[int(c)]), x[cond == c])

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines.bankio import Bank
-from pipelines.conditions import conditions_of, metric_prefix, per_condition
+from pipelines.conditions import conditions_of, metric_prefix
 from pipelines.schema import Config
 from pipelines.summary import flatten_interval, flatten_stats
 from tfft.conditions import per_condition_weights, row_values
@@ -65,14 +65,17 @@ def _condition_weights(reward: np.ndarray, valid: np.ndarray, cond: np.ndarray, 
     return per_condition_weights(w, cond, n_conditions)
 
 
-def tilt_by_condition(bank: Bank, objective: dict[str, Any], invalid_reward: float | None) -> tuple[np.ndarray, np.ndarray]:
+def tilt_by_condition(
+    bank: Bank, objective: dict[str, Any], invalid_reward: float | None
+) -> tuple[np.ndarray, np.ndarray]:
     """The weighted solver's tilt weights (N,) (each condition's rows sum to 1/C) and its rows (N,) bool
     (`tfft.invalid.tilt_rewards` per condition, rows with a finite x)."""
     n_conditions = len(bank.conditions or [])
     reward, rows = np.full(len(bank), np.nan), np.zeros(len(bank), dtype=bool)
     for c in range(n_conditions):
         at = np.flatnonzero(bank.cond == c)
-        reward[at], rows[at] = tilt_rewards(bank.reward[at], bank.valid[at], invalid_reward, condition_eta(objective, c))
+        eta = condition_eta(objective, c)
+        reward[at], rows[at] = tilt_rewards(bank.reward[at], bank.valid[at], invalid_reward, eta)
     rows &= np.isfinite(bank.x).all(axis=1)
     return _condition_weights(np.where(rows, reward, np.nan), rows, bank.cond, objective, n_conditions), rows
 

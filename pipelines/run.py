@@ -154,8 +154,9 @@ def prepare_base(
     """The pretrained base model (cached; ``base`` when given) and its bank ``out/bank_base.parquet`` (resumable)."""
     base = base if base is not None else load_or_pretrain(cfg, log=log)
     connect(cfg.ray, log=log)
+    per = max(len(conditions_of(cfg)), 1)  # bank.size counts samples per condition
     base_bank = bank_for(
-        cfg, (base.config, base.state_dict), size=cfg.bank.size * max(len(conditions_of(cfg)), 1), label="base", out_path=out / "bank_base.parquet",
+        cfg, (base.config, base.state_dict), size=cfg.bank.size * per, label="base", out_path=out / "bank_base.parquet",
         tilted=True, log=log,
     )
     if base_bank.n_valid < 2:
@@ -238,8 +239,8 @@ def run_from_bank(
             ),
         )
     final_bank = bank_for(
-        cfg, (base.config, state), size=cfg.eval.size * max(len(conditions_of(cfg)), 1), label="final", out_path=out / "bank_final.parquet",
-        tilted=False, log=log,
+        cfg, (base.config, state), size=cfg.eval.size * max(len(conditions_of(cfg)), 1), label="final",
+        out_path=out / "bank_final.parquet", tilted=False, log=log,
     )
     # refinement keeps its rounds' own states (its table shows each round); with conditions the evaluation
     # check is not run (its statistic is pooled, and the base bank's rows are not an evaluation bank per condition)
