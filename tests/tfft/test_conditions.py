@@ -22,8 +22,16 @@ from tfft.sampling import sample_ode, sample_sde, time_grid
 from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver, WeightedFlowMatchingSolver
 from tfft.user_model import FlatVelocity
 
-torch.set_default_dtype(torch.float64)
-MEANS = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.0, 2.0]])
+MEANS = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.0, 2.0]], dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exact comparisons in float64, restored afterwards (other modules' tests expect float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class IgnoresCond(nn.Module):
