@@ -5,10 +5,16 @@
 The two pools are separate actor pools with their own size, CPUs and GPUs. The driver streams the
 results, writes each complete shard of ``bank.shard_size`` ids atomically, and on a rerun skips the
 shards already on disk: nothing stored is sampled or evaluated again.
+
+With conditions (``data.conditions``, C values) a bank of ``size`` samples per condition has C * size ids; id i
+belongs to condition i // size (so each condition's rows are a contiguous id range). The sampler draws each row
+from its condition's flow and the reward actors evaluate each row with its condition's value; the bank stores
+the condition index in its ``cond`` column and the list of values in its metadata.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -36,10 +42,13 @@ class SamplerActor:
         model: ``[ObjectRef]`` (or ``[(config, state_dict)]``) of the velocity network.
         sampler: dict with ``kind`` (sde | ode), ``steps`` and ``grid``.
         seed, label: the noise of a batch is a function of (seed, label, first id in the batch).
+        per_condition: with conditions, the samples per condition (id i has condition i // per_condition);
+            0 without conditions.
     """
 
     def __init__(
-        self, model: list[Any], sampler: dict[str, Any], seed: int, label: str, dim: int, use_gpu: bool = False
+        self, model: list[Any], sampler: dict[str, Any], seed: int, label: str, dim: int, use_gpu: bool = False,
+        per_condition: int = 0,
     ):
         import ray
 
@@ -55,6 +64,7 @@ class SamplerActor:
         self.model = build_model(config, state).to(self.device).eval()
         self.sampler = dict(sampler)
         self.seed, self.label, self.dim = seed, label, dim
+        self.per_condition = int(per_condition)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from tfft.sampling import sample_ode, sample_sde, time_grid
@@ -62,16 +72,38 @@ class SamplerActor:
         ids = np.asarray(batch["data"], dtype=np.int64).reshape(-1)
         gen = torch.Generator().manual_seed(_seed_for(self.seed, self.label, int(ids[0])))
         x0 = torch.randn(len(ids), self.dim, generator=gen).to(self.device)
+        cond = None
+        if self.per_condition:
+            cond = torch.as_tensor(ids // self.per_condition, dtype=torch.long, device=self.device)
         with torch.no_grad():
             if self.sampler["kind"] == "sde":
                 sde_gen = torch.Generator(device=self.device).manual_seed(
                     _seed_for(self.seed + 1, self.label, int(ids[0]))
                 )
-                x1 = sample_sde(self.model, x0, int(self.sampler["steps"]), generator=sde_gen)
+                x1 = sample_sde(self.model, x0, int(self.sampler["steps"]), generator=sde_gen, cond=cond)
             else:
                 grid = time_grid(int(self.sampler["steps"]), kind=self.sampler["grid"]).to(self.device)
-                x1 = sample_ode(self.model, x0, grid)
-        return {"id": ids, "x": x1.cpu().numpy().astype(np.float64)}
+                x1 = sample_ode(self.model, x0, grid, cond)
+        out = {"id": ids, "x": x1.cpu().numpy().astype(np.float64)}
+        if cond is not None:
+            out["cond"] = cond.cpu().numpy().astype(np.int64)
+        return out
+
+
+class _WithCondition:
+    """A reward with one condition value bound: ``evaluate(x)`` is ``reward.evaluate(x, cond=[value] * n)``, so the
+    robust engine's chunks and bisection need not know about conditions."""
+
+    robust_settings = False
+
+    def __init__(self, reward: Any, value: Any) -> None:
+        self.reward, self.value = reward, value
+
+    def evaluate(self, x: torch.Tensor) -> Any:
+        return self.reward.evaluate(x, cond=[self.value] * int(x.shape[0]))
+
+    def evaluate_detailed(self, x: Any) -> None:
+        return None
 
 
 class RewardActor:
@@ -84,7 +116,8 @@ class RewardActor:
     (from its result's ``terms``, or from the cache for cached samples; NaN where missing).
     """
 
-    def __init__(self, target: str, kwargs: dict[str, Any], pool: dict[str, Any], cache_dir: str | None):
+    def __init__(self, target: str, kwargs: dict[str, Any], pool: dict[str, Any], cache_dir: str | None,
+                 conditions: list[Any] | None = None):
         from pipelines.reward_cache import RewardCache, reward_identity
         from rewards.base import load_reward
 
@@ -92,6 +125,7 @@ class RewardActor:
         self.reward = load_reward(target, kwargs)
         self.term_names = tuple(self.reward.term_names)
         self.pool = dict(pool)
+        self.conditions = list(conditions) if conditions else None
         self.cache = None
         if cache_dir:
             # a reward may say which kwargs change its values (Command: not timeouts or batching)
@@ -99,12 +133,32 @@ class RewardActor:
             identity = reward_identity(target, kwargs if value_kwargs is None else value_kwargs, self.reward.version)
             self.cache = RewardCache(cache_dir, identity)
 
-    def _score(self, x: np.ndarray) -> Any:
+    def _score(self, x: np.ndarray, cond: np.ndarray | None = None) -> Any:
+        from rewards.robust import RobustResult
+
+        if cond is not None:  # one robust evaluation per condition present, each with its value bound
+            parts = {int(c): self._score_one(_WithCondition(self.reward, self.conditions[int(c)]), x[cond == c])
+                     for c in np.unique(cond)}
+            n = len(x)
+            rewards, valid = np.full(n, np.nan), np.zeros(n, dtype=bool)
+            errors, attempts, seconds = [""] * n, np.zeros(n, dtype=np.int64), np.zeros(n)
+            for c, res in parts.items():
+                rows = np.flatnonzero(cond == c)
+                rewards[rows] = np.asarray(res.rewards, dtype=np.float64)
+                valid[rows] = np.asarray(res.valid, dtype=bool)
+                attempts[rows] = np.asarray(res.attempts, dtype=np.int64)
+                seconds[rows] = np.asarray(res.seconds, dtype=np.float64)
+                for i, e in zip(rows, res.errors):
+                    errors[i] = e
+            return RobustResult(rewards, valid, errors, attempts, seconds, sum(r.n_calls for r in parts.values()))
+        return self._score_one(self.reward, x)
+
+    def _score_one(self, reward: Any, x: np.ndarray) -> Any:
         from rewards.robust import evaluate_reward_robust
 
         # an external command (evaluate_detailed) applies its own settings instead of the pool's
         return evaluate_reward_robust(
-            self.reward,
+            reward,
             x,
             batch_size=self.pool["call_size"] or len(x),
             max_in_flight=self.pool["max_in_flight"],
@@ -117,6 +171,8 @@ class RewardActor:
 
         x = np.array(batch["x"], dtype=np.float64)
         n = x.shape[0]
+        cond = np.asarray(batch["cond"], dtype=np.int64) if self.conditions else None
+        values = None if cond is None else [self.conditions[int(c)] for c in cond]
         reward = np.full(n, np.nan)
         valid = np.zeros(n, dtype=bool)
         error = np.full(n, "", dtype=object)
@@ -124,14 +180,14 @@ class RewardActor:
         seconds = np.zeros(n)
         cached = np.zeros(n, dtype=bool)
         terms = {name: np.full(n, np.nan) for name in self.term_names}
-        keys = sample_keys(x) if self.cache is not None else None
+        keys = sample_keys(x, values) if self.cache is not None else None
         if self.cache is not None:
             cached, reward, valid, error = self.cache.lookup(keys)
             if terms:
                 terms = self.cache.lookup_terms(keys, self.term_names)
         todo = np.flatnonzero(~cached)
         if todo.size:
-            res = self._score(x[todo])
+            res = self._score(x[todo], None if cond is None else cond[todo])
             reward[todo] = np.asarray(res.rewards, dtype=np.float64)
             valid[todo] = np.asarray(res.valid, dtype=bool)
             error[todo] = np.asarray(res.errors, dtype=object)
@@ -155,6 +211,7 @@ class RewardActor:
             "seconds": seconds,
             "cached": cached,
             **{TERM_PREFIX + name: values for name, values in terms.items()},
+            **({} if cond is None else {"cond": cond}),
         }
 
 
@@ -188,15 +245,21 @@ def generate_bank(
 ) -> Bank:
     """Sample ``size`` points from ``model``, score them, and write ``out_path`` (parquet).
 
-    Shards go to ``<out_path>.shards/``; shards already there are kept (resume).
+    Shards go to ``<out_path>.shards/``; shards already there are kept (resume). With ``data.conditions``
+    ``size`` is the total, a multiple of the number of conditions (module docstring).
     """
+    from pipelines.conditions import conditions_of
+
+    conditions = conditions_of(cfg) or None
+    if conditions and size % len(conditions):
+        raise ValueError(f"a conditional bank's size ({size}) must be a multiple of its {len(conditions)} conditions")
 
     out_path = Path(out_path)
     if out_path.is_file():
         bank = read_bank(out_path)
         if len(bank) == size:
             log(f"[bank {label}] reusing {out_path} ({size} samples)")
-            return bank
+            return dataclasses.replace(bank, conditions=conditions) if conditions else bank
     shard_dir = out_path.with_name(out_path.name + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     shard_size = cfg.bank.shard_size
@@ -209,6 +272,8 @@ def generate_bank(
     if todo:
         _run_pools(cfg, model, label, shard_dir, [shard_ranges[k] + (k,) for k in todo], size, log)
     bank = concat_banks([read_bank(_shard_path(shard_dir, k)) for k in range(n_shards)])
+    if conditions:
+        bank = dataclasses.replace(bank, conditions=conditions)
     write_atomic(bank, out_path)
     return bank
 
@@ -225,6 +290,9 @@ def _run_pools(
     import ray
     import ray.data
 
+    from pipelines.conditions import conditions_of
+
+    conditions = conditions_of(cfg) or None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -246,6 +314,7 @@ def _run_pools(
             "label": label,
             "dim": int(model[0]["dim"]),
             "use_gpu": sampler_pool.num_gpus > 0,
+            "per_condition": size // len(conditions) if conditions else 0,
         },
         compute=pool_strategy(sampler_pool),
         num_cpus=sampler_pool.num_cpus,
@@ -260,6 +329,7 @@ def _run_pools(
             "kwargs": dict(cfg.reward.kwargs),
             "pool": {k: getattr(reward_pool, k) for k in ("call_size", "max_in_flight", "retries", "backoff_s")},
             "cache_dir": cfg.bank.cache_dir if cfg.bank.cache else None,
+            "conditions": conditions,
         },
         compute=pool_strategy(reward_pool),
         num_cpus=reward_pool.num_cpus,
@@ -315,6 +385,7 @@ def rows_to_bank(parts: list[dict[str, np.ndarray]]) -> Bank:
                 attempts=cat["attempts"].astype(np.int64),
                 cached=cat["cached"].astype(bool),
                 terms={k[len(TERM_PREFIX):]: v.astype(np.float64) for k, v in cat.items() if k.startswith(TERM_PREFIX)},
+                cond=cat["cond"].astype(np.int64) if "cond" in cat else None,
             )
         ]
     )

@@ -10,11 +10,14 @@ files written before terms existed read as banks without terms.
 A screened bank (`pipelines.screening`) adds ``screen`` (float64, the cheap reward), ``evaluated`` (bool: the
 expensive reward was called) and ``audited`` (bool: in the random audit); an unevaluated row keeps reward NaN
 with ``valid`` True (it did not fail). Banks without screening have none of the three.
-Shards are written to a temporary name and renamed, so a reader never sees a partial shard.
+A conditional bank (``data.conditions``) adds ``cond`` (int64, the row's index into the list of condition
+values) and records that list in the file's metadata (``tfft.conditions``, JSON); unconditional banks have
+neither. Shards are written to a temporary name and renamed, so a reader never sees a partial shard.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,7 @@ import pyarrow.parquet as pq
 __all__ = ["Bank", "TERM_PREFIX", "bank_to_table", "table_to_bank", "write_atomic", "read_bank", "concat_banks"]
 
 TERM_PREFIX = "term."
+_CONDITIONS_KEY = b"tfft.conditions"
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class Bank:
     ``terms``: name -> (n,) float64, the reward's per-sample terms (empty for most rewards).
     ``screen``, ``evaluated``, ``audited``: (n,) of a screened bank (module doc), else None; ``screening``: its
     accounting (`tfft.screen.ScreenResult.record` and the certified tail; kept beside the file, not in it).
+    ``cond``: (n,) int64 condition indices of a conditional bank, else None; ``conditions``: the list of
+    condition values they index (None without conditions).
     """
 
     ids: np.ndarray
@@ -51,6 +57,8 @@ class Bank:
     evaluated: np.ndarray | None = None
     audited: np.ndarray | None = None
     screening: dict[str, Any] | None = field(default=None, compare=False)
+    cond: np.ndarray | None = None
+    conditions: list[Any] | None = field(default=None, compare=False)
 
     @property
     def screened(self) -> bool:
@@ -80,8 +88,14 @@ class Bank:
         """Rows ``positions`` (an index array or a slice), in that order, with every column (screen columns too);
         the screening record stays with the whole bank and is dropped."""
         columns = {f: None if (v := getattr(self, f)) is None else v[positions]
-                   for f in self.__dataclass_fields__ if f not in ("terms", "screening")}
-        return Bank(**columns, terms={k: v[positions] for k, v in self.terms.items()})
+                   for f in self.__dataclass_fields__ if f not in ("terms", "screening", "conditions")}
+        return Bank(**columns, terms={k: v[positions] for k, v in self.terms.items()}, conditions=self.conditions)
+
+    def of_condition(self, index: int) -> Bank:
+        """The rows of condition ``index`` (a conditional bank only)."""
+        if self.cond is None:
+            raise ValueError("the bank has no condition column")
+        return self.take(np.flatnonzero(self.cond == index))
 
     def scored(self, invalid_reward: float | None) -> tuple[np.ndarray, np.ndarray]:
         """(reward (n,), mask (n,)) under ``objective.invalid_reward`` (`tfft.invalid.assign_invalid`): None
@@ -104,7 +118,7 @@ def bank_to_table(bank: Bank) -> pa.Table:
     d = bank.x.shape[1]
     flat = pa.array(np.ascontiguousarray(bank.x, dtype=np.float64).reshape(-1))
     terms = {TERM_PREFIX + name: pa.array(np.asarray(v, dtype=np.float64)) for name, v in bank.terms.items()}
-    return pa.table(
+    table = pa.table(
         {
             "id": pa.array(bank.ids.astype(np.int64)),
             "x": pa.FixedSizeListArray.from_arrays(flat, d),
@@ -117,14 +131,20 @@ def bank_to_table(bank: Bank) -> pa.Table:
             **terms,
             **{name: pa.array(np.asarray(getattr(bank, name)).astype(kind))
                for name, kind in _SCREEN_COLUMNS.items() if getattr(bank, name) is not None},
+            **({} if bank.cond is None else {"cond": pa.array(np.asarray(bank.cond).astype(np.int64))}),
         }
     )
+    if bank.conditions is not None:
+        table = table.replace_schema_metadata({_CONDITIONS_KEY: json.dumps(list(bank.conditions)).encode()})
+    return table
 
 
 def table_to_bank(table: pa.Table) -> Bank:
     x_col = table.column("x").combine_chunks()
     d = x_col.type.list_size
     x = x_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    metadata = table.schema.metadata or {}
+    conditions = json.loads(metadata[_CONDITIONS_KEY]) if _CONDITIONS_KEY in metadata else None
     return Bank(
         ids=table.column("id").to_numpy(),
         x=x,
@@ -141,6 +161,8 @@ def table_to_bank(table: pa.Table) -> Bank:
         },
         **{name: table.column(name).to_numpy(zero_copy_only=False).astype(kind)
            for name, kind in _SCREEN_COLUMNS.items() if name in table.column_names},
+        cond=table.column("cond").to_numpy(zero_copy_only=False).astype(np.int64) if "cond" in table.column_names else None,
+        conditions=conditions,
     )
 
 
@@ -162,17 +184,24 @@ def concat_banks(banks: list[Bank]) -> Bank:
     in the rows of a bank without that term."""
     if not banks:
         raise ValueError("no banks to concatenate")
-    plain = [f for f in Bank.__dataclass_fields__ if f not in ("terms", "screening") and f not in _SCREEN_COLUMNS]
+    plain = [f for f in Bank.__dataclass_fields__
+             if f not in ("terms", "screening", "cond", "conditions") and f not in _SCREEN_COLUMNS]
     cat = {f: np.concatenate([getattr(b, f) for b in banks]) for f in plain}
     for name, kind in _SCREEN_COLUMNS.items():  # a screened column: absent rows take NaN / True / False
         if any(getattr(b, name) is not None for b in banks):
             fill = {"screen": np.nan, "evaluated": True, "audited": False}[name]
             cat[name] = np.concatenate([np.full(len(b), fill, dtype=kind) if getattr(b, name) is None
                                         else np.asarray(getattr(b, name)).astype(kind) for b in banks])
+    conds = [b.cond for b in banks]
+    if any(c is not None for c in conds):
+        if any(c is None for c in conds):
+            raise ValueError("cannot concatenate conditional and unconditional banks")
+        cat["cond"] = np.concatenate(conds).astype(np.int64)
+    conditions = next((b.conditions for b in banks if b.conditions is not None), None)
     order = np.argsort(cat["ids"], kind="stable")
     names = list(dict.fromkeys(name for b in banks for name in b.terms))
     terms = {
         name: np.concatenate([np.asarray(b.terms.get(name, np.full(len(b), np.nan)), dtype=np.float64) for b in banks])[order]
         for name in names
     }
-    return Bank(**{k: v[order] for k, v in cat.items()}, terms=terms)
+    return Bank(**{k: v[order] for k, v in cat.items()}, terms=terms, conditions=conditions)

@@ -199,6 +199,9 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
              f"must be >= 1, got {sv.max_ongoing_requests}")
     _require(sv.timeout_s > 0, "reward.serve.timeout_s", f"must be > 0, got {sv.timeout_s}")
     _check_screen(cfg)
+    from pipelines.conditions import check_conditions
+
+    check_conditions(cfg, check_imports)
     _require(
         obj.invalid_reward is None or math.isfinite(obj.invalid_reward),
         "objective.invalid_reward",

@@ -6,6 +6,10 @@ itself, and builds the adjoint-matching loss (DESIGN §6); DDP all-reduces the g
 (DESIGN §7). Metrics go through ``ray.train.report`` every ``log_every`` steps (a barrier on every
 worker), checkpoints every ``checkpoint_every`` steps; rank 0 logs metrics to MLflow. A restarted
 worker group continues from the latest checkpoint.
+
+With conditions (``conditions``: the list of values) every training trajectory draws its condition uniformly
+from the step's seeded generator, the reward gets each sample's condition value and the pseudo-reward each row's
+own threshold (``objective["eta"]`` a list per condition); the weighted solver gets each bank row's condition.
 """
 
 from __future__ import annotations
@@ -64,14 +68,24 @@ def _pseudo_reward_fn(config: dict[str, Any]) -> Callable[[torch.Tensor], Any]:
     from rewards.base import load_reward
     from tfft.pseudo import pseudo_reward_signal
 
+    from tfft.conditions import row_values
+
     reward = load_reward(config["reward_target"], config["reward_kwargs"])
     objective = config["objective"]
+    conditions = config.get("conditions")
 
-    def fn(x1: torch.Tensor) -> Any:
-        out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64))
+    def fn(x1: torch.Tensor, cond: torch.Tensor | None = None) -> Any:
+        if cond is None:
+            out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64))
+            eta = objective["eta"]
+        else:
+            values = [conditions[i] for i in cond.tolist()]
+            out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64), cond=values)
+            eta = row_values(objective["eta"], cond)
+            eta = eta.to(torch.float64) if isinstance(eta, torch.Tensor) else eta
         return pseudo_reward_signal(
             out.rewards.to(torch.float64), grad_r.to(torch.float64), out.valid,
-            eta=objective["eta"], side=objective["side"], alpha=objective["alpha"],
+            eta=eta, side=objective["side"], alpha=objective["alpha"],
             grad_clip=config["reward_grad_clip"],
         )
 
@@ -93,8 +107,10 @@ def _build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn
 
     if config["solver"] == "weighted":
         bank_x = torch.as_tensor(np.array(config["bank_x"]), dtype=torch.float32, device=device)
+        bank_cond = config.get("bank_cond")
         return WeightedFlowMatchingSolver(model, bank_x, torch.as_tensor(np.array(config["bank_weights"])),
-                                          base=base if config["anchor"] else None, time_power=config["time_power"])
+                                          base=base if config["anchor"] else None, time_power=config["time_power"],
+                                          bank_cond=None if bank_cond is None else torch.as_tensor(np.array(bank_cond)))
     am = AdjointMatchingConfig(
         kl_weight=config["objective"]["kl_weight"], steps=config["sde_steps"], late_fraction=config["late_fraction"],
         n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
@@ -184,7 +200,12 @@ def train_loop(config: dict[str, Any]) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
         if config["solver"] == "adjoint":
             x0 = torch.randn(local_batch * config["oversample"], config["dim"], generator=gen, device=device)
-            result = solver.step(x0, gen)
+            cond = None
+            if config.get("conditions"):
+                from tfft.conditions import uniform_conditions
+
+                cond = uniform_conditions(x0.shape[0], len(config["conditions"]), generator=gen, device=device)
+            result = solver.step(x0, gen, cond)
         else:
             result = solver.step(local_batch, gen, index_generator=torch.Generator().manual_seed(seed))
         opt.zero_grad(set_to_none=True)
@@ -314,6 +335,8 @@ def run_finetune(
     sde_steps: int | None = None,
     min_valid_fraction: float = 0.0,
     guard_baseline: float | None = None,
+    conditions: list[Any] | None = None,
+    bank_cond: np.ndarray | None = None,
     log: Callable[[str], None] = print,
     lora: Any = None,
     init_adapter: dict[str, torch.Tensor] | None = None,
@@ -325,9 +348,10 @@ def run_finetune(
     trial's ``TuneReportCallback``). ``sde_steps`` is the training trajectories' K (None: the bank sampler's
     ``sampler.steps`` is not known here, so the caller resolves it; falls back to ``finetune.sde_steps``).
     ``min_valid_fraction``: the guard's validity floor for the training samples; ``guard_baseline``: the base
-    model's objective E_q[g] for the guard (None: its first window). ``lora``: `pipelines.lora.LoraSettings`
-    (None: full fine-tuning); then only adapters train, ``init_adapter`` (peft's format) warm-starts them, and
-    the result's ``state_dict`` is the merged network.
+    model's objective E_q[g] for the guard (None: its first window). ``conditions``: the condition values of a
+    conditional run (module docstring); ``bank_cond``: the weighted solver's bank rows' condition indices.
+    ``lora``: `pipelines.lora.LoraSettings` (None: full fine-tuning); then only adapters train, ``init_adapter``
+    (peft's format) warm-starts them, and the result's ``state_dict`` is the merged network.
     """
     sde_steps = int(sde_steps or finetune.sde_steps)
     if sde_steps < 1:
@@ -377,6 +401,8 @@ def run_finetune(
         "lora": None if lora is None else lora.to_dict(),
         "init_adapter": init_adapter,
     }
+    if conditions:  # only when set: an unconditional loop config is unchanged
+        loop_config.update(conditions=list(conditions), bank_cond=bank_cond)
     resources = {"CPU": finetune.cpus_per_worker, **{k: float(v) for k, v in finetune.resources_per_worker.items()}}
     if finetune.use_gpu:
         resources["GPU"] = 1

@@ -136,15 +136,16 @@ class AdapterOffVelocity(nn.Module):
         object.__setattr__(self, "_velocity", velocity)
         object.__setattr__(self, "_peft", peft_model)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """x (n, d), t scalar or (n,) -> the base velocity (n, d), in eval mode like a separate frozen base."""
+    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+        """x (n, d), t scalar or (n,), cond (n,) condition indices or None -> the base velocity (n, d), in eval
+        mode like a separate frozen base."""
         velocity = self._velocity
         training = velocity.training
         if training:
             velocity.eval()
         try:
             with self._peft.disable_adapter():
-                return velocity(x, t)
+                return velocity(x, t) if cond is None else velocity(x, t, cond)
         finally:
             if training:
                 velocity.train()
@@ -192,8 +193,8 @@ def build_lora_model(
     peft_model = get_peft_model(network, _peft_config(settings, network))
     if adapter is not None:
         load_adapter(peft_model, adapter)
-    velocity: nn.Module = (FlatVelocity(peft_model, model_config["sample_shape"]) if "target" in model_config
-                           else peft_model)
+    velocity: nn.Module = (FlatVelocity(peft_model, model_config["sample_shape"], model_config.get("conditions"))
+                           if "target" in model_config else peft_model)
     return LoraModel(velocity, peft_model, AdapterOffVelocity(velocity, peft_model), targets)
 
 

@@ -7,6 +7,10 @@ Two kinds, told apart by the dict's keys (DESIGN.md section 8: a model is a fact
 - user: ``{"dim", "target", "kwargs", "sample_shape"}``: ``import_object(target)(**kwargs)`` returns a module
   ``forward(x (n, *sample_shape), t (n,), cond) -> (n, *sample_shape)``, wrapped by ``tfft.user_model.FlatVelocity``.
 
+With conditions (``data.conditions``) the built-in dict gains ``num_conditions`` (C) and the user dict gains
+``conditions`` (the list of values): the factory is then called as ``factory(**kwargs, conditions=[...])`` and
+the wrapper maps the library's condition indices to those values. Unconditional dicts are unchanged.
+
 Either way :func:`build_model` returns a flat velocity ``v(x (n, dim), t (n,)) -> (n, dim)``; the Ray actors, the
 training workers and the benchmarks all build through it from the dict that travels with the weights.
 """
@@ -43,12 +47,18 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 _SHOWN_KEYS = 5  # keys listed in a mismatch error
 
 
-def model_config(model: ModelConfig, dim: int) -> dict[str, Any]:
-    """The serialisable architecture of ``model`` for data of flat dimension ``dim``."""
+def model_config(model: ModelConfig, dim: int, conditions: list[Any] | None = None) -> dict[str, Any]:
+    """The serialisable architecture of ``model`` for data of flat dimension ``dim`` (and ``conditions``, if any)."""
     if not model.target:
-        return {"dim": int(dim), "hidden": model.hidden, "depth": model.depth, "time_features": model.time_features}
+        config = {"dim": int(dim), "hidden": model.hidden, "depth": model.depth, "time_features": model.time_features}
+        if conditions:
+            config["num_conditions"] = len(conditions)
+        return config
     shape = [int(s) for s in model.sample_shape] or [int(dim)]
-    return {"dim": int(dim), "target": model.target, "kwargs": _plain(model.kwargs), "sample_shape": shape}
+    config = {"dim": int(dim), "target": model.target, "kwargs": _plain(model.kwargs), "sample_shape": shape}
+    if conditions:
+        config["conditions"] = list(conditions)
+    return config
 
 
 def sample_shape_of(config: dict[str, Any]) -> list[int]:
@@ -57,13 +67,15 @@ def sample_shape_of(config: dict[str, Any]) -> list[int]:
 
 
 def build_network(config: dict[str, Any]) -> nn.Module:
-    """The user's module as its factory returns it (``model.target`` with ``model.kwargs``), unwrapped."""
+    """The user's module as its factory returns it (``model.target`` with ``model.kwargs``, and ``conditions`` when
+    the config has them), unwrapped."""
     try:
         factory = import_object(config["target"])
     except ValueError as exc:
         raise ConfigError(f"'model.target': {exc}") from None
+    extra = {"conditions": list(config["conditions"])} if config.get("conditions") else {}
     try:
-        network = factory(**dict(config.get("kwargs") or {}))
+        network = factory(**dict(config.get("kwargs") or {}), **extra)
     except Exception as exc:  # the factory's own error, with the setting that caused it
         raise ConfigError(f"'model.target' {config['target']!r} failed when called with model.kwargs "
                           f"{dict(config.get('kwargs') or {})!r}: {type(exc).__name__}: {exc}") from exc
@@ -77,7 +89,7 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | No
     """The flat velocity ``v(x (n, dim), t (n,)) -> (n, dim)`` of a model config dict, with ``state_dict``
     loaded strictly when given (keys of the user's network; ``FlatVelocity`` adds no prefix)."""
     if "target" in config:
-        model: nn.Module = FlatVelocity(build_network(config), config["sample_shape"])
+        model: nn.Module = FlatVelocity(build_network(config), config["sample_shape"], config.get("conditions"))
     else:
         model = VelocityMLP(**config)
     if state_dict is not None:
@@ -133,6 +145,7 @@ def model_record(config: dict[str, Any], checkpoint: str = "") -> dict[str, Any]
     return {
         "target": "tfft.model:VelocityMLP" if builtin else config["target"],
         "kwargs": {k: v for k, v in config.items() if k != "dim"} if builtin else config.get("kwargs", {}),
+        **({"conditions": config["conditions"]} if config.get("conditions") else {}),
         "sample_shape": sample_shape_of(config),
         "dim": int(config["dim"]),
         "checkpoint": checkpoint,

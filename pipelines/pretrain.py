@@ -4,6 +4,8 @@ and cached by content.
 The cache key is a hash of everything that determines the weights (data source, model and pretraining
 settings, seed), so any later run with the same settings reuses the file instead of training again. A model
 loaded from a checkpoint, or taken as built (``pretrain.steps: 0``), is not cached: nothing was trained.
+With ``data.conditions`` the source is called once per condition (``cond=value``, ``pretrain.n_samples`` each),
+the model is conditional and flow matching passes each sample's condition; the key then includes the list.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipelines.conditions import conditions_of
 from pipelines.config import ConfigError
 from pipelines.models import build_model, checkpoint_identity, load_checkpoint, model_config
 from pipelines.schema import Config
@@ -50,6 +53,8 @@ def pretrain_key(cfg: Config) -> str:
     }
     if cfg.data.kwargs:  # only when set: caches made before data.kwargs existed keep their key
         payload["data_kwargs"] = dict(cfg.data.kwargs)
+    if conditions_of(cfg):  # likewise: unconditional keys are unchanged
+        payload["conditions"] = conditions_of(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -67,10 +72,26 @@ def _model_key(cfg: Config) -> dict[str, Any]:
     return key
 
 
-def _draw_data(cfg: Config, n: int) -> np.ndarray:
-    source: Callable[[int, int], Any] = import_object(cfg.data.source)
+def _draw_conditional(cfg: Config, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pretraining data (N, d) and each row's condition index (N,), n rows per condition; (data, None) without."""
+    conditions = conditions_of(cfg)
+    if not conditions:
+        return _draw_data(cfg, n), None
+    parts = [_draw_data(cfg, n, cond=value) for value in conditions]
+    if len({p.shape[1] for p in parts}) != 1:
+        raise ConfigError(f"data.source {cfg.data.source!r} returned samples of different dimensions for different "
+                          f"data.conditions: {[p.shape[1] for p in parts]}")
+    return np.concatenate(parts), np.repeat(np.arange(len(parts), dtype=np.int64), n)
+
+
+_NO_COND = object()
+
+
+def _draw_data(cfg: Config, n: int, cond: Any = _NO_COND) -> np.ndarray:
+    source: Callable[..., Any] = import_object(cfg.data.source)
+    extra = {} if cond is _NO_COND else {"cond": cond}
     try:
-        data = np.asarray(source(n, cfg.seed, **dict(cfg.data.kwargs)), dtype=np.float32)
+        data = np.asarray(source(n, cfg.seed, **dict(cfg.data.kwargs), **extra), dtype=np.float32)
     except (TypeError, ValueError) as exc:  # wrong signature, or not numbers
         raise ConfigError(
             f"data.source {cfg.data.source!r} must be called as source(n, seed, **data.kwargs) and return an "
@@ -103,9 +124,10 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
         return BaseModel(blob["config"], blob["state_dict"], str(path), cached=True)
 
     # without training a few draws tell the data dimension (and check model.sample_shape against it)
-    data = torch.from_numpy(_draw_data(cfg, cfg.pretrain.n_samples if trains else min(cfg.pretrain.n_samples, 16)))
+    drawn, cond = _draw_conditional(cfg, cfg.pretrain.n_samples if trains else min(cfg.pretrain.n_samples, 16))
+    data = torch.from_numpy(drawn)
     torch.manual_seed(cfg.seed)
-    config = model_config(cfg.model, int(data.shape[1]))
+    config = model_config(cfg.model, int(data.shape[1]), conditions_of(cfg))
     model = _build_base(cfg, config)
     if not trains:
         why = f"loaded {cfg.model.checkpoint}" if cfg.model.checkpoint else "pretrain.steps=0: the model as built"
@@ -113,7 +135,7 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
             why += f" (pretrain.steps={cfg.pretrain.steps} ignored: a checkpoint is never pretrained)"
         log(f"[pretrain] base model {why}")
         return BaseModel(config, _detached(model), cfg.model.checkpoint, cached=False)
-    _fit(cfg, model, data, log)
+    _fit(cfg, model, data, log, None if cond is None else torch.from_numpy(cond))
     state = _detached(model)
     assert path is not None
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -124,8 +146,10 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
     return BaseModel(config, state, str(path), cached=False)
 
 
-def _fit(cfg: Config, model: torch.nn.Module, data: torch.Tensor, log: Callable[[str], None]) -> None:
-    """Flow matching (Adam, cosine decay) on ``data`` (n, d) for ``pretrain.steps`` steps, in place."""
+def _fit(cfg: Config, model: torch.nn.Module, data: torch.Tensor, log: Callable[[str], None],
+         cond: torch.Tensor | None = None) -> None:
+    """Flow matching (Adam, cosine decay) on ``data`` (n, d) (conditions ``cond`` (n,)) for ``pretrain.steps``
+    steps, in place."""
     steps = cfg.pretrain.steps
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -135,7 +159,7 @@ def _fit(cfg: Config, model: torch.nn.Module, data: torch.Tensor, log: Callable[
     running = 0.0
     for step in range(1, steps + 1):
         idx = torch.randint(0, data.shape[0], (cfg.pretrain.batch_size,), generator=gen)
-        loss = flow_matching_loss(model, data[idx], generator=gen)
+        loss = flow_matching_loss(model, data[idx], generator=gen, cond=None if cond is None else cond[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -155,12 +179,15 @@ def _build_base(cfg: Config, config: dict[str, Any]) -> torch.nn.Module:
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)
     if "target" in config:
+        conditional = bool(config.get("conditions"))
+        probe = (torch.zeros(2, dtype=torch.long),) if conditional else ()
         try:
             with torch.no_grad():
-                model(torch.zeros(2, config["dim"]), torch.full((2,), 0.5))
+                model(torch.zeros(2, config["dim"]), torch.full((2,), 0.5), *probe)
         except Exception as exc:
+            shown = f"[{config['conditions'][0]!r}, {config['conditions'][0]!r}]" if conditional else "None"
             raise ConfigError(f"'model.target' {cfg.model.target!r}: forward(x (2, *{config['sample_shape']}), "
-                              f"t (2,), None) failed: {type(exc).__name__}: {exc}") from exc
+                              f"t (2,), {shown}) failed: {type(exc).__name__}: {exc}") from exc
     return model
 
 

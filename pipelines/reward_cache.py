@@ -10,6 +10,10 @@ transient failures (timeouts, crashes) are not, so they are tried again on a rer
 A reward's per-sample terms (`rewards.compose.WeightedSum`) are cached with its reward, as float64 columns
 ``term.<name>`` of the same part: a cache hit brings back its terms too (:meth:`RewardCache.lookup_terms`).
 A term a part does not hold reads as NaN.
+
+With conditions (``data.conditions``) a reward's value depends on the sample's condition too: the key hashes the
+sample's bytes and the condition value's JSON text (:func:`sample_keys` with ``cond``), so the same x under two
+conditions never shares an entry; without conditions the keys are what they always were.
 """
 
 from __future__ import annotations
@@ -38,10 +42,16 @@ def reward_identity(target: str, kwargs: dict[str, Any], version: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def sample_keys(x: np.ndarray) -> list[bytes]:
-    """One 16-byte key per row of x (n, d), from the row's float64 bytes."""
+def sample_keys(x: np.ndarray, cond: Sequence[Any] | None = None) -> list[bytes]:
+    """One 16-byte key per row of x (n, d), from the row's float64 bytes; with ``cond`` (n condition values)
+    also from the row's condition (its JSON text), so a conditional reward's entries are per condition."""
     x = np.ascontiguousarray(x, dtype=np.float64)
-    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in x]
+    if cond is None:
+        return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in x]
+    if len(cond) != len(x):
+        raise ValueError(f"cond must hold one value per row: {len(cond)} for {len(x)} rows")
+    return [hashlib.blake2b(row.tobytes() + b"\x00cond:" + json.dumps(c).encode(), digest_size=16).digest()
+            for row, c in zip(x, cond)]
 
 
 class RewardCache:

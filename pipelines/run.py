@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from pipelines.bankio import Bank
+from pipelines.conditions import conditions_of, per_condition
+from pipelines import cond_record
 from pipelines.eval_guard import apply_evaluation_check
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.finetune import run_finetune
@@ -154,8 +156,9 @@ def prepare_base(
     """The pretrained base model (cached; ``base`` when given) and its bank ``out/bank_base.parquet`` (resumable)."""
     base = base if base is not None else load_or_pretrain(cfg, log=log)
     connect(cfg.ray, log=log)
+    per = max(len(conditions_of(cfg)), 1)  # bank.size counts samples per condition
     base_bank = bank_for(
-        cfg, (base.config, base.state_dict), size=cfg.bank.size, label="base", out_path=out / "bank_base.parquet",
+        cfg, (base.config, base.state_dict), size=cfg.bank.size * per, label="base", out_path=out / "bank_base.parquet",
         tilted=True, log=log,
     )
     if base_bank.n_valid < 2:
@@ -166,8 +169,22 @@ def prepare_base(
 def solve_objective(
     cfg: Config, base_bank: Bank, *, run: Any = None, log: Callable[[str], None] = print
 ) -> tuple[Threshold | None, dict[str, Any]]:
-    """Threshold eta* on the bank's valid rewards (None for objective.kind=mean) and the pseudo-reward params."""
+    """Threshold eta* on the bank's valid rewards (None for objective.kind=mean) and the pseudo-reward params.
+
+    With conditions and ``objective.per_condition`` the thresholds are solved per condition
+    (`pipelines.cond_record.solve_thresholds`), the returned threshold is None and ``objective["eta"]`` is the
+    list of eta*_c; otherwise one eta* on the pooled bank.
+    """
     threshold = None
+    if cfg.objective.kind == "cvar" and per_condition(cfg):
+        thresholds = cond_record.solve_thresholds(cfg, base_bank, log)
+        if run is not None:
+            from pipelines.conditions import metric_prefix
+
+            for value, th in zip(conditions_of(cfg), thresholds):
+                run.log_metrics({f"{metric_prefix(value)}/threshold.{k}": v for k, v in th.to_dict().items()})
+        return None, {**objective_of(cfg, None), "eta": [th.eta for th in thresholds], "side": cfg.objective.side,
+                      "alpha": cfg.objective.alpha}
     if cfg.objective.kind == "cvar":
         reward, valid = base_bank.scored(cfg.objective.invalid_reward)
         threshold = solve_threshold(
@@ -230,10 +247,12 @@ def run_from_bank(
             cfg, out, base, base_bank, objective, state, run=run, log=log, finetune=finetune_round,
         )
     final_bank = bank_for(
-        cfg, (base.config, state), size=cfg.eval.size, label="final", out_path=out / "bank_final.parquet",
-        tilted=False, log=log,
+        cfg, (base.config, state), size=cfg.eval.size * max(len(conditions_of(cfg)), 1), label="final",
+        out_path=out / "bank_final.parquet", tilted=False, log=log,
     )
-    if refinement is None:  # refinement keeps its rounds' own states; its table shows each round
+    # refinement keeps its rounds' own states (its table shows each round); with conditions the evaluation
+    # check is not run (its statistic is pooled, and the base bank's rows are not an evaluation bank per condition)
+    if refinement is None and not conditions_of(cfg):
         final_bank = apply_evaluation_check(cfg, out, base.state_dict, base_bank, final_bank, objective, log=log)
     summary = _record(cfg, out, run, base_bank, final_bank, threshold, objective, solver)
     summary["model"] = model_record(base.config, cfg.model.checkpoint)  # banks hold samples flattened
@@ -267,7 +286,12 @@ def _finetune_cached(
         return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
     weighted = solver == "weighted"
     tilt, rows = None, None
-    if weighted:  # failures at the invalid reward, or neutral (tfft.invalid.tilt_rewards); rows with a finite x
+    conditional = bool(conditions_of(cfg))
+    if weighted and conditional:  # per condition, each condition's weights summing to 1/C
+        tilt, rows = cond_record.tilt_by_condition(base_bank, objective, cfg.objective.invalid_reward)
+        log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples of {len(conditions_of(cfg))} "
+            f"conditions, ESS of the frozen weights {effective_sample_size(tilt[rows]):.0f}")
+    elif weighted:  # failures at the invalid reward, or neutral (tfft.invalid.tilt_rewards); rows with a finite x
         reward, rows = tilt_rewards(base_bank.reward, base_bank.valid, cfg.objective.invalid_reward, objective["eta"])
         rows = rows & np.isfinite(base_bank.x).all(axis=1)
         tilt = tilt_weights(np.where(rows, reward, np.nan), valid=rows, **objective)
@@ -292,7 +316,10 @@ def _finetune_cached(
         steps=steps,
         callbacks=callbacks or None,
         sde_steps=training_steps(cfg),
-        guard_baseline=_base_objective(base_bank, objective),
+        guard_baseline=(cond_record.base_objective(base_bank, objective) if conditional
+                        else _base_objective(base_bank, objective)),
+        conditions=conditions_of(cfg) or None,
+        bank_cond=base_bank.cond[rows] if weighted and conditional else None,
         min_valid_fraction=max(base_bank.n_valid / max(len(base_bank.valid), 1) - cfg.finetune.guard_validity_drop, 0.0),
         log=log,
         lora=lora_settings(cfg.finetune.lora),
@@ -389,13 +416,20 @@ def _record(
     final_r, final_v = final_bank.scored(invalid_reward)
     base_stats = _stats(summarize(base_r, valid=base_v), base_bank)
     final_stats = _stats(summarize(final_r, valid=final_v), final_bank)
-    target_stats = _stats(target_summary(base_r, valid=base_v, **objective), base_bank)
     tilt = {key: objective[key] for key in ("eta", "side", "alpha", "kl_weight")}
-    interval = target_interval(base_r, valid=base_v, seed=cfg.seed, **tilt).to_dict()
-    # screened banks (reward.screen): what the certified tail cannot give comes from the audit
-    screened = audit_statistics({"base": (base_bank, base_r, base_v), "finetuned": (final_bank, final_r, final_v)},
-                                {"base": base_stats, "finetuned": final_stats, "target": target_stats}, interval,
-                                objective=tilt, tolerance=cfg.reward.screen.tolerance, seed=cfg.seed)
+    conditional, per_cond, cond_metrics = bool(conditions_of(cfg)), None, {}
+    if conditional:  # the pooled target is the mixture of the per-condition tilts; intervals are per condition
+        per_cond, target_stats, cond_metrics = cond_record.conditional_record(
+            cfg, base_bank, final_bank, None if threshold is not None else _thresholds_of(cfg, base_bank, objective),
+            threshold, objective)
+        interval, screened = None, {}
+    else:
+        target_stats = _stats(target_summary(base_r, valid=base_v, **objective), base_bank)
+        interval = target_interval(base_r, valid=base_v, seed=cfg.seed, **tilt).to_dict()
+        # screened banks (reward.screen): what the certified tail cannot give comes from the audit
+        screened = audit_statistics({"base": (base_bank, base_r, base_v), "finetuned": (final_bank, final_r, final_v)},
+                                    {"base": base_stats, "finetuned": final_stats, "target": target_stats}, interval,
+                                    objective=tilt, tolerance=cfg.reward.screen.tolerance, seed=cfg.seed)
     record = _finetune_record(out)
     summary: dict[str, Any] = {
         "threshold": threshold.to_dict() if threshold is not None else None,
@@ -416,10 +450,15 @@ def _record(
     }
     if record.get("lora") is not None:
         summary["lora"] = record["lora"]
+    if per_cond is not None:
+        summary["conditions"] = conditions_of(cfg)
+        summary["per_condition"] = per_cond
     metrics: dict[str, float] = flatten_screen(screened)
+    metrics.update(cond_metrics)
     for name in ("base", "finetuned", "target"):
         metrics.update(flatten_stats(name, summary[name]))
-    metrics.update(flatten_interval("target", interval))
+    if interval is not None:
+        metrics.update(flatten_interval("target", interval))
     reward = load_reward(cfg.reward.target, cfg.reward.kwargs)
     terms = term_record({"base": base_bank.terms, "finetuned": final_bank.terms}, getattr(reward, "term_weights", None))
     if terms:  # a reward with terms (rewards.compose:WeightedSum): each term's statistics
@@ -439,7 +478,7 @@ def _record(
         out / "rewards.png",
         base_r[_evaluated(base_bank, base_v)],
         final_r[_evaluated(final_bank, final_v)],
-        eta=objective["eta"],
+        eta=None if isinstance(objective["eta"], list) else objective["eta"],
         side=side,
         alpha=alpha,
         cvar_base=_own_cvar(base_stats, base_r[base_v], side, alpha),
@@ -450,6 +489,14 @@ def _record(
     for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
         run.log_artifact(path)
     return summary
+
+
+def _thresholds_of(cfg: Config, bank: Bank, objective: dict[str, Any]) -> list[Threshold] | None:
+    """The per-condition thresholds behind ``objective["eta"]`` (a list), re-solved for their records; None when
+    the objective has one threshold or none."""
+    if not isinstance(objective["eta"], list):
+        return None
+    return cond_record.solve_thresholds(cfg, bank, log=lambda _: None)
 
 
 def _own_cvar(stats: dict[str, Any], rewards: np.ndarray, side: str, alpha: float) -> float:

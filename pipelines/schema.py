@@ -36,10 +36,15 @@ __all__ = [
 @dataclass
 class DataConfig:
     """Pretraining data: ``source`` is ``module:callable`` with ``f(n: int, seed: int, **kwargs) -> array
-    (n, d)``; ``kwargs`` go to it (e.g. ``smiles: ${task.smiles}``)."""
+    (n, d)``; ``kwargs`` go to it (e.g. ``smiles: ${task.smiles}``). ``conditions``: empty (unconditional), a
+    list of condition values (ints, floats or strings: class labels, prompts), or ``module:callable`` returning
+    such a list (called once, without arguments, when the config is resolved; the list then replaces it). With
+    conditions the source is called once per condition with the keyword ``cond=value`` (``pretrain.n_samples``
+    each), the model is conditional, and ``bank.size``/``eval.size`` count samples per condition."""
 
     source: str = "rewards.toy2d:sample_base"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    conditions: Any = None
 
 
 @dataclass
@@ -139,13 +144,15 @@ class ObjectiveConfig:
     """What to fine-tune for: ``kind`` mean | cvar; ``side`` right | left; tail mass ``alpha`` in (0, 1];
     ``kl_weight`` (gamma) > 0 weights KL(p || q); ``invalid_reward``: empty (null) excludes samples whose reward
     failed from the threshold, the tilt and every statistic, a number is the reward they take instead
-    (`tfft.invalid`)."""
+    (`tfft.invalid`). ``per_condition`` (with ``data.conditions``): true (the default then) solves a threshold
+    eta*_c on each condition's bank rows; false one eta* on the pooled bank; empty: true with conditions."""
 
     kind: str = "cvar"
     side: str = "right"
     alpha: float = 0.1
     kl_weight: float = 10.0
     invalid_reward: Optional[float] = None
+    per_condition: Optional[bool] = None
 
 
 @dataclass

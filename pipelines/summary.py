@@ -83,7 +83,29 @@ def format_table(summary: dict[str, Any]) -> str:
             "threshold: eta* = {eta:.4f}, J(eta*) = {value:.4f}, target tail mass = {tail_mass:.4f}, "
             "ESS = {ess:.0f}, active fraction = {active_fraction:.4f}".format(**th)
         )
+    if summary.get("per_condition"):
+        lines.append("")
+        lines.extend(_condition_lines(summary))
     return "\n".join(lines)
+
+
+def _condition_lines(summary: dict[str, Any]) -> list[str]:
+    """One block per condition: its threshold, then mean and the objective side's CVaRs, base / fine-tuned /
+    target (a few lines each, so ten conditions stay readable)."""
+    objective = summary.get("objective") or {}
+    side = objective.get("side", "right") if objective.get("kind") == "cvar" else "right"
+    header = f"{'per condition':<18}" + "".join(f"{c:>14}" for c in _COLUMNS)
+    lines = [header, "-" * len(header)]
+    for value, block in summary["per_condition"].items():
+        th = block.get("threshold")
+        extra = "" if not th else f"  (eta* = {th['eta']:.4f}, ESS = {th['ess']:.0f})"
+        lines.append(f"condition {value}{extra}")
+        rows = [("  n_valid / n", [f"{block[c]['n_valid']}/{block[c]['n']}" for c in _COLUMNS]),
+                ("  mean", [f"{block[c]['mean']:.4f}" for c in _COLUMNS])]
+        for level in block["base"][f"cvar_{side}"]:
+            rows.append((f"  {side}-CVaR({level})", [f"{block[c][f'cvar_{side}'][level]:.4f}" for c in _COLUMNS]))
+        lines.extend(f"{name:<18}" + "".join(f"{v:>14}" for v in cells) for name, cells in rows)
+    return lines
 
 
 def _entry(row_name: str) -> str:

@@ -250,6 +250,9 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     except OmegaConfBaseException as exc:
         raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
     base = from_dict(raw)
+    if base.data.conditions:
+        raise ConfigError("'data.conditions' is not supported by sweeps yet (trials report pooled results only); "
+                          "run each configuration with 'tfft run'")
     sweep = parse_sweep(sweep_raw)
     trials = []
     for name, params in expand(sweep):

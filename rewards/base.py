@@ -4,6 +4,11 @@ Every reward the pipeline sees is a :class:`Reward`. A user may instead give a p
 ``f(x: Tensor (n, d), **kwargs) -> Tensor (n,)``; :func:`load_reward` wraps it in a
 :class:`FunctionReward` whose gradient comes from autograd. Rewards are loaded from config by import
 path ``package.module:Name`` plus keyword arguments, and must be picklable (they travel to Ray actors).
+
+Conditions (``data.conditions``): a conditional run calls ``evaluate(x, cond=values)`` with ``values`` the python
+list of the n samples' condition values (None without conditions), and ``evaluate_with_grad(x, cond=values)``.
+A plain function may take ``(x)`` or ``(x, cond)``: its signature is inspected once. A reward that cannot take
+conditions keeps working unconditionally; :func:`reward_takes_cond` tells the config check which is which.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["RewardBatch", "Reward", "FunctionReward", "source_version", "import_object", "load_reward"]
+__all__ = ["RewardBatch", "Reward", "FunctionReward", "source_version", "import_object", "load_reward",
+           "reward_takes_cond"]
 
 
 @dataclass(frozen=True)
@@ -64,11 +70,12 @@ class Reward:
     robust_settings: bool = False
 
     def evaluate(self, x: torch.Tensor) -> RewardBatch:  # pragma: no cover - interface
-        """x: (n, d) float tensor -> :class:`RewardBatch` of n rewards."""
+        """x: (n, d) float tensor -> :class:`RewardBatch` of n rewards. A conditional reward declares
+        ``evaluate(self, x, cond=None)``: ``cond`` the list of the n samples' condition values, or None."""
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor) -> RewardBatch:
-        return self.evaluate(x)
+    def __call__(self, x: torch.Tensor, cond: list[Any] | None = None) -> RewardBatch:
+        return self.evaluate(x) if cond is None else self.evaluate(x, cond=cond)
 
     def describe(self, x: Any, valid: Any) -> dict[str, float]:
         """Optional task statistics of a bank's samples x (n, d) with mask valid (n,), e.g. diversity.
@@ -99,13 +106,14 @@ class Reward:
         """
         return None
 
-    def evaluate_with_grad(self, x: torch.Tensor) -> tuple[RewardBatch, torch.Tensor]:
-        """Rewards and their gradient d r / d x, shape (n, d); rows of invalid samples are zero."""
+    def evaluate_with_grad(self, x: torch.Tensor, cond: list[Any] | None = None) -> tuple[RewardBatch, torch.Tensor]:
+        """Rewards and their gradient d r / d x, shape (n, d); rows of invalid samples are zero. ``cond``: the
+        samples' condition values (passed to ``evaluate`` only when given)."""
         if not self.differentiable:
             raise TypeError(f"reward {self.name!r} has no gradients (differentiable = False)")
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            out = self.evaluate(x)
+            out = self.evaluate(x) if cond is None else self.evaluate(x, cond=cond)
             valid = out.valid & torch.isfinite(out.rewards)
             if bool(valid.any()):
                 (grad,) = torch.autograd.grad(out.rewards[valid].sum(), x, allow_unused=True)
@@ -129,8 +137,33 @@ def source_version(fn: Callable[..., Any]) -> str:
     return "src-" + hashlib.sha256(text).hexdigest()[:16]
 
 
+def _function_takes_cond(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` has a parameter named ``cond``, or a second positional parameter without a default
+    (``f(x, c)``; one with a default is a keyword setting, ``f(x, scale=1.0)``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required_second = len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+    return required_second or any(p.name == "cond" for p in params)
+
+
+def reward_takes_cond(reward: Reward) -> bool:
+    """True when ``reward`` accepts the samples' conditions: a function ``f(x, cond)``, or a Reward whose
+    ``evaluate`` has a ``cond`` parameter (or ``**kwargs``)."""
+    if isinstance(reward, FunctionReward):
+        return reward.takes_cond
+    try:
+        params = inspect.signature(reward.evaluate).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "cond" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 class FunctionReward(Reward):
-    """Wraps ``f(x: Tensor (n, d), **kwargs) -> Tensor (n,)``; non-finite outputs mark invalid samples.
+    """Wraps ``f(x: Tensor (n, d), **kwargs) -> Tensor (n,)``, or ``f(x, cond, **kwargs)`` with ``cond`` the list
+    of the samples' condition values (the signature is inspected once); non-finite outputs mark invalid samples.
 
     ``version`` is :func:`source_version` of ``f``, so the reward cache never serves values of an edited function.
     """
@@ -142,9 +175,12 @@ class FunctionReward(Reward):
         self.kwargs = kwargs
         self.name = name or f"{fn.__module__}:{fn.__qualname__}"
         self.version = source_version(fn)
+        self.takes_cond = _function_takes_cond(fn)
 
-    def evaluate(self, x: torch.Tensor) -> RewardBatch:
-        out = self.fn(x, **self.kwargs)
+    def evaluate(self, x: torch.Tensor, cond: list[Any] | None = None) -> RewardBatch:
+        if cond is not None and not self.takes_cond:
+            raise TypeError(f"reward {self.name!r} takes no conditions (define it as f(x, cond))")
+        out = self.fn(x, cond, **self.kwargs) if self.takes_cond else self.fn(x, **self.kwargs)
         if not isinstance(out, torch.Tensor):
             out = torch.as_tensor(out, dtype=torch.float64)
         out = out.reshape(-1)

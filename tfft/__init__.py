@@ -6,7 +6,8 @@ samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`), th
 (:mod:`tfft.pseudo`), a user's model of any sample shape in the flat interface (:mod:`tfft.user_model`), a VP
 diffusion network as a flow (:mod:`tfft.diffusion`), the solvers behind one ``step`` interface (§6-7,
 :mod:`tfft.solvers`), the CUDA-graph captures of the sampler and the adjoint (:mod:`tfft.graphs`), the rule for
-failed samples (:mod:`tfft.invalid`) and screened reward evaluation (:mod:`tfft.screen`).
+failed samples (:mod:`tfft.invalid`), screened reward evaluation (:mod:`tfft.screen`) and conditions (class
+labels, prompts) as an optional ``cond`` axis (:mod:`tfft.conditions`).
 """
 
 from tfft.adjoint import (
@@ -20,6 +21,7 @@ from tfft.adjoint import (
     select_time_steps,
     step_weights,
 )
+from tfft.conditions import call_velocity, per_condition_weights, row_values, uniform_conditions
 from tfft.diffusion import VPDiffusionFlow
 from tfft.graphs import GraphedAdjoint, GraphedSampler
 from tfft.invalid import InvalidRule, TailBothWays, assign_invalid, tail_both_ways, tilt_rewards
@@ -52,6 +54,10 @@ from tfft.target import (
 )
 
 __all__ = [
+    "call_velocity",
+    "per_condition_weights",
+    "row_values",
+    "uniform_conditions",
     "InvalidRule",
     "TailBothWays",
     "assign_invalid",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tfft.conditions import call_velocity
 from tfft.model import VelocityField
 from tfft.sampling import Trajectory, sigma, step_coefficients, velocity_gain
 
@@ -60,7 +61,8 @@ def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tenso
 
     b_base = lambda(t) v_base - x / (t + offset). The Jacobian is taken at (X_k, t_k), the point where the sampler
     evaluated step k, so a_k = d(a_K . X_K)/dX_k along the base model's deterministic Euler chain. The VJPs are
-    batched over the n samples; nothing is kept in the autograd graph.
+    batched over the n samples; nothing is kept in the autograd graph. With conditions (``traj.cond``) each row's
+    base velocity is its own condition's, v_base(x, t, c_i).
 
     Args:
         base_velocity: the pretrained v_base(x (n, d), t (n,)) -> (n, d).
@@ -83,7 +85,7 @@ def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tenso
         a = states[k + 1]
         with torch.enable_grad():
             x = xs[k].detach().requires_grad_(True)
-            v_base = base_velocity(x, traj.ts[k].expand(n))
+            v_base = call_velocity(base_velocity, x, traj.ts[k].expand(n), traj.cond)
             (vjp,) = torch.autograd.grad(v_base, x, grad_outputs=a)
         torch.mul(a, c_x[k], out=states[k]).add_(vjp, alpha=c_v[k])
         base_velocities[k] = v_base.detach()
@@ -307,7 +309,8 @@ def adjoint_matching_loss(
     x = xs[step_indices][:, keep]  # (m, n', d)
     n_kept = x.shape[1]
     t_flat = (step_indices.to(xs.dtype) * traj.h).repeat_interleave(n_kept)
-    v_theta = velocity(x.reshape(m * n_kept, d), t_flat).reshape(m, n_kept, d)
+    cond = None if traj.cond is None else traj.cond[keep].repeat(m)  # step-major, like x below
+    v_theta = call_velocity(velocity, x.reshape(m * n_kept, d), t_flat, cond).reshape(m, n_kept, d)
     terms = matching_loss(
         v_theta, adjoint.base_velocities[step_indices][:, keep], adjoint.states[step_indices + 1][:, keep],
         step_indices, h=traj.h, offset=traj.offset, weights=weights[keep], conditioning=conditioning,

@@ -13,6 +13,7 @@ Rules the captures rely on (all kept by the solver):
 - every tensor a graph reads is owned by the capture object (static inputs, time grid), so that its memory
   cannot be freed and reused between replays;
 - the outputs live in the graph's memory and are overwritten by the next replay: use them before calling again;
+- the captures are unconditional: with conditions (``cond``) the solver runs the eager loops instead;
 - the Brownian increments are drawn outside the graph (one `randn` of shape (K, n, d)), so a seeded generator
   gives the same trajectory with and without graphs.
 """

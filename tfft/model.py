@@ -2,7 +2,8 @@
 
 Conventions (DESIGN.md section 2): t = 0 is noise x0 ~ N(0, I), t = 1 is data, and the linear (rectified-flow)
 interpolant is x_t = t x1 + (1 - t) x0, whose conditional velocity is x1 - x0. A velocity field is any
-`nn.Module` or callable `velocity(x: Tensor (n, d), t: Tensor (n,)) -> Tensor (n, d)`.
+`nn.Module` or callable `velocity(x: Tensor (n, d), t: Tensor (n,)) -> Tensor (n, d)`; a conditional one is also
+called as `velocity(x, t, cond)` with cond a LongTensor (n,) of condition indices (`tfft.conditions`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from tfft.conditions import call_velocity
+
 __all__ = [
     "VelocityField",
     "VelocityMLP",
@@ -22,8 +25,8 @@ __all__ = [
     "gaussian_velocity_coefficient",
 ]
 
-VelocityField = Callable[[Tensor, Tensor], Tensor]
-"""`velocity(x (n, d), t (n,)) -> (n, d)`; an `nn.Module` qualifies."""
+VelocityField = Callable[..., Tensor]
+"""`velocity(x (n, d), t (n,)) -> (n, d)`, or `velocity(x, t, cond (n,))` with conditions; an `nn.Module` qualifies."""
 
 
 def _expand_time(t: Tensor | float, x: Tensor) -> Tensor:
@@ -50,15 +53,21 @@ class VelocityMLP(nn.Module):
 
     phi(t) = [sin(w_j t), cos(w_j t)]_{j < F/2}, frequencies w_j geometric in [1, 100] (t lives in [0, 1]).
     `self.config` holds the constructor arguments so that `VelocityMLP(**model.config)` rebuilds the architecture.
+    With ``num_conditions`` C > 0 the model is conditional, v_theta(x, t, c) on [x, phi(t) + E c], E a learned
+    embedding (C, F) (zero-initialised, so a fresh conditional model starts as its unconditional self);
+    ``config`` holds ``num_conditions`` only when it is set, so unconditional configs are unchanged.
 
     Args:
         dim: data dimension d.
         hidden: width of the hidden layers.
         depth: number of hidden layers (>= 1).
         time_features: F, size of the time embedding (even, >= 2).
+        num_conditions: C, the number of conditions (0: unconditional).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_features: int = 16) -> None:
+    def __init__(
+        self, dim: int, hidden: int = 128, depth: int = 3, time_features: int = 16, num_conditions: int = 0
+    ) -> None:
         super().__init__()
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -74,6 +83,14 @@ class VelocityMLP(nn.Module):
             "depth": depth,
             "time_features": time_features,
         }
+        if num_conditions < 0:
+            raise ValueError(f"num_conditions must be >= 0, got {num_conditions}")
+        self.num_conditions = int(num_conditions)
+        self.condition_embedding: nn.Embedding | None = None
+        if num_conditions:
+            self.config["num_conditions"] = int(num_conditions)
+            self.condition_embedding = nn.Embedding(num_conditions, time_features)
+            nn.init.zeros_(self.condition_embedding.weight)
         half = time_features // 2
         self.register_buffer("frequencies", torch.exp(torch.linspace(0.0, math.log(100.0), half)))
         # phi(t) = sin(t [w, w] + [0, pi/2]): sines and cosines in one kernel (not persisted: derived)
@@ -89,10 +106,17 @@ class VelocityMLP(nn.Module):
         """phi(t): (n,) -> (n, F)."""
         return torch.sin(torch.addcmul(self._phases, t[:, None], self._phase_frequencies))
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """v_theta(x, t): x (n, d), t scalar or (n,) -> (n, d)."""
+    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+        """v_theta(x, t[, cond]): x (n, d), t scalar or (n,), cond (n,) condition indices -> (n, d)."""
         t = _expand_time(t, x)
-        return self.net(torch.cat([x, self.time_embedding(t)], dim=1))
+        features = self.time_embedding(t)
+        if self.condition_embedding is not None:
+            if cond is None:
+                raise ValueError(f"this VelocityMLP is conditional ({self.num_conditions} conditions): pass cond")
+            features = features + self.condition_embedding(cond.to(device=x.device, dtype=torch.long))
+        elif cond is not None:
+            raise ValueError("this VelocityMLP is unconditional (num_conditions 0) but got cond")
+        return self.net(torch.cat([x, features], dim=1))
 
 
 class GaussianVelocity(nn.Module):
@@ -174,6 +198,7 @@ def flow_matching_loss(
     generator: torch.Generator | None = None,
     t: Tensor | None = None,
     x0: Tensor | None = None,
+    cond: Tensor | None = None,
 ) -> Tensor:
     """Rectified-flow conditional flow-matching loss, optionally weighted (DESIGN.md sections 2 and 7).
 
@@ -190,6 +215,7 @@ def flow_matching_loss(
         generator: optional torch.Generator for t and x0.
         t: optional fixed times, (n,), instead of fresh U(0, 1) draws.
         x0: optional fixed noise, (n, d), instead of fresh N(0, I) draws.
+        cond: optional condition indices (n,), passed to the velocity (`tfft.conditions.call_velocity`).
 
     Returns:
         Scalar loss.
@@ -204,7 +230,7 @@ def flow_matching_loss(
     if t.shape != (n,) or x0.shape != x1.shape:
         raise ValueError(f"t must be (n,) and x0 (n, d); got {tuple(t.shape)} and {tuple(x0.shape)}")
     x_t = t[:, None] * x1 + (1.0 - t[:, None]) * x0
-    squared_error = (velocity(x_t, t) - (x1 - x0)).pow(2).sum(dim=1)
+    squared_error = (call_velocity(velocity, x_t, t, cond) - (x1 - x0)).pow(2).sum(dim=1)
     if weights is None:
         return squared_error.mean()
     if weights.shape != (n,):

@@ -43,12 +43,15 @@ def pseudo_reward_signal(
     grad_rewards: Tensor,
     valid: Tensor,
     *,
-    eta: float | None,
+    eta: float | Tensor | None,
     side: str,
     alpha: float,
     grad_clip: float = 0.0,
 ) -> PseudoReward:
     """g and grad g from r (n,), grad r (n, d) and a validity mask (n,).
+
+    ``eta`` is one threshold, or a tensor (n,) of per-row thresholds (with conditions: each row's condition's
+    eta*_c, `tfft.conditions.row_values`).
 
     ``grad_clip > 0`` first caps each sample's ||grad r|| at that value (rewards with steep walls, such as atom
     clashes in an energy, must not swamp a batch). A sample whose reward or gradient is not finite is invalid.

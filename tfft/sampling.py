@@ -1,7 +1,9 @@
 """Samplers for a velocity field: the flow ODE and the law-preserving SDE (DESIGN.md sections 2 and 6).
 
 Time runs from t = 0 (noise, x0 ~ N(0, I)) to t = 1 (data). Both samplers run without gradients; the SDE can
-return its whole trajectory, which is what Adjoint Matching trains on (`tfft.adjoint`).
+return its whole trajectory, which is what Adjoint Matching trains on (`tfft.adjoint`). Both take optional
+conditions ``cond`` (n,), condition indices: row i follows the flow of its own condition, and the velocity is
+called as ``velocity(x, t, cond)`` (without conditions as ``velocity(x, t)``, `tfft.conditions.call_velocity`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tfft.conditions import call_velocity
 from tfft.model import VelocityField
 
 __all__ = [
@@ -53,7 +56,7 @@ def time_grid(
 
 
 @torch.no_grad()
-def sample_ode(velocity: VelocityField, x0: Tensor, grid: Tensor) -> Tensor:
+def sample_ode(velocity: VelocityField, x0: Tensor, grid: Tensor, cond: Tensor | None = None) -> Tensor:
     """Euler integration of dx/dt = v(x, t) along `grid`, from x0 at t = grid[0] to t = grid[-1].
 
     x_{k+1} = x_k + (t_{k+1} - t_k) v(x_k, t_k).
@@ -62,6 +65,7 @@ def sample_ode(velocity: VelocityField, x0: Tensor, grid: Tensor) -> Tensor:
         velocity: v(x (n, d), t (n,)) -> (n, d).
         x0: start points, (n, d); noise when grid[0] = 0.
         grid: increasing times, (K + 1,), e.g. from `time_grid`.
+        cond: optional condition indices, (n,).
 
     Returns:
         End points x_K, (n, d).
@@ -76,7 +80,7 @@ def sample_ode(velocity: VelocityField, x0: Tensor, grid: Tensor) -> Tensor:
     x = x0.clone()
     n = x0.shape[0]
     for k in range(grid.numel() - 1):
-        x = x + (grid[k + 1] - grid[k]) * velocity(x, grid[k].expand(n))
+        x = x + (grid[k + 1] - grid[k]) * call_velocity(velocity, x, grid[k].expand(n), cond)
     return x
 
 
@@ -123,6 +127,7 @@ class Trajectory:
             parameters (`sample_sde(grad_steps=...)`), or None.
         attached: those velocities, (m, n, d), attached to the autograd graph; the adjoint-matching loss uses
             them instead of calling the network again on the same points.
+        cond: the samples' condition indices, (n,), or None without conditions.
     """
 
     xs: Tensor
@@ -132,6 +137,7 @@ class Trajectory:
     velocities: Tensor | None = None
     attached_steps: Tensor | None = None
     attached: Tensor | None = None
+    cond: Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -144,7 +150,8 @@ class Trajectory:
         return self.xs[-1]
 
     def subset(self, rows: Tensor) -> Trajectory:
-        """The same trajectory restricted to samples `rows` (index tensor); `attached` rows stay attached."""
+        """The same trajectory restricted to samples `rows` (index tensor); `attached` rows stay attached, and
+        the conditions follow their rows."""
         return Trajectory(
             xs=self.xs[:, rows],
             ts=self.ts,
@@ -153,6 +160,7 @@ class Trajectory:
             velocities=None if self.velocities is None else self.velocities[:, rows],
             attached_steps=self.attached_steps,
             attached=None if self.attached is None else self.attached[:, rows],
+            cond=None if self.cond is None else self.cond[rows],
         )
 
 
@@ -194,6 +202,7 @@ def sample_sde(
     return_trajectory: bool = False,
     grad_steps: Tensor | None = None,
     grad_velocity: VelocityField | None = None,
+    cond: Tensor | None = None,
 ) -> Tensor | Trajectory:
     """Euler-Maruyama for the law-preserving SDE dX = [lambda(t) v(X, t) - X / (t + h)] dt + sigma(t) dB.
 
@@ -218,6 +227,7 @@ def sample_sde(
             attached in `Trajectory.attached` (requires return_trajectory).
         grad_velocity: the callable used at `grad_steps` (default `velocity`): e.g. the DDP wrapper of the module
             that `velocity` calls without gradients, so that only the attached calls go through its hooks.
+        cond: optional condition indices (n,): every velocity call gets them, and the trajectory keeps them.
 
     Returns:
         X_K, (n, d), or the `Trajectory` with xs (K + 1, n, d) and velocities (K, n, d).
@@ -228,6 +238,8 @@ def sample_sde(
         noise = torch.randn((steps, n, d), generator=generator, device=x0.device, dtype=x0.dtype)
     elif noise.shape != (steps, n, d):
         raise ValueError(f"noise must have shape {(steps, n, d)}, got {tuple(noise.shape)}")
+    if cond is not None and cond.shape != (n,):
+        raise ValueError(f"cond must have shape ({n},), got {tuple(cond.shape)}")
     if grad_steps is not None and not return_trajectory:
         raise ValueError("grad_steps needs return_trajectory=True")
     h = 1.0 / steps
@@ -247,11 +259,11 @@ def sample_sde(
         if k in attach:
             with torch.enable_grad():
                 # a copy: the model may save its input for backward, and xs is written in place below
-                v_attached = (grad_velocity or velocity)(x.clone(), t)
+                v_attached = call_velocity(grad_velocity or velocity, x.clone(), t, cond)
             attached[attach[k]] = v_attached
             v = v_attached.detach()
         else:
-            v = velocity(x, t)
+            v = call_velocity(velocity, x, t, cond)
         out = xs[k + 1] if return_trajectory else buffers[k % 2]
         torch.mul(x, c_x[k], out=out)
         out.add_(v, alpha=c_v[k]).add_(noise[k], alpha=c_n[k])
@@ -265,5 +277,5 @@ def sample_sde(
     return Trajectory(
         xs=xs, ts=ts, h=h, offset=offset, velocities=vs,
         attached_steps=None if grad_steps is None else grad_steps.to(device=x0.device, dtype=torch.long),
-        attached=stacked,
+        attached=stacked, cond=cond,
     )

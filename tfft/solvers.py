@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tfft.conditions import call_velocity
 from tfft.adjoint import (
     Adjoint,
     Conditioning,
@@ -47,8 +48,9 @@ __all__ = [
     "oversample_weights",
 ]
 
-PseudoRewardFn = Callable[[Tensor], PseudoReward]
-"""``fn(x1 (n, d)) -> PseudoReward``: g, grad g and validity at the trajectories' end points."""
+PseudoRewardFn = Callable[..., PseudoReward]
+"""``fn(x1 (n, d)) -> PseudoReward``: g, grad g and validity at the trajectories' end points; with conditions it
+is called as ``fn(x1, cond)``, cond (n,) the trajectories' condition indices (per-row threshold and reward)."""
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,9 @@ class AdjointMatchingSolver:
         warnings.warn(f"CUDA-graph capture failed, the solver runs its loops eagerly: {self._graph_error}", stacklevel=3)
         torch.cuda.synchronize()
 
-    def _sample(self, x0: Tensor, noise: Tensor, grad_steps: Tensor | None) -> Trajectory:
+    def _sample(self, x0: Tensor, noise: Tensor, grad_steps: Tensor | None, cond: Tensor | None = None) -> Trajectory:
         cfg = self.config
-        if self._graphs(x0) and grad_steps is None:
+        if self._graphs(x0) and grad_steps is None and cond is None:
             key = (tuple(x0.shape), x0.dtype, x0.device)
             try:
                 if key not in self._samplers:
@@ -159,13 +161,13 @@ class AdjointMatchingSolver:
                 self._capture_failed(error)
         traj = sample_sde(
             _unwrap(self.model), x0, cfg.steps, offset=cfg.offset, noise=noise, return_trajectory=True,
-            grad_steps=grad_steps, grad_velocity=self.model,
+            grad_steps=grad_steps, grad_velocity=self.model, cond=cond,
         )
         assert isinstance(traj, Trajectory)
         return traj
 
     def _adjoint(self, traj: Trajectory, terminal: Tensor, capacity: int) -> Adjoint:
-        if not self._graphs(terminal):
+        if not self._graphs(terminal) or traj.cond is not None:
             return lean_adjoint(self.base, traj, terminal)
         rows = bucket_rows(terminal.shape[0], capacity)
         key = (rows, terminal.shape[1], terminal.dtype, terminal.device)
@@ -180,20 +182,26 @@ class AdjointMatchingSolver:
             self._capture_failed(error)
             return lean_adjoint(self.base, traj, terminal)
 
-    def step(self, x0: Tensor, generator: torch.Generator | None = None) -> StepResult:
+    def step(self, x0: Tensor, generator: torch.Generator | None = None, cond: Tensor | None = None) -> StepResult:
         """One loss on fresh trajectories started at x0 (n, d) (``oversample * n`` rows when oversampling).
 
         Draw order with a generator: the loss's time steps, the Brownian increments (K, n, d), then the
         oversampling draws; the same generator state gives the same loss on the fast and the reference path.
+        ``cond`` (n,): the trajectories' condition indices (the caller draws them, e.g.
+        `tfft.conditions.uniform_conditions`); every network call and the pseudo-reward get them. With
+        conditions the sampler and the adjoint run eagerly (no CUDA graphs: the captures are unconditional).
         """
         cfg = self.config
         check_sde_arguments(x0, cfg.steps, cfg.offset)
         indices = select_time_steps(cfg.steps, late_fraction=cfg.late_fraction, n_early=cfg.n_early, generator=generator)
         indices = indices.to(x0.device)
         noise = torch.randn((cfg.steps, *x0.shape), generator=generator, device=x0.device, dtype=x0.dtype)
-        reuse = cfg.fast and cfg.oversample == 1 and not self._graphs(x0) and torch.is_grad_enabled()
-        traj = self._sample(x0, noise, indices if reuse else None)
-        signal = self.pseudo_reward_fn(traj.x1.detach().clone())
+        if cond is not None:
+            cond = cond.to(device=x0.device, dtype=torch.long)
+        reuse = cfg.fast and cfg.oversample == 1 and (not self._graphs(x0) or cond is not None) and torch.is_grad_enabled()
+        traj = self._sample(x0, noise, indices if reuse else None, cond)
+        x1 = traj.x1.detach().clone()
+        signal = self.pseudo_reward_fn(x1) if cond is None else self.pseudo_reward_fn(x1, cond)
         n_pool = x0.shape[0]
         if signal.grad.shape != traj.x1.shape or signal.valid.shape != (n_pool,):
             raise ValueError(
@@ -283,7 +291,8 @@ class AdjointMatchingSolver:
             with torch.no_grad():
                 x = sub.xs[indices][:, still]
                 t = (indices.to(x.dtype) * sub.h).repeat_interleave(still.numel())
-                v_base[:, still] = self.base(x.reshape(-1, d), t).reshape(m, still.numel(), d)
+                c = None if sub.cond is None else sub.cond[still].repeat(m)
+                v_base[:, still] = call_velocity(self.base, x.reshape(-1, d), t, c).reshape(m, still.numel(), d)
         return next_adjoint, v_base
 
     def _model_at_steps(self, sub: Trajectory, indices: Tensor) -> Tensor:
@@ -294,7 +303,8 @@ class AdjointMatchingSolver:
         m, (n, d) = indices.numel(), sub.x1.shape
         x = sub.xs[indices]
         t = (indices.to(x.dtype) * sub.h).repeat_interleave(n)
-        return self.model(x.reshape(m * n, d), t).reshape(m, n, d)
+        cond = None if sub.cond is None else sub.cond.repeat(m)
+        return call_velocity(self.model, x.reshape(m * n, d), t, cond).reshape(m, n, d)
 
     def _empty_step(self, valid: Tensor, active: Tensor, like: Tensor) -> StepResult:
         """No valid trajectory: a zero loss attached to the parameters, and the fractions that say why."""

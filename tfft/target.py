@@ -36,7 +36,8 @@ def pseudo_reward(rewards: Any, *, eta: float | None, side: str, alpha: float) -
 
     Right: g = (r - eta)_+ / alpha. Left: g = -(eta - r)_+ / alpha. ``eta=None``: the expected-reward
     objective, g = r. A torch tensor gives a differentiable tensor (sub-gradient 0 at r = eta, matching
-    :func:`pseudo_reward_grad_scale`); anything else gives a float64 numpy array.
+    :func:`pseudo_reward_grad_scale`); anything else gives a float64 numpy array. ``eta`` may also be an array
+    (tensor) of rewards' shape: a per-row threshold (with conditions, each row's condition's eta*_c).
     """
     side, alpha = _check_side(side), _check_alpha(alpha)
     if isinstance(rewards, torch.Tensor):

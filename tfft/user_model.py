@@ -7,7 +7,9 @@ DESIGN.md section 2). The library (samplers, adjoint matching, weighted flow mat
 flattens out; nothing else changes, so the law of the flat samples is the law of the user's samples, flattened
 in row-major (C) order.
 
-``cond`` is the slot for conditions (prompts, labels); the adapter passes ``None``.
+``cond`` is the slot for conditions (prompts, labels): without conditions the adapter passes ``None``; with
+``conditions`` (the list of condition values) the library's ``cond``, a LongTensor (n,) of indices into that
+list, reaches the network as the python list of the n rows' values, ``[conditions[i] for i in cond]``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def check_sample_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 class FlatVelocity(nn.Module):
-    """v(x (n, d), t (n,)) = flatten(network(x.reshape(n, *sample_shape), t, None)), d = prod(sample_shape).
+    """v(x (n, d), t (n,)[, cond (n,)]) = flatten(network(x.reshape(n, *sample_shape), t, values)), d = prod(sample_shape).
+
+    ``values`` is None without conditions, else the list of the rows' condition values (module docstring).
 
     The wrapper adds no parameters, and its state dict is the network's own (same keys, no prefix), so that a
     state saved from the wrapper loads into the user's module and back: ``checkpoint/model.pt`` of a run is
@@ -42,26 +46,39 @@ class FlatVelocity(nn.Module):
     Args:
         network: ``forward(x (n, *sample_shape), t (n,), cond) -> (n, *sample_shape)``.
         sample_shape: shape of one sample, e.g. (3, 8, 8); its product is the flat dimension d.
+        conditions: the condition values (ints, floats or strings), or None for an unconditional model.
     """
 
-    def __init__(self, network: nn.Module, sample_shape: Sequence[int]) -> None:
+    def __init__(self, network: nn.Module, sample_shape: Sequence[int], conditions: Sequence[Any] | None = None) -> None:
         super().__init__()
+        self.conditions = None if conditions is None else list(conditions)
         self.network = network
         self.sample_shape = check_sample_shape(sample_shape)
         self.dim = math.prod(self.sample_shape)
         share_child_state(self, "network")
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """x (n, d), t scalar or (n,) -> (n, d)."""
+    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+        """x (n, d), t scalar or (n,), cond (n,) condition indices (with conditions) -> (n, d)."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (n, {self.dim}) for sample_shape {self.sample_shape}, "
                              f"got {tuple(x.shape)}")
         n = x.shape[0]
-        out = self.network(x.reshape(n, *self.sample_shape), _expand_time(t, x), None)
+        out = self.network(x.reshape(n, *self.sample_shape), _expand_time(t, x), self._values(cond, n))
         if tuple(out.shape) != (n, *self.sample_shape):
             raise ValueError(f"the network returned a velocity of shape {tuple(out.shape)} for x of shape "
                              f"{(n, *self.sample_shape)}; it must return the shape of x")
         return out.reshape(n, self.dim)
+
+    def _values(self, cond: Tensor | None, n: int) -> list[Any] | None:
+        """The rows' condition values, or None without conditions."""
+        if self.conditions is None:
+            if cond is not None:
+                raise ValueError("this model has no conditions but got cond")
+            return None
+        if cond is None or cond.shape != (n,):
+            raise ValueError(f"this model is conditional ({len(self.conditions)} conditions): cond must have shape "
+                             f"({n},), got {None if cond is None else tuple(cond.shape)}")
+        return [self.conditions[i] for i in cond.tolist()]
 
 
 def share_child_state(wrapper: nn.Module, child: str) -> None:

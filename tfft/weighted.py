@@ -21,6 +21,12 @@ Two estimators of the same target p* ∝ q exp(g / gamma), q the base model's la
   the base's velocity instead of refitting it to the bank. Every row's term is convex in v (its coefficient is
   rho_i > 0). Batches are stratified: the rows with rho != 1 get ``active_share`` of the batch (at least their
   share of the bank), each stratum weighted by its bank fraction, so the estimate of L stays unbiased.
+
+With conditions (``bank_cond``, each row's condition index) every row's loss term uses its condition's velocity,
+v(x_t, t, c_i), and the tilt weights are normalised within each condition to sum 1/C
+(`tfft.conditions.per_condition_weights`): the plain estimator then draws from the mixture (1/C) sum_c p*_c. The
+anchored estimator's rho is relative to its condition's median weight: the per-x_t minimiser above holds for each
+condition separately with any per-condition constant, so each condition's rows outside the tail keep rho = 1.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tfft.conditions import call_velocity, per_condition_weights
 from tfft.model import VelocityField, flow_matching_loss
 from tfft.step import StepResult
 
@@ -45,6 +52,7 @@ def anchored_flow_matching_loss(
     *,
     generator: torch.Generator | None = None,
     time_power: float = 1.0,
+    cond: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The anchored (control-variate) weighted flow-matching loss on one batch (module docstring).
 
@@ -54,6 +62,7 @@ def anchored_flow_matching_loss(
         row_weights: the estimator's weight of each row, (n,) (stratum fraction / rows drawn from it).
         generator: for t (drawn first, (n,), :func:`draw_times`) and x0 ~ N(0, I) ((n, d)).
         time_power: t = u^(1 / time_power), u ~ U(0, 1) (:func:`draw_times`).
+        cond: optional condition indices of the rows, (n,).
 
     Returns:
         (loss, delta_v): the weighted sum over rows of (rho - 1) ||v_theta - u||^2 + ||v_theta - v_base||^2
@@ -63,9 +72,9 @@ def anchored_flow_matching_loss(
     t = draw_times(n, time_power, generator=generator, device=x1.device, dtype=x1.dtype)
     x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
     x_t = t[:, None] * x1 + (1.0 - t[:, None]) * x0
-    v = model(x_t, t)
+    v = call_velocity(model, x_t, t, cond)
     with torch.no_grad():
-        v_base = base(x_t, t)
+        v_base = call_velocity(base, x_t, t, cond)
     to_base = (v - v_base).pow(2).sum(dim=1)
     to_data = (v - (x1 - x0)).pow(2).sum(dim=1)
     rho, row_weights = rho.to(v.dtype), row_weights.to(v.dtype)
@@ -99,6 +108,7 @@ class WeightedFlowMatchingSolver:
         base: the frozen base velocity; given, the anchored estimator is used.
         active_share: anchored only: the least share of each batch drawn from the rows with rho != 1.
         time_power: the density of the flow-matching times (:func:`draw_times`); 1: uniform.
+        bank_cond: optional condition index of each bank row, (N,) (module docstring).
 
     ``step`` metrics: loss, weights_ess (ESS of the frozen weights), batch; anchored also delta_v (mean
     ||v_theta - v_base||^2 on the batch) and active_fraction (bank fraction of rows with rho != 1).
@@ -113,6 +123,7 @@ class WeightedFlowMatchingSolver:
         base: VelocityField | None = None,
         active_share: float = 0.5,
         time_power: float = 1.0,
+        bank_cond: Tensor | None = None,
     ) -> None:
         if bank_x.dim() != 2 or bank_weights.shape != (bank_x.shape[0],):
             raise ValueError(
@@ -126,17 +137,36 @@ class WeightedFlowMatchingSolver:
         self.time_power = float(time_power)
         if not 0.0 < active_share < 1.0:
             raise ValueError(f"active_share must be in (0, 1), got {active_share}")
-        self.model, self.bank_x, self.weights = model, bank_x, w / w.sum()
+        if bank_cond is not None and bank_cond.shape != (bank_x.shape[0],):
+            raise ValueError(f"bank_cond must have shape ({bank_x.shape[0]},), got {tuple(bank_cond.shape)}")
+        self.bank_cond = None if bank_cond is None else bank_cond.to(device=bank_x.device, dtype=torch.long)
+        if bank_cond is None:
+            w = w / w.sum()
+        else:
+            w = torch.as_tensor(per_condition_weights(w.numpy(), bank_cond.cpu().numpy()), dtype=torch.float64)
+        self.model, self.bank_x, self.weights = model, bank_x, w
         self.ess = float(1.0 / self.weights.pow(2).sum())
         self.base, self.active_share = base, float(active_share)
         if base is not None:
-            positive = self.weights[self.weights > 0]
-            rho = self.weights / positive.median()
+            rho = self.weights / self._medians()
             self.rho = rho.to(bank_x.device)
             active = (rho - 1.0).abs() > 1e-9
             self.active_rows = torch.nonzero(active).flatten()
             self.rest_rows = torch.nonzero(~active).flatten()
             self.active_fraction = float(active.double().mean())
+
+    def _medians(self) -> Tensor:
+        """Each row's reference weight c: the median positive weight of the bank, or of the row's condition."""
+        if self.bank_cond is None:
+            return self.weights[self.weights > 0].median()
+        cond = self.bank_cond.cpu()
+        reference = torch.ones_like(self.weights)
+        for c in torch.unique(cond).tolist():
+            rows = cond == c
+            positive = self.weights[rows & (self.weights > 0)]
+            if positive.numel():
+                reference[rows] = positive.median()
+        return reference
 
     def step(self, n: int, generator: torch.Generator | None = None, index_generator: torch.Generator | None = None) -> StepResult:
         """One batch of n bank rows; `index_generator` (CPU) draws the rows, `generator` t and x0."""
@@ -144,9 +174,11 @@ class WeightedFlowMatchingSolver:
             raise ValueError(f"n must be >= 1, got {n}")
         if self.base is None:
             idx = torch.multinomial(self.weights, n, replacement=True, generator=index_generator)
-            x1 = self.bank_x[idx.to(self.bank_x.device)]
+            idx = idx.to(self.bank_x.device)
+            x1 = self.bank_x[idx]
             t = draw_times(n, self.time_power, generator=generator, device=x1.device, dtype=x1.dtype)
-            loss = flow_matching_loss(self.model, x1, generator=generator, t=t)
+            cond = None if self.bank_cond is None else self.bank_cond[idx]
+            loss = flow_matching_loss(self.model, x1, generator=generator, t=t, cond=cond)
             extra: dict[str, float] = {}
         else:
             idx, row_weights = self._stratified(n, index_generator)
@@ -154,6 +186,7 @@ class WeightedFlowMatchingSolver:
             loss, delta_v = anchored_flow_matching_loss(
                 self.model, self.base, self.bank_x[idx], self.rho[idx], row_weights.to(self.bank_x.device),
                 generator=generator, time_power=self.time_power,
+                cond=None if self.bank_cond is None else self.bank_cond[idx],
             )
             extra = {"delta_v": delta_v, "active_fraction": self.active_fraction}
         dtype, device = loss.dtype, loss.device
