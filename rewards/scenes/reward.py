@@ -12,12 +12,13 @@ u = clip((x + 1) / 2, 0, 1) (clipping: values beyond the image range earn nothin
 
     r(x, prompt) = P (2 F + H T) - D (1 - P),      H = ``tail_height`` = 4, D = ``failure_depth`` = 5.
 
-A well-rendered object of the named colour scores about 2 F in [1.1, 2] (the body); a large one (area 90 to
-190 of the 256 pixels) gains up to H more (the rare high tail); no object of the named colour (washed out,
-wrong colour, empty image) leaves P ~ 0 and r ~ -D (the failure region). Filling the whole frame with the colour
+A well-rendered object of the named colour scores 2 F, about 0.8 to 2.3 on the data (the body; soft edges and
+jitter keep F below 1); a large one (area 90 to 190 of the 256 pixels) gains up to H more (the rare high tail);
+no object of the named colour (washed out, wrong colour, empty image) leaves P ~ 0 and r ~ -D (the failure
+region). Filling the whole frame with the colour
 (A > 190) earns no bonus. Measured on ``sample_scenes`` with the default shares (``tests/rewards/test_scenes.py``,
 ``benchmarks/results/scenes_base.md``): about 5% of the data has r > 4 (the tail: the large objects) and about
-10% has r < -2 (the failure region: washed-out and wrong-colour objects); the rest lies in [1, 2.2].
+10% has r < -2 (the failure region: washed-out and wrong-colour objects); the rest lies in [0.7, 2.3].
 
 The reward is smooth in x inside the image range and defined everywhere; only a non-finite image makes it NaN
 (invalid). The shape named by the prompt is not scored: shape is left to the prior (the data).
