@@ -62,8 +62,8 @@ def test_each_prompt_has_its_own_embedding():
 
 
 def test_flow_matching_lowers_the_loss():
-    """40 steps of conditional flow matching on two prompts' images (plain torch): the loss on a fixed
-    evaluation batch (fixed t and noise) falls well below its starting value (the zero velocity's)."""
+    """30 steps of conditional flow matching on two prompts' images (plain torch): the loss on a fixed
+    evaluation batch (fixed t and noise) falls below 70% of its starting value (the zero velocity's)."""
     gen = torch.Generator().manual_seed(1)
     red = torch.zeros(64, 3, 16, 16)
     red[:, 0, 4:12, 4:12] = 1.0
@@ -81,7 +81,7 @@ def test_flow_matching_lowers_the_loss():
 
     start = fixed_loss()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(40):
+    for _ in range(30):
         idx = torch.randint(0, 128, (32,), generator=gen)
         batch_cond = [cond[i] for i in idx.tolist()]
         loss = flow_matching_loss(lambda x, t: net(x.reshape(-1, 3, 16, 16), t, batch_cond).reshape(32, -1),
@@ -89,4 +89,5 @@ def test_flow_matching_lowers_the_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert fixed_loss() < 0.8 * start
+    end = fixed_loss()
+    assert end < 0.7 * start, (start, end)
