@@ -6,7 +6,7 @@
 For one prompt, with the library alone (the pipeline's stages, condensed): a bank of ``--bank`` SDE samples of
 the base model, the exact threshold for right- and left-CVaR(0.1) (and the expected reward with ``--mean``) at the
 config's ``kl_weight``, ``finetune.steps`` adjoint-matching steps of ``finetune.batch_size`` trajectories
-(Adam at ``finetune.lr`` after a linear warm-up, gradient norm clipped at ``finetune.grad_clip``), then
+(``finetune.oversample`` times as many drawn; Adam at ``finetune.lr`` after a linear warm-up, gradient norm clipped at ``finetune.grad_clip``), then
 ``--eval`` fresh samples: mean reward, R-CVaR(0.1), L-CVaR(0.1), tail (r > 4) and failure (r < -2) shares, next
 to the base model's and the exact target's (self-normalised weights on the bank). Appends to
 ``benchmarks/results/scenes_finetune_check.md``.
@@ -70,13 +70,17 @@ def main() -> None:
     parser.add_argument("--bank", type=int, default=2000)
     parser.add_argument("--eval", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=0, help="fine-tuning steps (0: the config's)")
+    parser.add_argument("--sides", nargs="+", default=["right", "left"], choices=["right", "left"])
     parser.add_argument("--mean", action="store_true", help="also the expected-reward objective")
+    parser.add_argument("--oversample", type=int, default=0, help="finetune.oversample (0: the config's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scenes_finetune_check.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
-    ft = {"steps": 600, "batch_size": 512, "lr": 3e-3, "warmup_steps": 20, "grad_clip": 100.0, **cfg.get("finetune", {})}
+    ft = {"steps": 600, "batch_size": 512, "lr": 3e-3, "warmup_steps": 20, "grad_clip": 100.0, "oversample": 1,
+          **cfg.get("finetune", {})}
+    oversample = args.oversample or int(ft["oversample"])
     steps = args.steps or int(ft["steps"])
     kl_weight, alpha, sde_steps = float(cfg["objective"]["kl_weight"]), 0.1, int(cfg["sampler"]["steps"])
     reward = SceneReward(**cfg["reward"].get("kwargs", {}))
@@ -88,7 +92,7 @@ def main() -> None:
     started = time.time()
     bank = draw(base, args.bank, sde_steps, gen, reward)
     rows = {"base": stats(draw(base, args.eval, sde_steps, gen, reward))}
-    objectives = [("right", "right", alpha), ("left", "left", alpha)] + ([("mean", "right", 1.0)] if args.mean else [])
+    objectives = [(side, side, alpha) for side in args.sides] + ([("mean", "right", 1.0)] if args.mean else [])
     for name, side, a in objectives:
         th = None if name == "mean" else solve_threshold(bank, side=side, alpha=a, kl_weight=kl_weight)
         eta = None if th is None else th.eta
@@ -99,7 +103,8 @@ def main() -> None:
             return pseudo_reward_signal(batch.rewards.float(), grad.float(), batch.valid, eta=eta, side=side, alpha=a)
 
         model = PromptVelocity(copy.deepcopy(net).requires_grad_(True), args.prompt)
-        solver = AdjointMatchingSolver(model, base, signal, AdjointMatchingConfig(kl_weight=kl_weight, steps=sde_steps))
+        solver = AdjointMatchingSolver(model, base, signal, AdjointMatchingConfig(kl_weight=kl_weight, steps=sde_steps,
+                                                                                 oversample=oversample))
         opt = torch.optim.Adam(model.parameters(), lr=float(ft["lr"]))
         t0 = time.time()
         for step in range(steps):
@@ -117,7 +122,8 @@ def main() -> None:
             "mean": target.mean, "R-CVaR(0.1)": target.cvar_right["0.1"], "L-CVaR(0.1)": target.cvar_left["0.1"],
             "tail %": float("nan"), "failure %": float("nan")}
     keys = list(rows["base"])
-    lines = [f"## {args.prompt!r}: {steps} adjoint-matching steps of batch {ft['batch_size']}, kl_weight {kl_weight}, "
+    lines = [f"## {args.prompt!r}: {steps} adjoint-matching steps of batch {ft['batch_size']} (oversample {oversample}), "
+             f"kl_weight {kl_weight}, "
              f"SDE {sde_steps} steps, bank {args.bank}, {args.eval} evaluation samples ({time.time() - started:.0f} s "
              f"in all, {args.threads} torch thread(s))", "",
              "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
