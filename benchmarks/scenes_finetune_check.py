@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=["right", "left"], choices=["right", "left"])
     parser.add_argument("--mean", action="store_true", help="also the expected-reward objective")
     parser.add_argument("--oversample", type=int, default=0, help="finetune.oversample (0: the config's)")
+    parser.add_argument("--lr", type=float, default=0.0, help="finetune.lr (0: the config's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scenes_finetune_check.md"))
     args = parser.parse_args()
@@ -81,6 +82,7 @@ def main() -> None:
     ft = {"steps": 600, "batch_size": 512, "lr": 3e-3, "warmup_steps": 20, "grad_clip": 100.0, "oversample": 1,
           **cfg.get("finetune", {})}
     oversample = args.oversample or int(ft["oversample"])
+    ft["lr"] = args.lr or float(ft["lr"])
     steps = args.steps or int(ft["steps"])
     kl_weight, alpha, sde_steps = float(cfg["objective"]["kl_weight"]), 0.1, int(cfg["sampler"]["steps"])
     reward = SceneReward(**cfg["reward"].get("kwargs", {}))
@@ -122,7 +124,7 @@ def main() -> None:
             "mean": target.mean, "R-CVaR(0.1)": target.cvar_right["0.1"], "L-CVaR(0.1)": target.cvar_left["0.1"],
             "tail %": float("nan"), "failure %": float("nan")}
     keys = list(rows["base"])
-    lines = [f"## {args.prompt!r}: {steps} adjoint-matching steps of batch {ft['batch_size']} (oversample {oversample}), "
+    lines = [f"## {args.prompt!r}: {steps} adjoint-matching steps of batch {ft['batch_size']} (oversample {oversample}, lr {ft['lr']:g}), "
              f"kl_weight {kl_weight}, "
              f"SDE {sde_steps} steps, bank {args.bank}, {args.eval} evaluation samples ({time.time() - started:.0f} s "
              f"in all, {args.threads} torch thread(s))", "",
