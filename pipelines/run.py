@@ -486,7 +486,8 @@ def _record(
         title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={cfg.objective.kl_weight:g}",
     )
     run.log_artifact(out / "rewards.png")
-    for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid):
+    conds = {} if base_bank.cond is None else {"base_cond": _values(base_bank), "final_cond": _values(final_bank)}
+    for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid, **conds):
         run.log_artifact(path)
     return summary
 
@@ -522,7 +523,17 @@ def _stats(summary: Any, bank: Bank) -> dict[str, Any]:
 def _describe(reward: Reward, base_bank: Bank, final_bank: Bank) -> dict[str, dict[str, float]]:
     """A reward's own statistics of the samples (``Reward.describe``; none by default), per bank."""
     stats = {
-        "base": {k: float(v) for k, v in reward.describe(base_bank.x, base_bank.valid).items()},
-        "finetuned": {k: float(v) for k, v in reward.describe(final_bank.x, final_bank.valid).items()},
+        label: {k: float(v) for k, v in reward.describe(bank.x, bank.valid, **_cond_kwarg(bank)).items()}
+        for label, bank in (("base", base_bank), ("finetuned", final_bank))
     }
     return stats if stats["base"] or stats["finetuned"] else {}
+
+
+def _values(bank: Bank) -> list[Any]:
+    """The condition value of every row of a conditional bank."""
+    return [bank.conditions[int(i)] for i in bank.cond]
+
+
+def _cond_kwarg(bank: Bank) -> dict[str, Any]:
+    """``{"cond": values}`` for a conditional bank (a reward hook's keyword), else nothing."""
+    return {} if bank.cond is None else {"cond": _values(bank)}

@@ -77,17 +77,20 @@ class Reward:
     def __call__(self, x: torch.Tensor, cond: list[Any] | None = None) -> RewardBatch:
         return self.evaluate(x) if cond is None else self.evaluate(x, cond=cond)
 
-    def describe(self, x: Any, valid: Any) -> dict[str, float]:
-        """Optional task statistics of a bank's samples x (n, d) with mask valid (n,), e.g. diversity.
+    def describe(self, x: Any, valid: Any, cond: Any = None) -> dict[str, float]:
+        """Optional task statistics of a bank's samples x (n, d) with mask valid (n,), e.g. diversity; ``cond``
+        the list of the rows' condition values in a conditional run (else None, and not passed).
 
         The pipeline records them for the base and the fine-tuned bank (``summary.json["samples"]``,
         MLflow ``base.<key>`` / ``finetuned.<key>``). Default: none.
         """
         return {}
 
-    def figures(self, out_dir: Any, base_x: Any, base_valid: Any, final_x: Any, final_valid: Any) -> list[Any]:
+    def figures(self, out_dir: Any, base_x: Any, base_valid: Any, final_x: Any, final_valid: Any,
+                base_cond: Any = None, final_cond: Any = None) -> list[Any]:
         """Optional task figures of the base against the fine-tuned samples, written into ``out_dir``;
-        returns their paths (logged to MLflow). Default: none."""
+        returns their paths (logged to MLflow). ``base_cond``/``final_cond``: the rows' condition values in a
+        conditional run (passed only then). Default: none."""
         return []
 
     def value_kwargs(self) -> dict[str, Any] | None:
