@@ -257,9 +257,10 @@ class TextToImageFlow(nn.Module):
         return self.flow(x, t, TextCondition(embeds, uncond))
 
 
-def latent_noise(n: int, seed: int, shape: Sequence[int] = (4, 64, 64)) -> Any:
+def latent_noise(n: int, seed: int, shape: Sequence[int] = (4, 64, 64), cond: Any = None) -> Any:
     """``data.source`` for a run whose base model is loaded as built (``pretrain.steps: 0``): N(0, I) latents
-    (n, prod(shape)), float32. The pipeline draws a few to learn the data dimension; nothing is trained on them."""
+    (n, prod(shape)), float32. The pipeline draws a few to learn the data dimension; nothing is trained on them,
+    so the prompt (``cond``, with ``data.conditions``) changes nothing."""
     import numpy as np
 
     dim = int(np.prod([int(s) for s in shape]))
