@@ -114,3 +114,16 @@ def test_local_backend_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'finetune.backend' local cannot report to Tune callbacks"):
         _finetune(tmp_path, "local", 2, callbacks=[object()])
     assert not (tmp_path / "finetune").exists()  # refused before any work
+
+
+def test_sweeps_need_ray_train(tmp_path):
+    from pipelines.sweep_spec import load_sweep
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("finetune: {num_workers: 1}\nsweep: {parameters: {finetune: {lr: {grid: [0.001, 0.01]}}}}\n")
+    assert len(load_sweep(config).trials) == 2
+    with pytest.raises(ConfigError, match=r"^'finetune.backend' must be ray in a sweep"):
+        load_sweep(config, ["finetune.backend=local"])
+    config.write_text("finetune: {num_workers: 1}\nsweep: {parameters: {finetune: {backend: {grid: [ray, local]}}}}\n")
+    with pytest.raises(ConfigError, match=r"^sweep trial '.*local.*': 'finetune.backend' must be ray in a sweep"):
+        load_sweep(config)
