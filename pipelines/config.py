@@ -269,6 +269,10 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(ft.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {ft.checkpoint_every}")
     _check_resources("finetune.resources_per_worker", ft.resources_per_worker)
     _require(ft.max_failures >= 0, "finetune.max_failures", f"must be >= 0, got {ft.max_failures}")
+    _require(ft.backend in ("ray", "local"), "finetune.backend", f"must be 'ray' or 'local', got {ft.backend!r}")
+    _require(ft.backend == "ray" or ft.num_workers == 1, "finetune.backend",
+             f"local runs one worker in this process: set 'finetune.num_workers' to 1 (got {ft.num_workers}) "
+             "or use backend ray (DDP)")
     _check_lora(cfg, check_imports)
     _require(cfg.threshold.ess_warning >= 0, "threshold.ess_warning", "must be >= 0")
     th = cfg.threshold

@@ -1,9 +1,11 @@
-"""The fine-tuning stage: a Ray Train ``TorchTrainer`` worker group (DDP; gloo on CPU).
+"""The fine-tuning stage: a Ray Train ``TorchTrainer`` worker group (DDP; gloo on CPU), or with
+``finetune.backend: local`` the same loop in the calling process (one worker, no Ray Train; for short runs).
 
 Each worker draws its own trajectories from the current model, computes the reward and its gradient
 itself, and builds the adjoint-matching loss (DESIGN §6); DDP all-reduces the gradients. With
 ``solver: weighted`` each worker instead fits the tilt-weighted flow-matching loss on the bank
-(DESIGN §7). Metrics go through ``ray.train.report`` every ``log_every`` steps (a barrier on every
+(DESIGN §7). The loop talks to a `pipelines.train_session` session (Ray Train's or the local one).
+Metrics go through the session's ``report`` every ``log_every`` steps (a barrier on every
 worker), checkpoints every ``checkpoint_every`` steps; rank 0 logs metrics to MLflow. A restarted
 worker group continues from the latest checkpoint.
 
@@ -26,8 +28,9 @@ import numpy as np
 import torch
 
 from pipelines.lr_schedule import lr_factor
+from pipelines.train_session import TrainSession
 
-__all__ = ["FinetuneResult", "train_loop", "run_finetune"]
+__all__ = ["FinetuneResult", "train_loop", "run_loop", "run_finetune"]
 
 
 @dataclass(frozen=True)
@@ -143,23 +146,27 @@ def _window_metrics(sums: dict[str, torch.Tensor], count: int, world: int) -> di
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the TorchTrainer: build, step the solver, all-reduce, report.
+    """``train_loop_per_worker`` of the TorchTrainer: :func:`run_loop` in a `RayTrainSession`."""
+    from pipelines.train_session import RayTrainSession
+
+    loop_started = time.time()  # the loop's own time, without the worker group's start-up
+    _quiet_train_logs()
+    run_loop(config, RayTrainSession(), loop_started=loop_started)
+
+
+def run_loop(config: dict[str, Any], session: TrainSession, *, loop_started: float | None = None) -> None:
+    """Build, step the solver, all-reduce, report: one worker's loop, talking only to ``session``.
 
     ``config`` keys: see :func:`run_finetune`. Checkpoints hold the model, the optimiser, the solver's running
     statistics, the guard's state and the best state so far.
     """
-    import ray.train
-    import ray.train.torch
-
     from pipelines.guard import Guard
 
-    loop_started = time.time()  # the loop's own time, without the worker group's start-up
-    _quiet_train_logs()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    loop_started = time.time() if loop_started is None else loop_started
+    rank, world = session.world_rank, session.world_size
     torch.set_num_threads(max(1, int(config["threads"])))
     torch.set_float32_matmul_precision(config["matmul_precision"])
-    device = ray.train.torch.get_device()
+    device = session.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, base, lora = _build_models(config, device)
@@ -173,10 +180,10 @@ def train_loop(config: dict[str, Any]) -> None:
     guard = Guard(enabled=config["guard"], metric=config["guard_metric"], min_valid_fraction=config["min_valid_fraction"],
                   patience=config["guard_patience"], baseline=config["guard_baseline"])
     solver_state, best_state, start_step = None, None, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            blob = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=True)
+    with session.latest_checkpoint() as ckpt_dir:
+        blob = None if ckpt_dir is None else torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device,
+                                                          weights_only=True)
+    if blob is not None:
         _load_model_state(model, lora, blob["model"])
         opt.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
@@ -184,7 +191,7 @@ def train_loop(config: dict[str, Any]) -> None:
         guard.load_state_dict(blob["guard"])
     # The velocity networks' buffers are constants (time-embedding frequencies): DDP's default would broadcast
     # them in every forward, and the fast path runs several forwards per step.
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_no_buffer_sync())
+    model = session.prepare_model(model, **_no_buffer_sync())
     solver = _build_solver(config, model, base, device)
     if solver_state:
         solver.load_state_dict(solver_state)
@@ -245,9 +252,9 @@ def train_loop(config: dict[str, Any]) -> None:
                         "guard": guard.state_dict(), "best": best_state, "stopped": stop,
                         "loop_seconds": time.time() - loop_started, "peak_memory_bytes": _peak_memory(device)}
                 torch.save(blob, os.path.join(tmp, "state.pt"))
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                session.report(report, checkpoint_dir=tmp)
         else:
-            ray.train.report(report)
+            session.report(report)
         if stop:
             break
 
@@ -341,7 +348,8 @@ def run_finetune(
     lora: Any = None,
     init_adapter: dict[str, torch.Tensor] | None = None,
 ) -> FinetuneResult:
-    """Run the TorchTrainer; rerunning with the same ``(storage_path, name)`` resumes its checkpoints.
+    """Run the TorchTrainer (``finetune.backend`` ray) or the same loop in this process (local); rerunning with
+    the same ``(storage_path, name)`` and backend resumes its checkpoints.
 
     ``init_state`` warm-starts the fine-tuned network (threshold refinement); the base stays the base.
     ``steps`` overrides ``finetune.steps``. ``callbacks`` go to the trainer's ``RunConfig`` (e.g. a Tune
@@ -356,9 +364,6 @@ def run_finetune(
     sde_steps = int(sde_steps or finetune.sde_steps)
     if sde_steps < 1:
         raise ValueError("run_finetune needs sde_steps (the sampler's step count) when finetune.sde_steps is 0")
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     loop_config = {
         "model_config": model_config,
         "base_state": base_state,
@@ -403,6 +408,45 @@ def run_finetune(
     }
     if conditions:  # only when set: an unconditional loop config is unchanged
         loop_config.update(conditions=list(conditions), bank_cond=bank_cond)
+    backend = getattr(finetune, "backend", "ray")
+    if backend == "local" and callbacks:
+        from pipelines.config import ConfigError
+
+        raise ConfigError("'finetune.backend' local cannot report to Tune callbacks (sweeps): use ray")
+    workers = 1 if backend == "local" else finetune.num_workers
+    log(
+        f"[finetune] solver={solver}, {workers} workers{' (local)' if backend == 'local' else ''}, "
+        f"{loop_config['steps']} steps, global batch {finetune.batch_size}"
+    )
+    lora_model = _driver_lora(lora, model_config, base_state, init_adapter, log)
+    fit = _fit_local if backend == "local" else _fit_ray
+    blob, history, checkpoint_path = fit(loop_config, finetune, name=name, storage_path=storage_path,
+                                         callbacks=callbacks)
+    from pipelines.guard import Guard
+
+    guard = Guard(enabled=finetune.guard, metric=finetune.guard_metric, baseline=guard_baseline)
+    guard.load_state_dict(blob["guard"])
+    kept, why = guard.keep()
+    if kept == "base":
+        state = {k: v.detach().cpu().clone() for k, v in (init_state or base_state).items()}
+    else:
+        state = blob["best"] if kept == "best" and blob.get("best") is not None else blob["model"]
+    log(f"[finetune] kept the {kept} state: {why}")
+    loop_seconds = blob.get("loop_seconds")
+    record = None
+    if lora_model is not None:
+        adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
+        state, record = _lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
+    return FinetuneResult(state, history, solver, checkpoint_path, kept, why, guard.stopped,
+                          None if loop_seconds is None else float(loop_seconds), lora_model, record)
+
+
+def _fit_ray(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_path: str,
+             callbacks: list[Any] | None) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """The TorchTrainer: (the result checkpoint's ``state.pt``, the kept checkpoints' metrics, its path)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     resources = {"CPU": finetune.cpus_per_worker, **{k: float(v) for k, v in finetune.resources_per_worker.items()}}
     if finetune.use_gpu:
         resources["GPU"] = 1
@@ -423,11 +467,6 @@ def run_finetune(
             callbacks=callbacks,
         ),
     )
-    log(
-        f"[finetune] solver={solver}, {finetune.num_workers} workers, {loop_config['steps']} steps, "
-        f"global batch {finetune.batch_size}"
-    )
-    lora_model = _driver_lora(lora, model_config, base_state, init_adapter, log)
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"fine-tuning failed: {result.error}")
@@ -438,23 +477,29 @@ def run_finetune(
     history = []
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict("records")
-    from pipelines.guard import Guard
+    return blob, history, result.checkpoint.path
 
-    guard = Guard(enabled=finetune.guard, metric=finetune.guard_metric, baseline=guard_baseline)
-    guard.load_state_dict(blob["guard"])
-    kept, why = guard.keep()
-    if kept == "base":
-        state = {k: v.detach().cpu().clone() for k, v in (init_state or base_state).items()}
-    else:
-        state = blob["best"] if kept == "best" and blob.get("best") is not None else blob["model"]
-    log(f"[finetune] kept the {kept} state: {why}")
-    loop_seconds = blob.get("loop_seconds")
-    record = None
-    if lora_model is not None:
-        adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
-        state, record = _lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
-    return FinetuneResult(state, history, solver, result.checkpoint.path, kept, why, guard.stopped,
-                          None if loop_seconds is None else float(loop_seconds), lora_model, record)
+
+def _fit_local(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_path: str,
+               callbacks: list[Any] | None) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """The same loop in this process (`pipelines.train_session.LocalSession`, checkpoints under
+    ``storage_path/name``); returns what :func:`_fit_ray` does. Restores this process's torch thread count and
+    matmul precision afterwards (the loop sets them)."""
+    from pipelines.train_session import LocalSession, local_checkpoints
+
+    device = torch.device("cuda:0" if finetune.use_gpu else "cpu")
+    session = LocalSession(os.path.join(storage_path, name), device, num_to_keep=2)
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    try:
+        run_loop(loop_config, session)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+    kept = local_checkpoints(session.run_dir)
+    if not kept:
+        raise RuntimeError("fine-tuning finished without a checkpoint")
+    blob = torch.load(kept[-1] / "state.pt", map_location="cpu", weights_only=True)
+    return blob, session.kept_metrics(), str(kept[-1])
 
 
 def _driver_lora(lora: Any, model_config: dict[str, Any], base_state: dict[str, torch.Tensor],

@@ -51,7 +51,7 @@ def check_local_capacity(ray_cfg: RayConfig, finetune: FinetuneConfig) -> None:
         return
     cpus = ray_cfg.num_cpus or _local_cpus()
     need = finetune.num_workers * finetune.cpus_per_worker
-    if need > cpus:
+    if need > cpus and finetune.backend == "ray":  # local: the loop runs in this process, not on Ray's CPUs
         raise ConfigError(
             f"'finetune.num_workers' ({finetune.num_workers}) x 'finetune.cpus_per_worker' "
             f"({finetune.cpus_per_worker:g}) needs {need:g} CPUs, but the local Ray has {cpus} ('ray.num_cpus'"

@@ -278,7 +278,10 @@ class FinetuneConfig:
     (molecules), guard on pseudo_reward. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every``
     steps. Workers: ``num_workers`` (DDP), ``cpus_per_worker``, one GPU each when ``use_gpu``, plus custom
     ``resources_per_worker`` (e.g. ``{train_node: 1}``); a failed worker group restarts from the latest
-    checkpoint up to ``max_failures`` times.
+    checkpoint up to ``max_failures`` times. ``backend``: ray (default: the Ray Train worker group above) |
+    local (the same loop in the driver process, one worker, ``num_workers`` must be 1, cuda:0 when ``use_gpu``;
+    no worker group start-up, for short runs, laptops and tests; checkpoints and resume as with ray, no
+    ``max_failures`` restarts; sweeps need ray).
     """
 
     solver: str = "auto"
@@ -311,6 +314,7 @@ class FinetuneConfig:
     log_every: int = 25
     checkpoint_every: int = 100
     max_failures: int = 2
+    backend: str = "ray"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

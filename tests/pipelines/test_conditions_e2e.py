@@ -48,7 +48,7 @@ sampler: {{steps: 20}}
 bank: {{size: {PER_BANK}, shard_size: {PER_BANK}}}
 eval: {{size: {PER_EVAL}}}
 finetune: {{solver: weighted, steps: 1200, batch_size: 512, lr: 0.003, num_workers: 1, log_every: 200,
-           checkpoint_every: 1200}}
+           checkpoint_every: 1200, backend: local}}
 """
 
 

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 # A small base (300 pretraining steps) and a short run; oversampling gives the 10% tail enough trajectories.
 SMALL = ["bank.size=4000", "eval.size=4000", "sampler.steps=10", "pretrain.steps=300", "pretrain.batch_size=256",
-         "model.hidden=32", "model.depth=2", "finetune.steps=120", "finetune.num_workers=1",
+         "model.hidden=32", "model.depth=2", "finetune.steps=120", "finetune.num_workers=1", "finetune.backend=local",
          "finetune.batch_size=256", "finetune.oversample=4", "finetune.lr=1e-2"]
 LORA = ["finetune.lora.enabled=true", "finetune.lora.rank=4", "finetune.lora.merge=true"]
 

@@ -26,6 +26,10 @@ STAT_KEYS = {"n", "n_valid", "mean", "cvar_right", "cvar_left"}
 LEVELS = {"0.05", "0.1", "0.2"}
 N = 10_000
 SMOKE = [f"bank.size={N}", f"eval.size={N}", "finetune.steps=300", "sampler.steps=20"]
+# In-process fine-tuning (no worker-group start-up) for every run but right-CVaR, which keeps Ray Train's DDP
+# worker group (two workers, as the configs ship).
+LOCAL = ["finetune.backend=local", "finetune.num_workers=1"]
+RAY_TRAIN = ("right",)
 
 USER_MODULE = '''
 import numpy as np
@@ -73,7 +77,9 @@ def runs(env):
     out = {}
     for name in ("mean", "right", "left"):
         out_dir = env["root"] / name
-        code = main(["run", str(ROOT / f"tune_configs/toy2d_{name}.yaml"), "--out", str(out_dir), *SMOKE, *env["common"]])
+        backend = [] if name in RAY_TRAIN else LOCAL
+        code = main(["run", str(ROOT / f"tune_configs/toy2d_{name}.yaml"), "--out", str(out_dir), *SMOKE, *backend,
+                     *env["common"]])
         assert code == 0
         out[name] = (out_dir, json.loads((out_dir / "summary.json").read_text()))
     return out
@@ -83,7 +89,8 @@ def runs(env):
 def weighted_run(env, runs):
     """Right-CVaR with the reward as a black box: weighted flow matching on the bank (DESIGN §7)."""
     out_dir = env["root"] / "right_weighted"
-    args = ["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), "finetune.solver=weighted", *SMOKE]
+    args = ["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), "finetune.solver=weighted", *SMOKE,
+            *LOCAL]
     assert main([*args, *env["common"]]) == 0
     return out_dir, json.loads((out_dir / "summary.json").read_text())
 
@@ -182,7 +189,8 @@ def test_rerun_with_same_out_reuses_every_stage(runs, env, capsys):
 
 def test_changed_config_in_same_out_is_refused(runs, env, capsys):
     out_dir, _ = runs["left"]
-    args = ["run", str(ROOT / "tune_configs/toy2d_left.yaml"), "--out", str(out_dir), "objective.alpha=0.2", *SMOKE]
+    args = ["run", str(ROOT / "tune_configs/toy2d_left.yaml"), "--out", str(out_dir), "objective.alpha=0.2", *SMOKE,
+            *LOCAL]
     assert main([*args, *env["common"]]) == 2
     assert "different config" in capsys.readouterr().err
 
@@ -195,7 +203,7 @@ def test_plain_function_reward_and_data_source_from_pythonpath(env):
         "run", str(ROOT / "tune_configs/toy2d_left.yaml"), "--out", str(out_dir),
         "data.source=my_task:source", "reward.target=my_task:reward", "objective.invalid_reward=-30",
         "bank.size=1000", "eval.size=1000", "pretrain.steps=200", "finetune.steps=20", "finetune.log_every=5",
-        *env["common"],
+        *LOCAL, *env["common"],
     ]
     assert main(args) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -226,7 +234,7 @@ def test_molecule_config_runs_for_another_molecule_by_override(env):
         "pretrain.n_samples=1000", "pretrain.steps=1500", "bank.size=200", "bank.shard_size=100", "eval.size=100",
         "bank.reward.size=1", "finetune.steps=4", "finetune.log_every=2", "finetune.batch_size=8",
         "reward.kwargs.reference_samples=5", f"reward.kwargs.cache_dir={env['root'] / 'molecule'}",
-        *env["common"],
+        *LOCAL, *env["common"],
     ]
     assert main(args) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -256,7 +264,7 @@ objective: {kind: cvar, side: right, alpha: 0.1, kl_weight: 1.0}
 sampler: {steps: 10}
 bank: {size: 4000, shard_size: 2000}
 eval: {size: 1000}
-finetune: {steps: 10, batch_size: 64, num_workers: 1, log_every: 5}
+finetune: {steps: 10, batch_size: 64, num_workers: 1, log_every: 5, backend: local}
 """
 
 

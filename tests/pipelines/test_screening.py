@@ -178,7 +178,7 @@ def screened_run(tmp_path_factory, pretrain_cache):
     overrides = [
         "threshold.refine_rounds=0", f"objective.kl_weight={GAMMA}", "bank.size=12000", "bank.shard_size=6000",
         "eval.size=4000", "pretrain.steps=300", "pretrain.n_samples=5000", "sampler.steps=10",
-        "finetune.solver=weighted", "finetune.steps=10", "finetune.num_workers=1", "finetune.batch_size=64",
+        "finetune.solver=weighted", "finetune.steps=10", "finetune.num_workers=1", "finetune.backend=local", "finetune.batch_size=64",
         "finetune.log_every=5", "reward.screen.target=rewards.gaussian:noisy_identity",
         f"pretrain.cache_dir={pretrain_cache}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         f"bank.cache_dir={root / 'rewards'}",

@@ -1,0 +1,129 @@
+"""``finetune.backend: local``: the same loop as Ray Train's, in this process.
+
+Small: a 2-D MLP, a few adjoint-matching steps. The Ray Train run (one worker) and the local run from the same
+seeds and thread count must end in the same checkpoint; a local run stopped at a checkpoint and rerun with more
+steps resumes from it and ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.config import ConfigError, load_config
+from pipelines.finetune import run_finetune
+from pipelines.models import build_model
+from pipelines.schema import FinetuneConfig
+from pipelines.train_session import local_checkpoints
+
+MODEL = {"dim": 2, "hidden": 16, "depth": 2}
+OBJECTIVE = {"eta": 0.0, "side": "right", "alpha": 0.1, "kl_weight": 10.0}
+
+
+def _finetune(out, backend: str, steps: int, *, checkpoint_every: int = 5, **kwargs):
+    torch.manual_seed(0)
+    base = build_model(MODEL).state_dict()
+    ft = FinetuneConfig(steps=steps, batch_size=16, lr=3e-3, warmup_steps=2, num_workers=1, cpus_per_worker=1,
+                        log_every=5, checkpoint_every=checkpoint_every, sde_steps=6, n_early=2, backend=backend,
+                        guard=False)
+    lines: list[str] = []
+    result = run_finetune(name="finetune", storage_path=str(out), model_config=MODEL, base_state=base,
+                          objective=OBJECTIVE, finetune=ft, reward_target="rewards.toy2d:TailReward2D",
+                          reward_kwargs={}, seed=3, solver="adjoint", log=lines.append, **kwargs)
+    return result, lines
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    return out, *_finetune(out, "local", 10)
+
+
+@pytest.mark.ray
+def test_local_ends_where_ray_train_with_one_worker_ends(tmp_path, local_run):
+    import ray
+
+    started = ray.is_initialized()
+    if not started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray_result, _ = _finetune(tmp_path, "ray", 10)
+    finally:
+        if not started:
+            ray.shutdown()
+    _, local_result, _ = local_run
+    torch.manual_seed(0)
+    base = build_model(MODEL).state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in ray_result.state_dict.items())  # it trained
+    # the same float32 ops on one thread each: bit-equal is expected; allow rounding if the kernels differ
+    _assert_same_state(local_result.state_dict, ray_result.state_dict, exact=False)
+    assert [h["step"] for h in local_result.history] == [h["step"] for h in ray_result.history] == [5, 10]
+    for a, b in zip(local_result.history, ray_result.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_local_run_checkpoints_like_ray_train(local_run):
+    out, result, lines = local_run
+    kept = local_checkpoints(out / "finetune")
+    assert [p.name for p in kept] == ["checkpoint_000001", "checkpoint_000002"]  # steps 5 and 10: two kept
+    assert result.checkpoint_path == str(kept[-1])
+    blob = torch.load(kept[-1] / "state.pt", weights_only=True)
+    assert blob["step"] == 10
+    _assert_same_state(blob["model"], result.state_dict)
+    assert any("1 workers (local), 10 steps" in line for line in lines)
+
+
+def test_interrupted_local_run_resumes_from_its_latest_checkpoint(tmp_path, local_run):
+    _, whole, _ = local_run
+    first, _ = _finetune(tmp_path, "local", 5)  # as if killed right after step 5's checkpoint
+    assert torch.load(first.checkpoint_path + "/state.pt", weights_only=True)["step"] == 5
+    resumed, _ = _finetune(tmp_path, "local", 10)
+    blob = torch.load(resumed.checkpoint_path + "/state.pt", weights_only=True)
+    assert blob["step"] == 10
+    assert [h["step"] for h in resumed.history] == [5, 10]
+    _assert_same_state(resumed.state_dict, whole.state_dict)
+    # numbering continues after the existing checkpoints; only the newest two stay
+    assert [p.name for p in local_checkpoints(tmp_path / "finetune")] == ["checkpoint_000001", "checkpoint_000002"]
+
+
+def test_local_restores_the_callers_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _finetune(tmp_path, "local", 2, checkpoint_every=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_local_backend_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"'finetune.backend'.*'finetune.num_workers'"):
+        load_config(None, ["finetune.backend=local", "finetune.num_workers=2"])
+    with pytest.raises(ConfigError, match="'finetune.backend' must be 'ray' or 'local'"):
+        load_config(None, ["finetune.backend=threads"])
+    assert load_config(None, ["finetune.backend=local", "finetune.num_workers=1"]).finetune.backend == "local"
+    with pytest.raises(ConfigError, match="'finetune.backend' local cannot report to Tune callbacks"):
+        _finetune(tmp_path, "local", 2, callbacks=[object()])
+    assert not (tmp_path / "finetune").exists()  # refused before any work
+
+
+def test_sweeps_need_ray_train(tmp_path):
+    from pipelines.sweep_spec import load_sweep
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("finetune: {num_workers: 1}\nsweep: {parameters: {finetune: {lr: {grid: [0.001, 0.01]}}}}\n")
+    assert len(load_sweep(config).trials) == 2
+    with pytest.raises(ConfigError, match=r"^'finetune.backend' must be ray in a sweep"):
+        load_sweep(config, ["finetune.backend=local"])
+    config.write_text("finetune: {num_workers: 1}\nsweep: {parameters: {finetune: {backend: {grid: [ray, local]}}}}\n")
+    with pytest.raises(ConfigError, match=r"^sweep trial '.*local.*': 'finetune.backend' must be ray in a sweep"):
+        load_sweep(config)
