@@ -3,7 +3,6 @@ an unrelated screen, resumption, failures, config errors (no Ray), and one small
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
