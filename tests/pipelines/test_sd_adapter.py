@@ -177,3 +177,33 @@ def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir):
     solver.step(torch.randn(2, 256), torch.Generator().manual_seed(0)).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all("lora_" in n and g is not None for n, g in grads.items())
+
+
+def test_finetune_lora_wraps_the_unets_attention_with_prompts(sd_dir):
+    """The pipeline's `finetune.lora` (pipelines.lora) on the adapter of a conditional run: adapters on the
+    UNet's attention projections only, the adapters-off base equals the plain model exactly, per-row prompts
+    reach the UNet, and only adapter weights receive gradients."""
+    pytest.importorskip("peft")
+    from pipelines.lora import LoraSettings, build_lora_model
+
+    prompts = ["a cat", "a dog"]
+    config = {"dim": 256, "target": TARGET, "kwargs": {"path": str(sd_dir)}, "sample_shape": list(SHAPE),
+              "conditions": prompts}
+    plain = build_model(config)
+    settings = LoraSettings.from_dict({"enabled": True, "rank": 4, "alpha": 4, "dropout": 0.0,
+                                       "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "merge": False})
+    lora = build_lora_model(config, plain.state_dict(), settings)
+    assert lora.targets and all(name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")
+                                for name in lora.targets)
+    x, t, cond = torch.randn(4, 256), torch.rand(4), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        for name, p in lora.velocity.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # make the adapters matter
+        want = plain(x, t, cond)
+        assert torch.equal(lora.base(x, t, cond), want)
+        assert (lora.velocity(x, t, cond) - want).abs().max() > 1e-3
+        assert not torch.allclose(plain(x, t, torch.tensor([1, 0, 1, 0])), want)  # the prompt matters
+    lora.velocity(x, t, cond).square().sum().backward()
+    grads = {n for n, p in lora.velocity.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
