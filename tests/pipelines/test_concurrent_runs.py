@@ -23,7 +23,8 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).parents[2]
-TINY = ["bank.size=1000", "eval.size=1000", "finetune.steps=10", "sampler.steps=10", "pretrain.steps=200"]
+TINY = ["bank.size=500", "eval.size=500", "finetune.steps=4", "sampler.steps=5", "pretrain.steps=100",
+        "finetune.num_workers=1", "finetune.log_every=2", "finetune.checkpoint_every=2"]
 # Lines that mean Ray or a stage went wrong: Ray's error-level log lines ("[2026-01-01 10:00:00,123 E 4242 4243]"),
 # tracebacks, ERROR-level Python logging, the multiple-instances message.
 BAD = re.compile(r"Found multiple active Ray instances|Traceback|\bERROR\b|,\d{3} E \d+ \d+\]")

@@ -139,7 +139,8 @@ def test_readme_example_builds_pretrains_and_reloads(tmp_path, monkeypatch):
     from pathlib import Path
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Bring your own model"):readme.index("## Plugging in your own reward")]
+    start = readme.index("## Bring your own model")
+    section = readme[start:readme.index("\n### ", start)]  # the section's own text, before its subsections
     module, config, command = (body for _, body in re.findall(r"```(\w+)\n(.*?)```", section, re.S))
     (tmp_path / "my_flow.py").write_text(module)
     (tmp_path / "my_flow.yaml").write_text(config)
