@@ -8,7 +8,6 @@ the same noise and prompts, without and with classifier-free guidance; the state
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,12 +27,7 @@ TOLERANCE = 1e-5  # float32 rounding relative to the largest latent entry (measu
 TOKENS = 8  # T5 tokens (zeros without a T5): short, for speed
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

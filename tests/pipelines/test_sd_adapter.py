@@ -12,7 +12,6 @@ and with classifier-free guidance (DDIM is Euler of the wrapped flow: tfft.diffu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,12 +32,7 @@ TOLERANCE = 1e-5  # float32 rounding, relative to the largest latent entry (meas
 TARGET = "pipelines.adapters.stable_diffusion:stable_diffusion"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

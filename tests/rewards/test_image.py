@@ -5,7 +5,6 @@ their own prompts, LatentDecoded against decode-then-reward, pickling, and bad p
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,12 +29,7 @@ LATENT = [4, 8, 8]
 PROMPTS = ["a photo of a cat", "a red car", "blue house"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

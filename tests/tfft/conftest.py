@@ -1,17 +1,11 @@
-"""Shared fixtures of the library tests."""
+"""Shared fixtures of the library tests: every test runs with one torch thread (`tests/conftest.py`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
+
 
 
 @pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors in long Python loops: one thread is fastest and immune to other processes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _single_thread(single_thread: None) -> None:
+    """The library tests' tiny tensors in long Python loops: one thread (the shared fixture) for every test."""
