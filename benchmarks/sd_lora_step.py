@@ -1,6 +1,6 @@
 """Adjoint-matching fine-tuning steps of a Stable-Diffusion-1.5-sized UNet with LoRA, bf16 (CUDA), or a smoke run.
 
-    python -m benchmarks.sd_lora_step                 # CUDA: SD1.5-size UNet, batch 4 and 8 -> results/sd_lora_step.md
+    python -m benchmarks.sd_lora_step                 # CUDA: SD1.5-size UNet, batch 8 and 16 -> results/sd_lora_step.md
     python -m benchmarks.sd_lora_step --steps 2       # without CUDA: the tiny random pipeline, 2 steps (smoke check)
     python -m benchmarks.sd_lora_step --write         # ... and write the CPU numbers (results/sd_lora_step_cpu.md)
 
@@ -61,37 +61,15 @@ SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end":
 PROMPT_TOKENS = 77
 
 
-class AdaptersDisabled(nn.Module):
-    """v_base: the fine-tuned module with its LoRA adapters switched off for the call (no weight copy)."""
+def lora_model(flow: nn.Module) -> Any:
+    """The flow with LoRA adapters through the pipeline's own `pipelines.lora.wrap_lora` (rank 16 on the attention
+    projections; only the adapters train): ``.velocity`` trains, ``.base`` is the same network with the adapters
+    switched off (no weight copy; it suspends gradient checkpointing for its call, so the adjoint's
+    vector-Jacobian products are the base's)."""
+    from pipelines.lora import LoraSettings, wrap_lora
 
-    def __init__(self, model: nn.Module, unet: Any) -> None:
-        super().__init__()
-        object.__setattr__(self, "model", model)  # not a submodule: the base owns no parameters
-        object.__setattr__(self, "unet", unet)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """v_base(x, t). Gradient checkpointing is off for the call: its recomputation would run in the backward
-        pass (the adjoint's VJP), after the adapters are back on."""
-        checkpointing = self.unet.is_gradient_checkpointing
-        self.unet.disable_adapters()
-        if checkpointing:
-            self.unet.disable_gradient_checkpointing()
-        try:
-            return self.model(x, t)
-        finally:
-            self.unet.enable_adapters()
-            if checkpointing:
-                self.unet.enable_gradient_checkpointing()
-
-
-def add_lora(unet: Any) -> int:
-    """LoRA of rank 16 on the attention projections (peft through diffusers); returns the trainable parameter count."""
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    settings = LoraSettings(LORA_RANK, float(LORA_RANK), 0.0, tuple(LORA_TARGETS))
+    return wrap_lora(flow, settings, flat=(flow.sample_shape, None))
 
 
 def sd15_flow(device: str) -> tuple[nn.Module, Any]:
@@ -127,16 +105,37 @@ def stand_in_reward(x1: Tensor) -> Any:
     return pseudo_reward_signal(-x1.pow(2).sum(1) / (2 * d), -x1 / d, valid, eta=None, side="right", alpha=1.0)
 
 
-def time_steps(flow: nn.Module, unet: Any, batch: int, steps: int, device: str, n_early: int) -> dict[str, Any]:
+def time_forward(model: nn.Module, batch: int, device: str, repeats: int) -> tuple[float, float]:
+    """Median ms of one plain forward of the velocity (no gradient) and of one forward + backward, at this batch:
+    the floor a step is compared with (a step makes K sampler forwards, the adjoint's VJPs, the loss)."""
+    x = torch.randn(batch, model.dim, device=device)
+    t = torch.full((batch,), 0.5, device=device)
+    out: list[float] = []
+    for grad in (False, True):
+        times = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            with torch.set_grad_enabled(grad):
+                v = model(x, t)
+                if grad:
+                    v.float().square().mean().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:
+                times.append(1000.0 * (time.perf_counter() - start))
+        out.append(statistics.median(times))
+    model.zero_grad(set_to_none=True)
+    return out[0], out[1]
+
+
+def time_steps(lora: Any, batch: int, steps: int, device: str, n_early: int) -> dict[str, Any]:
     """Median ms per fine-tuning step (solver step, backward, AdamW) and peak CUDA memory at this batch."""
     from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver
-    from tfft.user_model import FlatVelocity
 
-    model = FlatVelocity(flow, flow.sample_shape)
-    base = AdaptersDisabled(model, unet)
+    model, base = lora.velocity, lora.base
     config = AdjointMatchingConfig(kl_weight=1.0, steps=K, n_early=n_early)
     solver = AdjointMatchingSolver(model, base, stand_in_reward, config)
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimiser = torch.optim.AdamW(lora.trainable(), lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
     times: list[float] = []
     if device == "cuda":
@@ -154,11 +153,17 @@ def time_steps(flow: nn.Module, unet: Any, batch: int, steps: int, device: str, 
                 torch.cuda.synchronize()
             if i >= 2 or device == "cpu":
                 times.append(1000.0 * (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     graphs = [str(w.message) for w in caught if "CUDA-graph" in str(w.message)]
+    forward_ms, forward_backward_ms = time_forward(model, batch, device, repeats=3 if device == "cuda" else 1)
+    ms = statistics.median(times)
     return {
         "batch": batch,
-        "ms_per_step": statistics.median(times),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+        "ms_per_step": ms,
+        "peak_gib": peak,
+        "forward_ms": forward_ms,
+        "forward_backward_ms": forward_backward_ms,
+        "step_over_forward": ms / forward_ms,
         "loss_rows": int(result.metrics["batch"]),
         "delta_v": float(result.metrics["delta_v"]),  # > 0 once the LoRA weights moved: the base is not the model
         "graphs": "eager (capture failed)" if graphs else ("CUDA graphs" if device == "cuda" else "eager"),
@@ -175,14 +180,20 @@ def write(rows: list[dict[str, Any]], device_name: str, trainable: int, args: ar
         f"reward (every trajectory carries an adjoint); AdamW step included; median over {args.steps} steps after "
         "2 warm-up steps. Written by `python -m benchmarks.sd_lora_step`.",
         "",
-        "| batch | ms/step | peak memory (GiB) | loops |",
-        "|---|---|---|---|",
+        f"Gradient checkpointing of the UNet: {'off' if args.no_checkpointing else 'on'}. 'forward ms' is one plain "
+        "no-grad forward of the velocity at the batch (CFG off), 'step / forward' the step time in such forwards "
+        "(the step itself makes K sampler forwards, the adjoint's VJPs and the loss's forwards and backwards).",
+        "",
+        "| batch | ms/step | peak memory (GiB) | forward ms | forward+backward ms | step / forward | loops |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['batch']} | {row['error']} | | |")
+            lines.append(f"| {row['batch']} | {row['error']} | | | | | |")
         else:
-            lines.append(f"| {row['batch']} | {row['ms_per_step']:,.0f} | {row['peak_gib']:.1f} | {row['graphs']} |")
+            lines.append(f"| {row['batch']} | {row['ms_per_step']:,.0f} | {row['peak_gib']:.1f} | "
+                         f"{row['forward_ms']:,.1f} | {row['forward_backward_ms']:,.1f} | "
+                         f"{row['step_over_forward']:.0f} | {row['graphs']} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"[sd_lora_step] wrote {path}")
@@ -191,37 +202,45 @@ def write(rows: list[dict[str, Any]], device_name: str, trainable: int, args: ar
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on CUDA, 2 on the CPU)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 4 8 on CUDA, 2 on the CPU")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 8 16 on CUDA, 2 on the CPU")
     parser.add_argument("--n-early", type=int, default=3, help="random early steps in the loss")
+    parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation (no recompute)")
+    parser.add_argument("--out", default=None, help="results file (default: results/sd_lora_step.md on CUDA)")
     parser.add_argument("--write", action="store_true", help="without CUDA, write results/sd_lora_step_cpu.md")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     args.steps = args.steps or (5 if cuda else 2)
-    batches = args.batches or ([4, 8] if cuda else [2])
+    batches = args.batches or ([8, 16] if cuda else [2])
     with tempfile.TemporaryDirectory() as tmp:
         if cuda:
             flow, unet = sd15_flow(device)
         else:
             torch.set_num_threads(1)
             flow, unet = tiny_flow(Path(tmp))
-        trainable = add_lora(unet)
+        lora = lora_model(flow)
+        trainable = sum(p.numel() for p in lora.trainable())
         unet.to(device)
-        unet.enable_gradient_checkpointing()
+        if not args.no_checkpointing:
+            unet.enable_gradient_checkpointing()
         rows = []
         for batch in batches:
             try:
-                row = time_steps(flow, unet, batch, args.steps, device, args.n_early)
+                row = time_steps(lora, batch, args.steps, device, args.n_early)
             except torch.cuda.OutOfMemoryError:
                 row = {"batch": batch, "error": "out of memory"}
+            except Exception as error:  # noqa: BLE001 - record it and go on with the next batch
+                row = {"batch": batch, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+            if cuda:
                 torch.cuda.empty_cache()
             print(f"[sd_lora_step] {device} batch {batch}: {row}", flush=True)
             rows.append(row)
     if cuda:
-        write(rows, torch.cuda.get_device_name(), trainable, args, RESULTS / "sd_lora_step.md")
+        path = Path(args.out) if args.out else RESULTS / "sd_lora_step.md"
+        write(rows, torch.cuda.get_device_name(), trainable, args, path)
     elif args.write:
         write(rows, f"CPU ({platform.processor() or platform.machine()}), tiny pipeline", trainable, args,
-              RESULTS / "sd_lora_step_cpu.md")
+              Path(args.out) if args.out else RESULTS / "sd_lora_step_cpu.md")
 
 
 if __name__ == "__main__":

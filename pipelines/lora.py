@@ -23,7 +23,7 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,7 @@ __all__ = [
     "resolve_targets",
     "check_lora",
     "build_lora_model",
+    "wrap_lora",
     "adapter_state",
     "load_adapter",
     "merged_state",
@@ -135,20 +136,37 @@ class AdapterOffVelocity(nn.Module):
         super().__init__()
         object.__setattr__(self, "_velocity", velocity)
         object.__setattr__(self, "_peft", peft_model)
+        object.__setattr__(self, "_checkpointable", None)
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
         """x (n, d), t scalar or (n,), cond (n,) condition indices or None -> the base velocity (n, d), in eval
         mode like a separate frozen base."""
         velocity = self._velocity
         training = velocity.training
+        suspended = [m for m in self._checkpointed() if m.is_gradient_checkpointing]
         if training:
             velocity.eval()
+        for module in suspended:
+            module.disable_gradient_checkpointing()
         try:
             with self._peft.disable_adapter():
                 return velocity(x, t) if cond is None else velocity(x, t, cond)
         finally:
+            for module in suspended:
+                module.enable_gradient_checkpointing()
             if training:
                 velocity.train()
+
+    def _checkpointed(self) -> list[nn.Module]:
+        """The submodules that can checkpoint activations (diffusers' ``ModelMixin``: ``is_gradient_checkpointing``
+        and ``disable_gradient_checkpointing``), found once. Checkpointing is off for the base call: its forward
+        would be recomputed in the backward pass (the adjoint's vector-Jacobian product), after the adapters are
+        back on, and the product would be the adapted velocity's."""
+        if self._checkpointable is None:
+            found = [m for m in self._velocity.modules()
+                     if hasattr(m, "disable_gradient_checkpointing") and hasattr(m, "is_gradient_checkpointing")]
+            object.__setattr__(self, "_checkpointable", found)
+        return self._checkpointable
 
 
 @dataclass
@@ -184,17 +202,29 @@ def build_lora_model(
     Every non-adapter parameter has ``requires_grad=False``: an optimiser given :meth:`LoraModel.trainable` and
     DDP (which all-reduces only parameters that require gradients) see only the adapters.
     """
+    network = _network(model_config, base_state)
+    flat = None if "target" not in model_config else (model_config["sample_shape"], model_config.get("conditions"))
+    return wrap_lora(network, settings, adapter, flat=flat)
+
+
+def wrap_lora(
+    network: nn.Module, settings: LoraSettings, adapter: dict[str, Tensor] | None = None,
+    flat: tuple[Sequence[int], Sequence[Any] | None] | None = None,
+) -> LoraModel:
+    """``network`` (modified in place) wrapped in LoRA adapters, fresh or ``adapter`` in peft's format.
+
+    ``flat`` = (sample_shape, conditions): the network is a user model ``forward(x (n, *shape), t, cond)``, seen
+    by the solvers through `tfft.user_model.FlatVelocity`; None: it already takes flat x (n, d).
+    """
     from peft import get_peft_model
 
     from tfft.user_model import FlatVelocity
 
-    network = _network(model_config, base_state)
     targets = resolve_targets(settings, network)
     peft_model = get_peft_model(network, _peft_config(settings, network))
     if adapter is not None:
         load_adapter(peft_model, adapter)
-    velocity: nn.Module = (FlatVelocity(peft_model, model_config["sample_shape"], model_config.get("conditions"))
-                           if "target" in model_config else peft_model)
+    velocity: nn.Module = peft_model if flat is None else FlatVelocity(peft_model, flat[0], flat[1])
     return LoraModel(velocity, peft_model, AdapterOffVelocity(velocity, peft_model), targets)
 
 
