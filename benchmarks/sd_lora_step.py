@@ -16,7 +16,10 @@ A step is ``tfft.solvers.AdjointMatchingSolver.step`` (K = 20 SDE steps, the los
 ``--n-early`` random early ones) on a differentiable stand-in reward on latents, r(x) = -||x||^2 / (2 d), with the
 expected-reward objective (every trajectory carries an adjoint: the heaviest case), then backward and an AdamW
 step. Reported: median ms/step over ``--steps`` timed steps after 2 warm-up steps, and the peak CUDA memory.
-Gradient checkpointing of the UNet is on for the loss's forward and backward.
+The memory options of ``finetune`` are on by default: gradient checkpointing of the UNet's blocks
+(``pipelines.lora.enable_checkpointing``: the base's recomputation runs with the adapters off, so the adjoint's
+VJPs are checkpointed too), the loss evaluated and backpropagated ``--loss-chunk`` chosen steps at a time
+(``finetune.loss_chunk``, same gradient), and on CUDA the UNet's frozen weights held in bf16 (``--weights``).
 """
 
 from __future__ import annotations
@@ -72,14 +75,14 @@ def lora_model(flow: nn.Module) -> Any:
     return wrap_lora(flow, settings, flat=(flow.sample_shape, None))
 
 
-def sd15_flow(device: str) -> tuple[nn.Module, Any]:
+def sd15_flow(device: str, weights: str) -> tuple[nn.Module, Any]:
     """The SD1.5-sized TextToImageFlow (random weights, bf16 autocast) and its UNet."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from pipelines.adapters.stable_diffusion import PromptEncoder, TextToImageFlow
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(getattr(torch, weights))
     embedding = torch.randn(1, PROMPT_TOKENS, SD15_UNET_CONFIG["cross_attention_dim"])
     encoder = PromptEncoder(encode_fn=lambda prompts: embedding.expand(len(prompts), -1, -1))
     abar = DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod
@@ -128,12 +131,12 @@ def time_forward(model: nn.Module, batch: int, device: str, repeats: int) -> tup
     return out[0], out[1]
 
 
-def time_steps(lora: Any, batch: int, steps: int, device: str, n_early: int) -> dict[str, Any]:
+def time_steps(lora: Any, batch: int, steps: int, device: str, n_early: int, loss_chunk: int) -> dict[str, Any]:
     """Median ms per fine-tuning step (solver step, backward, AdamW) and peak CUDA memory at this batch."""
     from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver
 
     model, base = lora.velocity, lora.base
-    config = AdjointMatchingConfig(kl_weight=1.0, steps=K, n_early=n_early)
+    config = AdjointMatchingConfig(kl_weight=1.0, steps=K, n_early=n_early, loss_chunk=loss_chunk)
     solver = AdjointMatchingSolver(model, base, stand_in_reward, config)
     optimiser = torch.optim.AdamW(lora.trainable(), lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -147,7 +150,7 @@ def time_steps(lora: Any, batch: int, steps: int, device: str, n_early: int) -> 
             start = time.perf_counter()
             optimiser.zero_grad(set_to_none=True)
             result = solver.step(torch.randn(batch, model.dim, generator=gen, device=device), gen)
-            result.loss.backward()
+            result.backward()
             optimiser.step()
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -180,7 +183,9 @@ def write(rows: list[dict[str, Any]], device_name: str, trainable: int, args: ar
         f"reward (every trajectory carries an adjoint); AdamW step included; median over {args.steps} steps after "
         "2 warm-up steps. Written by `python -m benchmarks.sd_lora_step`.",
         "",
-        f"Gradient checkpointing of the UNet: {'off' if args.no_checkpointing else 'on'}. 'forward ms' is one plain "
+        f"Gradient checkpointing of the UNet: {'off' if args.no_checkpointing else 'on'}; loss chunk: "
+        f"{args.loss_chunk or 'off (all chosen steps at once)'}; UNet weights: "
+        f"{args.weights if torch.cuda.is_available() else 'float32 (tiny pipeline)'}. 'forward ms' is one plain "
         "no-grad forward of the velocity at the batch (CFG off), 'step / forward' the step time in such forwards "
         "(the step itself makes K sampler forwards, the adjoint's VJPs and the loss's forwards and backwards).",
         "",
@@ -200,10 +205,15 @@ def write(rows: list[dict[str, Any]], device_name: str, trainable: int, args: ar
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipelines.lora import enable_checkpointing
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on CUDA, 2 on the CPU)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 8 16 on CUDA, 2 on the CPU")
     parser.add_argument("--n-early", type=int, default=3, help="random early steps in the loss")
+    parser.add_argument("--loss-chunk", type=int, default=2, help="chosen steps per loss backward (0: all at once)")
+    parser.add_argument("--weights", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="dtype of the UNet's frozen weights on CUDA (the LoRA weights stay float32)")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation (no recompute)")
     parser.add_argument("--out", default=None, help="results file (default: results/sd_lora_step.md on CUDA)")
     parser.add_argument("--write", action="store_true", help="without CUDA, write results/sd_lora_step_cpu.md")
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = args.batches or ([8, 16] if cuda else [2])
     with tempfile.TemporaryDirectory() as tmp:
         if cuda:
-            flow, unet = sd15_flow(device)
+            flow, unet = sd15_flow(device, args.weights)
         else:
             torch.set_num_threads(1)
             flow, unet = tiny_flow(Path(tmp))
@@ -222,11 +232,11 @@ def main(argv: list[str] | None = None) -> None:
         trainable = sum(p.numel() for p in lora.trainable())
         unet.to(device)
         if not args.no_checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(lora.velocity)
         rows = []
         for batch in batches:
             try:
-                row = time_steps(lora, batch, args.steps, device, args.n_early)
+                row = time_steps(lora, batch, args.steps, device, args.n_early, args.loss_chunk)
             except torch.cuda.OutOfMemoryError:
                 row = {"batch": batch, "error": "out of memory"}
             except Exception as error:  # noqa: BLE001 - record it and go on with the next batch

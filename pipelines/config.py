@@ -215,6 +215,9 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
         f"must be 'uniform' or 'quadratic', got {cfg.sampler.grid!r}",
     )
     _check_model(cfg.model, check_imports)
+    _require(not cfg.finetune.gradient_checkpointing or bool(cfg.model.target), "finetune.gradient_checkpointing",
+             "needs a model.target whose network supports it (diffusers or transformers models); the built-in MLP "
+             "has nothing to checkpoint")
     pre = cfg.pretrain
     _require(pre.n_samples >= 1, "pretrain.n_samples", f"must be >= 1, got {pre.n_samples}")
     _require(pre.steps >= 0, "pretrain.steps", f"must be >= 0, got {pre.steps}")
@@ -255,6 +258,8 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _require(0 <= ft.clip_quantile <= 1, "finetune.clip_quantile", f"must be in [0, 1] (0: off), got {ft.clip_quantile}")
     _require(ft.clip_factor >= 1, "finetune.clip_factor", f"must be >= 1, got {ft.clip_factor}")
     _require(ft.oversample >= 1, "finetune.oversample", f"must be >= 1, got {ft.oversample}")
+    _require(ft.loss_chunk >= 0, "finetune.loss_chunk", f"must be >= 0 (0: one loss over every chosen step), "
+             f"got {ft.loss_chunk}")
     _require(ft.matmul_precision in ("highest", "high"), "finetune.matmul_precision",
              f"must be highest or high, got {ft.matmul_precision!r}")
     _require(0 <= ft.guard_validity_drop <= 1, "finetune.guard_validity_drop",

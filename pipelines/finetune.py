@@ -118,7 +118,7 @@ def _build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn
         kl_weight=config["objective"]["kl_weight"], steps=config["sde_steps"], late_fraction=config["late_fraction"],
         n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
         clip_factor=config["clip_factor"],
-        oversample=config["oversample"], fast=config["fast_path"],
+        oversample=config["oversample"], fast=config["fast_path"], loss_chunk=config.get("loss_chunk", 0),
     )
     return AdjointMatchingSolver(model, base, _pseudo_reward_fn(config), am)
 
@@ -205,6 +205,7 @@ def run_loop(config: dict[str, Any], session: TrainSession, *, loop_started: flo
     for step in range(start_step + 1, config["steps"] + 1):
         seed = config["seed"] * 100_003 + step * 1009 + rank
         gen = torch.Generator(device=device).manual_seed(seed)
+        opt.zero_grad(set_to_none=True)  # before the step: a chunked loss backpropagates inside it
         if config["solver"] == "adjoint":
             x0 = torch.randn(local_batch * config["oversample"], config["dim"], generator=gen, device=device)
             cond = None
@@ -215,8 +216,7 @@ def run_loop(config: dict[str, Any], session: TrainSession, *, loop_started: flo
             result = solver.step(x0, gen, cond)
         else:
             result = solver.step(local_batch, gen, index_generator=torch.Generator().manual_seed(seed))
-        opt.zero_grad(set_to_none=True)
-        result.loss.backward()
+        result.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
         metrics = dict(result.metrics, grad_norm=grad_norm.detach(),
                        grad_clipped=(grad_norm > config["grad_clip"]).to(torch.float64))
@@ -266,11 +266,15 @@ def _build_models(config: dict[str, Any], device: Any) -> tuple[Any, Any, Any]:
     adapters (fresh, or ``config["init_adapter"]``), only they require gradients, and the base is the same model
     with its adapters switched off (`pipelines.lora.AdapterOffVelocity`): one copy of the weights.
     """
+    from pipelines.lora import enable_checkpointing
+
     if config.get("lora"):
         from pipelines.lora import LoraSettings, build_lora_model
 
         lora = build_lora_model(config["model_config"], config["base_state"], LoraSettings.from_dict(config["lora"]),
                                 adapter=config.get("init_adapter"))
+        if config.get("gradient_checkpointing"):
+            enable_checkpointing(lora.velocity)
         return lora.velocity.to(device), lora.base, lora
     from pipelines.models import build_model
 
@@ -278,6 +282,8 @@ def _build_models(config: dict[str, Any], device: Any) -> tuple[Any, Any, Any]:
     for p in base.parameters():
         p.requires_grad_(False)
     model = build_model(config["model_config"], config.get("init_state") or config["base_state"]).to(device)
+    if config.get("gradient_checkpointing"):
+        enable_checkpointing(model)
     return model, base, None
 
 
@@ -387,6 +393,8 @@ def run_finetune(
         "clip_factor": finetune.clip_factor,
         "oversample": finetune.oversample if solver == "adjoint" else 1,
         "fast_path": finetune.fast_path,
+        "loss_chunk": finetune.loss_chunk,
+        "gradient_checkpointing": finetune.gradient_checkpointing,
         "matmul_precision": finetune.matmul_precision,
         "guard": finetune.guard,
         "min_valid_fraction": min_valid_fraction,

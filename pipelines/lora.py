@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +43,8 @@ __all__ = [
     "check_lora",
     "build_lora_model",
     "wrap_lora",
+    "enable_checkpointing",
+    "adapter_aware_checkpoint",
     "adapter_state",
     "load_adapter",
     "merged_state",
@@ -143,30 +148,82 @@ class AdapterOffVelocity(nn.Module):
         mode like a separate frozen base."""
         velocity = self._velocity
         training = velocity.training
-        suspended = [m for m in self._checkpointed() if m.is_gradient_checkpointing]
+        suspended = [m for m in self._checkpointed_blocks() if m.gradient_checkpointing
+                     and getattr(m, "_gradient_checkpointing_func", None) is not adapter_aware_checkpoint]
         if training:
             velocity.eval()
         for module in suspended:
-            module.disable_gradient_checkpointing()
+            module.gradient_checkpointing = False
+        token = _ADAPTERS_OFF.set(True)
         try:
             with self._peft.disable_adapter():
                 return velocity(x, t) if cond is None else velocity(x, t, cond)
         finally:
+            _ADAPTERS_OFF.reset(token)
             for module in suspended:
-                module.enable_gradient_checkpointing()
+                module.gradient_checkpointing = True
             if training:
                 velocity.train()
 
-    def _checkpointed(self) -> list[nn.Module]:
-        """The submodules that can checkpoint activations (diffusers' ``ModelMixin``: ``is_gradient_checkpointing``
-        and ``disable_gradient_checkpointing``), found once. Checkpointing is off for the base call: its forward
-        would be recomputed in the backward pass (the adjoint's vector-Jacobian product), after the adapters are
-        back on, and the product would be the adapted velocity's."""
+    def _checkpointed_blocks(self) -> list[nn.Module]:
+        """The blocks that can checkpoint their activations (diffusers: a ``gradient_checkpointing`` flag), found
+        once. A block checkpointed by `enable_checkpointing` (`adapter_aware_checkpoint`) recomputes with the
+        adapters and mode of its forward; one checkpointed otherwise (diffusers' own function) is not checkpointed
+        during the base's call: its forward would be recomputed in the backward pass (the adjoint's vector-Jacobian
+        product) after the adapters are back on, and the product would be the adapted velocity's."""
         if self._checkpointable is None:
-            found = [m for m in self._velocity.modules()
-                     if hasattr(m, "disable_gradient_checkpointing") and hasattr(m, "is_gradient_checkpointing")]
+            found = [m for m in self._velocity.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
             object.__setattr__(self, "_checkpointable", found)
         return self._checkpointable
+
+
+_ADAPTERS_OFF: ContextVar[bool] = ContextVar("tfft_lora_adapters_off", default=False)
+"""True inside `AdapterOffVelocity`'s call: the checkpointed blocks record it for their recomputation."""
+
+
+@contextmanager
+def _adapters_disabled_in(module: nn.Module) -> Iterator[None]:
+    """The LoRA layers inside ``module`` switched off for the block (peft's ``enable_adapters``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def adapter_aware_checkpoint(module: nn.Module, *args: Any) -> Any:
+    """Activation checkpointing of one block whose recomputation (in the backward pass) runs as its forward did:
+    with the LoRA adapters off for the base velocity (`AdapterOffVelocity`, which also runs in eval mode), on for
+    the model, and in the same train/eval mode. The base's vector-Jacobian products (the lean adjoint) are then
+    checkpointed too, and stay the base's."""
+    from torch.utils.checkpoint import checkpoint
+
+    off, training = _ADAPTERS_OFF.get(), module.training
+
+    def contexts() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
+        return nullcontext(), _as_in_forward(module, off, training)
+
+    return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+
+@contextmanager
+def _as_in_forward(module: nn.Module, adapters_off: bool, training: bool) -> Iterator[None]:
+    """The block's adapters (off when ``adapters_off``) and train/eval mode as in its forward, for a recomputation."""
+    mode = module.training
+    module.train(training)
+    try:
+        if adapters_off:
+            with _adapters_disabled_in(module):
+                yield
+        else:
+            yield
+    finally:
+        module.train(mode)
 
 
 @dataclass
@@ -226,6 +283,21 @@ def wrap_lora(
         load_adapter(peft_model, adapter)
     velocity: nn.Module = peft_model if flat is None else FlatVelocity(peft_model, flat[0], flat[1])
     return LoraModel(velocity, peft_model, AdapterOffVelocity(velocity, peft_model), targets)
+
+
+def enable_checkpointing(network: nn.Module) -> int:
+    """Turn on activation checkpointing (`adapter_aware_checkpoint`) in every outermost submodule that supports it
+    (diffusers' ``ModelMixin``: ``enable_gradient_checkpointing``); returns how many. None is a ConfigError naming
+    ``finetune.gradient_checkpointing``."""
+    found = [m for m in network.modules() if callable(getattr(m, "enable_gradient_checkpointing", None))
+             and hasattr(m, "is_gradient_checkpointing")]
+    outer = [m for m in found if not any(m is not o and any(m is c for c in o.modules()) for o in found)]
+    if not outer:
+        raise ConfigError("'finetune.gradient_checkpointing' is on, but the model has no module that supports it "
+                          "(diffusers models do)")
+    for module in outer:
+        module.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_aware_checkpoint)
+    return len(outer)
 
 
 def adapter_state(peft_model: nn.Module) -> dict[str, Tensor]:

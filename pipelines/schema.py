@@ -269,6 +269,10 @@ class FinetuneConfig:
     for trajectories in the tail, the sampler's evaluations reused by the loss, CUDA graphs on GPUs;
     ``benchmarks/results/step_speed_*.md``); off: the reference path. ``matmul_precision``: highest (exact
     float32) | high (TF32 matmuls on GPUs that have them; ``benchmarks/results/step_speed_cuda_tf32.md``).
+    Memory of large models (adjoint solver): ``loss_chunk`` evaluates and backpropagates the loss this many
+    chosen time steps at a time (same gradient; 0: all at once); ``gradient_checkpointing`` recomputes the
+    network's activations in the backward pass (modules that support it: diffusers and transformers models; the
+    base velocity with LoRA adapters off is never checkpointed, ``pipelines.lora.AdapterOffVelocity``).
     The guard (``guard``): keep the best state by ``guard_metric`` (objective: the running E[g] - gamma KL;
     pseudo_reward: E[g] alone) when the last is worse by more than two standard errors, and the starting state
     when no window beat the base model's value; stop early when the training samples' validity falls more than
@@ -302,6 +306,8 @@ class FinetuneConfig:
     clip_factor: float = 2.0
     oversample: int = 1
     fast_path: bool = True
+    loss_chunk: int = 0
+    gradient_checkpointing: bool = False
     matmul_precision: str = "highest"
     guard: bool = True
     guard_validity_drop: float = 0.05

@@ -16,7 +16,10 @@ on the 2-D task it fine-tuned markedly slower than the clipped, unnormalised los
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,12 +32,15 @@ __all__ = [
     "Adjoint",
     "Conditioning",
     "LossTerms",
+    "RegressionTargets",
     "adjoint_matching_loss",
+    "chunked_matching_backward",
     "control",
     "girsanov_kl",
     "girsanov_kl_estimate",
     "lean_adjoint",
     "matching_loss",
+    "regression_targets",
     "select_time_steps",
     "step_weights",
     "zero_loss",
@@ -320,6 +326,55 @@ def adjoint_matching_loss(
     return LossTerms(terms.loss, per_sample, terms.loss_at_base, terms.delta_v, terms.clipped_fraction)
 
 
+@dataclass(frozen=True)
+class RegressionTargets:
+    """The detached half of the regression at the m chosen steps (`regression_targets`).
+
+    Attributes:
+        target: sigma_k a_{k+1} after conditioning, (m, n, d).
+        gain: lambda_k / sigma_k, (m, 1, 1): the residual is gain * (v_theta - v_base) + target.
+        norm: each step's divisor d * divisor_k, (m, 1).
+        weights: sample weights w, (n,).
+        clipped_fraction: fraction of clipped targets, scalar.
+    """
+
+    target: Tensor
+    gain: Tensor
+    norm: Tensor
+    weights: Tensor
+    clipped_fraction: Tensor
+
+    def per_step(self, v_theta: Tensor, v_base: Tensor, rows: slice) -> Tensor:
+        """||gain (v_theta - v_base) + target||^2 / norm at the chosen steps ``rows``, (len(rows), n)."""
+        u = self.gain[rows] * (v_theta - v_base)
+        return (u + self.target[rows]).pow(2).sum(dim=2) / self.norm[rows]
+
+    @torch.no_grad()
+    def at_base(self) -> Tensor:
+        """The loss at v_theta = v_base, scalar."""
+        return ((self.target.pow(2).sum(dim=2) / self.norm).mean(dim=0) * self.weights).sum()
+
+
+def regression_targets(
+    next_adjoint: Tensor, step_indices: Tensor, *, h: float, offset: float, weights: Tensor,
+    conditioning: Conditioning | None = None,
+) -> RegressionTargets:
+    """Targets sigma_k a_{k+1}, gains lambda_k / sigma_k and step norms at the chosen steps (conditioning's running
+    statistics are updated here, once per loss). next_adjoint (m, n, d), step_indices (m,), weights (n,)."""
+    m, n, d = next_adjoint.shape
+    dtype, device = next_adjoint.dtype, next_adjoint.device
+    w = weights.detach().to(device=device, dtype=dtype)
+    t = step_indices.to(device=device, dtype=dtype) * h
+    target = sigma(t, offset).reshape(m, 1, 1) * next_adjoint
+    divisor = torch.full((m,), 1.0 / d, dtype=dtype, device=device)  # plain sum over dimensions
+    clipped = torch.zeros((), dtype=dtype, device=device)
+    if conditioning is not None:
+        target, divisor, clipped_mask = conditioning.apply(target, step_indices, w)
+        clipped = clipped_mask.to(dtype).mean()
+    gain = (velocity_gain(t, offset) / sigma(t, offset)).reshape(m, 1, 1)
+    return RegressionTargets(target, gain, (d * divisor).reshape(m, 1), w, clipped.detach())
+
+
 def matching_loss(
     v_theta: Tensor,
     v_base: Tensor,
@@ -342,26 +397,63 @@ def matching_loss(
         weights: (n,) positive sample weights, used as given.
         conditioning: optional running statistics, updated in place.
     """
-    m, n, d = v_theta.shape
-    dtype, device = v_theta.dtype, v_theta.device
-    w = weights.detach().to(device=device, dtype=dtype)
-    t = step_indices.to(device=device, dtype=dtype) * h
-    target = sigma(t, offset).reshape(m, 1, 1) * next_adjoint.to(dtype)
-    divisor = torch.full((m,), 1.0 / d, dtype=dtype, device=device)  # plain sum over dimensions
-    clipped = torch.zeros((), dtype=dtype, device=device)
-    if conditioning is not None:
-        target, divisor, clipped_mask = conditioning.apply(target, step_indices, w)
-        clipped = clipped_mask.to(dtype).mean()
-    gain = (velocity_gain(t, offset) / sigma(t, offset)).reshape(m, 1, 1)
-    u = gain * (v_theta - v_base)
-    norm = (d * divisor).reshape(m, 1)
-    per_step = (u + target).pow(2).sum(dim=2) / norm  # (m, n)
-    per_sample = per_step.mean(dim=0) * w  # (n,)
+    reg = regression_targets(next_adjoint.to(v_theta.dtype), step_indices, h=h, offset=offset, weights=weights,
+                             conditioning=conditioning)
+    per_sample = reg.per_step(v_theta, v_base, slice(None)).mean(dim=0) * reg.weights  # (n,)
     loss = per_sample.sum()
     with torch.no_grad():
-        at_base = ((target.pow(2).sum(dim=2) / norm).mean(dim=0) * w).sum()
-        delta_v = ((v_theta - v_base).pow(2).sum(dim=2).mean(dim=0) * w).sum() / w.sum()
-    return LossTerms(loss, per_sample.detach(), at_base.detach(), delta_v.detach(), clipped.detach())
+        delta_v = ((v_theta - v_base).pow(2).sum(dim=2).mean(dim=0) * reg.weights).sum() / reg.weights.sum()
+    return LossTerms(loss, per_sample.detach(), reg.at_base().detach(), delta_v.detach(), reg.clipped_fraction)
+
+
+def chunked_matching_backward(
+    model_at: Callable[[slice], Tensor],
+    v_base: Tensor,
+    next_adjoint: Tensor,
+    step_indices: Tensor,
+    *,
+    h: float,
+    offset: float,
+    weights: Tensor,
+    chunk: int,
+    conditioning: Conditioning | None = None,
+    no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> LossTerms:
+    """`matching_loss` with its gradient accumulated into ``.grad`` ``chunk`` chosen steps at a time.
+
+    L = sum_j L_j with L_j = (1/m) sum_i w_i ||gain_j (v_theta - v_base) + target_j||^2 / norm_j is linear in the
+    per-step terms, so backpropagating each chunk's sum gives the gradient of L exactly while only ``chunk * n``
+    rows of the network's activations are alive at once (the memory of a large model's loss). The targets and the
+    conditioning's statistics are computed once for all m steps, as `matching_loss` does.
+
+    Args:
+        model_at: rows (a slice of the m chosen steps) -> v_theta there, (len(rows), n, d), attached.
+        v_base, next_adjoint, step_indices, h, offset, weights, conditioning: as for `matching_loss`.
+        chunk: chosen steps per backward pass (>= 1).
+        no_sync: a context for every chunk but the last (DDP's ``no_sync``: one all-reduce per step).
+
+    Returns:
+        `LossTerms` with ``loss`` detached (its gradient is already in ``.grad``).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    m = step_indices.numel()
+    reg = regression_targets(next_adjoint.to(v_base.dtype), step_indices, h=h, offset=offset, weights=weights,
+                             conditioning=conditioning)
+    per_sample = torch.zeros_like(reg.weights)
+    delta_v = torch.zeros_like(reg.weights)
+    starts = list(range(0, m, chunk))
+    for start in starts:
+        rows = slice(start, min(start + chunk, m))
+        context = no_sync() if (no_sync is not None and start != starts[-1]) else nullcontext()
+        with context:
+            v_theta = model_at(rows)
+            part = reg.per_step(v_theta, v_base[rows], rows).sum(dim=0) * reg.weights / m  # (n,)
+            part.sum().backward()
+        per_sample += part.detach()
+        delta_v += (v_theta.detach() - v_base[rows]).pow(2).sum(dim=2).sum(dim=0) / m
+    delta = (delta_v * reg.weights).sum() / reg.weights.sum()
+    return LossTerms(per_sample.sum(), per_sample, reg.at_base().detach(), delta, reg.clipped_fraction)
 
 
 def _check_steps(step_indices: Tensor, steps: int, device: torch.device) -> Tensor:

@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from tfft.conditions import call_velocity
 from tfft.adjoint import (
     Adjoint,
     Conditioning,
     LossTerms,
+    chunked_matching_backward,
     girsanov_kl_estimate,
     lean_adjoint,
     matching_loss,
@@ -75,6 +77,10 @@ class AdjointMatchingConfig:
             own network evaluations at the chosen steps (kept attached) instead of calling the network again; on
             CUDA the sampler and the adjoint loops are CUDA graphs (`tfft.graphs`). False: the reference
             (every trajectory through the adjoint, a separate loss forward, eager loops).
+        loss_chunk: evaluate and backpropagate the loss this many chosen time steps at a time
+            (`tfft.adjoint.chunked_matching_backward`: same gradient, the activations of ``loss_chunk * n`` rows
+            alive at once instead of ``m * n``: the memory of a large model's step). The step then returns a
+            backpropagated `StepResult` (call ``result.backward()``, a no-op). 0: one loss over every chosen step.
     """
 
     kl_weight: float
@@ -88,12 +94,15 @@ class AdjointMatchingConfig:
     decay: float = 0.9
     oversample: int = 1
     fast: bool = True
+    loss_chunk: int = 0
 
     def __post_init__(self) -> None:
         if not self.kl_weight > 0:
             raise ValueError(f"kl_weight must be > 0, got {self.kl_weight}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
         if self.oversample < 1:
             raise ValueError(f"oversample must be >= 1, got {self.oversample}")
 
@@ -198,7 +207,9 @@ class AdjointMatchingSolver:
         noise = torch.randn((cfg.steps, *x0.shape), generator=generator, device=x0.device, dtype=x0.dtype)
         if cond is not None:
             cond = cond.to(device=x0.device, dtype=torch.long)
-        reuse = cfg.fast and cfg.oversample == 1 and (not self._graphs(x0) or cond is not None) and torch.is_grad_enabled()
+        chunked = cfg.loss_chunk > 0 and torch.is_grad_enabled()
+        reuse = (cfg.fast and cfg.oversample == 1 and not chunked and (not self._graphs(x0) or cond is not None)
+                 and torch.is_grad_enabled())
         traj = self._sample(x0, noise, indices if reuse else None, cond)
         x1 = traj.x1.detach().clone()
         signal = self.pseudo_reward_fn(x1) if cond is None else self.pseudo_reward_fn(x1, cond)
@@ -223,13 +234,19 @@ class AdjointMatchingSolver:
         sub = traj.subset(keep)
         terminal = -signal.grad.to(device=device, dtype=dtype)[keep] / cfg.kl_weight
         next_adjoint, v_base = self._adjoint_at_steps(sub, terminal, indices, capacity=n_pool)
-        v_theta = self._model_at_steps(sub, indices)
-        terms = matching_loss(
-            v_theta, v_base, next_adjoint, indices, h=sub.h, offset=sub.offset, weights=w,
-            conditioning=self.conditioning,
-        )
+        if chunked:
+            no_sync = self.model.no_sync if isinstance(self.model, DistributedDataParallel) else None
+            terms = chunked_matching_backward(
+                lambda rows: self._model_at_steps(sub, indices[rows]), v_base, next_adjoint, indices, h=sub.h,
+                offset=sub.offset, weights=w, chunk=cfg.loss_chunk, conditioning=self.conditioning, no_sync=no_sync,
+            )
+        else:
+            terms = matching_loss(
+                self._model_at_steps(sub, indices), v_base, next_adjoint, indices, h=sub.h, offset=sub.offset,
+                weights=w, conditioning=self.conditioning,
+            )
         metrics = self._metrics(signal, sub, keep, w, v_base, indices, terms, valid, active)
-        return StepResult(terms.loss, metrics)
+        return StepResult(terms.loss, metrics, backpropagated=chunked)
 
     @torch.no_grad()
     def _metrics(

@@ -11,7 +11,18 @@ __all__ = ["StepResult"]
 
 @dataclass(frozen=True)
 class StepResult:
-    """One solver step: ``loss`` (scalar, attached) and ``metrics`` (name -> detached 0-dim tensor)."""
+    """One solver step: ``loss`` (scalar) and ``metrics`` (name -> detached 0-dim tensor).
+
+    ``backpropagated``: the solver already accumulated the loss's gradient into the parameters' ``.grad``, a chunk
+    of time steps at a time (`tfft.solvers.AdjointMatchingConfig.loss_chunk`); ``loss`` is then detached. Call
+    :meth:`backward` rather than ``loss.backward()`` to handle both cases.
+    """
 
     loss: Tensor
     metrics: dict[str, Tensor]
+    backpropagated: bool = False
+
+    def backward(self) -> None:
+        """Accumulate d loss / d theta into ``.grad`` (nothing left to do when the step was backpropagated)."""
+        if not self.backpropagated:
+            self.loss.backward()

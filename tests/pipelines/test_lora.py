@@ -188,6 +188,8 @@ def test_saved_adapter_and_merged_weights_load_back(config, tmp_path):
     (["finetune.lora.target_modules=[net.1]"], "'finetune.lora.target_modules': peft cannot adapt them"),  # a SiLU
     (["finetune.lora.target_modules=[proj]", "model.target=user_flow_model:gaussian_flow",
       "model.sample_shape=[2,1]"], "'finetune.lora.target_modules' pattern 'proj' matches no module"),
+    (["finetune.loss_chunk=-1"], "'finetune.loss_chunk' must be >= 0"),
+    (["finetune.gradient_checkpointing=true"], "'finetune.gradient_checkpointing' needs a model.target"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -273,3 +275,10 @@ def test_training_steps_change_only_adapters(config):
     with torch.no_grad():
         assert torch.equal(lora.base(x, t), build_model(config, state)(x, t))
         assert not torch.allclose(lora.velocity(x, t), lora.base(x, t), atol=1e-5)
+
+
+def test_gradient_checkpointing_needs_a_module_that_supports_it():
+    from pipelines.lora import enable_checkpointing
+
+    with pytest.raises(ConfigError, match="'finetune.gradient_checkpointing' is on, but the model has no module"):
+        enable_checkpointing(build_model(USER))

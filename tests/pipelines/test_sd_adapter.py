@@ -145,13 +145,16 @@ def test_builds_through_the_pipelines_model_config(sd_dir):
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir):
+@pytest.mark.parametrize("checkpointing", ["adapter-aware", "diffusers"])
+def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir, checkpointing):
     """benchmarks.sd_lora_step's setting (`pipelines.lora.wrap_lora` on the flow, UNet gradient checkpointing on):
-    v_base's values and vector-Jacobian products are the plain UNet's, although checkpointing would recompute the
-    base's forward in the backward pass, after the adapters are back on (the base suspends checkpointing for its
-    call); one adjoint-matching step trains only the LoRA weights."""
+    v_base's values and vector-Jacobian products are the plain UNet's, although checkpointing recomputes the
+    forward in the backward pass, after the adapters are back on: `enable_checkpointing`'s blocks recompute with
+    the adapters as they were, and diffusers' own checkpointing is suspended for the base's call. One
+    adjoint-matching step trains only the LoRA weights."""
     pytest.importorskip("peft")
     from benchmarks.sd_lora_step import lora_model, stand_in_reward
+    from pipelines.lora import enable_checkpointing
     from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver
     from tfft.user_model import FlatVelocity
 
@@ -159,7 +162,10 @@ def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir):
     flow = stable_diffusion(str(sd_dir), prompt="a cat")
     unet = flow.unet
     lora = lora_model(flow)
-    unet.enable_gradient_checkpointing()
+    if checkpointing == "diffusers":
+        unet.enable_gradient_checkpointing()
+    else:
+        assert enable_checkpointing(lora.velocity) == 1  # the UNet (the text encoder is not part of the module)
     model, base = lora.velocity, lora.base
     assert sum(p.numel() for p in lora.trainable()) == sum(
         p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
@@ -178,7 +184,7 @@ def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir):
 
     torch.testing.assert_close(vjp(base), vjp(plain), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(vjp(model), vjp(plain), atol=1e-3)  # the adapters change the VJP: the check can fail
-    assert unet.is_gradient_checkpointing  # restored after the base call
+    assert unet.is_gradient_checkpointing  # (still) on after the base call
     solver = AdjointMatchingSolver(model, base, stand_in_reward, AdjointMatchingConfig(kl_weight=1.0, steps=4, n_early=1))
     solver.step(torch.randn(2, 256), torch.Generator().manual_seed(0)).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

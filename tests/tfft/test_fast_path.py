@@ -2,7 +2,8 @@
 
 The fast path (`AdjointMatchingConfig.fast`) runs the adjoint only on trajectories with a non-zero terminal
 adjoint, reuses the sampler's own network evaluations at the loss's time steps, and on CUDA replays the sampler
-and adjoint loops as CUDA graphs; the reference does none of that. Same generator state, same numbers.
+and adjoint loops as CUDA graphs; the reference does none of that. Same generator state, same numbers. The chunked loss (`AdjointMatchingConfig.loss_chunk`: the loss evaluated and
+backpropagated a few time steps at a time) gives the same gradient too, also under DDP (one all-reduce).
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ def _tail_reward(eta: float, invalid_every: int = 7):
     return fn
 
 
-def _run(fast: bool, device: str, dtype: torch.dtype, oversample: int, eta: float) -> tuple[Tensor, list[Tensor], dict]:
+def _run(
+    fast: bool, device: str, dtype: torch.dtype, oversample: int, eta: float, loss_chunk: int = 0
+) -> tuple[Tensor, list[Tensor], dict]:
     model, base = _models(2, device, dtype)
-    config = AdjointMatchingConfig(kl_weight=0.5, steps=12, n_early=3, oversample=oversample, fast=fast)
+    config = AdjointMatchingConfig(kl_weight=0.5, steps=12, n_early=3, oversample=oversample, fast=fast,
+                                   loss_chunk=loss_chunk)
     solver = AdjointMatchingSolver(model, base, _tail_reward(eta), config)
     generator = torch.Generator(device=device).manual_seed(5)
     x0 = torch.randn(48 * oversample, 2, generator=generator, device=device, dtype=dtype)
@@ -55,7 +59,8 @@ def _run(fast: bool, device: str, dtype: torch.dtype, oversample: int, eta: floa
     for _ in range(2):  # a second step: the graphs' replay and the conditioning's running statistics
         model.zero_grad()
         result = solver.step(x0, generator)
-        result.loss.backward()
+        assert result.backpropagated == (loss_chunk > 0)
+        result.backward()
         results.append(result)
     grads = [p.grad.detach().clone() for p in model.parameters()]
     return results[-1].loss.detach(), grads, {k: float(v) for k, v in results[-1].metrics.items()}
@@ -68,14 +73,16 @@ def test_fast_path_matches_the_reference(device: str, oversample: int, eta: floa
     dtype = torch.float64 if device == "cpu" else torch.float32
     tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 1e-6}
     loss_ref, grads_ref, metrics_ref = _run(False, device, dtype, oversample, eta)
-    loss_fast, grads_fast, metrics_fast = _run(True, device, dtype, oversample, eta)
     assert 0.0 < metrics_ref["active_fraction"] <= 1.0 and metrics_ref["valid_fraction"] < 1.0
-    torch.testing.assert_close(loss_fast, loss_ref, **tol)
-    for got, want in zip(grads_fast, grads_ref, strict=True):
-        torch.testing.assert_close(got, want, **tol)
-    assert metrics_fast.keys() == metrics_ref.keys()
-    for name, want in metrics_ref.items():
-        assert metrics_fast[name] == pytest.approx(want, rel=1e-6 if dtype == torch.float64 else 1e-3, abs=1e-9), name
+    # the fast path; the loss in chunks of 2 and of 5 of the 6 chosen steps (fast), and of 4 (reference path)
+    for fast, chunk in ((True, 0), (True, 2), (True, 5), (False, 4)):
+        loss, grads, metrics = _run(fast, device, dtype, oversample, eta, loss_chunk=chunk)
+        torch.testing.assert_close(loss, loss_ref, **tol)
+        for got, want in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(got, want, **tol)
+        assert metrics.keys() == metrics_ref.keys()
+        for name, want in metrics_ref.items():
+            assert metrics[name] == pytest.approx(want, rel=1e-6 if dtype == torch.float64 else 1e-3, abs=1e-9), name
 
 
 def test_bucket_rows() -> None:
@@ -122,19 +129,21 @@ def _ddp_worker(rank: int, port: int, out: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         grads = {}
-        for fast in (True, False):
+        for fast, chunk in ((True, 0), (True, 2), (False, 0)):  # chunked: backward per 2 steps under no_sync
             model, base = _models(2, "cpu", torch.float64)
             net = DistributedDataParallel(model) if fast else model
-            solver = AdjointMatchingSolver(net, base, _tail_reward(1.0), AdjointMatchingConfig(kl_weight=0.5, steps=10, fast=fast))
+            config = AdjointMatchingConfig(kl_weight=0.5, steps=10, fast=fast, loss_chunk=chunk)
+            solver = AdjointMatchingSolver(net, base, _tail_reward(1.0), config)
             generator = torch.Generator().manual_seed(rank)
             for _ in range(2):
                 model.zero_grad()
-                solver.step(torch.randn(32, 2, generator=generator, dtype=torch.float64), generator).loss.backward()
-            grads[fast] = [p.grad.clone() for p in model.parameters()]
-        for g in grads[False]:  # what DDP should produce: the mean of the ranks' reference gradients
+                solver.step(torch.randn(32, 2, generator=generator, dtype=torch.float64), generator).backward()
+            grads[fast, chunk] = [p.grad.clone() for p in model.parameters()]
+        for g in grads[False, 0]:  # what DDP should produce: the mean of the ranks' reference gradients
             dist.all_reduce(g)
             g /= 2
-        out[rank] = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(grads[True], grads[False], strict=True))
+        out[rank] = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+                        for key in ((True, 0), (True, 2)) for a, b in zip(grads[key], grads[False, 0], strict=True))
     finally:
         dist.destroy_process_group()
 
