@@ -7,7 +7,8 @@
     tfft sweep CONFIG [key=value ...] --out DIR [--address ADDR] Ray Tune sweep (alpha, kl_weight, any key)
     tfft report DIR                                              table and plots of a sweep's trials
 
-Configuration errors print one line naming the key and exit with code 2.
+Configuration errors print one line naming the key and exit with code 2; so does a store (``s3://``,
+``gs://``) that cannot be reached or written (``tfft: storage error: ...``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ MLflow: runs go to sqlite:///<cwd>/mlflow.db unless tracking.uri is set; view th
   mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db
 Cluster: every command takes --address (or RAY_ADDRESS) and runs under `ray job submit`; see
 docs/cluster.md for the walk-through from `ray up cluster.yaml` to the MLflow UI.
+Object stores: --out, pretrain.cache_dir and bank.cache_dir take s3://bucket/prefix or gs://bucket/prefix;
+credentials and endpoints come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS); --out works in a local copy under
+$TFFT_MIRROR_DIR (default ~/.cache/tfft/mirror), pushed every 30 s and at the end.
 """
 
 
@@ -49,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Rerunning with the same --out resumes from the stages already done.",
     )
     add_config_args(p_run)
-    p_run.add_argument("--out", required=True, metavar="DIR", help="output directory (summary.json, banks, plots)")
+    p_run.add_argument("--out", required=True, metavar="DIR", help="output directory (summary.json, banks, plots): a path, or s3://bucket/prefix, gs://...")
 
     p_bank = sub.add_parser(
         "bank",
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same bank `tfft run` uses; an interrupted bank resumes from its committed shards and the reward cache.",
     )
     add_config_args(p_bank)
-    p_bank.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p_bank.add_argument("--out", required=True, metavar="DIR", help="output directory: a path, or s3://..., gs://...")
 
     p_pre = sub.add_parser("pretrain", help="pretrain the base flow model (cached)", description="Flow-matching "
                            "pretraining on samples of data.source; reused by later runs with the same settings.")
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Rerunning with the same --out runs only the trials without a summary.json. Exit code 1 if a trial failed.",
     )
     add_config_args(p_sweep, example="a run config plus a 'sweep:' section, e.g. tune_configs/sweep_toy2d.yaml")
-    p_sweep.add_argument("--out", required=True, metavar="DIR", help="sweep directory (trials/, report/, trials.log)")
+    p_sweep.add_argument("--out", required=True, metavar="DIR", help="sweep directory (trials/, report/, trials.log); s3:// or gs:// on one machine")
 
     p_rep = sub.add_parser(
         "report",
@@ -109,45 +114,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     from pipelines.config import ConfigError
+    from pipelines.storage import StorageError
 
     try:
-        if args.command == "sweep":
-            from pipelines.sweep import run_sweep
-            from pipelines.sweep_spec import load_sweep
-
-            overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
-            statuses = run_sweep(load_sweep(args.config, overrides), args.out)
-            return 0 if all(s in ("done", "stopped") for s in statuses.values()) else 1
-        if args.command == "report":
-            from pipelines.report import report_sweep
-
-            report_sweep(args.dir)
-            return 0
-        cfg = _load(args)
-        if args.command == "config":
-            from pipelines.config import to_yaml
-
-            print(to_yaml(cfg), end="")
-            return 0
-        if args.command == "pretrain":
-            from pipelines.pretrain import load_or_pretrain
-
-            model = load_or_pretrain(cfg)
-            print(model.path)
-            return 0
-        if args.command == "bank":
-            from pipelines.run import run_bank_only
-
-            run_bank_only(cfg, args.out)
-            return 0
-        if args.command == "run":
-            from pipelines.run import run_pipeline
-
-            run_pipeline(cfg, args.out)
-            return 0
+        return _dispatch(parser, args)
     except ConfigError as exc:
         print(f"tfft: config error: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"tfft: storage error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pipelines.mirror import working_dir
+    from pipelines.storage import check_stores, is_remote
+
+    if args.command == "sweep":
+        from pipelines.config import ConfigError
+        from pipelines.sweep import run_sweep
+        from pipelines.sweep_spec import load_sweep
+
+        overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+        sweep = load_sweep(args.config, overrides)
+        if is_remote(args.out) and sweep.base.ray.address:
+            raise ConfigError(f"'--out {args.out}': a sweep on a cluster writes its trial directories from every "
+                              "node; give it a shared file system path (an object store works for local sweeps)")
+        check_stores({"--out": args.out, "pretrain.cache_dir": sweep.base.pretrain.cache_dir,
+                      "bank.cache_dir": sweep.base.bank.cache_dir if sweep.base.bank.cache else None})
+        with working_dir(args.out) as out:
+            statuses = run_sweep(sweep, out)
+        return 0 if all(s in ("done", "stopped") for s in statuses.values()) else 1
+    if args.command == "report":
+        from pipelines.report import report_sweep
+
+        with working_dir(args.dir, interval_s=0) as directory:
+            report_sweep(directory)
+        return 0
+    cfg = _load(args)
+    if args.command in ("run", "bank"):
+        check_stores({"--out": args.out, "pretrain.cache_dir": cfg.pretrain.cache_dir,
+                      "bank.cache_dir": cfg.bank.cache_dir if cfg.bank.cache else None})
+    if args.command == "config":
+        from pipelines.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
+    if args.command == "pretrain":
+        from pipelines.pretrain import load_or_pretrain
+
+        model = load_or_pretrain(cfg)
+        print(model.path)
+        return 0
+    if args.command == "bank":
+        from pipelines.run import run_bank_only
+
+        with working_dir(args.out) as out:
+            run_bank_only(cfg, out)
+        return 0
+    if args.command == "run":
+        from pipelines.run import run_pipeline
+
+        with working_dir(args.out) as out:
+            run_pipeline(cfg, out)
+        return 0
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -455,6 +455,10 @@ def _fit_ray(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_p
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.storage import ray_storage
+
+    filesystem, storage_path = ray_storage(storage_path)  # a store URI: its filesystem and the path in it
+
     resources = {"CPU": finetune.cpus_per_worker, **{k: float(v) for k, v in finetune.resources_per_worker.items()}}
     if finetune.use_gpu:
         resources["GPU"] = 1
@@ -467,6 +471,7 @@ def _fit_ray(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_p
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=finetune.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Train's INFO lines repeat every report, and without the dashboard its placement-group

@@ -11,12 +11,11 @@ the model is conditional and flow matching passes each sample's condition; the k
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -26,6 +25,7 @@ from pipelines.conditions import conditions_of
 from pipelines.config import ConfigError
 from pipelines.models import build_model, checkpoint_identity, load_checkpoint, model_config
 from pipelines.schema import Config
+from pipelines.storage import Store
 from rewards.base import import_object
 from tfft.model import flow_matching_loss
 
@@ -116,12 +116,12 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
     """Return the base model for ``cfg``: loaded from ``model.checkpoint``, as built (``pretrain.steps: 0``),
     or pretrained by flow matching on ``data.source`` and cached (reused when the cache holds it)."""
     trains = cfg.pretrain.steps > 0 and not cfg.model.checkpoint
-    cache_dir = Path(os.path.expanduser(cfg.pretrain.cache_dir))
-    path = cache_dir / f"base-{pretrain_key(cfg)}.pt" if trains else None
-    if path is not None and path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        log(f"[pretrain] reusing cached base model {path}")
-        return BaseModel(blob["config"], blob["state_dict"], str(path), cached=True)
+    cache = Store(cfg.pretrain.cache_dir)  # a local directory or an object store (pipelines.storage)
+    name = f"base-{pretrain_key(cfg)}.pt"
+    if trains and cache.exists(name):
+        blob = torch.load(io.BytesIO(cache.read_bytes(name)), map_location="cpu", weights_only=True)
+        log(f"[pretrain] reusing cached base model {cache.path_of(name)}")
+        return BaseModel(blob["config"], blob["state_dict"], cache.path_of(name), cached=True)
 
     # without training a few draws tell the data dimension (and check model.sample_shape against it)
     drawn, cond = _draw_conditional(cfg, cfg.pretrain.n_samples if trains else min(cfg.pretrain.n_samples, 16))
@@ -137,13 +137,11 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
         return BaseModel(config, _detached(model), cfg.model.checkpoint, cached=False)
     _fit(cfg, model, data, log, None if cond is None else torch.from_numpy(cond))
     state = _detached(model)
-    assert path is not None
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"config": config, "state_dict": state}, tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never read a partial file
-    log(f"[pretrain] saved base model to {path}")
-    return BaseModel(config, state, str(path), cached=False)
+    buffer = io.BytesIO()
+    torch.save({"config": config, "state_dict": state}, buffer)
+    cache.write_bytes(name, buffer.getvalue())  # atomic: concurrent runs never read a partial file
+    log(f"[pretrain] saved base model to {cache.path_of(name)}")
+    return BaseModel(config, state, cache.path_of(name), cached=False)
 
 
 def _fit(cfg: Config, model: torch.nn.Module, data: torch.Tensor, log: Callable[[str], None],

@@ -2,8 +2,9 @@
 
 Layout: ``<dir>/<identity>/part-<writer>-<n>.parquet``. ``identity`` hashes the reward's import path,
 kwargs and version string, so a changed reward never reads stale values. Each writer (a reward actor)
-only ever creates new files under a unique name, written to a temporary name and renamed, so any number
-of concurrent writers, on one machine or on a shared file system, never conflict and a reader never sees
+only ever creates new files under a unique name, published atomically (`pipelines.storage.Store`: on disk a
+temporary name and a rename, on an object store one PUT), so any number of concurrent writers, on one machine,
+on a shared file system or on an object store (``s3://``, ``gs://``), never conflict and a reader never sees
 a partial file. Readers load every part. Valid rewards and deterministic failures ('nan') are cached;
 transient failures (timeouts, crashes) are not, so they are tried again on a rerun.
 
@@ -22,13 +23,14 @@ import hashlib
 import json
 import os
 import uuid
-from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines.storage import Store
 
 __all__ = ["reward_identity", "sample_keys", "RewardCache", "CACHEABLE_ERRORS"]
 
@@ -58,7 +60,7 @@ class RewardCache:
     """Lookup and append for one reward identity under ``root``."""
 
     def __init__(self, root: str | os.PathLike[str], identity: str):
-        self.dir = Path(os.path.expanduser(str(root))) / identity
+        self.store = Store(str(root)).child(identity)
         self.writer = uuid.uuid4().hex[:12]
         self._count = 0
         self._index: dict[bytes, tuple[float, bool, str]] = {}
@@ -68,14 +70,13 @@ class RewardCache:
 
     def reload(self) -> None:
         """Read the committed parts not read yet (temporary files start with '.' and are skipped)."""
-        if not self.dir.is_dir():
-            return
-        for part in sorted(self.dir.glob("part-*.parquet")):
-            if part.name in self._parts:
+        names = [n for n in self.store.files() if "/" not in n and n.startswith("part-") and n.endswith(".parquet")]
+        for name in sorted(names):
+            if name in self._parts:
                 continue
-            self._parts.add(part.name)
+            self._parts.add(name)
             try:
-                table = pq.read_table(part)
+                table = pq.read_table(pa.BufferReader(self.store.read_bytes(name)))
             except Exception:  # an unreadable part is ignored, never fatal
                 continue
             keys = table.column("key").to_pylist()
@@ -147,12 +148,11 @@ class RewardCache:
                 **{_TERM + name: pa.array(v[keep], type=pa.float64()) for name, v in terms.items()},
             }
         )
-        self.dir.mkdir(parents=True, exist_ok=True)
         self._count += 1
         name = f"part-{self.writer}-{self._count:06d}.parquet"
-        tmp = self.dir / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.dir / name)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.store.write_bytes(name, sink.getvalue().to_pybytes())
         self._parts.add(name)
         for i in keep:
             self._index[keys[i]] = (float(reward[i]), bool(valid[i]), str(error[i]))

@@ -300,7 +300,7 @@ def _finetune_cached(
     started = time.time()
     result = run_finetune(
         name="finetune",
-        storage_path=str(out / "train"),
+        storage_path=_train_storage(cfg, out),
         model_config=base.config,
         base_state=base.state_dict,
         objective=objective,
@@ -354,6 +354,15 @@ def _base_objective(bank: Bank, objective: dict[str, Any]) -> float:
     r = bank.reward[bank.valid]
     g = pseudo_reward(r, eta=objective["eta"], side=objective["side"], alpha=objective["alpha"])
     return float(g.mean()) if g.size else float("nan")
+
+
+def _train_storage(cfg: Config, out: Path) -> str:
+    """Where the fine-tuning checkpoints go: ``out/train``, or with ``--out`` on an object store and Ray Train's
+    worker group (whose workers may run on other nodes) that directory on the store itself."""
+    from pipelines.mirror import remote_of
+
+    remote = remote_of(out) if cfg.finetune.backend == "ray" else None
+    return f"{remote}/train" if remote else str(out / "train")
 
 
 def training_steps(cfg: Config) -> int:
