@@ -6,7 +6,8 @@ stage reads and writes local files, as with a local ``--out``, and :class:`Mirro
 
 - pulls the store's files first (so that a rerun, on this machine or another, resumes from what the store holds);
 - pushes every committed file that is new or changed since the last push, every ``interval_s`` seconds while the
-  run goes on (a background thread), and once more when it ends, also when it fails.
+  run goes on (a background thread; ``TFFT_MIRROR_PUSH_S``, default 30), and once more when it ends, also when
+  it fails.
 
 Each file is uploaded whole, after the stage that wrote it committed it under its final name (the pipeline writes
 to a temporary name starting with '.' and renames; such names are never pushed), and one PUT publishes an object
@@ -120,12 +121,15 @@ class Mirror:
 
 @contextmanager
 def working_dir(out: str | os.PathLike[str], *, log: Callable[[str], None] = print,
-                interval_s: float = 30.0) -> Iterator[Path]:
+                interval_s: float | None = None) -> Iterator[Path]:
     """The directory a command works in for ``--out``: the path itself when local, else a :class:`Mirror` of the
-    store directory (pulled first, pushed every ``interval_s`` seconds and at the end)."""
+    store directory (pulled first, pushed every ``interval_s`` seconds, default ``$TFFT_MIRROR_PUSH_S`` or 30,
+    and at the end)."""
     if not is_remote(str(out)):
         yield Path(out)
         return
+    if interval_s is None:
+        interval_s = float(os.environ.get("TFFT_MIRROR_PUSH_S", "30"))
     with Mirror(str(out), interval_s=interval_s, log=log) as local:
         yield local
 

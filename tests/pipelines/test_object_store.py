@@ -146,3 +146,81 @@ def test_run_with_outputs_and_caches_on_the_store_resumes_from_another_machine(s
         assert again == summary  # the same results, from the stages the store held
     finally:
         ray.shutdown()
+
+
+SLOW_REWARD = '''
+import os
+import time
+
+def reward(x):
+    with open(os.environ["TFFT_TEST_SCORED"], "a") as fh:  # one line per scored batch: its size
+        fh.write(f"{len(x)}\\n")
+    time.sleep(0.4)
+    return -((x - 1.0) ** 2).sum(-1)
+'''
+KILL = ["bank.size=384", "bank.shard_size=64", "bank.reward.batch_size=32", "bank.sampler.batch_size=64",
+        "eval.size=64", "pretrain.steps=40", "finetune.steps=4", "finetune.batch_size=32", "sampler.steps=8",
+        "finetune.log_every=2", "finetune.checkpoint_every=2", "finetune.backend=local", "finetune.num_workers=1",
+        "reward.target=slow_reward:reward"]
+TRAINING = 4 * 32  # rewards the fine-tuning steps score directly (not through the bank or its cache)
+
+
+def _scored(path) -> int:
+    return sum(int(line) for line in path.read_text().split()) if path.is_file() else 0
+
+
+def _start(args: list[str], tmp_path, tag: str, mirror: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each run starts its own local Ray
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "modules"), str(root)]),
+               TFFT_MIRROR_DIR=str(tmp_path / mirror), TFFT_MIRROR_PUSH_S="1",
+               TFFT_TEST_SCORED=str(tmp_path / f"scored-{tag}.txt"))
+    log = open(tmp_path / f"{tag}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "tune_configs/toy2d_right.yaml", *args],
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.ray
+def test_killed_driver_resumes_from_the_store_and_two_runs_share_the_reward_cache(s3, tmp_path):
+    """A driver killed (with its Ray) mid-bank, started again from another machine's empty copy, scores only what
+    the store lacks; a second run started beside it, on the same reward cache, takes the rewards the first
+    scored from the cache instead of scoring them."""
+    import signal
+    import time
+
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "slow_reward.py").write_text(SLOW_REWARD)
+    out, other = f"{s3}/kill/a", f"{s3}/kill/b"
+    common = [*KILL, f"pretrain.cache_dir={s3}/kill-pretrain", f"bank.cache_dir={s3}/kill-rewards",
+              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    first = _start(["--out", out, *common], tmp_path, "first", "machine-a")
+    deadline = time.time() + 240
+    shards: list[str] = []
+    while time.time() < deadline and first.poll() is None and len(shards) < 2:
+        time.sleep(0.5)
+        shards = [n for n in Store(out).files() if ".shards/shard-" in n]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(30)
+    assert len(shards) >= 2, (tmp_path / "first.log").read_text()[-3000:]
+    committed = 64 * len([n for n in Store(out).files() if ".shards/shard-" in n and "base" in n])
+    scored_before = _scored(tmp_path / "scored-first.txt")
+    assert 128 <= committed < 384 and scored_before >= committed
+
+    again = _start(["--out", out, *common], tmp_path, "again", "machine-b")  # another machine: nothing local
+    beside = _start(["--out", other, *common], tmp_path, "beside", "machine-c")  # a second run, same cache
+    assert again.wait(600) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    assert beside.wait(600) == 0, (tmp_path / "beside.log").read_text()[-3000:]
+    # the resumed run scores the base bank's rows that no committed shard holds, plus its evaluation bank and the
+    # training samples' rewards; never the committed rows (their rewards are in the shards and in the cache)
+    resumed = _scored(tmp_path / "scored-again.txt")
+    fresh = _scored(tmp_path / "scored-beside.txt")
+    assert resumed <= (384 - committed) + 64 + TRAINING  # uncommitted base rows + eval bank + training batches
+    # same seed, same samples: the run beside reads from the shared cache at least what the killed run scored
+    assert fresh <= 384 + 64 + TRAINING - committed
+    a = json.loads(Store(out).read_bytes("summary.json"))
+    b = json.loads(Store(other).read_bytes("summary.json"))
+    assert a["base"] == b["base"] and a["threshold"] == b["threshold"]
