@@ -227,6 +227,9 @@ def load_reward(target: str, kwargs: dict[str, Any] | None = None) -> Reward:
             return obj(**kwargs)
         except TypeError as exc:
             raise ValueError(f"reward {target!r} rejected reward.kwargs {kwargs}: {exc}") from exc
+        except (OSError, ImportError, RuntimeError, KeyError) as exc:  # missing files, packages, devices
+            raise ValueError(f"reward {target!r} could not be built with reward.kwargs {kwargs}: "
+                             f"{type(exc).__name__}: {exc}") from exc
     if isinstance(obj, Reward):
         if kwargs:
             raise ValueError(f"reward {target!r} is an instance; it takes no reward.kwargs")

@@ -56,6 +56,20 @@ def test_bad_kwargs_are_reported():
         load_reward("rewards.toy2d:TailReward2D", {"nope": 1})
 
 
+def test_a_constructor_that_fails_is_one_error_naming_the_reward(tmp_path, monkeypatch):
+    (tmp_path / "broken_reward.py").write_text(
+        "from rewards.base import Reward\n"
+        "class NeedsFile(Reward):\n"
+        "    def __init__(self, path):\n"
+        "        open(path)\n"
+        "    def evaluate(self, x, cond=None):\n"
+        "        return x.sum(-1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"reward 'broken_reward:NeedsFile' could not be built .*FileNotFoundError"):
+        load_reward("broken_reward:NeedsFile", {"path": str(tmp_path / "missing.bin")})
+
+
 def test_function_reward_marks_nan_invalid_and_grad_rows_zero():
     reward = FunctionReward(nan_for_negative_first)
     x = torch.tensor([[1.0, 2.0], [-1.0, 5.0], [0.5, 0.5]])
