@@ -10,7 +10,10 @@ compared with the base bank's. Both are means of an influence function, so each 
     mean:   phi_i = r_i;        se = std(phi) / sqrt(n).
 
 The fine-tuned model is rejected when its statistic is below the base's by more than two standard errors of
-the difference; :func:`apply_evaluation_check` then keeps the base model in the run directory.
+the difference, or when its fraction of valid samples is below the base's by more than ``finetune.
+guard_validity_drop`` plus two standard errors (binomial) of the difference (a model whose samples mostly fail
+would otherwise pass on its few valid ones; with ``objective.invalid_reward`` set the failures are scored and
+count in the statistic too); :func:`apply_evaluation_check` then keeps the base model in the run directory.
 """
 
 from __future__ import annotations
@@ -39,13 +42,20 @@ class EvaluationCheck:
     finetuned: float
     finetuned_se: float
     worse: bool
+    base_validity: float = math.nan
+    finetuned_validity: float = math.nan
+    validity_worse: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"{self.statistic} of the fine-tuned samples {self.finetuned:.4g} +- {self.finetuned_se:.2g} "
+        text = (f"{self.statistic} of the fine-tuned samples {self.finetuned:.4g} +- {self.finetuned_se:.2g} "
                 f"against the base model's {self.base:.4g} +- {self.base_se:.2g}")
+        if self.validity_worse:
+            text += (f"; valid samples {100 * self.finetuned_validity:.1f}% against the base model's "
+                     f"{100 * self.base_validity:.1f}%")
+        return text
 
 
 def _name(objective: dict[str, Any]) -> str:
@@ -84,13 +94,25 @@ def check_evaluation(
     final_rewards: np.ndarray,
     final_valid: np.ndarray,
     objective: dict[str, Any],
+    validity_drop: float = 0.05,
 ) -> EvaluationCheck:
-    """Compare the objective's own statistic of the fine-tuned samples with the base bank's (module docstring)."""
+    """Compare the objective's own statistic, and the fraction of valid samples, of the fine-tuned samples with
+    the base bank's (module docstring). ``worse`` is set by either."""
     base, base_se = own_statistic(base_rewards, base_valid, objective)
     final, final_se = own_statistic(final_rewards, final_valid, objective)
     margin = 2.0 * math.hypot(base_se, final_se)
-    worse = bool(final < base - margin) if all(map(math.isfinite, (base, final, margin))) else False
-    return EvaluationCheck(_name(objective), base, base_se, final, final_se, worse)
+    stat_worse = bool(final < base - margin) if all(map(math.isfinite, (base, final, margin))) else False
+    p0, p1 = _validity(base_rewards, base_valid), _validity(final_rewards, final_valid)
+    se = math.hypot(math.sqrt(p0 * (1 - p0) / max(len(base_valid), 1)), math.sqrt(p1 * (1 - p1) / max(len(final_valid), 1)))
+    validity_worse = bool(p1 < p0 - validity_drop - 2.0 * se) if len(final_valid) else False
+    return EvaluationCheck(_name(objective), base, base_se, final, final_se, stat_worse or validity_worse, p0, p1,
+                           validity_worse)
+
+
+def _validity(rewards: np.ndarray, valid: np.ndarray) -> float:
+    """Fraction of samples that are valid with a finite reward."""
+    ok = np.asarray(valid, dtype=bool) & np.isfinite(np.asarray(rewards, dtype=np.float64))
+    return float(ok.mean()) if ok.size else math.nan
 
 
 def apply_evaluation_check(
@@ -109,7 +131,8 @@ def apply_evaluation_check(
     if base_bank.screened or final_bank.screened or rejected.is_file():
         return final_bank
     invalid_reward = cfg.objective.invalid_reward
-    check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), objective)
+    check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), objective,
+                             validity_drop=cfg.finetune.guard_validity_drop)
     blob = torch.load(model_path, map_location="cpu", weights_only=True)
     guard = dict(blob.get("guard") or {})
     if guard.get("evaluation") == check.to_dict():
@@ -123,7 +146,8 @@ def apply_evaluation_check(
         model_path.replace(rejected)
         _set_aside_lora(model_path.parent)
         guard.update(kept="base", reason=f"evaluation: {check.describe()}, below it by more than two standard "
-                     "errors; the base model is returned")
+                     "errors (validity: by more than finetune.guard_validity_drop and two standard errors); the base "
+                     "model is returned")
         blob = {**blob, "state_dict": base_state}
         final_bank = base_bank.take(slice(0, min(cfg.eval.size, len(base_bank))))
         write_atomic(final_bank, out / "bank_final.parquet")

@@ -40,8 +40,15 @@ def test_check_evaluation_flags_only_a_clear_loss() -> None:
     assert worse.worse and worse.finetuned < worse.base
     better_left = check_evaluation(base, ok, rng.normal(size=2000) * 0.5, ok, LEFT)
     assert not better_left.worse and better_left.finetuned > better_left.base
+    # validity: a model whose samples mostly fail is worse whatever its few valid samples score
     empty = check_evaluation(base, ok, np.full(2000, np.nan), np.zeros(2000, dtype=bool), RIGHT)
-    assert not empty.worse and math.isnan(empty.finetuned)
+    assert empty.worse and empty.validity_worse and math.isnan(empty.finetuned) and empty.finetuned_validity == 0.0
+    fails = np.arange(2000) % 5 != 0  # 80% valid, and the valid ones better than the base
+    lost = check_evaluation(base, ok, rng.normal(size=2000) + 1.0, fails, RIGHT, validity_drop=0.05)
+    assert lost.worse and lost.validity_worse and lost.finetuned > lost.base and "valid samples 80.0%" in lost.describe()
+    slight = np.arange(2000) % 50 != 0  # 98% valid: within the allowed drop
+    kept = check_evaluation(base, ok, rng.normal(size=2000) + 1.0, slight, RIGHT, validity_drop=0.05)
+    assert not kept.worse and kept.finetuned_validity == pytest.approx(0.98)
 
 
 def _bank(rewards: np.ndarray, shift: float) -> Bank:
