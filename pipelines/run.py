@@ -19,7 +19,7 @@ from pipelines.conditions import conditions_of, per_condition
 from pipelines import cond_record
 from pipelines.eval_guard import apply_evaluation_check
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
-from pipelines.finetune import run_finetune
+from pipelines.trainer import run_finetune
 from pipelines.lora import lora_settings, read_adapter, save_lora_checkpoint
 from pipelines.models import model_record
 from pipelines.outdir import claim_output_dir
