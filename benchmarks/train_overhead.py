@@ -34,7 +34,7 @@ def in_process_seconds(work: Path) -> dict[str, Any]:
     from pipelines.config import load_config
     from pipelines.models import build_model
     from pipelines.pretrain import load_or_pretrain
-    from pipelines.run import training_steps
+    from pipelines.stages.preflight import training_steps
     from pipelines.train_build import build_solver
 
     cfg = load_config(work / "config.yaml")

@@ -23,9 +23,11 @@ from typing import Any, Callable
 from pipelines.config import ConfigError, to_flat_dict, to_yaml
 from pipelines.outdir import claim_output_dir, trial_status
 from pipelines.raysession import check_address
-from pipelines.run import attach_reward, choose_solver, prepare_base, run_from_bank
+from pipelines.run import run_from_bank
 from pipelines.serving import detach
 from pipelines.schema import Config
+from pipelines.stages.base import attach_reward, prepare_base
+from pipelines.stages.preflight import choose_solver
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
 from pipelines.sweep_spec import Sweep, TrialSpec
 from pipelines.sweep_tracking import RetryingRun, open_or_reuse
@@ -52,7 +54,7 @@ def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], base
     name, out, sweep_dir = job["name"], Path(job["out"]), Path(job["sweep_dir"])
     cfg: Config = job["config"]
     run = RetryingRun(job["uri"], job["run_id"])
-    base, base_bank = bases[job["group"]]
+    base = bases[job["group"]]
 
     def log(message: str) -> None:
         print(f"[{name}] {message}", flush=True)
@@ -64,7 +66,7 @@ def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], base
         from ray.tune.integration.ray_train import TuneReportCallback
 
         # the trial's TorchTrainer reports become this Tune trial's results (what ASHA schedules on)
-        summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=job["solver"], log=log,
+        summary = run_from_bank(cfg, out, base, run=run, solver=job["solver"], log=log,
                                 finetune_callbacks=[TuneReportCallback()])
         summary["wall_seconds"] = time.time() - started
         summary["sweep"] = {"trial": name, "params": job["params"], "resources": job["resources"]}
