@@ -42,7 +42,7 @@ def _pool_seconds(target: str, kwargs: dict, *, actors: int, in_flight: int, n: 
     """Wall time of scoring n samples through a fresh reward pool."""
     import ray.data
 
-    from pipelines.bank import RewardActor
+    from pipelines.reward_actor import RewardActor
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -32,10 +32,10 @@ RESULTS = Path(__file__).parent / "results"
 def in_process_seconds(work: Path) -> dict[str, Any]:
     """The fine-tuning of the run in ``work`` redone as a plain loop in this process; wall seconds and steps."""
     from pipelines.config import load_config
-    from pipelines.finetune import _build_solver
     from pipelines.models import build_model
     from pipelines.pretrain import load_or_pretrain
-    from pipelines.run import training_steps
+    from pipelines.stages.preflight import training_steps
+    from pipelines.train_build import build_solver
 
     cfg = load_config(work / "config.yaml")
     summary = json.loads((work / "summary.json").read_text())
@@ -53,7 +53,7 @@ def in_process_seconds(work: Path) -> dict[str, Any]:
     base_model = load_or_pretrain(cfg, log=lambda _: None)
     base = build_model(base_model.config, base_model.state_dict).eval().requires_grad_(False)
     model = build_model(base_model.config, base_model.state_dict)
-    solver = _build_solver(config, model, base, torch.device("cpu"))
+    solver = build_solver(config, model, base, torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=ft.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(ft.warmup_steps, 1)))
     dim = int(base_model.config["dim"])

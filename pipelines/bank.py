@@ -24,10 +24,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines.bankio import TERM_PREFIX, Bank, concat_banks, read_bank, write_atomic
+from pipelines.bankio import Bank, concat_banks, read_bank, write_atomic
+from pipelines.reward_actor import RewardActor, actor_arguments, rows_to_bank
 from pipelines.schema import Config, PoolConfig
 
-__all__ = ["SamplerActor", "RewardActor", "generate_bank", "pool_strategy", "remote_args", "rows_to_bank"]
+__all__ = ["SamplerActor", "generate_bank", "pool_strategy", "remote_args"]
 
 
 def _seed_for(seed: int, label: str, first_id: int) -> int:
@@ -88,131 +89,6 @@ class SamplerActor:
         if cond is not None:
             out["cond"] = cond.cpu().numpy().astype(np.int64)
         return out
-
-
-class _WithCondition:
-    """A reward with one condition value bound: ``evaluate(x)`` is ``reward.evaluate(x, cond=[value] * n)``, so the
-    robust engine's chunks and bisection need not know about conditions."""
-
-    robust_settings = False
-
-    def __init__(self, reward: Any, value: Any) -> None:
-        self.reward, self.value = reward, value
-
-    def evaluate(self, x: torch.Tensor) -> Any:
-        return self.reward.evaluate(x, cond=[self.value] * int(x.shape[0]))
-
-    def evaluate_detailed(self, x: Any) -> None:
-        return None
-
-
-class RewardActor:
-    """Ray Data callable class: samples -> rewards, validity, failure reasons, attempts, timing.
-
-    Rewards already in the persistent cache are not evaluated again. The rest are scored by the robust
-    engine (chunks of ``call_size``, ``max_in_flight`` calls at once, retries with back-off, bisection of
-    failing chunks): a failing reward marks samples invalid with a reason and the run goes on. A reward
-    with ``term_names`` (`rewards.compose.WeightedSum`) adds one float64 column ``term.<name>`` per term
-    (from its result's ``terms``, or from the cache for cached samples; NaN where missing).
-    """
-
-    def __init__(self, target: str, kwargs: dict[str, Any], pool: dict[str, Any], cache_dir: str | None,
-                 conditions: list[Any] | None = None):
-        from pipelines.reward_cache import RewardCache, reward_identity
-        from rewards.base import load_reward
-
-        torch.set_num_threads(1)
-        self.reward = load_reward(target, kwargs)
-        self.term_names = tuple(self.reward.term_names)
-        self.pool = dict(pool)
-        self.conditions = list(conditions) if conditions else None
-        self.cache = None
-        if cache_dir:
-            # a reward may say which kwargs change its values (Command: not timeouts or batching)
-            value_kwargs = self.reward.value_kwargs()
-            identity = reward_identity(target, kwargs if value_kwargs is None else value_kwargs, self.reward.version)
-            self.cache = RewardCache(cache_dir, identity)
-
-    def _score(self, x: np.ndarray, cond: np.ndarray | None = None) -> Any:
-        from rewards.robust import RobustResult
-
-        if cond is not None:  # one robust evaluation per condition present, each with its value bound
-            parts = {int(c): self._score_one(_WithCondition(self.reward, self.conditions[int(c)]), x[cond == c])
-                     for c in np.unique(cond)}
-            n = len(x)
-            rewards, valid = np.full(n, np.nan), np.zeros(n, dtype=bool)
-            errors, attempts, seconds = [""] * n, np.zeros(n, dtype=np.int64), np.zeros(n)
-            for c, res in parts.items():
-                rows = np.flatnonzero(cond == c)
-                rewards[rows] = np.asarray(res.rewards, dtype=np.float64)
-                valid[rows] = np.asarray(res.valid, dtype=bool)
-                attempts[rows] = np.asarray(res.attempts, dtype=np.int64)
-                seconds[rows] = np.asarray(res.seconds, dtype=np.float64)
-                for i, e in zip(rows, res.errors):
-                    errors[i] = e
-            return RobustResult(rewards, valid, errors, attempts, seconds, sum(r.n_calls for r in parts.values()))
-        return self._score_one(self.reward, x)
-
-    def _score_one(self, reward: Any, x: np.ndarray) -> Any:
-        from rewards.robust import evaluate_reward_robust
-
-        # an external command (evaluate_detailed) applies its own settings instead of the pool's
-        return evaluate_reward_robust(
-            reward,
-            x,
-            batch_size=self.pool["call_size"] or len(x),
-            max_in_flight=self.pool["max_in_flight"],
-            retries=self.pool["retries"],
-            backoff_s=self.pool["backoff_s"],
-        )
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.reward_cache import sample_keys
-
-        x = np.array(batch["x"], dtype=np.float64)
-        n = x.shape[0]
-        cond = np.asarray(batch["cond"], dtype=np.int64) if self.conditions else None
-        values = None if cond is None else [self.conditions[int(c)] for c in cond]
-        reward = np.full(n, np.nan)
-        valid = np.zeros(n, dtype=bool)
-        error = np.full(n, "", dtype=object)
-        attempts = np.zeros(n, dtype=np.int64)
-        seconds = np.zeros(n)
-        cached = np.zeros(n, dtype=bool)
-        terms = {name: np.full(n, np.nan) for name in self.term_names}
-        keys = sample_keys(x, values) if self.cache is not None else None
-        if self.cache is not None:
-            cached, reward, valid, error = self.cache.lookup(keys)
-            if terms:
-                terms = self.cache.lookup_terms(keys, self.term_names)
-        todo = np.flatnonzero(~cached)
-        if todo.size:
-            res = self._score(x[todo], None if cond is None else cond[todo])
-            reward[todo] = np.asarray(res.rewards, dtype=np.float64)
-            valid[todo] = np.asarray(res.valid, dtype=bool)
-            error[todo] = np.asarray(res.errors, dtype=object)
-            attempts[todo] = np.asarray(res.attempts, dtype=np.int64)
-            seconds[todo] = np.asarray(res.seconds, dtype=np.float64)
-            for name, values in terms.items():
-                got = (res.terms or {}).get(name)
-                values[todo] = np.nan if got is None else np.asarray(got, dtype=np.float64)
-            if self.cache is not None:
-                self.cache.add([keys[i] for i in todo], reward[todo], valid[todo], error[todo],
-                               terms={name: values[todo] for name, values in terms.items()})
-        valid &= np.isfinite(reward)
-        error = np.where(valid, "", np.where(error == "", "nan", error))
-        return {
-            "id": batch["id"],
-            "x": x,
-            "reward": np.where(valid, reward, np.nan),
-            "valid": valid,
-            "error": error.astype(str),
-            "attempts": attempts,
-            "seconds": seconds,
-            "cached": cached,
-            **{TERM_PREFIX + name: values for name, values in terms.items()},
-            **({} if cond is None else {"cond": cond}),
-        }
 
 
 def pool_strategy(pool: PoolConfig) -> Any:
@@ -287,6 +163,36 @@ def _run_pools(
     size: int,
     log: Callable[[str], None],
 ) -> None:
+    """Sample and score the ids of ``shards`` ((first id, end id, shard index) each) through the two pools,
+    writing each shard as soon as all its rows are back."""
+    ds = _pipeline(cfg, model, label, shards, size)
+    bounds = np.array([a for a, _, _ in shards] + [shards[-1][1]])
+    pending: dict[int, list[dict[str, np.ndarray]]] = {k: [] for _, _, k in shards}
+    filled: dict[int, int] = {k: 0 for _, _, k in shards}
+    need = {k: b - a for a, b, k in shards}
+    progress = _Progress(label, sum(need.values()), log)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        which = np.searchsorted(bounds, batch["id"], side="right") - 1
+        for pos in np.unique(which):
+            a, b, k = shards[pos]
+            sel = which == pos
+            pending[k].append({key: np.asarray(val)[sel] for key, val in batch.items()})
+            filled[k] += int(sel.sum())
+            if filled[k] == need[k]:
+                parts = pending.pop(k)
+                write_atomic(rows_to_bank(parts), _shard_path(shard_dir, k))
+        progress.update(batch)
+    if any(filled[k] != need[k] for k in need):
+        missing = {k: need[k] - filled[k] for k in need if filled[k] != need[k]}
+        raise RuntimeError(f"bank {label}: shards incomplete after the pipeline ran: {missing}")
+
+
+def _pipeline(
+    cfg: Config, model: tuple[dict[str, Any], dict[str, torch.Tensor]], label: str,
+    shards: list[tuple[int, int, int]], size: int,
+) -> Any:
+    """The Ray Data pipeline: blocks of ids -> sampler pool (:class:`SamplerActor`) -> reward pool
+    (`pipelines.reward_actor.RewardActor`)."""
     import ray
     import ray.data
 
@@ -303,89 +209,40 @@ def _run_pools(
     block = max(1, min(sampler_pool.batch_size, max(b - a for a, b, _ in shards)))
     chunks = [np.arange(a, b, dtype=np.int64) for a, b, _ in shards]
     blocks = [c[i : i + block] for c in chunks for i in range(0, len(c), block)]
-    model_ref = ray.put(model)
+    sampler = {
+        "model": [ray.put(model)],
+        "sampler": {"kind": cfg.sampler.kind, "steps": cfg.sampler.steps, "grid": cfg.sampler.grid},
+        "seed": cfg.seed,
+        "label": label,
+        "dim": int(model[0]["dim"]),
+        "use_gpu": sampler_pool.num_gpus > 0,
+        "per_condition": size // len(conditions) if conditions else 0,
+    }
     ds = ray.data.from_numpy(blocks)
-    ds = ds.map_batches(
-        SamplerActor,
-        fn_constructor_kwargs={
-            "model": [model_ref],
-            "sampler": {"kind": cfg.sampler.kind, "steps": cfg.sampler.steps, "grid": cfg.sampler.grid},
-            "seed": cfg.seed,
-            "label": label,
-            "dim": int(model[0]["dim"]),
-            "use_gpu": sampler_pool.num_gpus > 0,
-            "per_condition": size // len(conditions) if conditions else 0,
-        },
-        compute=pool_strategy(sampler_pool),
-        num_cpus=sampler_pool.num_cpus,
-        num_gpus=sampler_pool.num_gpus,
-        batch_size=block,
-        **remote_args(sampler_pool),
-    )
-    ds = ds.map_batches(
-        RewardActor,
-        fn_constructor_kwargs={
-            "target": cfg.reward.target,
-            "kwargs": dict(cfg.reward.kwargs),
-            "pool": {k: getattr(reward_pool, k) for k in ("call_size", "max_in_flight", "retries", "backoff_s")},
-            "cache_dir": cfg.bank.cache_dir if cfg.bank.cache else None,
-            "conditions": conditions,
-        },
-        compute=pool_strategy(reward_pool),
-        num_cpus=reward_pool.num_cpus,
-        num_gpus=reward_pool.num_gpus,
-        batch_size=reward_pool.batch_size,
-        **remote_args(reward_pool),
-    )
-    bounds = np.array([a for a, _, _ in shards] + [shards[-1][1]])
-    pending: dict[int, list[dict[str, np.ndarray]]] = {k: [] for _, _, k in shards}
-    filled: dict[int, int] = {k: 0 for _, _, k in shards}
-    need = {k: b - a for a, b, k in shards}
-    total = sum(need.values())
-    done_rows, invalid, from_cache, start, last_print = 0, 0, 0, time.time(), 0.0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ids = batch["id"]
-        which = np.searchsorted(bounds, ids, side="right") - 1
-        for pos in np.unique(which):
-            a, b, k = shards[pos]
-            sel = which == pos
-            pending[k].append({key: np.asarray(val)[sel] for key, val in batch.items()})
-            filled[k] += int(sel.sum())
-            if filled[k] == need[k]:
-                parts = pending.pop(k)
-                write_atomic(rows_to_bank(parts), _shard_path(shard_dir, k))
-        done_rows += len(ids)
-        invalid += int((~batch["valid"].astype(bool)).sum())
-        from_cache += int(batch["cached"].astype(bool).sum())
+    for actor, kwargs, pool, batch_size in ((SamplerActor, sampler, sampler_pool, block),
+                                            (RewardActor, actor_arguments(cfg, conditions), reward_pool,
+                                             reward_pool.batch_size)):
+        ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, compute=pool_strategy(pool), num_cpus=pool.num_cpus,
+                            num_gpus=pool.num_gpus, batch_size=batch_size, **remote_args(pool))
+    return ds
+
+
+class _Progress:
+    """The bank's progress line: at most every 5 s, and at the end."""
+
+    def __init__(self, label: str, total: int, log: Callable[[str], None]):
+        self.label, self.total, self.log = label, total, log
+        self.rows, self.invalid, self.cached, self.start, self.last = 0, 0, 0, time.time(), 0.0
+
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        self.rows += len(batch["id"])
+        self.invalid += int((~batch["valid"].astype(bool)).sum())
+        self.cached += int(batch["cached"].astype(bool).sum())
         now = time.time()
-        if now - last_print > 5 or done_rows == total:
-            rate = done_rows / max(now - start, 1e-9)
-            log(
-                f"[bank {label}] {done_rows}/{total} samples, {rate:.0f} samples/s, "
-                f"{invalid} invalid so far, {from_cache} from the reward cache"
+        if now - self.last > 5 or self.rows == self.total:
+            rate = self.rows / max(now - self.start, 1e-9)
+            self.log(
+                f"[bank {self.label}] {self.rows}/{self.total} samples, {rate:.0f} samples/s, "
+                f"{self.invalid} invalid so far, {self.cached} from the reward cache"
             )
-            last_print = now
-    if any(filled[k] != need[k] for k in need):
-        missing = {k: need[k] - filled[k] for k in need if filled[k] != need[k]}
-        raise RuntimeError(f"bank {label}: shards incomplete after the pipeline ran: {missing}")
-
-
-def rows_to_bank(parts: list[dict[str, np.ndarray]]) -> Bank:
-    """A :class:`Bank` (sorted by id) from :class:`RewardActor` outputs."""
-    cat = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
-    return concat_banks(
-        [
-            Bank(
-                ids=cat["id"].astype(np.int64),
-                x=np.asarray(cat["x"], dtype=np.float64).reshape(len(cat["id"]), -1),
-                reward=cat["reward"].astype(np.float64),
-                valid=cat["valid"].astype(bool),
-                error=cat["error"].astype(object),
-                seconds=cat["seconds"].astype(np.float64),
-                attempts=cat["attempts"].astype(np.int64),
-                cached=cat["cached"].astype(bool),
-                terms={k[len(TERM_PREFIX):]: v.astype(np.float64) for k, v in cat.items() if k.startswith(TERM_PREFIX)},
-                cond=cat["cond"].astype(np.int64) if "cond" in cat else None,
-            )
-        ]
-    )
+            self.last = now

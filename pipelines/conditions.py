@@ -17,7 +17,7 @@ from typing import Any
 from pipelines.config import ConfigError
 from pipelines.schema import Config
 
-__all__ = ["resolve_conditions", "check_conditions", "conditions_of", "per_condition", "metric_prefix"]
+__all__ = ["resolve_conditions", "check_conditions", "conditions_of", "condition_count", "per_condition", "metric_prefix"]
 
 _MLFLOW_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 
@@ -26,6 +26,11 @@ def conditions_of(cfg: Config) -> list[Any]:
     """The resolved list of condition values; [] for an unconditional run."""
     values = cfg.data.conditions
     return list(values) if isinstance(values, (list, tuple)) else []
+
+
+def condition_count(cfg: Config) -> int:
+    """How many conditions a bank's ``size`` per condition is multiplied by: C, or 1 for an unconditional run."""
+    return max(len(conditions_of(cfg)), 1)
 
 
 def per_condition(cfg: Config) -> bool:

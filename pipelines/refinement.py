@@ -26,7 +26,7 @@ from tfft.refine import RefineRound, TailMeasurement
 from tfft.refine import refine_threshold as refine_loop
 from tfft.tail import var
 
-__all__ = ["refine_threshold"]
+__all__ = ["refine_threshold", "FineTune"]
 
 FineTune = Callable[[Path, dict[str, Any], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 

@@ -1,9 +1,8 @@
 """``tfft report DIR``: a sweep's trials side by side: a table (CSV and Markdown) and three figures.
 
-Every CVaR in the table is taken at the trial's own ``alpha``, on both sides, for the base model (its bank),
-the fine-tuned model (its final bank) and the exact target (the base bank under the tilt weights,
-DESIGN §5). ``kl_target`` is KL(p* ‖ q) of the exact target, estimated from the same weights (:func:`tilt_kl`);
-the fine-tuned model's own KL is not estimated. Files go to ``DIR/report/``; with MLflow on, they are also
+The rows (`pipelines.report_rows`): every CVaR taken at the trial's own ``alpha``, on both sides, for the base
+model, the fine-tuned model and the exact target, and ``kl_target``, KL(p* ‖ q) of the exact target; the
+fine-tuned model's own KL is not estimated. Files go to ``DIR/report/``; with MLflow on, they are also
 logged to the sweep's parent run.
 """
 
@@ -16,102 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from pipelines.outdir import trial_status
+from pipelines.report_rows import COLUMNS, INTERVAL_NOTE, KL_NOTE, bank_rewards, trial_rows
 from rewards.plots import pyplot
-from tfft.tail import cvar
-from tfft.target import tilt_weights
 
-__all__ = ["tilt_kl", "trial_rows", "write_report", "report_sweep", "COLUMNS", "INTERVAL_NOTE", "KL_NOTE"]
-
-KL_NOTE = (
-    "kl_target: KL(p*||q) of the exact target, estimated on the base bank as sum_i w_i log(N w_i) with the "
-    "self-normalised tilt weights w_i ∝ exp(g(x_i)/kl_weight) over the N valid samples (not the fine-tuned model's KL)"
-)
-_MODELS = ("base", "finetuned", "target")
-COLUMNS = (
-    ["trial", "status", "kind", "side", "alpha", "kl_weight", "seed", "eta", "ess", "tail_mass", "kl_target"]
-    + [f"{m}_mean" for m in _MODELS]
-    + [f"{m}_cvar_{s}" for s in ("right", "left") for m in _MODELS]
-    + [f"target_cvar_{s}_{b}" for s in ("right", "left") for b in ("lo", "hi")]
-    + ["wall_seconds"]
-)
-INTERVAL_NOTE = (
-    "target_cvar_*_lo/hi: the percentile-bootstrap interval of the target CVaR over the base bank, as recorded in "
-    "the trial's summary.json (tfft.target.target_interval); it measures the bank's sampling variability and "
-    "does not correct the low bias of self-normalised tail estimates (read it with the ESS); empty when the "
-    "trial's alpha is not among the recorded levels"
-)
-
-
-def tilt_kl(weights: np.ndarray) -> float:
-    """KL(p* ‖ q) from self-normalised importance weights of p* on N samples of q: sum_i w_i log(N w_i).
-
-    Args:
-        weights: shape (N,), non-negative, summing to 1 (zero weights contribute nothing).
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    w = w[w > 0]
-    return float(np.sum(w * np.log(len(weights) * w)))
-
-
-def _rewards(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=["reward", "valid"])
-    reward = table.column("reward").to_numpy(zero_copy_only=False).astype(np.float64)
-    valid = table.column("valid").to_numpy(zero_copy_only=False).astype(bool) & np.isfinite(reward)
-    return reward, valid
-
-
-def _trial_row(sweep_dir: Path, trial: dict[str, Any], banks: dict[str, Any]) -> dict[str, Any]:
-    trial_dir = sweep_dir / "trials" / trial["name"]
-    cfg = OmegaConf.to_container(OmegaConf.load(trial_dir / "config.yaml"))
-    objective = cfg["objective"]
-    row: dict[str, Any] = {
-        "trial": trial["name"],
-        "kind": objective["kind"],
-        "side": objective["side"],
-        "alpha": objective["alpha"],
-        "kl_weight": objective["kl_weight"],
-        "seed": cfg["seed"],
-        **{k: v for k, v in trial["params"].items() if k.split(".")[-1] not in COLUMNS},
-    }
-    row["status"] = trial_status(trial_dir)
-    if row["status"] != "done":
-        return row
-    summary = json.loads((trial_dir / "summary.json").read_text())
-    threshold = summary.get("threshold") or {}
-    row.update({k: threshold.get(k, math.nan) for k in ("eta", "ess", "tail_mass")})
-    row.update({f"{m}_mean": summary[m]["mean"] for m in _MODELS})
-    row["wall_seconds"] = summary.get("wall_seconds", math.nan)
-    if trial["bank"] not in banks:
-        banks[trial["bank"]] = _rewards(sweep_dir / trial["bank"])
-    base_r, base_valid = banks[trial["bank"]]
-    final_r, final_valid = _rewards(trial_dir / "bank_final.parquet")
-    tilt = {k: summary["objective"][k] for k in ("eta", "side", "alpha", "kl_weight")}
-    w = tilt_weights(base_r, valid=base_valid, **tilt)[base_valid]
-    row["kl_target"] = tilt_kl(w)
-    interval = summary.get("target_interval") or {}
-    for side in ("right", "left"):
-        alpha = row["alpha"]
-        row[f"base_cvar_{side}"] = cvar(base_r[base_valid], side=side, alpha=alpha)
-        row[f"finetuned_cvar_{side}"] = cvar(final_r[final_valid], side=side, alpha=alpha)
-        row[f"target_cvar_{side}"] = cvar(base_r[base_valid], side=side, alpha=alpha, weights=w)
-        for bound in ("lo", "hi"):
-            recorded = interval.get(bound, {}).get(f"cvar_{side}", {})
-            row[f"target_cvar_{side}_{bound}"] = recorded.get(f"{float(alpha):g}", math.nan)
-    return row
-
-
-def trial_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per trial listed in ``sweep_dir/sweep.json`` (columns :data:`COLUMNS` plus other swept keys);
-    trials without a ``summary.json`` have a status and no statistics."""
-    sweep_dir = Path(sweep_dir)
-    state = json.loads((sweep_dir / "sweep.json").read_text())
-    banks: dict[str, Any] = {}
-    return [_trial_row(sweep_dir, trial, banks) for trial in state["trials"]]
+__all__ = ["write_report", "report_sweep"]
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -234,8 +142,8 @@ def _plot_histograms(sweep_dir: Path, rows: list[dict[str, Any]], path: Path) ->
             if trial is None:
                 ax.axis("off")
                 continue
-            base_r, base_valid = _rewards(sweep_dir / bank_of[trial["trial"]])
-            final_r, final_valid = _rewards(sweep_dir / "trials" / trial["trial"] / "bank_final.parquet")
+            base_r, base_valid = bank_rewards(sweep_dir / bank_of[trial["trial"]])
+            final_r, final_valid = bank_rewards(sweep_dir / "trials" / trial["trial"] / "bank_final.parquet")
             both = np.concatenate([base_r[base_valid], final_r[final_valid]])
             bins = np.linspace(both.min(), both.max(), 50)
             ax.hist(base_r[base_valid], bins=bins, alpha=0.5, density=True, color="tab:gray", label="base")

@@ -2,32 +2,20 @@
 
 A pool maps (ids (k,), x (k, d)) to a :class:`pipelines.bankio.Bank` of those k rows with rewards, validity,
 failure reasons and the reward cache's flags, exactly as the bank's reward pool scores them (each row goes
-through a :class:`pipelines.bank.RewardActor`). Unlike the bank's Ray Data pipeline, the pool lives across
+through a :class:`pipelines.reward_actor.RewardActor`). Unlike the bank's Ray Data pipeline, the pool lives across
 calls: screened evaluation sends one batch after another, and actors are started once.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from pipelines.bank import RewardActor, remote_args, rows_to_bank
+from pipelines.bank import remote_args
 from pipelines.bankio import Bank
+from pipelines.reward_actor import RewardActor, actor_arguments, rows_to_bank
 from pipelines.schema import Config
 
-__all__ = ["actor_arguments", "LocalRewardPool", "ActorRewardPool"]
-
-
-def actor_arguments(cfg: Config) -> dict[str, Any]:
-    """The :class:`RewardActor` constructor kwargs of the config's expensive reward (cache as configured)."""
-    pool = cfg.bank.reward
-    return {
-        "target": cfg.reward.target,
-        "kwargs": dict(cfg.reward.kwargs),
-        "pool": {k: getattr(pool, k) for k in ("call_size", "max_in_flight", "retries", "backoff_s")},
-        "cache_dir": cfg.bank.cache_dir if cfg.bank.cache else None,
-    }
+__all__ = ["LocalRewardPool", "ActorRewardPool"]
 
 
 def _chunks(ids: np.ndarray, x: np.ndarray, size: int) -> list[dict[str, np.ndarray]]:

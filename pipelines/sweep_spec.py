@@ -36,7 +36,7 @@ from pipelines.schema import Config
 __all__ = ["Domain", "SchedulerConfig", "SweepConfig", "TrialSpec", "Sweep", "load_sweep", "parse_sweep", "expand"]
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
-# Sections whose values fix the base model and its bank (pipelines.run.prepare_base): trials that agree
+# Sections whose values fix the base model and its bank (pipelines.stages.base.prepare_base): trials that agree
 # on them share one base bank.
 BANK_SECTIONS = ("seed", "data", "model", "pretrain", "reward", "sampler", "bank")
 _NOT_SWEEPABLE = ("ray", "tracking")

@@ -58,7 +58,9 @@ class Reward:
 
     ``term_names``: the names of the per-sample terms the reward reports with its values
     (:attr:`RewardBatch.terms`, `rewards.robust.RobustResult.terms`); each becomes a bank column
-    ``term.<name>``. Default: none. ``robust_settings``: True when :meth:`evaluate_detailed` takes the reward
+    ``term.<name>``. Default: none. ``term_weights``: name -> weight of those terms, recorded with each term's
+    statistics (``summary.json["terms"]``); None (the default) when the reward has no weights to report.
+    ``robust_settings``: True when :meth:`evaluate_detailed` takes the reward
     pool's call settings as keywords (``batch_size``, ``max_in_flight``, ``retries``, ``backoff_s``,
     ``split``) for what it evaluates in-process (`rewards.compose.WeightedSum`). Default: False.
     """
@@ -67,6 +69,7 @@ class Reward:
     version: str = "1"
     differentiable: bool = False
     term_names: tuple[str, ...] = ()
+    term_weights: dict[str, float] | None = None
     robust_settings: bool = False
 
     def evaluate(self, x: torch.Tensor) -> RewardBatch:  # pragma: no cover - interface

@@ -94,7 +94,7 @@ def test_cli_rejects_stray_arguments():
 
 
 def test_one_sampler_by_default_and_warnings_for_weak_settings():
-    from pipelines.run import sampler_record, sampler_warnings, training_steps
+    from pipelines.stages.preflight import sampler_record, sampler_warnings, training_steps
 
     cfg = load_config(None, [])
     assert training_steps(cfg) == cfg.sampler.steps and sampler_record(cfg)["same_as_finetune"]

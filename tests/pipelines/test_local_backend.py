@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipelines.config import ConfigError, load_config
-from pipelines.finetune import run_finetune
+from pipelines.trainer import run_finetune
 from pipelines.models import build_model
 from pipelines.schema import FinetuneConfig
 from pipelines.train_session import local_checkpoints

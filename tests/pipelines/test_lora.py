@@ -207,9 +207,10 @@ def test_config_accepts_patterns_and_defaults():
 
 
 def test_training_workers_build_warm_start_and_checkpoint_only_the_adapter():
-    """The worker side (`pipelines.finetune`): the model built from an adapter (threshold refinement's warm
+    """The worker side (`pipelines.train_build`): the model built from an adapter (threshold refinement's warm
     start) is that fine-tuned model, its checkpoint state is the adapter alone, and it loads back."""
-    from pipelines.finetune import _build_models, _load_model_state, _model_state
+    from pipelines.train_build import build_models as _build_models
+    from pipelines.train_build import load_model_state as _load_model_state, model_state as _model_state
     from pipelines.lora import adapter_state
 
     lora, frozen, state = _trained_lora(MLP)

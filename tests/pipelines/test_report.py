@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from pipelines.cli import main
 from pipelines.config import to_yaml
-from pipelines.report import COLUMNS, KL_NOTE, report_sweep, tilt_kl, trial_rows
+from pipelines.report import report_sweep
+from pipelines.report_rows import COLUMNS, KL_NOTE, tilt_kl, trial_rows
 from pipelines.schema import Config
 from tfft.tail import cvar, solve_threshold
 from tfft.target import summarize, target_summary, tilt_weights

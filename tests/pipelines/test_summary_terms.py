@@ -63,10 +63,11 @@ class _Run:
 
 
 def test_a_run_records_the_terms_of_a_composite_reward(tmp_path):
-    """`pipelines.run._record` (the end of `tfft run`) on banks with term columns, without Ray."""
+    """`pipelines.stages.record.record_summary` (the end of `tfft run`) on banks with term columns, without Ray."""
     from pipelines.bankio import Bank
     from pipelines.config import load_config
-    from pipelines.run import _record, objective_of
+    from pipelines.stages.record import record_summary as _record
+    from pipelines.stages.threshold import objective_of
     from rewards.base import load_reward
 
     cfg = load_config(Path(__file__).parents[2] / "tune_configs/toy2d_composite.yaml", ["objective.kind=mean"])

@@ -24,7 +24,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.schema import Config
-from pipelines.sweep import asha_scheduler
+from pipelines.sweep_scheduler import asha_scheduler
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
 from pipelines.sweep_tracking import RetryingRun
 from pipelines.sweep_spec import load_sweep

@@ -109,7 +109,7 @@ def test_gradient_is_the_weighted_sum_of_the_terms_gradients():
 
 def test_not_differentiable_when_any_term_is_not_and_the_pipeline_picks_the_weighted_solver():
     from pipelines.config import from_dict
-    from pipelines.run import choose_solver
+    from pipelines.stages.preflight import choose_solver
 
     terms = [TAIL, {"target": "compose_user_terms:RaisesOnFar", "weight": 0.1}]
     ws = WeightedSum(terms)

@@ -357,7 +357,7 @@ def test_http_config_loads():
     overrides = ["reward.target=rewards.http:Endpoint", "reward.kwargs.url=http://127.0.0.1:8765"]  # README's
     cfg = load_config(REPO / "tune_configs" / "toy2d_right.yaml", overrides)
     assert load_reward(cfg.reward.target, cfg.reward.kwargs).value_kwargs() == {"url": "http://127.0.0.1:8765"}
-    from pipelines.run import choose_solver
+    from pipelines.stages.preflight import choose_solver
 
     assert choose_solver(cfg) == "weighted"
 

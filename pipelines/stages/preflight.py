@@ -1,0 +1,76 @@
+"""What a run decides from its config alone, before Ray starts: the solver, the training trajectories' step
+count, the samplers it records, and the warnings for settings that work but weaken the result."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pipelines.config import ConfigError
+from pipelines.raysession import check_address, check_local_capacity
+from pipelines.schema import Config
+from pipelines.serving import PROXY, served_differentiable
+from rewards.base import load_reward
+
+__all__ = ["preflight", "choose_solver", "training_steps", "sampler_record", "sampler_warnings"]
+
+
+def preflight(cfg: Config, *, log: Callable[[str], None] = print) -> str:
+    """The solver (:func:`choose_solver`), with the Ray address and local capacity checked and the warnings of
+    :func:`sampler_warnings` logged: config problems surface here, before any work."""
+    solver = choose_solver(cfg)
+    check_address(cfg.ray)
+    check_local_capacity(cfg.ray, cfg.finetune)
+    for warning in sampler_warnings(cfg, solver):
+        log(f"[config] WARNING: {warning}")
+    return solver
+
+
+def choose_solver(cfg: Config) -> str:
+    """adjoint when the reward has gradients, else weighted; an explicit choice is checked."""
+    if cfg.reward.serve.enabled and cfg.reward.target != PROXY:  # never build a served reward on the driver
+        differentiable = served_differentiable(cfg)
+    else:
+        differentiable = bool(load_reward(cfg.reward.target, cfg.reward.kwargs).differentiable)
+    solver = cfg.finetune.solver
+    if solver == "auto":
+        return "adjoint" if differentiable else "weighted"
+    if solver == "adjoint" and not differentiable:
+        raise ConfigError(
+            f"'finetune.solver' is 'adjoint' but reward {cfg.reward.target!r} has no gradients; "
+            "use 'weighted' or 'auto'"
+        )
+    return solver
+
+
+def training_steps(cfg: Config) -> int:
+    """K of the fine-tuning trajectories: ``finetune.sde_steps``, or the bank sampler's ``sampler.steps`` (0)."""
+    return int(cfg.finetune.sde_steps or cfg.sampler.steps)
+
+
+def sampler_record(cfg: Config) -> dict[str, Any]:
+    """The samplers of the run, for ``summary.json``: banks and evaluation vs fine-tuning trajectories."""
+    record: dict[str, Any] = {"kind": cfg.sampler.kind, "steps": cfg.sampler.steps, "finetune_sde_steps": training_steps(cfg)}
+    if cfg.sampler.kind == "ode":
+        record["grid"] = cfg.sampler.grid
+    record["same_as_finetune"] = cfg.sampler.kind == "sde" and cfg.sampler.steps == training_steps(cfg)
+    return record
+
+
+def sampler_warnings(cfg: Config, solver: str) -> list[str]:
+    """Configurations that work but weaken the result: two samplers, too little tail signal per update."""
+    warnings = []
+    if solver == "adjoint" and not sampler_record(cfg)["same_as_finetune"]:
+        warnings.append(
+            f"the banks use sampler {cfg.sampler.kind} with {cfg.sampler.steps} steps but fine-tuning uses the SDE with "
+            f"{training_steps(cfg)} steps: target statistics describe the bank sampler's tilt, so the fine-tuned vs "
+            "target gap mixes two samplers"
+        )
+    if solver == "adjoint" and cfg.objective.kind == "cvar" and cfg.objective.alpha < 1:
+        expected = cfg.finetune.batch_size * cfg.finetune.oversample * cfg.objective.alpha
+        if expected < 16:
+            warnings.append(
+                f"about {expected:.0f} trajectories per update carry gradient (batch_size {cfg.finetune.batch_size} x "
+                f"oversample {cfg.finetune.oversample} x alpha {cfg.objective.alpha:g}); aim for 16 or more: raise "
+                "finetune.batch_size or finetune.oversample"
+            )
+    return warnings

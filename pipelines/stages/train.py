@@ -1,0 +1,190 @@
+"""The fine-tuning stage: one fine-tuning run on the pseudo-reward into ``out/checkpoint/model.pt`` (reused
+when a previous run finished it), then threshold refinement's rounds when ``threshold.refine_rounds`` is set.
+
+The run itself is `pipelines.trainer.run_finetune` (Ray Train, or the local loop). This stage supplies what it
+reads from the base bank: the weighted solver's frozen tilt weights (DESIGN §7), the guard's baseline E_q[g]
+and its validity floor. With ``finetune.lora`` the checkpoint directory also gets the adapter
+(``save_pretrained``) and, with ``merge``, ``merged.safetensors``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipelines import cond_record
+from pipelines.bankio import Bank
+from pipelines.conditions import conditions_of
+from pipelines.lora import lora_settings, read_adapter, save_lora_checkpoint
+from pipelines.refinement import FineTune, refine_threshold
+from pipelines.schema import Config
+from pipelines.stages.base import BaseStage
+from pipelines.stages.preflight import training_steps
+from pipelines.stages.threshold import ThresholdStage
+from pipelines.tracking import TrackedRun
+from pipelines.trainer import FinetuneResult, run_finetune
+from tfft.invalid import tilt_rewards
+from tfft.target import effective_sample_size, pseudo_reward, tilt_weights
+
+__all__ = ["TrainStage", "CachedFinetune", "train", "checkpoint_record"]
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainStage:
+    """The fine-tuned network's state, the objective it was fine-tuned for (refinement's eta when refined) and
+    refinement's rounds (None without refinement)."""
+
+    state: State
+    objective: dict[str, Any]
+    refinement: list[dict[str, Any]] | None = None
+
+
+def train(
+    cfg: Config, out: Path, base: BaseStage, threshold: ThresholdStage, *, solver: str, run: TrackedRun,
+    log: Callable[[str], None] = print, callbacks: Sequence[Any] = (),
+) -> TrainStage:
+    """Fine-tune at ``threshold.objective`` into ``out``; then refine the threshold (``threshold.refine_rounds``,
+    `pipelines.refinement`) when there is one eta* to refine. ``callbacks``: see `pipelines.run.run_pipeline`."""
+    finetune = CachedFinetune(cfg, base, solver, run, log, tuple(callbacks))
+    state = finetune(out, threshold.objective)
+    if not cfg.threshold.refine_rounds or threshold.threshold is None:
+        return TrainStage(state, threshold.objective)
+    state, objective, rounds = refine_threshold(
+        cfg, out, base.model, base.bank, threshold.objective, state, run=run, log=log,
+        finetune=_warm_rounds(cfg, out, finetune),
+    )
+    return TrainStage(state, objective, rounds)
+
+
+def _warm_rounds(cfg: Config, out: Path, finetune: CachedFinetune) -> FineTune:
+    """Refinement's fine-tuning: each round warm-started from the previous round's state and, with LoRA, from
+    the adapter in the previous round's checkpoint (the first round's predecessor is ``out``)."""
+    previous = out
+
+    def finetune_round(out_k: Path, objective_k: dict[str, Any], init: State) -> State:
+        nonlocal previous
+        adapter = read_adapter(previous / "checkpoint") if cfg.finetune.lora.enabled else None
+        state = finetune(out_k, objective_k, init_state=init, init_adapter=adapter,
+                         steps=cfg.threshold.refine_steps or None)
+        previous = out_k
+        return state
+
+    return finetune_round
+
+
+@dataclass(frozen=True)
+class CachedFinetune:
+    """Fine-tunes the base stage's model into ``<out>/checkpoint/model.pt``, or loads that file when a previous
+    run finished it; returns the state (with LoRA the merged network)."""
+
+    cfg: Config
+    base: BaseStage
+    solver: str
+    run: TrackedRun
+    log: Callable[[str], None]
+    callbacks: tuple[Any, ...] = ()
+
+    def __call__(self, out: Path, objective: dict[str, Any], *, init_state: State | None = None,
+                 init_adapter: State | None = None, steps: int | None = None) -> State:
+        """``init_state``/``init_adapter`` warm-start the network/the LoRA adapter; ``steps`` overrides
+        ``finetune.steps``."""
+        model_path = out / "checkpoint" / "model.pt"
+        if model_path.is_file():
+            self.log(f"[finetune] reusing {model_path}")
+            return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
+        cfg, model, bank = self.cfg, self.base.model, self.base.bank
+        weighted = _weighted_inputs(cfg, bank, objective, self.log) if self.solver == "weighted" else {}
+        started = time.time()
+        result = run_finetune(
+            name="finetune", storage_path=_train_storage(cfg, out), model_config=model.config, base_state=model.state_dict,
+            objective=objective, finetune=cfg.finetune, reward_target=cfg.reward.target,
+            reward_kwargs=dict(cfg.reward.kwargs), seed=cfg.seed, solver=self.solver, mlflow=self.run.worker_args(),
+            init_state=init_state, steps=steps, callbacks=list(self.callbacks) or None, sde_steps=training_steps(cfg),
+            conditions=conditions_of(cfg) or None, log=self.log, lora=lora_settings(cfg.finetune.lora),
+            init_adapter=init_adapter, **weighted, **_guard_inputs(cfg, bank, objective),
+        )
+        seconds = time.time() - started
+        self.log(f"[finetune] done in {seconds:.0f}s")
+        self._save(model_path, objective, result, seconds)
+        return result.state_dict
+
+    def _save(self, model_path: Path, objective: dict[str, Any], result: FinetuneResult, seconds: float) -> None:
+        """``model.pt``: the state with the solver, objective, timings and the guard's decision; with LoRA the
+        adapter files first (``model.pt`` marks the stage done)."""
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        guard = {"kept": result.kept, "reason": result.kept_reason, "stopped_early": result.stopped_early}
+        blob = {"config": self.base.model.config, "state_dict": result.state_dict, "solver": self.solver,
+                "objective": objective, "seconds": seconds, "loop_seconds": result.loop_seconds, "guard": guard}
+        if result.lora is not None:
+            save_lora_checkpoint(model_path.parent, result.lora, merge=self.cfg.finetune.lora.merge)
+            blob["lora"] = result.lora_record
+            _log_lora(self.run, result.lora_record)
+        tmp = model_path.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(model_path)
+
+
+def _weighted_inputs(cfg: Config, bank: Bank, objective: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The weighted solver's bank rows, their frozen tilt weights w_i ∝ exp(g(x_i)/gamma) and, with conditions,
+    their condition indices (``run_finetune``'s ``bank_x``, ``bank_weights``, ``bank_cond``)."""
+    if conditions_of(cfg):  # per condition, each condition's weights summing to 1/C
+        tilt, rows = cond_record.tilt_by_condition(bank, objective, cfg.objective.invalid_reward)
+        log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples of {len(conditions_of(cfg))} "
+            f"conditions, ESS of the frozen weights {effective_sample_size(tilt[rows]):.0f}")
+        return {"bank_x": bank.x[rows], "bank_weights": tilt[rows], "bank_cond": bank.cond[rows]}
+    # failures at the invalid reward, or neutral (tfft.invalid.tilt_rewards); rows with a finite x
+    reward, rows = tilt_rewards(bank.reward, bank.valid, cfg.objective.invalid_reward, objective["eta"])
+    rows = rows & np.isfinite(bank.x).all(axis=1)
+    tilt = tilt_weights(np.where(rows, reward, np.nan), valid=rows, **objective)
+    log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples, "
+        f"ESS of the frozen weights {effective_sample_size(tilt):.0f}")
+    return {"bank_x": bank.x[rows], "bank_weights": tilt[rows]}
+
+
+def _guard_inputs(cfg: Config, bank: Bank, objective: dict[str, Any]) -> dict[str, float]:
+    """The guard's baseline, the base model's objective E_q[g] on the bank's valid samples (its KL is 0), and
+    its validity floor for the training samples: the bank's valid fraction less ``finetune.guard_validity_drop``."""
+    if conditions_of(cfg):
+        baseline = cond_record.base_objective(bank, objective)
+    else:
+        g = pseudo_reward(bank.reward[bank.valid], eta=objective["eta"], side=objective["side"],
+                          alpha=objective["alpha"])
+        baseline = float(g.mean()) if g.size else float("nan")
+    floor = max(bank.n_valid / max(len(bank.valid), 1) - cfg.finetune.guard_validity_drop, 0.0)
+    return {"guard_baseline": baseline, "min_valid_fraction": floor}
+
+
+def _log_lora(run: TrackedRun, record: dict[str, Any]) -> None:
+    """MLflow params of the LoRA run (the config's ``finetune.lora.*`` are logged with the config)."""
+    run.log_params({"lora.target_modules": ",".join(record["target_modules"]),
+                    "lora.trainable_parameters": record["trainable"], "lora.total_parameters": record["total"]})
+    if "peak_memory_bytes" in record:
+        run.log_metrics({"lora.peak_memory_bytes": float(record["peak_memory_bytes"])})
+
+
+def checkpoint_record(out: Path) -> dict[str, Any]:
+    """What the fine-tuning stage recorded with its checkpoint: wall time, loop time, the guard's decision and
+    the LoRA record ({} when ``out`` has no checkpoint)."""
+    path = out / "checkpoint" / "model.pt"
+    if not path.is_file():
+        return {}
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    seconds, loop = blob.get("seconds"), blob.get("loop_seconds")
+    return {"seconds": None if seconds is None else float(seconds), "guard": blob.get("guard"),
+            "loop_seconds": None if loop is None else float(loop), "lora": blob.get("lora")}
+
+
+def _train_storage(cfg: Config, out: Path) -> str:
+    """Where the fine-tuning checkpoints go: ``out/train``, or with ``--out`` on an object store and Ray Train's
+    worker group (whose workers may run on other nodes) that directory on the store itself."""
+    from pipelines.mirror import remote_of
+
+    remote = remote_of(out) if cfg.finetune.backend == "ray" else None
+    return f"{remote}/train" if remote else str(out / "train")

@@ -1,0 +1,125 @@
+"""What a fine-tuning worker builds from its loop config (`pipelines.finetune.run_loop`): the networks (full or
+LoRA), the solver with the pseudo-reward, and the model state a checkpoint keeps.
+
+Loop config keys read here: ``model_config``, ``base_state``, ``init_state``, ``lora``, ``init_adapter``,
+``solver``, ``objective``, ``reward_target``, ``reward_kwargs``, ``reward_grad_clip``, ``conditions`` and the
+solver's settings (see `pipelines.trainer.run_finetune`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = ["build_models", "build_solver", "model_state", "load_model_state", "no_buffer_sync"]
+
+
+def build_models(config: dict[str, Any], device: Any) -> tuple[Any, Any, Any]:
+    """(trained model, frozen base velocity, `pipelines.lora.LoraModel` or None) on ``device``.
+
+    Without LoRA the base is a separate frozen copy. With ``config["lora"]`` the model is the base network with
+    adapters (fresh, or ``config["init_adapter"]``), only they require gradients, and the base is the same model
+    with its adapters switched off (`pipelines.lora.AdapterOffVelocity`): one copy of the weights.
+    """
+    from pipelines.lora import enable_checkpointing
+
+    if config.get("lora"):
+        from pipelines.lora import LoraSettings, build_lora_model
+
+        lora = build_lora_model(config["model_config"], config["base_state"], LoraSettings.from_dict(config["lora"]),
+                                adapter=config.get("init_adapter"))
+        if config.get("gradient_checkpointing"):
+            enable_checkpointing(lora.velocity)
+        return lora.velocity.to(device), lora.base, lora
+    from pipelines.models import build_model
+
+    base = build_model(config["model_config"], config["base_state"]).to(device).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = build_model(config["model_config"], config.get("init_state") or config["base_state"]).to(device)
+    if config.get("gradient_checkpointing"):
+        enable_checkpointing(model)
+    return model, base, None
+
+
+def build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn.Module, device: Any) -> Any:
+    """`tfft.solvers.WeightedFlowMatchingSolver` on the config's bank (``solver: weighted``), else
+    `tfft.solvers.AdjointMatchingSolver` on the pseudo-reward of :func:`pseudo_reward_fn`."""
+    from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver, WeightedFlowMatchingSolver
+
+    if config["solver"] == "weighted":
+        bank_x = torch.as_tensor(np.array(config["bank_x"]), dtype=torch.float32, device=device)
+        bank_cond = config.get("bank_cond")
+        return WeightedFlowMatchingSolver(model, bank_x, torch.as_tensor(np.array(config["bank_weights"])),
+                                          base=base if config["anchor"] else None, time_power=config["time_power"],
+                                          bank_cond=None if bank_cond is None else torch.as_tensor(np.array(bank_cond)))
+    am = AdjointMatchingConfig(
+        kl_weight=config["objective"]["kl_weight"], steps=config["sde_steps"], late_fraction=config["late_fraction"],
+        n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
+        clip_factor=config["clip_factor"],
+        oversample=config["oversample"], fast=config["fast_path"], loss_chunk=config.get("loss_chunk", 0),
+    )
+    return AdjointMatchingSolver(model, base, pseudo_reward_fn(config), am)
+
+
+def pseudo_reward_fn(config: dict[str, Any]) -> Callable[[torch.Tensor], Any]:
+    """x1 -> PseudoReward from the user's reward (values and gradients) and the objective (eta, side, alpha)."""
+    from rewards.base import load_reward
+    from tfft.conditions import row_values
+    from tfft.pseudo import pseudo_reward_signal
+
+    reward = load_reward(config["reward_target"], config["reward_kwargs"])
+    objective = config["objective"]
+    conditions = config.get("conditions")
+
+    def fn(x1: torch.Tensor, cond: torch.Tensor | None = None) -> Any:
+        if cond is None:
+            out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64))
+            eta = objective["eta"]
+        else:
+            values = [conditions[i] for i in cond.tolist()]
+            out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64), cond=values)
+            eta = row_values(objective["eta"], cond)
+            eta = eta.to(torch.float64) if isinstance(eta, torch.Tensor) else eta
+        return pseudo_reward_signal(
+            out.rewards.to(torch.float64), grad_r.to(torch.float64), out.valid,
+            eta=eta, side=objective["side"], alpha=objective["alpha"],
+            grad_clip=config["reward_grad_clip"],
+        )
+
+    return fn
+
+
+def model_state(model: torch.nn.Module, lora: Any) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: its state dict, or with LoRA only the adapter (peft's format)."""
+    if lora is not None:
+        from pipelines.lora import adapter_state
+
+        return adapter_state(lora.peft)
+    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+
+
+def load_model_state(model: torch.nn.Module, lora: Any, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`model_state`: the state dict, or with LoRA the adapter, loaded into ``model``."""
+    if lora is not None:
+        from pipelines.lora import load_adapter
+
+        load_adapter(lora.peft, state)
+    else:
+        model.load_state_dict(state)
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for "do not broadcast buffers in every forward" (renamed in torch 2.13)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if new else {"broadcast_buffers": False}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DDP wrapper (the model itself when not wrapped)."""
+    return model.module if hasattr(model, "module") else model
