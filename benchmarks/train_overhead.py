@@ -3,12 +3,15 @@
     python -m benchmarks.train_overhead                                  # runs `tfft run` on the demo config
     python -m benchmarks.train_overhead --work runs/demo                 # reuses a finished run directory
     python -m benchmarks.train_overhead --config tune_configs/toy2d_left.yaml
+    python -m benchmarks.train_overhead --no-local                       # without the local-backend run
 
 The run's ``summary.json`` gives the fine-tuning stage's wall time (``finetune_seconds``: trainer start to the
 fine-tuned weights on the driver) and the training loop's own time inside the workers (``finetune_loop_seconds``).
 The in-process loop then does the same solver steps with the same global batch, reward and objective in this
 process (all cores, no Ray): solver step, backward, gradient clip, Adam with warm-up. Results go to
-``benchmarks/results/train_overhead.{json,md}``; all times are from one run on one machine.
+``benchmarks/results/train_overhead.{json,md}``; all times are from one run on one machine. Unless ``--no-local``,
+the same config also runs with ``finetune.backend=local`` (the loop in the driver process, no worker group; one
+worker), and its fine-tuning stage is compared with the same in-process loop.
 """
 
 from __future__ import annotations
@@ -75,15 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="tune_configs/toy2d_right.yaml")
     parser.add_argument("--work", type=Path, help="a finished `tfft run` directory (default: run the config now)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-local", action="store_true", help="skip the finetune.backend=local run")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.work
+    cli = [sys.executable, "-c", "from pipelines.cli import main; raise SystemExit(main())"]
+    scratch = Path(tempfile.mkdtemp(prefix="tfft-overhead-"))
     if work is None:
-        work = Path(tempfile.mkdtemp(prefix="tfft-overhead-")) / "run"
-        cli = [sys.executable, "-c", "from pipelines.cli import main; raise SystemExit(main())"]
+        work = scratch / "run"
         subprocess.run([*cli, "run", args.config, "--out", str(work)], check=True)
     summary = json.loads((work / "summary.json").read_text())
     local = in_process_seconds(work)
+    backend_local = None
+    if not args.no_local:
+        subprocess.run([*cli, "run", str(work / "config.yaml"), "--out", str(scratch / "run_local"),
+                        "finetune.backend=local", "finetune.num_workers=1"], check=True)
+        backend_local = json.loads((scratch / "run_local" / "summary.json").read_text())
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "config": args.config if args.work is None else str(work / "config.yaml"),
@@ -92,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         "finetune_loop_seconds": summary.get("finetune_loop_seconds"),
         "in_process": local,
         "ratio": summary["finetune_seconds"] / local["seconds"],
+        "local_backend": None if backend_local is None else {
+            "run_wall_seconds": backend_local.get("wall_seconds"),
+            "finetune_seconds": backend_local["finetune_seconds"],
+            "ratio": backend_local["finetune_seconds"] / local["seconds"],
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -114,6 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if loop is None else f" (worker-group start-up and teardown: {result['finetune_seconds'] - loop:.1f} s; "
            f"the loop itself: {loop / local['seconds']:.2f}x the in-process loop)") + ".",
     ]
+    if result["local_backend"] is not None:
+        lb = result["local_backend"]
+        lines += [
+            "",
+            "The same config with `finetune.backend=local` (the loop in the driver, one worker, no worker group):",
+            "",
+            "| what | seconds |",
+            "|---|---|",
+            f"| `tfft run`, whole run | {lb['run_wall_seconds']:.1f} |",
+            f"| fine-tuning stage | {lb['finetune_seconds']:.1f} |",
+            "",
+            f"Ratio of its fine-tuning stage to the in-process loop: **{lb['ratio']:.2f}**.",
+        ]
     (args.out / "train_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
