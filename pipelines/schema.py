@@ -273,6 +273,8 @@ class FinetuneConfig:
     chosen time steps at a time (same gradient; 0: all at once); ``gradient_checkpointing`` recomputes the
     network's activations in the backward pass (modules that support it: diffusers and transformers models; the
     base velocity with LoRA adapters off is never checkpointed, ``pipelines.lora.AdapterOffVelocity``).
+    ``autocast``: none | bfloat16: the adjoint solver's network calls under ``torch.autocast`` (the SDE state, the
+    adjoint and the regression stay float32; the closed-form test holds at the same accuracy).
     The guard (``guard``): keep the best state by ``guard_metric`` (objective: the running E[g] - gamma KL;
     pseudo_reward: E[g] alone) when the last is worse by more than two standard errors, and the starting state
     when no window beat the base model's value; stop early when the training samples' validity falls more than
@@ -308,6 +310,7 @@ class FinetuneConfig:
     fast_path: bool = True
     loss_chunk: int = 0
     gradient_checkpointing: bool = False
+    autocast: str = "none"
     matmul_precision: str = "highest"
     guard: bool = True
     guard_validity_drop: float = 0.05

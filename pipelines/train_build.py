@@ -61,6 +61,7 @@ def build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn.
         n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
         clip_factor=config["clip_factor"],
         oversample=config["oversample"], fast=config["fast_path"], loss_chunk=config.get("loss_chunk", 0),
+        autocast=None if config.get("autocast", "none") == "none" else getattr(torch, config["autocast"]),
     )
     return AdjointMatchingSolver(model, base, pseudo_reward_fn(config), am)
 

@@ -107,6 +107,8 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _require(0 <= ft.clip_quantile <= 1, "finetune.clip_quantile", f"must be in [0, 1] (0: off), got {ft.clip_quantile}")
     _require(ft.clip_factor >= 1, "finetune.clip_factor", f"must be >= 1, got {ft.clip_factor}")
     _require(ft.oversample >= 1, "finetune.oversample", f"must be >= 1, got {ft.oversample}")
+    _require(ft.autocast in ("none", "bfloat16"), "finetune.autocast",
+             f"must be none or bfloat16, got {ft.autocast!r}")
     _require(ft.loss_chunk >= 0, "finetune.loss_chunk", f"must be >= 0 (0: one loss over every chosen step), "
              f"got {ft.loss_chunk}")
     _require(ft.matmul_precision in ("highest", "high"), "finetune.matmul_precision",

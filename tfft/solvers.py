@@ -81,6 +81,9 @@ class AdjointMatchingConfig:
             (`tfft.adjoint.chunked_matching_backward`: same gradient, the activations of ``loss_chunk * n`` rows
             alive at once instead of ``m * n``: the memory of a large model's step). The step then returns a
             backpropagated `StepResult` (call ``result.backward()``, a no-op). 0: one loss over every chosen step.
+        autocast: run every network call (sampler, adjoint VJPs, loss) under ``torch.autocast`` with this dtype
+            (e.g. ``torch.bfloat16``; None: full precision). The SDE state, the adjoint and the regression stay in
+            the trajectory's dtype. Measured on the closed-form test (`tests/tfft/test_adjoint.py`): see the README.
     """
 
     kl_weight: float
@@ -95,6 +98,7 @@ class AdjointMatchingConfig:
     oversample: int = 1
     fast: bool = True
     loss_chunk: int = 0
+    autocast: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not self.kl_weight > 0:
@@ -192,6 +196,13 @@ class AdjointMatchingSolver:
             return lean_adjoint(self.base, traj, terminal)
 
     def step(self, x0: Tensor, generator: torch.Generator | None = None, cond: Tensor | None = None) -> StepResult:
+        """One loss on fresh trajectories (`_step`), under autocast when ``config.autocast`` is set."""
+        if self.config.autocast is None:
+            return self._step(x0, generator, cond)
+        with torch.autocast(device_type=x0.device.type, dtype=self.config.autocast):
+            return self._step(x0, generator, cond)
+
+    def _step(self, x0: Tensor, generator: torch.Generator | None = None, cond: Tensor | None = None) -> StepResult:
         """One loss on fresh trajectories started at x0 (n, d) (``oversample * n`` rows when oversampling).
 
         Draw order with a generator: the loss's time steps, the Brownian increments (K, n, d), then the

@@ -65,7 +65,8 @@ def _linear_reward(w: Tensor):
 
 
 def _fine_tune(
-    steps: int, iterations: int, seed: int, *, fast: bool = True, device: str = "cpu"
+    steps: int, iterations: int, seed: int, *, fast: bool = True, device: str = "cpu",
+    autocast: torch.dtype | None = None,
 ) -> tuple[TimeShift, Tensor, dict[str, Tensor]]:
     """Adjoint Matching on r(x) = w·x, w = (1, -0.5), gamma = 0.5: target N((2, -1), I); the model ends on CPU."""
     torch.manual_seed(seed)
@@ -73,7 +74,7 @@ def _fine_tune(
     base = GaussianVelocity().to(device)
     model = TimeShift(base, dim=2).to(device)
     w, kl_weight = torch.tensor([1.0, -0.5], device=device), 0.5
-    config = AdjointMatchingConfig(kl_weight=kl_weight, steps=steps, late_fraction=1.0, fast=fast)
+    config = AdjointMatchingConfig(kl_weight=kl_weight, steps=steps, late_fraction=1.0, fast=fast, autocast=autocast)
     solver = AdjointMatchingSolver(model, base, _linear_reward(w), config)
     optimiser = torch.optim.Adam(model.net.parameters(), lr=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, iterations)
@@ -227,15 +228,21 @@ def test_solver_skips_invalid_rewards_and_reports() -> None:
 
 
 @pytest.mark.parametrize(
-    "steps, iterations, fast, device",
-    [(20, 300, True, "cpu"), (40, 300, True, "cpu"), (20, 300, False, "cpu"), (40, 300, False, "cpu")]
-    + [(20, 300, True, "cuda"), (40, 300, True, "cuda")] * torch.cuda.is_available(),
+    "steps, iterations, fast, device, autocast",
+    [(20, 300, True, "cpu", None), (40, 300, True, "cpu", None), (20, 300, False, "cpu", None),
+     (40, 300, False, "cpu", None), (20, 300, True, "cpu", torch.bfloat16)]
+    + [(20, 300, True, "cuda", None), (40, 300, True, "cuda", None), (20, 300, True, "cuda", torch.bfloat16)]
+    * torch.cuda.is_available(),
 )
-def test_fine_tuned_mean_and_kl_reach_the_closed_form(steps: int, iterations: int, fast: bool, device: str) -> None:
+def test_fine_tuned_mean_and_kl_reach_the_closed_form(
+    steps: int, iterations: int, fast: bool, device: str, autocast: torch.dtype | None
+) -> None:
     # Target N(w/gamma, I) = N((2, -1), I): the fine-tuned SDE mean within 0.5% at K = 20 and 40 (the first scheme:
     # 2.406 and 2.205), matching the scheme's own perfect-fit optimum (1.9954 and 1.9987 per 2.0). On the fast
-    # path (on CUDA: graphed sampler and adjoint) and on the reference path.
-    model, target, metrics = _fine_tune(steps=steps, iterations=iterations, seed=10 + steps, fast=fast, device=device)
+    # path (on CUDA: graphed sampler and adjoint) and on the reference path; with the network calls under bf16
+    # autocast too (measured on the CPU: relative error 0.27% at K = 20, as in float32).
+    model, target, metrics = _fine_tune(steps=steps, iterations=iterations, seed=10 + steps, fast=fast, device=device,
+                                        autocast=autocast)
     prediction = _perfect_fit_mean(steps)
     assert abs(prediction - {20: 0.99768, 40: 0.99936}[steps]) < 1e-4
     mean = _sde_mean(model, steps)
