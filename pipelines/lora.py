@@ -19,19 +19,22 @@ network from the unchanged model config dict and need no peft.
 
 from __future__ import annotations
 
-import copy
 import re
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from pipelines.adapter_off import AdapterOffVelocity, adapter_aware_checkpoint, enable_checkpointing
 from pipelines.config import ConfigError
+from pipelines.lora_io import (
+    adapter_state,
+    load_adapter,
+    merged_state,
+    read_adapter,
+    save_lora_checkpoint,
+)
 
 __all__ = [
     "LoraSettings",
@@ -54,8 +57,6 @@ __all__ = [
     "lora_log_line",
 ]
 
-ADAPTER_FILE = "adapter_model.safetensors"
-MERGED_FILE = "merged.safetensors"
 
 
 @dataclass(frozen=True)
@@ -123,109 +124,6 @@ def resolve_targets(settings: LoraSettings, network: nn.Module) -> list[str]:
     return [name for name in names if check_target_module_exists(config, name)]
 
 
-class AdapterOffVelocity(nn.Module):
-    """v_base(x, t) = the LoRA velocity with its adapters switched off (peft's ``disable_adapter()``).
-
-    The network runs in eval mode here (restored afterwards), as the separate frozen base does without LoRA.
-    Holds a reference to the model, not a copy: no second set of weights. Its forward is the base network's
-    forward exactly (a disabled LoRA layer returns its base layer's output), so vector-Jacobian products taken
-    through it are the base velocity's and touch no adapter parameter. The reference is kept outside the
-    module tree, so that this wrapper has no parameters of its own and moving or saving it does nothing.
-
-    Args:
-        velocity: the flat LoRA velocity v(x (n, d), t (n,)) -> (n, d) (not a DDP wrapper).
-        peft_model: the ``PeftModel`` inside it whose adapters are switched off.
-    """
-
-    def __init__(self, velocity: nn.Module, peft_model: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "_velocity", velocity)
-        object.__setattr__(self, "_peft", peft_model)
-        object.__setattr__(self, "_checkpointable", None)
-
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
-        """x (n, d), t scalar or (n,), cond (n,) condition indices or None -> the base velocity (n, d), in eval
-        mode like a separate frozen base."""
-        velocity = self._velocity
-        training = velocity.training
-        suspended = [m for m in self._checkpointed_blocks() if m.gradient_checkpointing
-                     and getattr(m, "_gradient_checkpointing_func", None) is not adapter_aware_checkpoint]
-        if training:
-            velocity.eval()
-        for module in suspended:
-            module.gradient_checkpointing = False
-        token = _ADAPTERS_OFF.set(True)
-        try:
-            with self._peft.disable_adapter():
-                return velocity(x, t) if cond is None else velocity(x, t, cond)
-        finally:
-            _ADAPTERS_OFF.reset(token)
-            for module in suspended:
-                module.gradient_checkpointing = True
-            if training:
-                velocity.train()
-
-    def _checkpointed_blocks(self) -> list[nn.Module]:
-        """The blocks that can checkpoint their activations (diffusers: a ``gradient_checkpointing`` flag), found
-        once. A block checkpointed by `enable_checkpointing` (`adapter_aware_checkpoint`) recomputes with the
-        adapters and mode of its forward; one checkpointed otherwise (diffusers' own function) is not checkpointed
-        during the base's call: its forward would be recomputed in the backward pass (the adjoint's vector-Jacobian
-        product) after the adapters are back on, and the product would be the adapted velocity's."""
-        if self._checkpointable is None:
-            found = [m for m in self._velocity.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-            object.__setattr__(self, "_checkpointable", found)
-        return self._checkpointable
-
-
-_ADAPTERS_OFF: ContextVar[bool] = ContextVar("tfft_lora_adapters_off", default=False)
-"""True inside `AdapterOffVelocity`'s call: the checkpointed blocks record it for their recomputation."""
-
-
-@contextmanager
-def _adapters_disabled_in(module: nn.Module) -> Iterator[None]:
-    """The LoRA layers inside ``module`` switched off for the block (peft's ``enable_adapters``)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
-def adapter_aware_checkpoint(module: nn.Module, *args: Any) -> Any:
-    """Activation checkpointing of one block whose recomputation (in the backward pass) runs as its forward did:
-    with the LoRA adapters off for the base velocity (`AdapterOffVelocity`, which also runs in eval mode), on for
-    the model, and in the same train/eval mode. The base's vector-Jacobian products (the lean adjoint) are then
-    checkpointed too, and stay the base's."""
-    from torch.utils.checkpoint import checkpoint
-
-    off, training = _ADAPTERS_OFF.get(), module.training
-
-    def contexts() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
-        return nullcontext(), _as_in_forward(module, off, training)
-
-    return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
-
-
-@contextmanager
-def _as_in_forward(module: nn.Module, adapters_off: bool, training: bool) -> Iterator[None]:
-    """The block's adapters (off when ``adapters_off``) and train/eval mode as in its forward, for a recomputation."""
-    mode = module.training
-    module.train(training)
-    try:
-        if adapters_off:
-            with _adapters_disabled_in(module):
-                yield
-        else:
-            yield
-    finally:
-        module.train(mode)
-
-
 @dataclass
 class LoraModel:
     """The flat velocity with adapters (train it), its ``PeftModel`` (save it) and the base velocity view."""
@@ -283,69 +181,6 @@ def wrap_lora(
         load_adapter(peft_model, adapter)
     velocity: nn.Module = peft_model if flat is None else FlatVelocity(peft_model, flat[0], flat[1])
     return LoraModel(velocity, peft_model, AdapterOffVelocity(velocity, peft_model), targets)
-
-
-def enable_checkpointing(network: nn.Module) -> int:
-    """Turn on activation checkpointing (`adapter_aware_checkpoint`) in every outermost submodule that supports it
-    (diffusers' ``ModelMixin``: ``enable_gradient_checkpointing``); returns how many. None is a ConfigError naming
-    ``finetune.gradient_checkpointing``."""
-    found = [m for m in network.modules() if callable(getattr(m, "enable_gradient_checkpointing", None))
-             and hasattr(m, "is_gradient_checkpointing")]
-    outer = [m for m in found if not any(m is not o and any(m is c for c in o.modules()) for o in found)]
-    if not outer:
-        raise ConfigError("'finetune.gradient_checkpointing' is on, but the model has no module that supports it "
-                          "(diffusers models do)")
-    for module in outer:
-        module.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_aware_checkpoint)
-    return len(outer)
-
-
-def adapter_state(peft_model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's weights in peft's saved format (keys without the adapter name), detached, on the CPU."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-
-
-def load_adapter(peft_model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load adapter weights (peft's format) into ``peft_model``; a key it does not have is an error."""
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(peft_model, state)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise ValueError(f"adapter keys not in the model: {unexpected[:5]}")
-
-
-def merged_state(peft_model: nn.Module) -> dict[str, Tensor]:
-    """The user network's state dict with every adapter merged, W + (alpha / r) B A (``peft_model`` untouched)."""
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    return {k: v.detach().cpu().clone() for k, v in merged.state_dict().items()}
-
-
-def read_adapter(directory: str | Path) -> dict[str, Tensor]:
-    """The adapter weights a run saved in ``directory`` (``adapter_model.safetensors``)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(directory) / ADAPTER_FILE), device="cpu")
-
-
-def save_lora_checkpoint(
-    directory: str | Path, lora: LoraModel, *, merge: bool,
-) -> list[str]:
-    """Write the adapter with ``save_pretrained`` into ``directory`` (and ``merged.safetensors`` when ``merge``);
-    returns the files written."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    lora.peft.save_pretrained(str(directory))
-    files = [ADAPTER_FILE, "adapter_config.json"]
-    if merge:
-        state = {k: v.contiguous() for k, v in merged_state(lora.peft).items()}
-        save_file(state, str(directory / MERGED_FILE))
-        files.append(MERGED_FILE)
-    return files
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
