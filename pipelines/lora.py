@@ -176,7 +176,9 @@ def wrap_lora(
     from tfft.user_model import FlatVelocity
 
     targets = resolve_targets(settings, network)
-    peft_model = get_peft_model(network, _peft_config(settings, network))
+    with torch.random.fork_rng(devices=[]):  # the adapters' A from a fixed seed: runs are reproducible
+        torch.manual_seed(0)
+        peft_model = get_peft_model(network, _peft_config(settings, network))
     if adapter is not None:
         load_adapter(peft_model, adapter)
     velocity: nn.Module = peft_model if flat is None else FlatVelocity(peft_model, flat[0], flat[1])

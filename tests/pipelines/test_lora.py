@@ -283,3 +283,14 @@ def test_gradient_checkpointing_needs_a_module_that_supports_it():
 
     with pytest.raises(ConfigError, match="'finetune.gradient_checkpointing' is on, but the model has no module"):
         enable_checkpointing(build_model(USER))
+
+
+def test_fresh_adapters_do_not_depend_on_the_global_random_state():
+    state = _base_state(MLP)
+    torch.manual_seed(1)
+    first = build_lora_model(MLP, state, SETTINGS)
+    torch.manual_seed(2)
+    second = build_lora_model(MLP, state, SETTINGS)
+    a = {n: p for n, p in first.velocity.named_parameters() if "lora_A" in n}
+    b = {n: p for n, p in second.velocity.named_parameters() if "lora_A" in n}
+    assert a and all(torch.equal(a[n], b[n]) for n in a) and any(bool(p.abs().sum() > 0) for p in a.values())
