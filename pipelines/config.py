@@ -15,11 +15,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.schema import Config
 
-__all__ = ["ConfigError", "load_config", "to_yaml", "to_flat_dict", "flatten", "from_dict"]
+__all__ = ["ConfigError", "require", "load_config", "to_yaml", "to_flat_dict", "flatten", "from_dict"]
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError("'key' message")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"'{key}' {message}")
 
 
 def _explain(exc: OmegaConfBaseException) -> str:
