@@ -21,7 +21,7 @@ __all__ = ["main", "build_parser"]
 
 _EPILOG = """\
 Overrides are OmegaConf dot-lists, e.g. objective.side=left objective.alpha=0.05 finetune.steps=200.
-Every key is documented in the README ("Configuration") and in pipelines/schema.py.
+Every key is documented in the README ("Configuration") and in pipelines/schema*.py.
 MLflow: runs go to sqlite:///<cwd>/mlflow.db unless tracking.uri is set; view them with
   mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db
 Cluster: every command takes --address (or RAY_ADDRESS) and runs under `ray job submit`; see
