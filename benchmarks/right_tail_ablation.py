@@ -46,8 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "hidden": 64, "seed": 0, "start": "base", "eval_n": 20_000, "checkpoints": 4,
     # AdjointMatchingConfig fields (the library's defaults)
     "clip_quantile": 0.9, "normalize": False, "late_fraction": 0.25, "n_early": 10, "oversample": 1,
+    "reweight": False,
 }
-SOLVER_KEYS = ("clip_quantile", "normalize", "late_fraction", "n_early", "oversample")
+SOLVER_KEYS = ("clip_quantile", "normalize", "late_fraction", "n_early", "oversample", "reweight")
 
 # name -> overrides of DEFAULTS: one thing at a time
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -70,6 +71,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batch=2048": {"batch": 2048, "iterations": 300},
     "start=exact": {"start": "exact"},
     "start=exact, clip_quantile=0": {"start": "exact", "clip_quantile": 0.0},
+    "reweight": {"reweight": True},
+    "reweight, seed=1": {"reweight": True, "seed": 1},
+    "reweight, d=64": {"reweight": True, "d": 64},
+    "reweight, kl_weight=10": {"reweight": True, "kl_weight": 10.0},
+    "reweight, iterations=2000": {"reweight": True, "iterations": 2000},
+    "reweight, start=exact": {"reweight": True, "start": "exact"},
+    "reweight, seed=2": {"reweight": True, "seed": 2},
+    "seed=1": {"seed": 1},
+    "seed=2": {"seed": 2},
 }
 
 
@@ -271,7 +281,10 @@ def main() -> None:
     names = [n for n in args.only.split(";") if n] if args.only else list(VARIANTS)
     with Pool(args.processes) as pool:
         rows = dict(pool.map(_job, [(n, VARIANTS[n]) for n in names]))
-    Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
+    path = Path(args.out + ".json")
+    if args.only and path.exists():  # a partial rerun updates its rows
+        rows = {**json.loads(path.read_text()), **rows}
+    path.write_text(json.dumps(rows, indent=1))
     print(json.dumps({n: round(r["gap_closed"], 3) for n, r in rows.items()}))
 
 
