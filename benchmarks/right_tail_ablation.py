@@ -285,6 +285,21 @@ def main() -> None:
     if args.only and path.exists():  # a partial rerun updates its rows
         rows = {**json.loads(path.read_text()), **rows}
     path.write_text(json.dumps(rows, indent=1))
+    md = Path(args.out + ".md")  # the diagnosis above the table is written by hand: keep it
+    head = md.read_text().split("## Runs")[0] + "## Runs\n\n" if md.exists() else ""
+    md.write_text(head + table(rows))
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """The markdown table of the runs: variant, gap closed, R-CVaR along training, target, KL."""
+    lines = ["| variant | gap closed | final R-CVaR(0.1) | R-CVaR at the checkpoints | target | KL (target) | "
+             "active fraction | s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        t = r["target"]
+        path = " → ".join(f"{c:.2f}" for _, c in r["path"])
+        lines.append(f"| {name} | {r['gap_closed']:.2f} | {r['cvar']:.3f} | {path} | {t['cvar']:.3f} | "
+                     f"{r['kl']:.3f} ({t['kl']:.3f}) | {r['active_fraction']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
     print(json.dumps({n: round(r["gap_closed"], 3) for n, r in rows.items()}))
 
 
