@@ -60,6 +60,10 @@ class FinetuneConfig:
     chosen time steps at a time (same gradient; 0: all at once); ``gradient_checkpointing`` recomputes the
     network's activations in the backward pass (modules that support it: diffusers and transformers models; the
     base velocity with LoRA adapters off is never checkpointed, ``pipelines.lora.AdapterOffVelocity``).
+    ``reweight`` (adjoint solver): weight each path's regression by exp(g / gamma) times the path likelihood ratio
+    of base to model (self-normalised per batch), so that the target is the optimal control from the first step;
+    on a right tail the plain on-policy regression overshoots and oscillates (``benchmarks/results/
+    right_tail_ablation.md``). Needs large batches under strong tilts (the weights' ESS is logged as path_ess).
     ``autocast``: none | bfloat16: the adjoint solver's network calls under ``torch.autocast`` (the SDE state, the
     adjoint and the regression stay float32; the closed-form test holds at the same accuracy).
     The guard (``guard``): keep the best state by ``guard_metric`` (objective: the running E[g] - gamma KL;
@@ -98,6 +102,7 @@ class FinetuneConfig:
     loss_chunk: int = 0
     gradient_checkpointing: bool = False
     autocast: str = "none"
+    reweight: bool = False
     matmul_precision: str = "highest"
     guard: bool = True
     guard_validity_drop: float = 0.05

@@ -62,6 +62,7 @@ def build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn.
         clip_factor=config["clip_factor"],
         oversample=config["oversample"], fast=config["fast_path"], loss_chunk=config.get("loss_chunk", 0),
         autocast=None if config.get("autocast", "none") == "none" else getattr(torch, config["autocast"]),
+        reweight=bool(config.get("reweight", False)),
     )
     return AdjointMatchingSolver(model, base, pseudo_reward_fn(config), am)
 

@@ -32,8 +32,9 @@ Fitted = tuple[dict[str, Any], list[dict[str, Any]], str]  # (the last checkpoin
 # ``finetune.*`` settings the loop reads under the same name
 _LOOP_SETTINGS = (
     "batch_size", "lr", "warmup_steps", "lr_schedule", "anchor", "time_power", "normalize", "clip_quantile",
-    "clip_factor", "fast_path", "loss_chunk", "gradient_checkpointing", "autocast", "matmul_precision", "guard", "guard_patience", "guard_metric", "late_fraction",
-    "n_early", "log_every", "checkpoint_every", "grad_clip", "reward_grad_clip",
+    "clip_factor", "fast_path", "loss_chunk", "gradient_checkpointing", "autocast", "reweight", "matmul_precision",
+    "guard", "guard_patience", "guard_metric", "late_fraction", "n_early", "log_every", "checkpoint_every",
+    "grad_clip", "reward_grad_clip",
 )
 
 

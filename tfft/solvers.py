@@ -38,7 +38,7 @@ from tfft.graphs import GraphedAdjoint, GraphedSampler, bucket_rows, graphs_avai
 from tfft.model import VelocityField
 from tfft.oversample import oversample_weights
 from tfft.pseudo import PseudoReward
-from tfft.sampling import Trajectory, check_sde_arguments, sample_sde
+from tfft.sampling import Trajectory, check_sde_arguments, sample_sde, sigma, velocity_gain
 from tfft.step import StepResult
 from tfft.weighted import WeightedFlowMatchingSolver
 
@@ -48,6 +48,7 @@ __all__ = [
     "StepResult",
     "WeightedFlowMatchingSolver",
     "oversample_weights",
+    "path_log_weights",
 ]
 
 PseudoRewardFn = Callable[..., PseudoReward]
@@ -84,6 +85,13 @@ class AdjointMatchingConfig:
         autocast: run every network call (sampler, adjoint VJPs, loss) under ``torch.autocast`` with this dtype
             (e.g. ``torch.bfloat16``; None: full precision). The SDE state, the adjoint and the regression stay in
             the trajectory's dtype. Measured on the closed-form test (`tests/tfft/test_adjoint.py`): see the README.
+        reweight: weight each trajectory's loss by the path likelihood ratio dP*/dP_theta ∝ exp(g(X_K) / gamma)
+            dq/dp_theta (`path_log_weights`, self-normalised over the batch), so that each step's regression
+            target is the optimal control E_{P*}[-sigma_k a_{k+1} | X_k] itself, not the current model's one-step
+            improvement E_{P_theta}[...]. Without it, a right tail (whose active region gains mass under the tilt)
+            makes the on-policy iteration self-reinforcing: it creeps up, overshoots and oscillates around the
+            target (``benchmarks/results/right_tail_ablation.md``). At the optimum the ratio is 1, so the weights
+            cost nothing there; one extra no-grad base call per step and trajectory.
     """
 
     kl_weight: float
@@ -99,6 +107,7 @@ class AdjointMatchingConfig:
     fast: bool = True
     loss_chunk: int = 0
     autocast: torch.dtype | None = None
+    reweight: bool = False
 
     def __post_init__(self) -> None:
         if not self.kl_weight > 0:
@@ -109,6 +118,34 @@ class AdjointMatchingConfig:
             raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
         if self.oversample < 1:
             raise ValueError(f"oversample must be >= 1, got {self.oversample}")
+
+
+@torch.no_grad()
+def path_log_weights(base: VelocityField, traj: Trajectory, noise: Tensor) -> Tensor:
+    """log dq/dp_theta of each sampled path (up to a constant), (n,) float64 (Girsanov, discrete and exact).
+
+    Step k of the sampler is X_{k+1} = X_k + h b_theta + sqrt(h) sigma_k eps_k with b_theta - b_base = sigma_k u_k,
+    u_k = (lambda_k / sigma_k)(v_theta - v_base)(X_k, t_k); under the base chain the same step needs the increment
+    eps_k + sqrt(h) u_k, so the ratio of the two Gaussian step densities gives
+
+        log dq/dp_theta = -sum_k [ sqrt(h) u_k . eps_k + h ||u_k||^2 / 2 ].
+
+    Args:
+        base: v_base.
+        traj: the sampled trajectory with its recorded velocities (K, n, d).
+        noise: the increments eps it was sampled with, (K, n, d).
+    """
+    if traj.velocities is None:
+        raise ValueError("the trajectory has no recorded velocities")
+    steps, n, d = traj.velocities.shape
+    x = traj.xs[:-1].reshape(steps * n, d)
+    t = traj.ts[:-1].repeat_interleave(n)
+    cond = None if traj.cond is None else traj.cond.repeat(steps)
+    v_base = call_velocity(base, x, t, cond).reshape(steps, n, d)
+    gain = (velocity_gain(traj.ts[:-1], traj.offset) / sigma(traj.ts[:-1], traj.offset)).reshape(-1, 1, 1)
+    u = (gain * (traj.velocities - v_base)).to(torch.float64)
+    eps = noise.to(torch.float64)
+    return -((traj.h**0.5) * (u * eps).sum(dim=(0, 2)) + 0.5 * traj.h * u.pow(2).sum(dim=(0, 2)))
 
 
 def _unwrap(model: VelocityField) -> VelocityField:
@@ -243,20 +280,27 @@ class AdjointMatchingSolver:
             return self._empty_step(valid, active, x0)
         w = weights.to(device=device, dtype=dtype)[keep]
         sub = traj.subset(keep)
+        loss_w = w
+        if cfg.reweight:
+            log_w = signal.value.to(device=device, dtype=torch.float64)[keep] / cfg.kl_weight + path_log_weights(
+                self.base, sub, noise[:, keep])
+            ratio = torch.exp(log_w - log_w.max())
+            loss_w = (w * ratio.to(dtype)) * (w.sum() / (w * ratio.to(dtype)).sum())
         terminal = -signal.grad.to(device=device, dtype=dtype)[keep] / cfg.kl_weight
         next_adjoint, v_base = self._adjoint_at_steps(sub, terminal, indices, capacity=n_pool)
         if chunked:
             no_sync = self.model.no_sync if isinstance(self.model, DistributedDataParallel) else None
             terms = chunked_matching_backward(
                 lambda rows: self._model_at_steps(sub, indices[rows]), v_base, next_adjoint, indices, h=sub.h,
-                offset=sub.offset, weights=w, chunk=cfg.loss_chunk, conditioning=self.conditioning, no_sync=no_sync,
+                offset=sub.offset, weights=loss_w, chunk=cfg.loss_chunk, conditioning=self.conditioning, no_sync=no_sync,
             )
         else:
             terms = matching_loss(
                 self._model_at_steps(sub, indices), v_base, next_adjoint, indices, h=sub.h, offset=sub.offset,
-                weights=w, conditioning=self.conditioning,
+                weights=loss_w, conditioning=self.conditioning,
             )
         metrics = self._metrics(signal, sub, keep, w, v_base, indices, terms, valid, active)
+        metrics["path_ess"] = loss_w.sum().pow(2) / loss_w.pow(2).sum().clamp_min(1e-300) / w.sum().pow(2) * w.pow(2).sum()
         return StepResult(terms.loss, metrics, backpropagated=chunked)
 
     @torch.no_grad()
@@ -340,7 +384,7 @@ class AdjointMatchingSolver:
         anchor = zero_loss(self.model, like)
         metrics = {name: zero for name in ("loss", "loss_at_base", "delta_v", "max_share", "loss_ess",
                                            "clipped_fraction", "mean_reward", "pseudo_reward", "kl", "objective",
-                                           "batch")}
+                                           "batch", "path_ess")}
         metrics["loss"] = anchor.detach()
         metrics["valid_fraction"] = valid.to(like.dtype).mean()
         metrics["active_fraction"] = zero
