@@ -6,7 +6,8 @@ Each variant fine-tunes the cached 2-D base model (``tfft pretrain tune_configs/
 with `tfft.solvers.AdjointMatchingSolver` for right-CVaR(0.1) and left-CVaR(0.1) at kl_weight 10, 40 SDE steps,
 Adam lr 3e-3, then draws 20k samples and compares the tail statistic with the exact target on a 20k base bank.
 Variants: the default (clip at 2 x the running 90% quantile of the non-zero targets), a plain 95%-quantile clip,
-per-step normalisation on top of the default, and no conditioning. Writes
+per-step normalisation on top of the default, no conditioning, and the path reweighting of
+`AdjointMatchingConfig.reweight` (``--only "a;b"`` runs some of them). Writes
 ``benchmarks/results/solver_ablation.md``.
 """
 
@@ -24,6 +25,7 @@ VARIANTS = {
     "plain 95% quantile clip": {"clip_quantile": 0.95, "clip_factor": 1.0},
     "outlier clip + normalisation": {"normalize": True},
     "no conditioning": {"clip_quantile": 0.0},
+    "path reweighting (finetune.reweight)": {"reweight": True},
 }
 
 
@@ -79,8 +81,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "solver_ablation.md"))
+    parser.add_argument("--only", default="", help="';'-separated variant names (default: all)")
     args = parser.parse_args()
-    jobs = [(name, side, args.steps, args.batch) for name in VARIANTS for side in ("right", "left")]
+    names = [n for n in args.only.split(";") if n] or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    jobs = [(name, side, args.steps, args.batch) for name in names for side in ("right", "left")]
     with Pool(2) as pool:
         rows = pool.map(_run, jobs)
     lines = [
