@@ -217,3 +217,33 @@ def test_killed_driver_resumes_from_the_store_and_two_runs_share_the_reward_cach
     a = json.loads(Store(out).read_bytes("summary.json"))
     b = json.loads(Store(other).read_bytes("summary.json"))
     assert a["base"] == b["base"] and a["threshold"] == b["threshold"]
+
+
+@pytest.mark.ray
+def test_two_trial_sweep_with_outputs_and_caches_on_the_store(s3, tmp_path, monkeypatch):
+    """``tfft sweep --out s3://...`` on one machine: both trials' outputs, the report and the sweep's log end up on
+    the store (its local copy is pushed), with both caches on the store too."""
+    import ray
+
+    from pipelines.raysession import connect
+    from pipelines.schema import RayConfig
+
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(RayConfig(num_cpus=2))
+    try:
+        out = f"{s3}/sweeps/smoke"
+        monkeypatch.setenv("TFFT_MIRROR_DIR", str(tmp_path / "mirror"))
+        args = ["sweep", "tune_configs/sweep_toy2d_smoke.yaml", "--out", out, *TINY,
+                "sweep.parameters.objective.kl_weight.grid=[10]", "finetune.backend=local",
+                f"pretrain.cache_dir={s3}/pretrain",
+                f"bank.cache_dir={s3}/rewards", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        assert main(args) == 0
+        files = set(Store(out).files())
+        summaries = sorted(name for name in files if name.startswith("trials/") and name.endswith("/summary.json"))
+        assert len(summaries) == 2, sorted(files)[:40]
+        assert any(name.startswith("report/") for name in files)
+        for name in summaries:
+            assert json.loads(Store(out).read_bytes(name))["finetuned"]["n"] > 0
+    finally:
+        ray.shutdown()
