@@ -5,7 +5,9 @@
     (its own TorchTrainer) -> evaluate into DIR/trials/<name>/ --> DIR/report/ (pipelines.report)
 
 Each trial is a Tune function trainable that builds and fits a TorchTrainer (the Train V2 way); the
-trainer's reports reach Tune (and the optional ASHA scheduler) through ``TuneReportCallback``. MLflow
+trainer's reports reach Tune (and the optional ASHA scheduler) through ``TuneReportCallback``. With
+``finetune.backend: local`` the trial runs the fine-tuning loop in its own process (no worker group to start)
+and forwards each report to Tune itself (``pipelines.train_session.forwarding_reports``). MLflow
 holds a parent run for the sweep and a nested run per trial, all created by this driver before Tune
 starts; trials only log metrics and artifacts into them, with retries. A trial is done when its
 ``summary.json`` exists: a restarted sweep skips those trials and resumes the others from their stages
@@ -14,6 +16,7 @@ starts; trials only log metrics and artifacts into them, with retries. A trial i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -61,11 +64,9 @@ def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], base
     _append_log(sweep_dir, f"started {name}")
     run.resume()
     try:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        # the trial's TorchTrainer reports become this Tune trial's results (what ASHA schedules on)
-        summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=job["solver"], log=log,
-                                finetune_callbacks=[TuneReportCallback()])
+        with _reporting_to_tune(cfg):
+            summary = run_from_bank(cfg, out, base, base_bank, run=run, solver=job["solver"], log=log,
+                                    finetune_callbacks=_tune_callbacks(cfg))
         summary["wall_seconds"] = time.time() - started
         summary["sweep"] = {"trial": name, "params": job["params"], "resources": job["resources"]}
         # summary.json marks the trial done: it appears only once MLflow holds everything.
@@ -80,6 +81,27 @@ def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], base
         run.finish("FAILED")
         raise
     _append_log(sweep_dir, f"finished {name} in {summary['wall_seconds']:.0f}s")
+
+
+def _tune_callbacks(cfg: Config) -> list[Any]:
+    """The fine-tuning callbacks of a trial: Ray Train's reports become this Tune trial's results (what ASHA
+    schedules on). None with the local backend, whose loop reports from this process (:func:`_reporting_to_tune`)."""
+    if cfg.finetune.backend == "local":
+        return []
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
+
+
+def _reporting_to_tune(cfg: Config) -> Any:
+    """A context in which the local backend's reports (in this trial's process) go to ``ray.tune.report``."""
+    if cfg.finetune.backend != "local":
+        return contextlib.nullcontext()
+    from ray import tune
+
+    from pipelines.train_session import forwarding_reports
+
+    return forwarding_reports(tune.report)
 
 
 def _check_scheduler(sweep: Sweep, solvers: dict[str, str]) -> None:
