@@ -373,3 +373,45 @@ def test_each_sweep_run_builds_the_served_reward_once(sweep_dir):
     direct = TailReward2D().evaluate(torch.as_tensor(np.array(bank.x))).rewards.numpy()
     np.testing.assert_array_equal(bank.reward, direct)
 
+
+
+# A one-trial sweep whose trial fine-tunes in a Ray Train worker group (the default backend), at smoke size; the
+# base model is the smoke sweep's (one pretraining for both in the session's cache).
+RAY_TRAIN_TRIAL = """
+seed: 0
+objective: {kind: cvar, side: right, alpha: 0.1}
+sampler: {steps: 5}
+bank: {size: 500}
+eval: {size: 500}
+finetune: {steps: 4, batch_size: 64, log_every: 2, checkpoint_every: 2}
+sweep:
+  parameters:
+    objective.kl_weight: {grid: [10]}
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_train_trial_reports_its_fine_tuning_to_tune(tmp_path, pretrain_cache):
+    """The smoke sweep above fine-tunes in each trial's own process; this trial runs Ray Train's two DDP workers
+    (fitted into the trial's CPUs), whose reports reach Tune through ``TuneReportCallback``."""
+    import ray
+
+    out = tmp_path / "out"
+    args = ["sweep", str(_write(tmp_path, RAY_TRAIN_TRIAL)), "--out", str(out), "ray.num_cpus=2",
+            f"pretrain.cache_dir={pretrain_cache}", f"bank.cache_dir={tmp_path / 'rewards'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    try:
+        assert main(args) == 0
+    finally:
+        ray.shutdown()
+    trial = out / "trials" / "kl_weight=10"
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 500
+    workers = summary["sweep"]["resources"]["cpus_per_worker"]
+    assert 0 < workers and 2 * workers + DRIVER_CPUS <= 2.0  # both workers fit beside the trial's driver
+    results = [json.loads(line) for line in (out / "tune" / "tune" / trial.name / "result.json").read_text().splitlines()]
+    assert [r["step"] for r in results] == [2, 4] and all("active_fraction" in r for r in results)
+    # a report with a Ray Train checkpoint: TuneReportCallback names it; the worker group's checkpoints are Train's
+    assert all("checkpoint_path" in r for r in results)
+    assert (trial / "train" / "finetune" / "checkpoint_manager_snapshot.json").is_file()
