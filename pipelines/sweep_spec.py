@@ -260,9 +260,9 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
             cfg = from_dict(_with(raw, params))
         except ConfigError as exc:
             raise ConfigError(f"sweep trial '{name}': {exc}") from None
-        if cfg.finetune.backend != "ray":  # Tune schedules on the trial's Ray Train reports
-            where = "" if base.finetune.backend != "ray" else f"sweep trial '{name}': "
-            raise ConfigError(f"{where}'finetune.backend' must be ray in a sweep (its scheduler reads Ray Train's "
-                              f"reports), got {cfg.finetune.backend!r}")
+        if cfg.finetune.backend == "local" and cfg.finetune.use_gpu:  # a trial's driver holds no GPU
+            where = "" if base.finetune.backend == "local" and base.finetune.use_gpu else f"sweep trial '{name}': "
+            raise ConfigError(f"{where}'finetune.backend' local trains in the trial's Tune driver, which holds no "
+                              "GPU: use backend ray for GPU fine-tuning in a sweep")
         trials.append(TrialSpec(name, params, cfg))
     return Sweep(base, sweep, trials)

@@ -1,8 +1,11 @@
 """One sweep trial, as Tune runs it: from the shared base stage to the trial's ``summary.json``, and the lines of
-``DIR/trials.log`` that record what happened to every trial."""
+``DIR/trials.log`` that record what happened to every trial. With ``finetune.backend: local`` the trial runs the
+fine-tuning loop in its own process (no worker group to start) and forwards each report to Tune itself
+(``pipelines.train_session.forwarding_reports``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -42,11 +45,9 @@ def trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], bases
     append_log(sweep_dir, f"started {name}")
     run.resume()
     try:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        # the trial's TorchTrainer reports become this Tune trial's results (what ASHA schedules on)
-        summary = run_from_bank(cfg, out, base, run=run, solver=job["solver"], log=log,
-                                finetune_callbacks=[TuneReportCallback()])
+        with _reporting_to_tune(cfg):
+            summary = run_from_bank(cfg, out, base, run=run, solver=job["solver"], log=log,
+                                    finetune_callbacks=_tune_callbacks(cfg))
         summary["wall_seconds"] = time.time() - started
         summary["sweep"] = {"trial": name, "params": job["params"], "resources": job["resources"]}
         # summary.json marks the trial done: it appears only once MLflow holds everything.
@@ -61,3 +62,24 @@ def trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], bases
         run.finish("FAILED")
         raise
     append_log(sweep_dir, f"finished {name} in {summary['wall_seconds']:.0f}s")
+
+
+def _tune_callbacks(cfg: Config) -> list[Any]:
+    """The fine-tuning callbacks of a trial: Ray Train's reports become this Tune trial's results (what ASHA
+    schedules on). None with the local backend, whose loop reports from this process (:func:`_reporting_to_tune`)."""
+    if cfg.finetune.backend == "local":
+        return []
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
+
+
+def _reporting_to_tune(cfg: Config) -> Any:
+    """A context in which the local backend's reports (in this trial's process) go to ``ray.tune.report``."""
+    if cfg.finetune.backend != "local":
+        return contextlib.nullcontext()
+    from ray import tune
+
+    from pipelines.train_session import forwarding_reports
+
+    return forwarding_reports(tune.report)

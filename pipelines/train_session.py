@@ -10,6 +10,8 @@ checkpoint to resume from, ``prepare_model`` (DDP or nothing) and ``report(metri
   that directory; a temporary name renamed into place, so a kill never leaves half a checkpoint), keeps the
   newest ``num_to_keep`` (as Ray Train's ``CheckpointConfig(num_to_keep=2)``) and a rerun in the same
   ``run_dir`` resumes from the newest. Each checkpoint also holds its report's metrics (``metrics.json``).
+  Inside :func:`forwarding_reports` every report's metrics also go to the given listener, after the checkpoint is
+  in place (a sweep trial forwards them to its Tune trial, as Ray Train's ``TuneReportCallback`` does).
 """
 
 from __future__ import annotations
@@ -19,14 +21,30 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-__all__ = ["TrainSession", "RayTrainSession", "LocalSession", "local_checkpoints"]
+__all__ = ["TrainSession", "RayTrainSession", "LocalSession", "local_checkpoints", "forwarding_reports"]
 
 _CHECKPOINT = re.compile(r"^checkpoint_(\d{6})$")
 METRICS_FILE = "metrics.json"
+# Listeners of this process's local reports (forwarding_reports); a process runs one local loop at a time.
+_LISTENERS: list[Callable[[dict[str, Any]], None]] = []
+
+
+@contextlib.contextmanager
+def forwarding_reports(listener: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """While inside, every :class:`LocalSession` report of this process also calls ``listener(metrics)`` (a copy
+    of the reported metrics), once the report's checkpoint is in place.
+
+    The local loop runs in the caller's process, so a sweep trial (a Tune function trainable, one process per
+    trial) forwards its loop's reports to Tune with ``forwarding_reports(ray.tune.report)``."""
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
 
 
 class TrainSession(Protocol):
@@ -113,8 +131,13 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         self.history.append(dict(metrics))
-        if checkpoint_dir is None:
-            return
+        if checkpoint_dir is not None:
+            self._keep(metrics, checkpoint_dir)
+        for listener in list(_LISTENERS):
+            listener(dict(metrics))
+
+    def _keep(self, metrics: dict[str, Any], checkpoint_dir: str) -> None:
+        """Copy ``checkpoint_dir`` in as the next numbered checkpoint; drop all but the newest ``num_to_keep``."""
         kept = local_checkpoints(self.run_dir)
         number = int(_CHECKPOINT.match(kept[-1].name).group(1)) + 1 if kept else 1  # type: ignore[union-attr]
         final = self.run_dir / f"checkpoint_{number:06d}"

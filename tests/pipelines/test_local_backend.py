@@ -14,7 +14,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.trainer import run_finetune
 from pipelines.models import build_model
 from pipelines.schema import FinetuneConfig
-from pipelines.train_session import local_checkpoints
+from pipelines.train_session import LocalSession, forwarding_reports, local_checkpoints
 
 MODEL = {"dim": 2, "hidden": 16, "depth": 2}
 OBJECTIVE = {"eta": 0.0, "side": "right", "alpha": 0.1, "kl_weight": 10.0}
@@ -116,14 +116,37 @@ def test_local_backend_config_errors(tmp_path):
     assert not (tmp_path / "finetune").exists()  # refused before any work
 
 
-def test_sweeps_need_ray_train(tmp_path):
+def test_sweeps_accept_the_local_backend_on_cpu(tmp_path):
     from pipelines.sweep_spec import load_sweep
 
     config = tmp_path / "sweep.yaml"
     config.write_text("finetune: {num_workers: 1}\nsweep: {parameters: {finetune: {lr: {grid: [0.001, 0.01]}}}}\n")
-    assert len(load_sweep(config).trials) == 2
-    with pytest.raises(ConfigError, match=r"^'finetune.backend' must be ray in a sweep"):
-        load_sweep(config, ["finetune.backend=local"])
-    config.write_text("finetune: {num_workers: 1}\nsweep: {parameters: {finetune: {backend: {grid: [ray, local]}}}}\n")
-    with pytest.raises(ConfigError, match=r"^sweep trial '.*local.*': 'finetune.backend' must be ray in a sweep"):
+    trials = load_sweep(config, ["finetune.backend=local"]).trials
+    assert [t.config.finetune.backend for t in trials] == ["local", "local"]
+    # a trial's Tune driver holds no GPU: local GPU fine-tuning is refused, naming the key
+    with pytest.raises(ConfigError, match=r"^'finetune.backend' local trains in the trial's Tune driver"):
+        load_sweep(config, ["finetune.backend=local", "finetune.use_gpu=true"])
+    config.write_text("finetune: {num_workers: 1, use_gpu: true}\n"
+                      "sweep: {parameters: {finetune: {backend: {grid: [ray, local]}}}}\n")
+    with pytest.raises(ConfigError, match=r"^sweep trial '.*local.*': 'finetune.backend' local trains"):
         load_sweep(config)
+
+
+def test_local_reports_reach_a_listener_after_their_checkpoint(tmp_path):
+    """What a sweep trial forwards to Tune: every report, in order, each once its checkpoint is in place."""
+    session = LocalSession(tmp_path / "run", torch.device("cpu"))
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    (source / "state.pt").write_text("x")
+    seen: list[tuple[dict, list[str]]] = []
+
+    def listener(metrics: dict) -> None:
+        seen.append((metrics, [p.name for p in local_checkpoints(session.run_dir)]))
+
+    session.report({"step": 1})  # no listener yet
+    with forwarding_reports(listener):
+        session.report({"step": 2, "loss": 0.5})
+        session.report({"step": 3}, str(source))
+    session.report({"step": 4})  # the listener is gone
+    assert seen == [({"step": 2, "loss": 0.5}, []), ({"step": 3}, ["checkpoint_000001"])]
+    assert [h["step"] for h in session.history] == [1, 2, 3, 4]

@@ -1,9 +1,10 @@
 """``tfft sweep``: the sweep section (fast, no Ray), concurrent MLflow writers, and one real sweep on Ray.
 
 The Ray part runs one 2 x 2 grid (alpha x kl_weight, right side) of the shipped smoke config with its reward
-served by Ray Serve (``reward.serve``): it is killed after two trials finish, restarted with the same --out,
-and then checked for resumption, MLflow runs, Tune's intermediate results, the expected trends of the report
-table, and that each sweep run built the served reward once.
+served by Ray Serve (``reward.serve``), fine-tuning in each trial's own process (``finetune.backend: local``, no
+worker group to start): it is killed after two trials finish, restarted with the same --out, and then checked
+for resumption, MLflow runs, Tune's intermediate results, the expected trends of the report table, and that
+each sweep run built the served reward once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipelines.sweep_scheduler import asha_scheduler
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
 from pipelines.sweep_tracking import RetryingRun
 from pipelines.sweep_spec import load_sweep
+from pipelines.train_session import local_checkpoints
 
 ROOT = Path(__file__).parents[2]
 SMOKE = ROOT / "tune_configs" / "sweep_toy2d_smoke.yaml"
@@ -44,6 +46,8 @@ class CountingToy(TailReward2D):
             f.write(f"{os.getpid()}\\n")
 '''
 APP = "smoke-served-reward"
+# Each trial fine-tunes in its Tune driver's process and forwards its reports to Tune.
+LOCAL = ["finetune.backend=local", "finetune.num_workers=1"]
 
 
 def _served(log: Path) -> list[str]:
@@ -210,18 +214,9 @@ def _wait_for(path: Path, word: str, count: int, proc: subprocess.Popen, output:
 
 
 def _checkpointed(out: Path) -> set[str]:
-    """Unfinished trials that hold a fine-tuning checkpoint Ray Train has registered (listed in its checkpoint
-    manager's snapshot: a checkpoint directory alone may be one that a kill interrupts before it counts)."""
-    found = set()
-    for snapshot in (out / "trials").glob("*/train/finetune/checkpoint_manager_snapshot.json"):
-        trial = snapshot.parents[2]
-        try:
-            registered = json.loads(snapshot.read_text()).get("checkpoint_results") or []
-        except (OSError, ValueError):  # being written
-            continue
-        if registered and not (trial / "summary.json").is_file():
-            found.add(trial.name)
-    return found
+    """Unfinished trials that hold a complete fine-tuning checkpoint (the local backend renames each into place)."""
+    trials = (out / "trials").glob("*") if (out / "trials").is_dir() else []
+    return {t.name for t in trials if local_checkpoints(t / "train" / "finetune") and not (t / "summary.json").is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +225,7 @@ def sweep_dir(tmp_path_factory, pretrain_cache):
     holds a fine-tuning checkpoint, then run again with the same --out.
 
     Its reward is served (``reward.serve``): the 2-D reward, counting its constructions in a file, held by one
-    Ray Serve replica that every trial's reward actors and training workers call."""
+    Ray Serve replica that every trial's reward actors and fine-tuning loop call."""
     import ray
 
     root = tmp_path_factory.mktemp("sweep")
@@ -240,7 +235,7 @@ def sweep_dir(tmp_path_factory, pretrain_cache):
     (user / "counting_reward.py").write_text(COUNTING)
     constructions = root / "constructions.log"
     args = [str(SMOKE), "--out", str(out), f"pretrain.cache_dir={pretrain_cache}", f"bank.cache_dir={root / 'rewards'}",
-            f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2", *_served(constructions)]
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2", *LOCAL, *_served(constructions)]
     started = time.time()
     old_path = os.environ.get("PYTHONPATH", "")
     path = os.pathsep.join(p for p in (str(ROOT), str(user), old_path) if p)
@@ -303,8 +298,8 @@ def test_restarted_sweep_runs_only_the_unfinished_trials(sweep_dir):
     for name in set(names) - set(done_before):
         results = (out / "tune" / "tune" / name / "result.json").read_text().splitlines()
         assert len(results) >= 3 and "active_fraction" in json.loads(results[-1])
-    # a trial killed mid-way resumed from its fine-tuning checkpoint (step >= 100): the rank-0 worker logged
-    # the loss of step 25 to MLflow once, before the kill, and the restart went on from the checkpoint
+    # a trial killed mid-way resumed from its fine-tuning checkpoint (step >= 100): its loop logged the loss of
+    # step 25 to MLflow once, before the kill, and the restart went on from the checkpoint
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir['root'] / 'mlflow.db'}")
@@ -378,3 +373,45 @@ def test_each_sweep_run_builds_the_served_reward_once(sweep_dir):
     direct = TailReward2D().evaluate(torch.as_tensor(np.array(bank.x))).rewards.numpy()
     np.testing.assert_array_equal(bank.reward, direct)
 
+
+
+# A one-trial sweep whose trial fine-tunes in a Ray Train worker group (the default backend), at smoke size; the
+# base model is the smoke sweep's (one pretraining for both in the session's cache).
+RAY_TRAIN_TRIAL = """
+seed: 0
+objective: {kind: cvar, side: right, alpha: 0.1}
+sampler: {steps: 5}
+bank: {size: 500}
+eval: {size: 500}
+finetune: {steps: 4, batch_size: 64, log_every: 2, checkpoint_every: 2}
+sweep:
+  parameters:
+    objective.kl_weight: {grid: [10]}
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_train_trial_reports_its_fine_tuning_to_tune(tmp_path, pretrain_cache):
+    """The smoke sweep above fine-tunes in each trial's own process; this trial runs Ray Train's two DDP workers
+    (fitted into the trial's CPUs), whose reports reach Tune through ``TuneReportCallback``."""
+    import ray
+
+    out = tmp_path / "out"
+    args = ["sweep", str(_write(tmp_path, RAY_TRAIN_TRIAL)), "--out", str(out), "ray.num_cpus=2",
+            f"pretrain.cache_dir={pretrain_cache}", f"bank.cache_dir={tmp_path / 'rewards'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    try:
+        assert main(args) == 0
+    finally:
+        ray.shutdown()
+    trial = out / "trials" / "kl_weight=10"
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 500
+    workers = summary["sweep"]["resources"]["cpus_per_worker"]
+    assert 0 < workers and 2 * workers + DRIVER_CPUS <= 2.0  # both workers fit beside the trial's driver
+    results = [json.loads(line) for line in (out / "tune" / "tune" / trial.name / "result.json").read_text().splitlines()]
+    assert [r["step"] for r in results] == [2, 4] and all("active_fraction" in r for r in results)
+    # a report with a Ray Train checkpoint: TuneReportCallback names it; the worker group's checkpoints are Train's
+    assert all("checkpoint_path" in r for r in results)
+    assert (trial / "train" / "finetune" / "checkpoint_manager_snapshot.json").is_file()
