@@ -5,7 +5,9 @@
     (its own TorchTrainer) -> evaluate into DIR/trials/<name>/ --> DIR/report/ (pipelines.report)
 
 Each trial is a Tune function trainable that builds and fits a TorchTrainer (the Train V2 way); the
-trainer's reports reach Tune (and the optional ASHA scheduler) through ``TuneReportCallback``. MLflow
+trainer's reports reach Tune (and the optional ASHA scheduler) through ``TuneReportCallback``; with
+``finetune.backend: local`` the trial runs the loop in its own process and forwards its reports (``pipelines.
+sweep_trial``). MLflow
 holds a parent run for the sweep and a nested run per trial, all created by this driver before Tune
 starts; trials only log metrics and artifacts into them, with retries. A trial is done when its
 ``summary.json`` exists: a restarted sweep skips those trials and resumes the others from their stages
