@@ -40,8 +40,10 @@ _LOOP_SETTINGS = (
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """The fine-tuned weights, the metrics history reported by rank 0, the solver used, and which state the
-    guard kept (``kept``: "best" | "last") with the reason and, if it stopped training early, why.
+    """The fine-tuned weights, metrics reported by rank 0 (``history``: on the Ray backend the reports that came
+    with the checkpoints Ray Train kept, its ``metrics_dataframe``; on the local backend every report), the solver
+    used, and which state the guard kept (``kept``: "best" | "last") with the reason and, if it stopped training
+    early, why. The full metric series is in MLflow.
 
     With LoRA, ``state_dict`` is the merged network (keys as without LoRA), ``lora`` the adapter-wrapped model
     with the kept adapter (to save), ``lora_record`` what ``summary.json["lora"]`` says."""
