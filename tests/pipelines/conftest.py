@@ -1,9 +1,15 @@
-"""A two-node Ray cluster on loopback, started with the commands of docs/cluster.md's rehearsal.
+"""Session-wide Ray fixtures: a two-node loopback cluster, and one local Ray for in-process runs.
 
-One cluster per test session, shared by the modules that need one (test_cluster.py, test_bank_faults.py):
-the head and a second node each offer 2 CPUs and one ``reward_node`` and one ``train_node`` slot. Both
-``ray start`` processes run with ``--block`` in a process group of their own, so stopping them stops
-only this cluster (never ``ray stop``: that would end every Ray on the machine).
+``loopback_cluster``: a two-node Ray cluster on loopback, started with the commands of docs/cluster.md's
+rehearsal. One cluster per test session, shared by the modules that need one (test_cluster.py,
+test_bank_faults.py): the head and a second node each offer 2 CPUs and one ``reward_node`` and one
+``train_node`` slot. Both ``ray start`` processes run with ``--block`` in a process group of their own, so
+stopping them stops only this cluster (never ``ray stop``: that would end every Ray on the machine).
+
+``local_ray``: one local Ray (2 CPUs) in this process for every module that runs the pipeline in process
+(instead of a Ray start and stop per module, several seconds each on 2 cores). The tests that use it run last,
+together, after every test that needs Ray not to be running in this process (config errors are refused before
+Ray starts); it stops after the last of them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -95,22 +101,33 @@ def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 
     raise RuntimeError(f"the loopback cluster at {address} did not reach {n} live nodes")
 
 
-# The cluster is stopped right after the last test that uses it, not at the end of the session: its idle
+# A shared Ray is stopped right after the last test that uses it, not at the end of the session: its idle
 # raylets, GCS and dashboards would otherwise take CPU from every test that follows (2 cores).
-_LAST_CLUSTER_TEST: list[str] = []
-_STOP_CLUSTER: list[Callable[[], None]] = []
+_SHARED = ("loopback_cluster", "local_ray")
+_LAST_TEST: dict[str, str] = {}
+_STOP: dict[str, list[Callable[[], None]]] = {name: [] for name in _SHARED}
+
+
+def _uses(item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
 
 
 def pytest_collection_modifyitems(session, config, items):
-    users = [item.nodeid for item in items if "loopback_cluster" in getattr(item, "fixturenames", ())]
-    _LAST_CLUSTER_TEST[:] = users[-1:]
+    # the tests on the local Ray last, in their order: a local Ray must not be running during the others
+    items[:] = [i for i in items if not _uses(i, "local_ray")] + [i for i in items if _uses(i, "local_ray")]
+    _LAST_TEST.clear()
+    for name in _SHARED:
+        users = [item.nodeid for item in items if _uses(item, name)]
+        if users:
+            _LAST_TEST[name] = users[-1]
 
 
 @pytest.hookimpl(trylast=True)  # after the item's own fixtures are torn down
 def pytest_runtest_teardown(item, nextitem):
-    if _LAST_CLUSTER_TEST and item.nodeid == _LAST_CLUSTER_TEST[0]:
-        while _STOP_CLUSTER:
-            _STOP_CLUSTER.pop()()
+    for name, last in _LAST_TEST.items():
+        if item.nodeid == last:
+            while _STOP[name]:
+                _STOP[name].pop()()
 
 
 def _stop_nodes(nodes: list[subprocess.Popen], port: int) -> None:
@@ -158,7 +175,7 @@ def loopback_cluster(tmp_path_factory):
             stopped.append(True)
             _stop_nodes(nodes, ports["6379"])
 
-    _STOP_CLUSTER.append(stop)
+    _STOP["loopback_cluster"].append(stop)
     try:
         _wait_for_nodes(address, env, 1)
         nodes.append(_start_node(starts[1], env, root / "worker.log"))
@@ -181,3 +198,36 @@ def pretrain_cache(tmp_path_factory) -> Path:
     gets its own base model."""
     return tmp_path_factory.mktemp("pretrain_cache")
 
+
+
+@pytest.fixture(scope="session")
+def local_ray(tmp_path_factory) -> Iterator[Path]:
+    """One local Ray (2 CPUs) for the session's in-process runs (module docstring); yields a directory on this
+    process's ``sys.path`` and on the Ray workers' PYTHONPATH, where a module puts its user modules (reward,
+    data source, flow model files) before it uses them."""
+    import ray
+
+    from pipelines.raysession import connect
+    from pipelines.schema import RayConfig
+
+    user = tmp_path_factory.mktemp("user_modules")
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(user), old) if p)  # read by connect()
+    sys.path.insert(0, str(user))
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(RayConfig(num_cpus=2))
+    stopped: list[bool] = []
+
+    def stop() -> None:  # once: after the last test that uses it, or at the end of the session
+        if not stopped:
+            stopped.append(True)
+            ray.shutdown()
+            sys.path.remove(str(user))
+            os.environ["PYTHONPATH"] = old
+
+    _STOP["local_ray"].append(stop)
+    try:
+        yield user
+    finally:
+        stop()

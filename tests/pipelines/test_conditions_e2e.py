@@ -6,15 +6,13 @@ the exact conditional velocity plus a zero-initialised correction (``user_flow_m
 The target of each condition is the CVaR dual tilt p*_c ∝ N(m_c, 1) exp(g_c(r) / gamma), g_c = (r - eta*_c)_+ /
 alpha (right) or -(eta*_c - r)_+ / alpha (left), with eta*_c the minimiser (right) or maximiser (left) of
 J(eta) = eta + gamma log E exp(g / gamma); its CVaR_alpha is computed here by quadrature (`closed_form_cvar`).
-One local Ray session for the module; each run fine-tunes for a few seconds (weighted solver, one worker).
+The session's shared local Ray (conftest.py); each run fine-tunes for a few seconds (weighted solver, one worker).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,29 +90,13 @@ def test_closed_form_matches_the_design_notes():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A shared Ray session whose workers see the user's model module, and the run's config file."""
-    import ray
-
-    from pipelines.raysession import connect
-    from pipelines.schema import RayConfig
-
+def env(tmp_path_factory, local_ray):
+    """The session's shared Ray (conftest.py), whose workers see the user's model module, and the run's config."""
     root = tmp_path_factory.mktemp("cond")
-    user_dir = root / "user_modules"
-    user_dir.mkdir()
-    shutil.copy(Path(__file__).with_name("user_flow_model.py"), user_dir)
-    old = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(user_dir), old) if p)
-    sys.path.insert(0, str(user_dir))
+    shutil.copy(Path(__file__).with_name("user_flow_model.py"), local_ray)
     (root / "cond.yaml").write_text(CONFIG)
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(RayConfig(num_cpus=2))
     common = [f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"bank.cache_dir={root / 'rewards'}"]
-    yield {"root": root, "config": str(root / "cond.yaml"), "common": common, "uri": f"sqlite:///{root / 'mlflow.db'}"}
-    ray.shutdown()
-    sys.path.remove(str(user_dir))
-    os.environ["PYTHONPATH"] = old
+    return {"root": root, "config": str(root / "cond.yaml"), "common": common, "uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
 def _run(env, name, *overrides):

@@ -28,21 +28,7 @@ SCALE = 0.25  # bands of x0: good |x0| <= 1, 400 in (1, 1.25], transient [-1.25,
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from pipelines.raysession import connect
-    from pipelines.schema import RayConfig
-
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
-
-
-def test_bank_through_a_faulty_http_server(ray_session, tmp_path, pretrain_cache):
+def test_bank_through_a_faulty_http_server(local_ray, tmp_path, pretrain_cache):
     server, url = serve(faults=True, fault_scale=SCALE, record=True)
     try:
         timeout_s, retries, batch_size = 0.5, 1, 8
@@ -84,7 +70,7 @@ def test_bank_through_a_faulty_http_server(ray_session, tmp_path, pretrain_cache
     print(f"bank of {SIZE} through the HTTP server: {wall:.1f} s, {counts}")
 
 
-def test_bank_of_a_composite_reward_keeps_each_term_as_a_column(ray_session, tmp_path, pretrain_cache):
+def test_bank_of_a_composite_reward_keeps_each_term_as_a_column(local_ray, tmp_path, pretrain_cache):
     """``tfft bank tune_configs/toy2d_composite.yaml`` (a crash region on the 2-D term), twice with one reward
     cache: the bank's term columns are each term evaluated on the bank's x, the reward their weighted sum; the
     second bank takes every sample from the cache, its term columns included."""

@@ -49,17 +49,8 @@ def local_run(tmp_path_factory):
 
 
 @pytest.mark.ray
-def test_local_ends_where_ray_train_with_one_worker_ends(tmp_path, local_run):
-    import ray
-
-    started = ray.is_initialized()
-    if not started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        ray_result, _ = _finetune(tmp_path, "ray", 10)
-    finally:
-        if not started:
-            ray.shutdown()
+def test_local_ends_where_ray_train_with_one_worker_ends(tmp_path, local_run, local_ray):
+    ray_result, _ = _finetune(tmp_path, "ray", 10)  # on the session's shared Ray (conftest.py)
     _, local_result, _ = local_run
     torch.manual_seed(0)
     base = build_model(MODEL).state_dict()

@@ -1,5 +1,5 @@
 """LoRA end to end (``finetune.lora``): one smoke-size right-CVaR run on the 2-D task through ``run_pipeline``
-(what ``tfft run`` calls), in a module-scoped local Ray session. The fine-tuned model differs from the base only
+(what ``tfft run`` calls), on the session's shared local Ray (conftest.py). The fine-tuned model differs from the base only
 by its adapters, the adapter switched off is the base exactly, the saved adapter and merged weights give the
 fine-tuned velocity, and the reward's upper tail moves."""
 
@@ -26,32 +26,22 @@ LORA = ["finetune.lora.enabled=true", "finetune.lora.rank=4", "finetune.lora.mer
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, pretrain_cache):
-    import ray
-
+def lora_run(tmp_path_factory, pretrain_cache, local_ray):
     from pipelines.pretrain import load_or_pretrain
-    from pipelines.raysession import connect
     from pipelines.run import run_pipeline
-    from pipelines.schema import RayConfig
 
     root = tmp_path_factory.mktemp("lora")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config(ROOT / "tune_configs/toy2d_right.yaml",
                       [*SMALL, *LORA, f"pretrain.cache_dir={pretrain_cache}", f"tracking.uri={uri}",
                        f"bank.cache_dir={root / 'rewards'}"])
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(RayConfig(num_cpus=2))
     lines: list[str] = []
 
     def log(line: str) -> None:
         print(line)
         lines.append(line)
 
-    try:
-        summary = run_pipeline(cfg, root / "run", log=log)
-    finally:
-        ray.shutdown()
+    summary = run_pipeline(cfg, root / "run", log=log)
     base = load_or_pretrain(cfg)  # the cached base model
     assert base.cached
     return {"out": root / "run", "summary": summary, "lines": lines, "base": base, "uri": uri}

@@ -1,15 +1,14 @@
 """End to end on the 2-D task: mean, right-CVaR and left-CVaR fine-tuning through the whole pipeline.
 
-One local Ray session for the module. The shipped configs run at smoke size (10k banks, 300 fine-tuning
-steps, 20 SDE steps: ``SMOKE``); the full-size runs are the benchmark's (``benchmarks/toy2d_figure.py``).
+The session's shared local Ray (``local_ray``, conftest.py). The shipped configs run at smoke size (10k banks,
+300 fine-tuning steps, 20 SDE steps: ``SMOKE``); the full-size runs are the benchmark's
+(``benchmarks/toy2d_figure.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,30 +44,14 @@ def reward(x):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, pretrain_cache):
-    """A shared Ray session whose workers see a user module on PYTHONPATH, plus shared stores."""
-    import ray
-
-    from pipelines.raysession import connect
-    from pipelines.schema import RayConfig
-
+def env(tmp_path_factory, pretrain_cache, local_ray):
+    """The shared Ray session, whose workers see the user modules on PYTHONPATH, plus shared stores."""
     root = tmp_path_factory.mktemp("e2e")
-    user_dir = root / "user_modules"
-    user_dir.mkdir()
-    (user_dir / "my_task.py").write_text(USER_MODULE)
-    shutil.copy(Path(__file__).with_name("user_flow_model.py"), user_dir)  # a user's own flow model
-    old = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(user_dir), old) if p)
-    sys.path.insert(0, str(user_dir))
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(RayConfig(num_cpus=2))
+    (local_ray / "my_task.py").write_text(USER_MODULE)
+    shutil.copy(Path(__file__).with_name("user_flow_model.py"), local_ray)  # a user's own flow model
     common = [f"pretrain.cache_dir={pretrain_cache}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
               f"bank.cache_dir={root / 'rewards'}"]
-    yield {"root": root, "common": common, "uri": f"sqlite:///{root / 'mlflow.db'}"}
-    ray.shutdown()
-    sys.path.remove(str(user_dir))
-    os.environ["PYTHONPATH"] = old
+    return {"root": root, "common": common, "uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
 @pytest.fixture(scope="module")

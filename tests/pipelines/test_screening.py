@@ -162,16 +162,13 @@ def test_screening_the_mean_is_refused_before_any_work():
 
 
 @pytest.fixture(scope="module")
-def screened_run(tmp_path_factory, pretrain_cache):
-    """One small run of the Gaussian task through Ray with the noisy screen; returns (out, summary, stdout)."""
+def screened_run(tmp_path_factory, pretrain_cache, local_ray):
+    """One small run of the Gaussian task through Ray (the session's shared one) with the noisy screen; returns
+    (out, summary, stdout)."""
     import io
     from contextlib import redirect_stdout
 
-    import ray
-
-    from pipelines.raysession import connect
     from pipelines.run import run_pipeline
-    from pipelines.schema import RayConfig
 
     root = tmp_path_factory.mktemp("screened")
     overrides = [
@@ -183,17 +180,11 @@ def screened_run(tmp_path_factory, pretrain_cache):
         f"bank.cache_dir={root / 'rewards'}",
     ]
     cfg = load_config(ROOT / "tune_configs/gaussian_refine.yaml", overrides)
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(RayConfig(num_cpus=2))
-    try:
-        text = io.StringIO()
-        with redirect_stdout(text):
-            summary = run_pipeline(cfg, root / "run")
-            again = run_pipeline(cfg, root / "run")  # a rerun reuses both screened banks
-        yield root / "run", summary, again, text.getvalue(), f"sqlite:///{root / 'mlflow.db'}"
-    finally:
-        ray.shutdown()
+    text = io.StringIO()
+    with redirect_stdout(text):
+        summary = run_pipeline(cfg, root / "run")
+        again = run_pipeline(cfg, root / "run")  # a rerun reuses both screened banks
+    return root / "run", summary, again, text.getvalue(), f"sqlite:///{root / 'mlflow.db'}"
 
 
 @pytest.mark.ray

@@ -29,24 +29,17 @@ SMALL = ["bank.size=64", "bank.shard_size=64", "eval.size=64", "finetune.steps=4
 
 
 @pytest.fixture(scope="module")
-def sd_run(tmp_path_factory):
-    import ray
-
+def sd_run(tmp_path_factory, local_ray):
+    """The shipped config on the tiny pipeline, on the session's shared Ray (conftest.py)."""
     from pipelines.adapters.tiny import write_tiny_clip, write_tiny_sd
-    from pipelines.raysession import connect
-    from pipelines.schema import RayConfig
 
     root = tmp_path_factory.mktemp("sd_e2e")
     write_tiny_sd(root / "sd")
     write_tiny_clip(root / "clip")
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(RayConfig(num_cpus=2))
     out = root / "run"
     code = main(["run", str(CONFIG), "--out", str(out), f"task.dir={root}", *SMALL,
                  f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"bank.cache_dir={root / 'rewards'}"])
-    yield root, out, code
-    ray.shutdown()
+    return root, out, code
 
 
 def test_runs_every_stage_per_prompt(sd_run):

@@ -27,9 +27,10 @@ from pipelines.cli import main
 from pipelines.schema import Config
 from pipelines.sweep import asha_scheduler
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
-from pipelines.sweep_tracking import RetryingRun
 from pipelines.sweep_spec import load_sweep
 from pipelines.train_session import local_checkpoints
+
+from mlflow_writer import hammer  # tests/pipelines: light to import in a spawned process
 
 ROOT = Path(__file__).parents[2]
 SMOKE = ROOT / "tune_configs" / "sweep_toy2d_smoke.yaml"
@@ -161,21 +162,6 @@ def test_asha_counts_training_reports_and_lets_finished_trials_record(tmp_path):
 # --- MLflow: concurrent writers on one SQLite store ---------------------------------------------------
 
 
-def _hammer(uri: str, run_id: str, artifact: str) -> None:
-    import faulthandler
-
-    from pipelines.tracking import MetricLogger
-
-    faulthandler.dump_traceback_later(120)  # a stuck writer leaves its stack in the test's output
-
-    logger = MetricLogger(uri, run_id)
-    run = RetryingRun(uri, run_id)
-    for step in range(40):
-        logger.log({"loss": float(step), "active_fraction": 0.5}, step=step)
-    run.log_artifact(artifact)
-    run.finish()
-
-
 @pytest.mark.slow
 def test_concurrent_trials_write_one_sqlite_store_without_lock_errors(tmp_path):
     from mlflow.tracking import MlflowClient
@@ -187,7 +173,7 @@ def test_concurrent_trials_write_one_sqlite_store_without_lock_errors(tmp_path):
     runs = [open_run(uri, "stress", f"t{i}", parent_run_id=parent.run_id).run_id for i in range(6)]
     artifact = _write(tmp_path, "x", "a.txt")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_hammer, args=(uri, r, str(artifact))) for r in runs]
+    procs = [ctx.Process(target=hammer, args=(uri, r, str(artifact))) for r in runs]
     for p in procs:
         p.start()
     for p in procs:
@@ -220,25 +206,21 @@ def _checkpointed(out: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory, pretrain_cache):
-    """The smoke grid, killed (SIGKILL to its process group) once two trials have finished and another
-    holds a fine-tuning checkpoint, then run again with the same --out.
+def sweep_dir(tmp_path_factory, pretrain_cache, local_ray):
+    """The smoke grid, killed (SIGKILL to its process group, its own Ray with it) once two trials have finished
+    and another holds a fine-tuning checkpoint, then run again with the same --out on the session's shared Ray
+    (``local_ray``, conftest.py).
 
     Its reward is served (``reward.serve``): the 2-D reward, counting its constructions in a file, held by one
     Ray Serve replica that every trial's reward actors and fine-tuning loop call."""
-    import ray
-
     root = tmp_path_factory.mktemp("sweep")
     out = root / "grid"
-    user = root / "user"
-    user.mkdir()
-    (user / "counting_reward.py").write_text(COUNTING)
+    (local_ray / "counting_reward.py").write_text(COUNTING)
     constructions = root / "constructions.log"
     args = [str(SMOKE), "--out", str(out), f"pretrain.cache_dir={pretrain_cache}", f"bank.cache_dir={root / 'rewards'}",
             f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "ray.num_cpus=2", *LOCAL, *_served(constructions)]
     started = time.time()
-    old_path = os.environ.get("PYTHONPATH", "")
-    path = os.pathsep.join(p for p in (str(ROOT), str(user), old_path) if p)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # the user modules too
     env = {**os.environ, "PYTHONPATH": path}
     output = root / "interrupted_sweep.log"
     with open(output, "w") as sink:
@@ -256,18 +238,9 @@ def sweep_dir(tmp_path_factory, pretrain_cache):
     done_before = {p.parent.name: p.stat().st_mtime for p in (out / "trials").glob("*/summary.json")}
     interrupted = _checkpointed(out)
     built_before = len(constructions.read_text().splitlines())
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ["PYTHONPATH"] = path
-    sys.path.insert(0, str(user))
     restart = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(restart):
-            assert main(["sweep", *args]) == 0
-    finally:
-        ray.shutdown()
-        sys.path.remove(str(user))
-        os.environ["PYTHONPATH"] = old_path
+    with contextlib.redirect_stdout(restart):
+        assert main(["sweep", *args]) == 0
     return {"out": out, "root": root, "done_before": done_before, "interrupted": interrupted,
             "seconds": time.time() - started, "killed_after": killed_after, "first_log": output.read_text(),
             "restart_log": restart.getvalue(), "built_before": built_before,
@@ -392,19 +365,14 @@ sweep:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_ray_train_trial_reports_its_fine_tuning_to_tune(tmp_path, pretrain_cache):
-    """The smoke sweep above fine-tunes in each trial's own process; this trial runs Ray Train's two DDP workers
-    (fitted into the trial's CPUs), whose reports reach Tune through ``TuneReportCallback``."""
-    import ray
-
+def test_a_ray_train_trial_reports_its_fine_tuning_to_tune(tmp_path, pretrain_cache, local_ray):
+    """The smoke sweep above fine-tunes in each trial's own process; this trial (on the session's shared Ray)
+    runs Ray Train's two DDP workers, fitted into the trial's CPUs, whose reports reach Tune through
+    ``TuneReportCallback``."""
     out = tmp_path / "out"
-    args = ["sweep", str(_write(tmp_path, RAY_TRAIN_TRIAL)), "--out", str(out), "ray.num_cpus=2",
-            f"pretrain.cache_dir={pretrain_cache}", f"bank.cache_dir={tmp_path / 'rewards'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    try:
-        assert main(args) == 0
-    finally:
-        ray.shutdown()
+    args = ["sweep", str(_write(tmp_path, RAY_TRAIN_TRIAL)), "--out", str(out), f"pretrain.cache_dir={pretrain_cache}",
+            f"bank.cache_dir={tmp_path / 'rewards'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(args) == 0
     trial = out / "trials" / "kl_weight=10"
     summary = json.loads((trial / "summary.json").read_text())
     assert summary["solver"] == "adjoint" and summary["finetuned"]["n"] == 500
