@@ -85,7 +85,7 @@ def _trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], base
 
 def _tune_callbacks(cfg: Config) -> list[Any]:
     """The fine-tuning callbacks of a trial: Ray Train's reports become this Tune trial's results (what ASHA
-    schedules on). None with the local backend, whose loop reports from this process (:func:`_reporting_to_tune`)."""
+    schedules on). None with the local backend: its loop reports from this process (:func:`_reporting_to_tune`)."""
     if cfg.finetune.backend == "local":
         return []
     from ray.tune.integration.ray_train import TuneReportCallback
