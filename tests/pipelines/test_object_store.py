@@ -3,10 +3,11 @@
 The server is moto's (``moto[server]``), reached through the standard environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ...), as a user reaches S3 or an S3-compatible store. Checked: the store's round trip and
 what it lists; reward-cache parts from two writers read by a third; a store that cannot be reached or has no
-bucket is one line naming the setting; ``tfft run --out s3://...`` with both caches on the store leaves every
-output on the store (Ray Train's checkpoints written there by the worker group itself); a driver killed mid-bank
-and started again from another machine's empty working copy scores only what the store lacks, while a run beside
-it takes the rewards already scored from the shared cache.
+bucket is one line naming the setting; a driver killed mid-bank and started again from another machine's empty
+working copy scores only what the store lacks, while a second run beside it (Ray Train's worker group, its
+checkpoints written to the store by the workers themselves) takes the rewards already scored from the shared cache
+and leaves every output on the store. The two runs beside each other each start their own local Ray: neither
+disturbs the other (no error line from Ray in either log); a two-trial sweep with its outputs on the store.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 
 import numpy as np
@@ -113,34 +115,6 @@ def test_mirror_pushes_committed_files_and_a_fresh_copy_pulls_them(s3, tmp_path)
     assert other.push() == 0  # what was pulled is not pushed back
 
 
-@pytest.mark.ray
-def test_run_with_outputs_and_caches_on_the_store(s3, tmp_path, monkeypatch):
-    import ray
-
-    from pipelines.raysession import connect
-    from pipelines.schema import RayConfig
-
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(RayConfig(num_cpus=2))  # started after the fixture set the environment: its workers see the store
-    try:
-        out, caches = f"{s3}/runs/right", [f"pretrain.cache_dir={s3}/pretrain", f"bank.cache_dir={s3}/rewards",
-                                           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-        monkeypatch.setenv("TFFT_MIRROR_DIR", str(tmp_path / "machine-a"))
-        assert main(["run", "tune_configs/toy2d_right.yaml", "--out", out, *TINY, *caches]) == 0
-        files = Store(out).files()
-        assert {"config.yaml", "summary.json"} <= set(files)
-        assert any(name.endswith(".parquet") for name in files)  # the banks
-        assert any(name.startswith("checkpoint/") for name in files)
-        assert any(name.startswith("train/finetune/") and name.endswith("state.pt") for name in files)
-        summary = json.loads(Store(out).read_bytes("summary.json"))
-        assert summary["finetuned"]["n"] > 0
-        assert len(Store(f"{s3}/pretrain").files()) == 1
-        assert Store(f"{s3}/rewards").files()  # the reward actors wrote their cache parts to the store
-    finally:
-        ray.shutdown()
-
-
 SLOW_REWARD = '''
 import os
 import time
@@ -155,6 +129,16 @@ KILL = ["bank.size=384", "bank.shard_size=64", "bank.reward.batch_size=32", "ban
         "eval.size=64", "pretrain.steps=40", "finetune.steps=4", "finetune.batch_size=32", "sampler.steps=8",
         "finetune.log_every=2", "finetune.checkpoint_every=2", "finetune.backend=local", "finetune.num_workers=1",
         "reward.target=slow_reward:reward"]
+# Lines that mean Ray or a stage went wrong: Ray's error-level log lines ("[2026-01-01 10:00:00,123 E 4242 4243]"),
+# tracebacks, ERROR-level Python logging, and "Found multiple active Ray instances" (one run's Ray Train looking up
+# its cluster by address and finding the other run's Ray; `pipelines.raysession.connect` fixes each local Ray's
+# GCS port and tells its workers the address). Two Ray faults that are not about sharing a machine, seen in runs
+# alone too, are left out: an actor pool whose actors take their constructor arguments (the model's weights) from
+# the object store logs an error-level line about a possible restart; now and then a Ray Data conversion task
+# (``ndarray_to_block``) aborts in Ray's own code ("Mutex corrupt", SIGABRT) after its work is done, and Ray
+# retries it with the same results.
+BAD = re.compile(r"Found multiple active Ray instances|Traceback|\bERROR\b|,\d{3} E \d+ \d+\]")
+BENIGN = re.compile(r"has constructor arguments in the object store and max_restarts > 0|\(ndarray_to_block pid=")
 TRAINING = 4 * 32  # rewards the fine-tuning steps score directly (not through the bank or its cache)
 
 
@@ -204,7 +188,8 @@ def test_killed_driver_resumes_from_the_store_and_two_runs_share_the_reward_cach
     assert 128 <= committed < 384 and scored_before >= committed
 
     again = _start(["--out", out, *common], tmp_path, "again", "machine-b")  # another machine: nothing local
-    beside = _start(["--out", other, *common], tmp_path, "beside", "machine-c")  # a second run, same cache
+    # a second run, same cache, fine-tuning in Ray Train's worker group (its checkpoints go to the store directly)
+    beside = _start(["--out", other, *common, "finetune.backend=ray"], tmp_path, "beside", "machine-c")
     assert again.wait(600) == 0, (tmp_path / "again.log").read_text()[-3000:]
     assert beside.wait(600) == 0, (tmp_path / "beside.log").read_text()[-3000:]
     # the resumed run scores the base bank's rows that no committed shard holds, plus its evaluation bank and the
@@ -217,6 +202,15 @@ def test_killed_driver_resumes_from_the_store_and_two_runs_share_the_reward_cach
     a = json.loads(Store(out).read_bytes("summary.json"))
     b = json.loads(Store(other).read_bytes("summary.json"))
     assert a["base"] == b["base"] and a["threshold"] == b["threshold"]
+    files = Store(other).files()  # every output of the run beside is on the store
+    assert {"config.yaml", "summary.json", "bank_base.parquet", "bank_final.parquet"} <= set(files)
+    assert any(name.startswith("checkpoint/") for name in files)
+    assert any(name.startswith("train/finetune/") and name.endswith("state.pt") for name in files)
+    assert b["finetuned"]["n"] == 64 and len(Store(f"{s3}/kill-pretrain").files()) == 1
+    for tag in ("again", "beside"):  # two local Rays on one machine at once: no error line from Ray in either log
+        text = (tmp_path / f"{tag}.log").read_text(errors="replace")
+        bad = [line for line in text.splitlines() if BAD.search(line) and not BENIGN.search(line)]
+        assert not bad, f"{tag}'s log has error lines:\n" + "\n".join(bad[:10])
 
 
 @pytest.mark.ray
