@@ -4,7 +4,7 @@ LoRA), the solver with the pseudo-reward and how one step draws its input, and t
 Loop config keys read here: ``model_config``, ``base_state``, ``init_state``, ``lora``, ``init_adapter``,
 ``solver``, ``tilt`` (a `tfft.objective.Tilt`), ``reward_target``, ``reward_kwargs``, ``reward_grad_clip``,
 ``conditions``, ``dim`` and the solver's settings (see `pipelines.trainer.run_finetune`). :func:`build_solver` is
-the one place that branches on the solver's name (resolved by `pipelines.stages.preflight.resolve_plan`).
+the worker's one branch on the solver's name (resolved by `pipelines.stages.preflight.resolve_plan`).
 """
 
 from __future__ import annotations
