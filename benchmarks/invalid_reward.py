@@ -37,12 +37,11 @@ def _target_invalid(bank, summary: dict, value: float | None) -> float:
     """The crash mass of the run's target on its base bank: the weighted solver's tilt of the failures
     (`tfft.invalid.tilt_rewards`: at the penalty, or neutral under exclusion)."""
     from tfft.invalid import tilt_rewards
-    from tfft.target import tilt_weights
+    from tfft.objective import Tilt
 
-    objective = summary["objective"]
-    reward, rows = tilt_rewards(bank.reward, bank.valid, value, objective["eta"])
-    w = tilt_weights(reward, eta=objective["eta"], side=objective["side"], alpha=objective["alpha"],
-                     kl_weight=objective["kl_weight"], valid=rows)
+    tilt = Tilt.from_dict(summary["objective"])
+    reward, rows = tilt_rewards(bank.reward, bank.valid, value, tilt.eta)
+    w = tilt.weights(reward, rows)
     return float(w[~bank.valid].sum())
 
 

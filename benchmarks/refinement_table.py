@@ -33,10 +33,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "refinement.md"))
     args = parser.parse_args()
     summary = json.loads((Path(args.run_dir) / "summary.json").read_text())
-    obj = summary["objective"]
-    truth = exact_eta(obj["alpha"], obj["kl_weight"])
+    from tfft.objective import Tilt
+
+    tilt = Tilt.from_dict(summary["objective"])
+    truth = exact_eta(tilt.alpha, tilt.kl_weight)
     lines = [
-        f"Exact eta* = {truth:.3f} (alpha {obj['alpha']}, kl_weight {obj['kl_weight']}, right side).",
+        f"Exact eta* = {truth:.3f} (alpha {tilt.alpha}, kl_weight {tilt.kl_weight}, right side).",
         f"Bank (ESS {summary['threshold']['ess']:.0f}): eta = {summary['threshold']['eta']:.3f}, "
         f"error {abs(summary['threshold']['eta'] - truth):.3f}.",
         "",

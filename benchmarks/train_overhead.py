@@ -39,15 +39,15 @@ def in_process_seconds(work: Path) -> dict[str, Any]:
     from pipelines.pretrain import load_or_pretrain
     from pipelines.stages.preflight import training_steps
     from pipelines.train_build import build_solver
+    from tfft.objective import Tilt
 
     cfg = load_config(work / "config.yaml")
     summary = json.loads((work / "summary.json").read_text())
     if summary["solver"] != "adjoint":
         raise SystemExit(f"{work}: the in-process loop is written for the adjoint solver, the run used {summary['solver']}")
-    objective = {k: v for k, v in summary["objective"].items() if k != "kind"}
     ft = cfg.finetune
     config = {
-        "solver": "adjoint", "objective": objective, "sde_steps": training_steps(cfg),
+        "solver": "adjoint", "tilt": Tilt.from_dict(summary["objective"]), "sde_steps": training_steps(cfg),
         "late_fraction": ft.late_fraction, "n_early": ft.n_early, "normalize": ft.normalize,
         "clip_quantile": ft.clip_quantile, "clip_factor": ft.clip_factor, "oversample": ft.oversample,
         "fast_path": ft.fast_path, "reward_target": cfg.reward.target, "reward_kwargs": dict(cfg.reward.kwargs),
@@ -56,7 +56,7 @@ def in_process_seconds(work: Path) -> dict[str, Any]:
     base_model = load_or_pretrain(cfg, log=lambda _: None)
     base = build_model(base_model.config, base_model.state_dict).eval().requires_grad_(False)
     model = build_model(base_model.config, base_model.state_dict)
-    solver = build_solver(config, model, base, torch.device("cpu"))
+    solver, _ = build_solver(config, model, base, torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=ft.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(ft.warmup_steps, 1)))
     dim = int(base_model.config["dim"])

@@ -3,7 +3,8 @@
 The in-training guard (`pipelines.guard`) watches a running metric; the weighted solver has none, and a running
 metric can miss what the evaluation then shows. After the evaluation bank, the objective's own statistic
 (right-CVaR_alpha, left-CVaR_alpha, or the mean for the expected-reward objective) of the fine-tuned samples is
-compared with the base bank's. Both are means of an influence function, so each has a standard error:
+compared with the base bank's. Both are means of an influence function, so each has a standard error
+(`tfft.objective.Tilt.statistic`):
 
     right:  CVaR+ = mean(phi),  phi_i = q + (r_i - q)_+ / alpha,  q the (1 - alpha)-quantile;
     left:   CVaR- = mean(phi),  phi_i = q - (q - r_i)_+ / alpha,  q the alpha-quantile;
@@ -28,8 +29,9 @@ import torch
 
 from pipelines.bankio import Bank, write_atomic
 from pipelines.schema import Config
+from tfft.objective import Tilt
 
-__all__ = ["EvaluationCheck", "own_statistic", "check_evaluation", "apply_evaluation_check"]
+__all__ = ["EvaluationCheck", "check_evaluation", "apply_evaluation_check"]
 
 
 @dataclass(frozen=True)
@@ -58,54 +60,24 @@ class EvaluationCheck:
         return text
 
 
-def _name(objective: dict[str, Any]) -> str:
-    if objective.get("eta") is None:
-        return "mean"
-    return f"{objective['side']}-CVaR({objective['alpha']:g})"
-
-
-def own_statistic(rewards: np.ndarray, valid: np.ndarray, objective: dict[str, Any]) -> tuple[float, float]:
-    """(statistic, standard error) of the objective's own statistic on the valid finite rewards (module docstring).
-
-    Args:
-        rewards: (n,) float; valid: (n,) bool.
-        objective: ``eta`` (None: the mean), ``side``, ``alpha``.
-    """
-    r = np.asarray(rewards, dtype=np.float64)
-    r = r[np.asarray(valid, dtype=bool) & np.isfinite(r)]
-    if r.size < 2:
-        return math.nan, math.nan
-    if objective.get("eta") is None:
-        phi = r
-    else:
-        alpha = float(objective["alpha"])
-        if objective["side"] == "right":
-            q = float(np.quantile(r, 1.0 - alpha))
-            phi = q + np.maximum(r - q, 0.0) / alpha
-        else:
-            q = float(np.quantile(r, alpha))
-            phi = q - np.maximum(q - r, 0.0) / alpha
-    return float(phi.mean()), float(phi.std(ddof=1) / math.sqrt(phi.size))
-
-
 def check_evaluation(
     base_rewards: np.ndarray,
     base_valid: np.ndarray,
     final_rewards: np.ndarray,
     final_valid: np.ndarray,
-    objective: dict[str, Any],
+    tilt: Tilt,
     validity_drop: float = 0.05,
 ) -> EvaluationCheck:
     """Compare the objective's own statistic, and the fraction of valid samples, of the fine-tuned samples with
     the base bank's (module docstring). ``worse`` is set by either."""
-    base, base_se = own_statistic(base_rewards, base_valid, objective)
-    final, final_se = own_statistic(final_rewards, final_valid, objective)
+    base, base_se = tilt.statistic(base_rewards, base_valid)
+    final, final_se = tilt.statistic(final_rewards, final_valid)
     margin = 2.0 * math.hypot(base_se, final_se)
     stat_worse = bool(final < base - margin) if all(map(math.isfinite, (base, final, margin))) else False
     p0, p1 = _validity(base_rewards, base_valid), _validity(final_rewards, final_valid)
     se = math.hypot(math.sqrt(p0 * (1 - p0) / max(len(base_valid), 1)), math.sqrt(p1 * (1 - p1) / max(len(final_valid), 1)))
     validity_worse = bool(p1 < p0 - validity_drop - 2.0 * se) if len(final_valid) else False
-    return EvaluationCheck(_name(objective), base, base_se, final, final_se, stat_worse or validity_worse, p0, p1,
+    return EvaluationCheck(tilt.name, base, base_se, final, final_se, stat_worse or validity_worse, p0, p1,
                            validity_worse)
 
 
@@ -117,7 +89,7 @@ def _validity(rewards: np.ndarray, valid: np.ndarray) -> float:
 
 def apply_evaluation_check(
     cfg: Config, out: Path, base_state: dict[str, torch.Tensor], base_bank: Bank, final_bank: Bank,
-    objective: dict[str, Any], *, log: Callable[[str], None] = print,
+    tilt: Tilt, *, log: Callable[[str], None] = print,
 ) -> Bank:
     """Record :func:`check_evaluation` in ``out/checkpoint/model.pt``'s guard and act on it; returns the final bank.
 
@@ -131,7 +103,7 @@ def apply_evaluation_check(
     if base_bank.screened or final_bank.screened or rejected.is_file():
         return final_bank
     invalid_reward = cfg.objective.invalid_reward
-    check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), objective,
+    check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), tilt,
                              validity_drop=cfg.finetune.guard_validity_drop)
     blob = torch.load(model_path, map_location="cpu", weights_only=True)
     guard = dict(blob.get("guard") or {})

@@ -77,7 +77,8 @@ def train_loop(config: dict[str, Any]) -> None:
 @dataclass
 class _Worker:
     """One worker's training state: the (DDP-prepared) model and its LoRA handle, the optimiser and its
-    schedule, the guard, the solver, rank 0's MLflow logger, the step to resume after and the best state."""
+    schedule, the guard, the solver and its ``step(local_batch, generator, seed)`` (`pipelines.train_build`),
+    rank 0's MLflow logger, the step to resume after and the best state."""
 
     model: torch.nn.Module
     lora: Any
@@ -85,6 +86,7 @@ class _Worker:
     scheduler: Any
     guard: Guard
     solver: Any
+    step: Any
     tracker: Any
     start_step: int
     best_state: dict[str, torch.Tensor] | None
@@ -99,23 +101,14 @@ def run_loop(config: dict[str, Any], session: TrainSession, *, loop_started: flo
     loop_started = time.time() if loop_started is None else loop_started
     rank, world, device = session.world_rank, session.world_size, session.device
     worker = _start(config, session)
-    model, solver, opt = worker.model, worker.solver, worker.opt
+    model, opt = worker.model, worker.opt
     local_batch = max(1, config["batch_size"] // world)
     sums: dict[str, torch.Tensor] = {}
     for step in range(worker.start_step + 1, config["steps"] + 1):
         seed = config["seed"] * 100_003 + step * 1009 + rank
         gen = torch.Generator(device=device).manual_seed(seed)
         opt.zero_grad(set_to_none=True)  # before the step: a chunked loss backpropagates inside it
-        if config["solver"] == "adjoint":
-            x0 = torch.randn(local_batch * config["oversample"], config["dim"], generator=gen, device=device)
-            cond = None
-            if config.get("conditions"):
-                from tfft.conditions import uniform_conditions
-
-                cond = uniform_conditions(x0.shape[0], len(config["conditions"]), generator=gen, device=device)
-            result = solver.step(x0, gen, cond)
-        else:
-            result = solver.step(local_batch, gen, index_generator=torch.Generator().manual_seed(seed))
+        result = worker.step(local_batch, gen, seed)
         result.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
         metrics = dict(result.metrics, grad_norm=grad_norm.detach(),
@@ -158,7 +151,7 @@ def _start(config: dict[str, Any], session: TrainSession) -> _Worker:
     # The velocity networks' buffers are constants (time-embedding frequencies): DDP's default would broadcast
     # them in every forward, and the fast path runs several forwards per step.
     model = session.prepare_model(model, **no_buffer_sync())
-    solver = build_solver(config, model, base, device)
+    solver, step = build_solver(config, model, base, device)
     if solver_state:
         solver.load_state_dict(solver_state)
     tracker = None
@@ -166,7 +159,7 @@ def _start(config: dict[str, Any], session: TrainSession) -> _Worker:
         from pipelines.tracking import MetricLogger
 
         tracker = MetricLogger(**config["mlflow"])
-    return _Worker(model, lora, opt, scheduler, guard, solver, tracker, start_step, best_state)
+    return _Worker(model, lora, opt, scheduler, guard, solver, step, tracker, start_step, best_state)
 
 
 def _resume(session: TrainSession, model: torch.nn.Module, lora: Any, opt: torch.optim.Optimizer, scheduler: Any,

@@ -1,12 +1,13 @@
-"""Threshold refinement in the pipeline (DESIGN §5): the loop and its maths are :func:`tfft.refine.refine_threshold`.
+"""Threshold refinement in the pipeline (DESIGN §5): the loop and its maths are :func:`tfft.refine.refine_threshold`
+(through `tfft.objective.Tilt.refine`).
 
 This module supplies the loop's ``measure(eta)``: the model fine-tuned at eta draws ``threshold.refine_size``
 samples (``out/refine/bank-K.parquet``), and the mass of their rewards beyond eta is measured together with
-their alpha-VaR (the proposal). Before measuring round K > 1 it fine-tunes at that round's eta, warm-started
-from the previous model, into ``out/refine/round-(K-1)``; after the last round it fine-tunes at the refined eta
-into ``out/refine/round-K``. Banks and checkpoints are reused from disk, so an interrupted refinement resumes
-(the thresholds are a deterministic function of the stored banks). The refinement is only as good as each
-round's fine-tuning: a model that has not converged at eta under-reports its tail mass.
+their alpha-VaR (the proposal; `tfft.objective.Tilt.measure`). Before measuring round K > 1 it fine-tunes at
+that round's eta, warm-started from the previous model, into ``out/refine/round-(K-1)``; after the last round it
+fine-tunes at the refined eta into ``out/refine/round-K``. Banks and checkpoints are reused from disk, so an
+interrupted refinement resumes (the thresholds are a deterministic function of the stored banks). The refinement
+is only as good as each round's fine-tuning: a model that has not converged at eta under-reports its tail mass.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from pipelines.bankio import Bank
 from pipelines.pretrain import BaseModel
 from pipelines.schema import Config
 from pipelines.tracking import TrackedRun
+from tfft.objective import Tilt
 from tfft.refine import RefineRound, TailMeasurement
-from tfft.refine import refine_threshold as refine_loop
-from tfft.tail import var
 
 __all__ = ["refine_threshold", "FineTune"]
 
-FineTune = Callable[[Path, dict[str, Any], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+FineTune = Callable[[Path, Tilt, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 class _Rounds:
@@ -39,22 +39,22 @@ class _Rounds:
     """
 
     def __init__(
-        self, cfg: Config, out: Path, base: BaseModel, objective: dict[str, Any],
+        self, cfg: Config, out: Path, base: BaseModel, tilt: Tilt,
         state: dict[str, torch.Tensor], finetune: FineTune, log: Callable[[str], None],
     ):
         self.cfg, self.dir, self.base, self.finetune, self.log = cfg, out / "refine", base, finetune, log
-        self.objective, self.state, self.round = objective, state, 0
+        self.tilt, self.state, self.round = tilt, state, 0
 
     def advance(self, eta: float) -> None:
         """Fine-tune at ``eta`` into ``refine/round-K`` (K = rounds measured so far), warm-started."""
-        self.objective = {**self.objective, "eta": float(eta)}
-        self.state = self.finetune(self.dir / f"round-{self.round}", self.objective, self.state)
+        self.tilt = self.tilt.with_eta(eta)
+        self.state = self.finetune(self.dir / f"round-{self.round}", self.tilt, self.state)
 
     def __call__(self, eta: float) -> TailMeasurement:
         if self.round > 0:
             self.advance(eta)
         self.round += 1
-        k, side, alpha = self.round, self.objective["side"], self.objective["alpha"]
+        k = self.round
         bank = generate_bank(
             self.cfg, (self.base.config, self.state), size=self.cfg.threshold.refine_size, label=f"refine{k}",
             out_path=self.dir / f"bank-{k}.parquet", log=self.log,
@@ -63,8 +63,7 @@ class _Rounds:
         r = reward[valid]
         if r.size == 0:
             raise RuntimeError(f"refine round {k}: no valid reward in {self.dir / f'bank-{k}.parquet'}")
-        mass = float(np.mean(r > eta) if side == "right" else np.mean(r < eta))
-        return TailMeasurement(mass, int(r.size), var(r, side=side, alpha=alpha))
+        return self.tilt.with_eta(eta).measure(r)
 
 
 def refine_threshold(
@@ -72,41 +71,39 @@ def refine_threshold(
     out: Path,
     base: BaseModel,
     base_bank: Bank,
-    objective: dict[str, Any],
+    tilt: Tilt,
     state: dict[str, torch.Tensor],
     *,
     run: TrackedRun,
     finetune: FineTune,
     log: Callable[[str], None] = print,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
-    """Threshold refinement (DESIGN §5) from a model already fine-tuned at ``objective["eta"]`` (``state``).
+) -> tuple[dict[str, torch.Tensor], Tilt, list[dict[str, Any]]]:
+    """Threshold refinement (DESIGN §5) from a model already fine-tuned at ``tilt.eta`` (``state``).
 
     Runs ``threshold.refine_rounds`` rounds of :func:`tfft.refine.refine_threshold`; on the left side the
     bracket is confined to the basin of the bank's eta* on J_L (the valid base-bank rewards and kl_weight are
     passed). Logs ``refine.eta`` and ``refine.tail_mass`` per round to MLflow and the loop's warnings via ``log``.
 
     Returns:
-        (the state fine-tuned at the refined eta, the objective with that eta, the rounds as JSON-able dicts:
+        (the state fine-tuned at the refined eta, the tilt at that eta, the rounds as JSON-able dicts:
         round, eta, tail_mass, n, se, proposal, lo, hi (None where open), updated, within_noise, next_eta).
     """
-    side, alpha = objective["side"], objective["alpha"]
     reward, valid = base_bank.scored(cfg.objective.invalid_reward)
     rewards = np.asarray(reward[valid], dtype=np.float64)
-    rounds = _Rounds(cfg, out, base, objective, state, finetune, log)
+    rounds = _Rounds(cfg, out, base, tilt, state, finetune, log)
 
     def report(record: RefineRound) -> None:
         lo, hi = record.lo, record.hi
         note = " (within 2 SE of alpha: bracket kept)" if record.within_noise else ""
         log(f"[refine] round {record.round}: eta {record.eta:.4f} -> tail mass {record.tail_mass:.4f} "
-            f"(alpha {alpha}, SE {record.se:.4f}, n {record.n}){note}; bracket ({lo:.4g}, {hi:.4g}); "
+            f"(alpha {tilt.alpha}, SE {record.se:.4f}, n {record.n}){note}; bracket ({lo:.4g}, {hi:.4g}); "
             f"next eta {record.next_eta:.4f}")
         run.log_metrics({"refine.eta": record.eta, "refine.tail_mass": record.tail_mass}, step=record.round)
 
-    result = refine_loop(
-        rounds, eta0=float(objective["eta"]), side=side, alpha=alpha, rounds=cfg.threshold.refine_rounds,
-        step=float(np.std(rewards)) or 1.0, bank_rewards=rewards, kl_weight=objective["kl_weight"],
+    result = tilt.refine(
+        rounds, rounds=cfg.threshold.refine_rounds, step=float(np.std(rewards)) or 1.0, bank_rewards=rewards,
         on_round=report, on_warning=lambda warning: log(f"[refine] WARNING: {warning}"),
     )
     if result.rounds:
         rounds.advance(result.eta)
-    return rounds.state, rounds.objective, result.records()
+    return rounds.state, rounds.tilt, result.records()

@@ -14,8 +14,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipelines.outdir import trial_status
+from tfft.objective import Tilt
 from tfft.tail import cvar
-from tfft.target import tilt_weights
 
 __all__ = ["tilt_kl", "trial_rows", "bank_rewards", "COLUMNS", "INTERVAL_NOTE", "KL_NOTE"]
 
@@ -63,13 +63,13 @@ def bank_rewards(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _trial_row(sweep_dir: Path, trial: dict[str, Any], banks: dict[str, Any]) -> dict[str, Any]:
     trial_dir = sweep_dir / "trials" / trial["name"]
     cfg = OmegaConf.to_container(OmegaConf.load(trial_dir / "config.yaml"))
-    objective = cfg["objective"]
+    section = cfg["objective"]  # the trial's settings (its tilt, with its eta, is in summary.json)
     row: dict[str, Any] = {
         "trial": trial["name"],
-        "kind": objective["kind"],
-        "side": objective["side"],
-        "alpha": objective["alpha"],
-        "kl_weight": objective["kl_weight"],
+        "kind": section["kind"],
+        "side": section["side"],
+        "alpha": section["alpha"],
+        "kl_weight": section["kl_weight"],
         "seed": cfg["seed"],
         **{k: v for k, v in trial["params"].items() if k.split(".")[-1] not in COLUMNS},
     }
@@ -85,8 +85,7 @@ def _trial_row(sweep_dir: Path, trial: dict[str, Any], banks: dict[str, Any]) ->
         banks[trial["bank"]] = bank_rewards(sweep_dir / trial["bank"])
     base_r, base_valid = banks[trial["bank"]]
     final_r, final_valid = bank_rewards(trial_dir / "bank_final.parquet")
-    tilt = {k: summary["objective"][k] for k in ("eta", "side", "alpha", "kl_weight")}
-    w = tilt_weights(base_r, valid=base_valid, **tilt)[base_valid]
+    w = Tilt.from_dict(summary["objective"]).weights(base_r, base_valid)[base_valid]
     row["kl_target"] = tilt_kl(w)
     interval = summary.get("target_interval") or {}
     for side in ("right", "left"):

@@ -23,7 +23,7 @@ from pipelines.raysession import check_address
 from pipelines.schema import Config
 from pipelines.stages.base import BaseStage, prepare_base, served_reward
 from pipelines.stages.evaluate import evaluate
-from pipelines.stages.preflight import preflight
+from pipelines.stages.preflight import RunPlan, preflight
 from pipelines.stages.record import record_summary
 from pipelines.stages.threshold import solve_objective
 from pipelines.stages.train import train
@@ -46,14 +46,14 @@ def run_pipeline(
     ``TuneReportCallback``, so that a trial's training reports become its Tune results).
     """
     out = Path(out).resolve()
-    solver = preflight(cfg, log=log)  # config problems surface before Ray starts
+    plan = preflight(cfg, log=log)  # config problems surface before Ray starts
     claim_output_dir(out, to_yaml(cfg), "a run")
     started = time.time()
     model = load_or_pretrain(cfg, log=log)  # a bad data source fails here, before MLflow or Ray
     run = _open_run(cfg, out.name, log)
     with _failing(run), served_reward(cfg, log) as served:
         base = prepare_base(served, out, log=log, model=model)
-        summary = run_from_bank(served, out, base, run=run, solver=solver, log=log,
+        summary = run_from_bank(served, out, base, run=run, plan=plan, log=log,
                                 finetune_callbacks=finetune_callbacks)
     summary["wall_seconds"] = time.time() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -69,20 +69,20 @@ def run_from_bank(
     base: BaseStage,
     *,
     run: TrackedRun,
-    solver: str,
+    plan: RunPlan,
     log: Callable[[str], None] = print,
     finetune_callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Threshold -> fine-tune -> evaluate -> record, from an existing base stage, into ``out``.
 
     Each stage's result in ``out`` (``checkpoint/model.pt``, ``bank_final.parquet``) is reused on a rerun.
-    ``finetune_callbacks``: see `run_pipeline`.
+    ``plan``: what preflight resolved (the solver). ``finetune_callbacks``: see `run_pipeline`.
     """
     out.mkdir(parents=True, exist_ok=True)
     threshold = solve_objective(cfg, base.bank, run=run, log=log)
-    trained = train(cfg, out, base, threshold, solver=solver, run=run, log=log, callbacks=finetune_callbacks)
+    trained = train(cfg, out, base, threshold, plan=plan, run=run, log=log, callbacks=finetune_callbacks)
     final_bank = evaluate(cfg, out, base, trained, log=log)
-    summary = record_summary(cfg, out, run, base.bank, final_bank, threshold.threshold, trained.objective, solver)
+    summary = record_summary(cfg, out, run, base.bank, final_bank, threshold.threshold, trained.tilt, plan.solver)
     summary["model"] = model_record(base.model.config, cfg.model.checkpoint)  # banks hold samples flattened
     if trained.refinement is not None:
         summary["refinement"] = trained.refinement

@@ -6,6 +6,7 @@ override the defaults, and ``key=value`` arguments on the command line override 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ __all__ = [
     "ScreenConfig",
     "RewardConfig",
     "ObjectiveConfig",
+    "check_objective",
     "SamplerConfig",
     "PoolConfig",
     "RewardPoolConfig",
@@ -103,6 +105,24 @@ class ObjectiveConfig:
     kl_weight: float = 10.0
     invalid_reward: Optional[float] = None
     per_condition: Optional[bool] = None
+
+
+def check_objective(objective: ObjectiveConfig) -> None:
+    """``objective.*`` checked where it is declared (``per_condition`` with the conditions, `pipelines.conditions`):
+    ``side``, ``alpha`` and ``kl_weight`` by `tfft.objective.Tilt.check`, the rule the objective applies itself.
+    Raises `pipelines.config.ConfigError` naming the key."""
+    from pipelines.config import ConfigError, require  # that module imports this one
+    from tfft.objective import Tilt
+
+    require(objective.kind in ("mean", "cvar"), "objective.kind", f"must be 'mean' or 'cvar', got {objective.kind!r}")
+    try:
+        Tilt.check(objective.side, objective.alpha, objective.kl_weight)
+    except ValueError as exc:  # "alpha: expected ..."
+        name, _, why = str(exc).partition(": ")
+        raise ConfigError(f"'objective.{name}' {why}") from None
+    invalid = objective.invalid_reward
+    require(invalid is None or math.isfinite(invalid), "objective.invalid_reward",
+            f"must be empty (exclude failed samples) or a finite number, got {invalid}")
 
 
 @dataclass

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["LoraConfig", "FinetuneConfig"]
+__all__ = ["LoraConfig", "FinetuneConfig", "SOLVERS", "check_solver"]
+
+SOLVERS = ("adjoint", "weighted")  # what finetune.solver names, or resolves "auto" to (pipelines.stages.preflight)
 
 
 @dataclass
@@ -117,3 +119,12 @@ class FinetuneConfig:
     max_failures: int = 2
     backend: str = "ray"
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+def check_solver(finetune: FinetuneConfig) -> None:
+    """``finetune.solver``: auto or one of :data:`SOLVERS`; `pipelines.stages.preflight.resolve_plan` resolves it
+    once. Raises `pipelines.config.ConfigError` naming the key."""
+    from pipelines.config import require  # that module imports this one
+
+    require(finetune.solver in ("auto", *SOLVERS), "finetune.solver",
+            f"must be 'auto', 'adjoint' or 'weighted', got {finetune.solver!r}")

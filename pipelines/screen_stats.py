@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.bankio import Bank
-from tfft.target import summarize, target_interval, tilt_weights
+from tfft.objective import Tilt
+from tfft.target import summarize
 
 __all__ = ["covered", "audit_entries", "plain_interval", "audit_statistics", "flatten_screen", "RECORD_KEYS"]
 
@@ -85,18 +86,18 @@ def audit_statistics(
     stats: dict[str, dict[str, Any]],
     interval: dict[str, Any],
     *,
-    objective: dict[str, Any],
+    tilt: Tilt,
     tolerance: float,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Replace, in ``stats`` ({"base", "finetuned", "target"}: TailSummary dicts) and in the target's bootstrap
     ``interval`` (its ``to_dict()``), every entry a screened bank cannot give exactly by its audit estimate.
 
-    ``banks``: label ('base', 'finetuned') -> (working view, scored reward (n,), scored mask (n,)). Returns the
+    ``banks``: label ('base', 'finetuned') -> (working view, scored reward (n,), scored mask (n,)); ``tilt``: the
+    objective whose target the ``target`` column describes. Returns the
     summary's additions: ``screen`` (the base bank's accounting at the top level, and per bank),
     ``screened_from_audit`` and ``audit_interval`` ({column: {"lo": stats, "hi": stats}} of the audit estimates).
     """
-    tilt = {k: objective[k] for k in ("eta", "side", "alpha", "kl_weight")}
     from_audit: list[str] = []
     intervals: dict[str, Any] = {}
     jobs = [("base", "base", None), ("finetuned", "finetuned", None), ("target", "base", tilt)]
@@ -104,7 +105,7 @@ def audit_statistics(
         bank, reward, valid = banks[label]
         if not bank.screened or bank.screening["full"]:
             continue
-        weights = valid.astype(np.float64) if tilted is None else tilt_weights(reward, valid=valid, **tilted)
+        weights = valid.astype(np.float64) if tilted is None else tilted.weights(reward, valid)
         side, cut = bank.screening["certified"]["side"], bank.screening["eta"]
         entries = audit_entries(stats[column], np.where(valid, reward, np.nan), weights, side=side, cut=cut,
                                 tolerance=tolerance)
@@ -113,7 +114,7 @@ def audit_statistics(
         if tilted is None:
             estimate, bounds = summarize(r).to_dict(), plain_interval(r, seed=seed)
         else:
-            boot = target_interval(r, seed=seed, **tilted)
+            boot = tilted.target_interval(r, seed=seed)
             estimate, bounds = boot.estimate.to_dict(), boot.to_dict()
             for entry in entries:  # the target's interval: the audit's bounds where the audit gives the estimate
                 for end in ("lo", "hi"):

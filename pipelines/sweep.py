@@ -29,7 +29,7 @@ from pipelines.raysession import check_address
 from pipelines.serving import detach
 from pipelines.schema import Config
 from pipelines.stages.base import attach_reward, prepare_base
-from pipelines.stages.preflight import choose_solver
+from pipelines.stages.preflight import RunPlan, resolve_plan
 from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
 from pipelines.sweep_scheduler import asha_scheduler, check_scheduler, completed_callback
 from pipelines.sweep_spec import Sweep, TrialSpec
@@ -44,8 +44,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     """Run every trial not yet done; write ``out/report/``. Returns ``{trial name: status}`` with status
     done | stopped (ASHA) | failed | not run."""
     out = Path(out).resolve()
-    solvers = {t.name: choose_solver(t.config) for t in sweep.trials}  # config problems before Ray starts
-    check_scheduler(sweep, solvers)
+    plans = {t.name: resolve_plan(t.config) for t in sweep.trials}  # config problems before Ray starts
+    check_scheduler(sweep, plans)
     check_address(sweep.base.ray)
     claim_output_dir(out, to_yaml(sweep.base), "a sweep")
     state_path = out / "sweep.json"
@@ -65,7 +65,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     state_path.write_text(json.dumps(state, indent=2))
     if todo:
         try:
-            _tune(sweep, out, todo, solvers, banks, runs, uri, log)
+            _tune(sweep, out, todo, plans, banks, runs, uri, log)
         except BaseException:
             parent.finish("KILLED")
             raise
@@ -131,7 +131,7 @@ def _tune(
     sweep: Sweep,
     out: Path,
     todo: list[TrialSpec],
-    solvers: dict[str, str],
+    plans: dict[str, RunPlan],
     banks: dict[str, str],
     runs: dict[str, str | None],
     uri: str,
@@ -143,7 +143,7 @@ def _tune(
         if new:
             started.append(served[trial.name])
     try:
-        _tune_served(sweep, out, todo, served, solvers, banks, runs, uri, log)
+        _tune_served(sweep, out, todo, served, plans, banks, runs, uri, log)
     finally:
         for cfg in started:
             detach(cfg, True, log=log)
@@ -154,7 +154,7 @@ def _tune_served(
     out: Path,
     todo: list[TrialSpec],
     served: dict[str, Config],
-    solvers: dict[str, str],
+    plans: dict[str, RunPlan],
     banks: dict[str, str],
     runs: dict[str, str | None],
     uri: str,
@@ -172,7 +172,7 @@ def _tune_served(
     budget = cpus / concurrent - DRIVER_CPUS
     jobs = {}
     for trial in todo:
-        jobs[trial.name] = _job(trial, fit_trial(served[trial.name], budget), out, solvers[trial.name],
+        jobs[trial.name] = _job(trial, fit_trial(served[trial.name], budget), out, plans[trial.name],
                                 runs[trial.name], uri)
         (out / "trials" / trial.name / "status.json").unlink(missing_ok=True)
     first = jobs[todo[0].name]["config"]
@@ -211,7 +211,7 @@ def _concurrency(sweep: Sweep, todo: list[TrialSpec]) -> tuple[float, int]:
     return resources.get("CPU", 0.0), concurrent
 
 
-def _job(trial: TrialSpec, cfg: Config, out: Path, solver: str, run_id: str | None, uri: str) -> dict[str, Any]:
+def _job(trial: TrialSpec, cfg: Config, out: Path, plan: RunPlan, run_id: str | None, uri: str) -> dict[str, Any]:
     """What `pipelines.sweep_trial.trial_main` reads of a trial; ``cfg`` its config fitted to the CPU budget."""
     return {
         "name": trial.name,
@@ -220,7 +220,7 @@ def _job(trial: TrialSpec, cfg: Config, out: Path, solver: str, run_id: str | No
         "out": str(out / "trials" / trial.name),
         "sweep_dir": str(out),
         "group": trial.bank_group,
-        "solver": solver,
+        "plan": plan,
         "uri": uri if run_id else None,
         "run_id": run_id,
         "resources": {

@@ -16,12 +16,13 @@ __all__ = ["TRAIN_METRICS", "check_scheduler", "asha_scheduler", "completed_call
 TRAIN_METRICS = ("loss", "valid_fraction", "invalid_count", "mean_reward", "active_fraction")
 
 
-def check_scheduler(sweep: Sweep, solvers: dict[str, str]) -> None:
-    """``sweep.scheduler.metric`` must be reported during fine-tuning by every trial's solver."""
+def check_scheduler(sweep: Sweep, plans: dict[str, Any]) -> None:
+    """``sweep.scheduler.metric`` must be reported during fine-tuning by every trial's solver (``plans``: trial
+    name -> its `pipelines.stages.preflight.RunPlan`)."""
     sched = sweep.sweep.scheduler
     if sched is None:
         return
-    allowed = TRAIN_METRICS if all(s == "adjoint" for s in solvers.values()) else TRAIN_METRICS[:3]
+    allowed = TRAIN_METRICS if all(p.solver == "adjoint" for p in plans.values()) else TRAIN_METRICS[:3]
     if sched.metric not in allowed:
         raise ConfigError(f"'sweep.scheduler.metric' must be one of {', '.join(allowed)} (reported during "
                           f"fine-tuning with these trials' solvers), got {sched.metric!r}")

@@ -46,7 +46,7 @@ def trial_main(config: dict[str, Any], *, jobs: dict[str, dict[str, Any]], bases
     run.resume()
     try:
         with _reporting_to_tune(cfg):
-            summary = run_from_bank(cfg, out, base, run=run, solver=job["solver"], log=log,
+            summary = run_from_bank(cfg, out, base, run=run, plan=job["plan"], log=log,
                                     finetune_callbacks=_tune_callbacks(cfg))
         summary["wall_seconds"] = time.time() - started
         summary["sweep"] = {"trial": name, "params": job["params"], "resources": job["resources"]}

@@ -1,9 +1,10 @@
 """What a fine-tuning worker builds from its loop config (`pipelines.finetune.run_loop`): the networks (full or
-LoRA), the solver with the pseudo-reward, and the model state a checkpoint keeps.
+LoRA), the solver with the pseudo-reward and how one step draws its input, and the model state a checkpoint keeps.
 
 Loop config keys read here: ``model_config``, ``base_state``, ``init_state``, ``lora``, ``init_adapter``,
-``solver``, ``objective``, ``reward_target``, ``reward_kwargs``, ``reward_grad_clip``, ``conditions`` and the
-solver's settings (see `pipelines.trainer.run_finetune`).
+``solver``, ``tilt`` (a `tfft.objective.Tilt`), ``reward_target``, ``reward_kwargs``, ``reward_grad_clip``,
+``conditions``, ``dim`` and the solver's settings (see `pipelines.trainer.run_finetune`). :func:`build_solver` is
+the worker's one branch on the solver's name (resolved by `pipelines.stages.preflight.resolve_plan`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["build_models", "build_solver", "model_state", "load_model_state", "no_buffer_sync"]
+__all__ = ["build_models", "build_solver", "pseudo_reward_fn", "model_state", "load_model_state", "no_buffer_sync"]
+
+Step = Callable[[int, torch.Generator, int], Any]  # (local batch, the step's generator, its seed) -> StepResult
 
 
 def build_models(config: dict[str, Any], device: Any) -> tuple[Any, Any, Any]:
@@ -45,52 +48,62 @@ def build_models(config: dict[str, Any], device: Any) -> tuple[Any, Any, Any]:
     return model, base, None
 
 
-def build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn.Module, device: Any) -> Any:
-    """`tfft.solvers.WeightedFlowMatchingSolver` on the config's bank (``solver: weighted``), else
-    `tfft.solvers.AdjointMatchingSolver` on the pseudo-reward of :func:`pseudo_reward_fn`."""
+def build_solver(config: dict[str, Any], model: torch.nn.Module, base: torch.nn.Module,
+                 device: Any) -> tuple[Any, Step]:
+    """(solver, step): `tfft.solvers.WeightedFlowMatchingSolver` on the config's bank (``solver: weighted``;
+    a step draws ``local_batch`` bank rows), else `tfft.solvers.AdjointMatchingSolver` on the pseudo-reward of
+    :func:`pseudo_reward_fn` (a step draws ``local_batch * oversample`` noises x0 and, with conditions, their
+    condition indices uniformly)."""
     from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver, WeightedFlowMatchingSolver
 
     if config["solver"] == "weighted":
         bank_x = torch.as_tensor(np.array(config["bank_x"]), dtype=torch.float32, device=device)
         bank_cond = config.get("bank_cond")
-        return WeightedFlowMatchingSolver(model, bank_x, torch.as_tensor(np.array(config["bank_weights"])),
-                                          base=base if config["anchor"] else None, time_power=config["time_power"],
-                                          bank_cond=None if bank_cond is None else torch.as_tensor(np.array(bank_cond)))
+        weighted = WeightedFlowMatchingSolver(
+            model, bank_x, torch.as_tensor(np.array(config["bank_weights"])), base=base if config["anchor"] else None,
+            time_power=config["time_power"], bank_cond=None if bank_cond is None else torch.as_tensor(np.array(bank_cond)))
+
+        def weighted_step(local_batch: int, gen: torch.Generator, seed: int) -> Any:
+            return weighted.step(local_batch, gen, index_generator=torch.Generator().manual_seed(seed))
+
+        return weighted, weighted_step
     am = AdjointMatchingConfig(
-        kl_weight=config["objective"]["kl_weight"], steps=config["sde_steps"], late_fraction=config["late_fraction"],
+        kl_weight=config["tilt"].kl_weight, steps=config["sde_steps"], late_fraction=config["late_fraction"],
         n_early=config["n_early"], normalize=config["normalize"], clip_quantile=config["clip_quantile"],
         clip_factor=config["clip_factor"],
         oversample=config["oversample"], fast=config["fast_path"], loss_chunk=config.get("loss_chunk", 0),
         autocast=None if config.get("autocast", "none") == "none" else getattr(torch, config["autocast"]),
         reweight=bool(config.get("reweight", False)),
     )
-    return AdjointMatchingSolver(model, base, pseudo_reward_fn(config), am)
+    adjoint = AdjointMatchingSolver(model, base, pseudo_reward_fn(config), am)
+    n_conditions = len(config.get("conditions") or [])
+
+    def adjoint_step(local_batch: int, gen: torch.Generator, seed: int) -> Any:
+        x0 = torch.randn(local_batch * config["oversample"], config["dim"], generator=gen, device=device)
+        cond = None
+        if n_conditions:
+            from tfft.conditions import uniform_conditions
+
+            cond = uniform_conditions(x0.shape[0], n_conditions, generator=gen, device=device)
+        return adjoint.step(x0, gen, cond)
+
+    return adjoint, adjoint_step
 
 
 def pseudo_reward_fn(config: dict[str, Any]) -> Callable[[torch.Tensor], Any]:
-    """x1 -> PseudoReward from the user's reward (values and gradients) and the objective (eta, side, alpha)."""
+    """x1 -> PseudoReward from the user's reward (values and gradients) and the loop config's ``tilt``
+    (`tfft.objective.Tilt.signal`: each row at its condition's threshold)."""
     from rewards.base import load_reward
-    from tfft.conditions import row_values
-    from tfft.pseudo import pseudo_reward_signal
 
     reward = load_reward(config["reward_target"], config["reward_kwargs"])
-    objective = config["objective"]
+    tilt = config["tilt"]
     conditions = config.get("conditions")
 
     def fn(x1: torch.Tensor, cond: torch.Tensor | None = None) -> Any:
-        if cond is None:
-            out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64))
-            eta = objective["eta"]
-        else:
-            values = [conditions[i] for i in cond.tolist()]
-            out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64), cond=values)
-            eta = row_values(objective["eta"], cond)
-            eta = eta.to(torch.float64) if isinstance(eta, torch.Tensor) else eta
-        return pseudo_reward_signal(
-            out.rewards.to(torch.float64), grad_r.to(torch.float64), out.valid,
-            eta=eta, side=objective["side"], alpha=objective["alpha"],
-            grad_clip=config["reward_grad_clip"],
-        )
+        values = {} if cond is None else {"cond": [conditions[i] for i in cond.tolist()]}
+        out, grad_r = reward.evaluate_with_grad(x1.to(torch.float64), **values)
+        return tilt.signal(out.rewards.to(torch.float64), grad_r.to(torch.float64), out.valid, cond,
+                           grad_clip=config["reward_grad_clip"])
 
     return fn
 

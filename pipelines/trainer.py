@@ -1,14 +1,15 @@
 """The fine-tuning run, from the driver: a Ray Train ``TorchTrainer`` worker group (DDP; gloo on CPU), or with
 ``finetune.backend: local`` the same loop in the calling process (one worker, no Ray Train; for short runs).
 
-:func:`run_finetune` turns its arguments into the workers' loop config (a plain dict: it travels to every
-worker), fits, and returns the state the guard keeps (`pipelines.guard`). The loop itself is
-`pipelines.finetune.run_loop`. A restarted worker group continues from the latest checkpoint, and rerunning
-with the same ``(storage_path, name)`` and backend resumes.
+:func:`run_finetune` turns its arguments into the workers' loop config (a plain dict of picklable values, the
+objective among them as the `tfft.objective.Tilt` itself: it travels to every worker), fits, and returns the
+state the guard keeps (`pipelines.guard`). The loop itself is `pipelines.finetune.run_loop`. A restarted worker
+group continues from the latest checkpoint, and rerunning with the same ``(storage_path, name)`` and backend
+resumes.
 
 With conditions (``conditions``: the list of values) every training trajectory draws its condition uniformly
 from the step's seeded generator, the reward gets each sample's condition value and the pseudo-reward each row's
-own threshold (``objective["eta"]`` a list per condition); the weighted solver gets each bank row's condition.
+own threshold (the tilt's ``eta`` a tuple per condition); the weighted solver gets each bank row's condition.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from pipelines.config import ConfigError
 from pipelines.finetune import run_loop, train_loop
 from pipelines.guard import Guard
+from tfft.objective import Tilt
 
 __all__ = ["FinetuneResult", "run_finetune"]
 
@@ -34,7 +36,7 @@ _LOOP_SETTINGS = (
     "batch_size", "lr", "warmup_steps", "lr_schedule", "anchor", "time_power", "normalize", "clip_quantile",
     "clip_factor", "fast_path", "loss_chunk", "gradient_checkpointing", "autocast", "reweight", "matmul_precision",
     "guard", "guard_patience", "guard_metric", "late_fraction", "n_early", "log_every", "checkpoint_every",
-    "grad_clip", "reward_grad_clip",
+    "grad_clip", "reward_grad_clip", "oversample",
 )
 
 
@@ -61,7 +63,7 @@ class FinetuneResult:
 
 
 def run_finetune(
-    *, name: str, storage_path: str, model_config: dict[str, Any], base_state: State, objective: dict[str, Any],
+    *, name: str, storage_path: str, model_config: dict[str, Any], base_state: State, tilt: Tilt,
     finetune: Any, reward_target: str, reward_kwargs: dict[str, Any], seed: int, solver: str,
     bank_x: np.ndarray | None = None, bank_weights: np.ndarray | None = None, mlflow: dict[str, Any] | None = None,
     init_state: State | None = None, steps: int | None = None, callbacks: list[Any] | None = None,
@@ -71,6 +73,9 @@ def run_finetune(
 ) -> FinetuneResult:
     """Run the TorchTrainer (``finetune.backend`` ray) or the same loop in this process (local).
 
+    ``tilt``: the objective, whose pseudo-reward and KL weight the adjoint solver fine-tunes for; ``solver``:
+    adjoint | weighted, as resolved by `pipelines.stages.preflight.resolve_plan` (the weighted one fits
+    ``bank_x`` with the frozen ``bank_weights``, the caller's tilt weights of the bank).
     ``init_state`` warm-starts the fine-tuned network (threshold refinement); the base stays the base.
     ``steps`` overrides ``finetune.steps``. ``callbacks`` go to the trainer's ``RunConfig`` (e.g. a Tune
     trial's ``TuneReportCallback``). ``sde_steps`` is the training trajectories' K (None: the bank sampler's
@@ -85,11 +90,11 @@ def run_finetune(
     local = _check(finetune, callbacks)
     loop_config = {
         **{key: getattr(finetune, key) for key in _LOOP_SETTINGS},
-        "model_config": model_config, "base_state": base_state, "objective": objective, "solver": solver,
+        "model_config": model_config, "base_state": base_state, "tilt": tilt, "solver": solver,
         "init_state": None if lora is not None else init_state,  # LoRA warm-starts from init_adapter
         "reward_target": reward_target, "reward_kwargs": dict(reward_kwargs), "seed": seed,
         "dim": int(model_config["dim"]), "steps": finetune.steps if steps is None else steps,
-        "sde_steps": k, "oversample": finetune.oversample if solver == "adjoint" else 1,
+        "sde_steps": k,
         "min_valid_fraction": min_valid_fraction, "guard_baseline": guard_baseline,
         "threads": max(1, int(finetune.cpus_per_worker)), "bank_x": bank_x, "bank_weights": bank_weights,
         "mlflow": mlflow, "lora": None if lora is None else lora.to_dict(), "init_adapter": init_adapter,

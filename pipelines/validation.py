@@ -1,5 +1,7 @@
 """The values of a merged config checked before any work (:func:`validate`): ranges, choices, import paths.
-Every problem raises `pipelines.config.ConfigError` with one line naming the offending key."""
+Every problem raises `pipelines.config.ConfigError` with one line naming the offending key. ``objective.*`` and
+``finetune.solver`` are checked next to their declarations (`pipelines.schema.check_objective`,
+`pipelines.schema_finetune.check_solver`): a setting's default and its check sit in one module."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from typing import Any
 
 from pipelines.config import ConfigError, require as _require
 from pipelines.lr_schedule import SCHEDULES
-from pipelines.schema import Config, FinetuneConfig, PretrainConfig, SamplerConfig, ServeConfig
+from pipelines.schema import Config, FinetuneConfig, PretrainConfig, SamplerConfig, ServeConfig, check_objective
+from pipelines.schema_finetune import check_solver
 from pipelines.validation_model import check_model
 
 __all__ = ["validate"]
@@ -18,13 +21,10 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     """Check every value's range and that import paths resolve. Raises :class:`ConfigError`."""
     from pipelines.conditions import check_conditions
 
-    _check_objective(cfg)
+    check_objective(cfg.objective)
     _check_serve(cfg.reward.serve)
     _check_screen(cfg)
     check_conditions(cfg, check_imports)
-    invalid = cfg.objective.invalid_reward
-    _require(invalid is None or math.isfinite(invalid), "objective.invalid_reward",
-             f"must be empty (exclude failed samples) or a finite number, got {invalid}")
     _check_sampler(cfg.sampler)
     check_model(cfg, check_imports)
     _check_pretrain(cfg.pretrain)
@@ -33,16 +33,6 @@ def validate(cfg: Config, *, check_imports: bool = True) -> None:
     _check_threshold(cfg)
     if check_imports:
         _check_imports(cfg)
-
-
-def _check_objective(cfg: Config) -> None:
-    obj = cfg.objective
-    _require(obj.kind in ("mean", "cvar"), "objective.kind", f"must be 'mean' or 'cvar', got {obj.kind!r}")
-    _require(obj.side in ("right", "left"), "objective.side", f"must be 'right' or 'left', got {obj.side!r}")
-    _require(math.isfinite(obj.alpha) and 0.0 < obj.alpha <= 1.0, "objective.alpha",
-             f"must be in (0, 1], got {obj.alpha}")
-    _require(math.isfinite(obj.kl_weight) and obj.kl_weight > 0.0, "objective.kl_weight",
-             f"must be > 0, got {obj.kl_weight}")
 
 
 def _check_serve(sv: ServeConfig) -> None:
@@ -86,8 +76,7 @@ def _check_bank(cfg: Config) -> None:
 
 
 def _check_finetune(ft: FinetuneConfig) -> None:
-    _require(ft.solver in ("auto", "adjoint", "weighted"), "finetune.solver",
-             f"must be 'auto', 'adjoint' or 'weighted', got {ft.solver!r}")
+    check_solver(ft)
     _require(ft.steps >= 0, "finetune.steps", f"must be >= 0, got {ft.steps}")
     _require(ft.num_workers >= 1, "finetune.num_workers", f"must be >= 1, got {ft.num_workers}")
     _require(ft.batch_size >= ft.num_workers, "finetune.batch_size",

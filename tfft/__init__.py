@@ -6,8 +6,9 @@ samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`), th
 (:mod:`tfft.pseudo`), a user's model of any sample shape in the flat interface (:mod:`tfft.user_model`), a VP
 diffusion network as a flow (:mod:`tfft.diffusion`), the solvers behind one ``step`` interface (§6-7,
 :mod:`tfft.solvers`), the CUDA-graph captures of the sampler and the adjoint (:mod:`tfft.graphs`), the rule for
-failed samples (:mod:`tfft.invalid`), screened reward evaluation (:mod:`tfft.screen`) and conditions (class
-labels, prompts) as an optional ``cond`` axis (:mod:`tfft.conditions`).
+failed samples (:mod:`tfft.invalid`), the objective as one typed value (:mod:`tfft.objective`), screened reward
+evaluation (:mod:`tfft.screen`) and conditions (class labels, prompts) as an optional ``cond`` axis
+(:mod:`tfft.conditions`).
 """
 
 from tfft.adjoint import (
@@ -25,6 +26,7 @@ from tfft.conditions import call_velocity, per_condition_weights, row_values, un
 from tfft.diffusion import VPDiffusionFlow
 from tfft.graphs import GraphedAdjoint, GraphedSampler
 from tfft.invalid import InvalidRule, TailBothWays, assign_invalid, tail_both_ways, tilt_rewards
+from tfft.objective import Tilt
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
 from tfft.refine import RefineResult, TailMeasurement, left_basin, refine_threshold
 from tfft.solvers import (
@@ -70,6 +72,7 @@ __all__ = [
     "Threshold",
     "TailSummary",
     "TargetInterval",
+    "Tilt",
     "Trajectory",
     "VelocityMLP",
     "FlatVelocity",

@@ -1,11 +1,16 @@
 """The stages of ``tfft run``, in the order `pipelines.run` chains them, each returning a frozen result:
 
-    preflight   config                 -> the solver ("adjoint" | "weighted"), before Ray starts   (preflight)
+    preflight   config                 -> RunPlan(solver "adjoint" | "weighted"), before Ray starts (preflight)
     base        config, base model     -> BaseStage(model, bank): the base bank                    (base)
-    threshold   base bank              -> ThresholdStage(threshold, objective): eta*                (threshold)
-    train       base, objective        -> TrainStage(state, objective, refinement): fine-tuning    (train)
+    threshold   base bank              -> ThresholdStage(threshold, tilt): eta* and the Tilt        (threshold)
+    train       base, tilt, plan       -> TrainStage(state, tilt, refinement): fine-tuning         (train)
     evaluate    base, fine-tuned state -> the final Bank, after the guard's evaluation check        (evaluate)
-    record      banks, objective       -> summary.json's dict, MLflow metrics, plots              (record)
+    record      banks, tilt            -> summary.json's dict, MLflow metrics, plots              (record)
+
+The objective travels as one `tfft.objective.Tilt` (built by the threshold stage), the solver as preflight's
+`RunPlan`: what uses the objective (pseudo-reward, tilt weights, target statistics, the evaluation check,
+refinement) reads the Tilt, and nothing reads ``finetune.solver`` after preflight. Banks with ``reward.screen``
+certify their tail at the config's side and alpha (`pipelines.screening`), before any threshold exists.
 
 The base model itself comes from `pipelines.pretrain.load_or_pretrain` (a frozen `BaseModel`). Each stage leaves
 its result in the output directory, and a rerun reuses it.

@@ -31,6 +31,6 @@ def evaluate(cfg: Config, out: Path, base: BaseStage, trained: TrainStage, *,
         out_path=out / "bank_final.parquet", tilted=False, log=log,
     )
     if trained.refinement is None and not conditions_of(cfg):
-        final_bank = apply_evaluation_check(cfg, out, base.model.state_dict, base.bank, final_bank, trained.objective,
+        final_bank = apply_evaluation_check(cfg, out, base.model.state_dict, base.bank, final_bank, trained.tilt,
                                             log=log)
     return final_bank

@@ -1,9 +1,15 @@
-"""What a run decides from its config alone, before Ray starts: the solver, the training trajectories' step
-count, the samplers it records, and the warnings for settings that work but weaken the result."""
+"""What a run decides from its config alone, before Ray starts: the solver (a :class:`RunPlan`), the training
+trajectories' step count, the samplers it records, and the warnings for settings that work but weaken the result.
+
+``finetune.solver`` is read here and nowhere after: "auto" is resolved once, with the reward loaded, into
+``RunPlan.solver``, which the later stages carry (`pipelines.run`, `pipelines.stages.train`) down to the one place
+that builds the solver from it (`pipelines.train_build.build_solver`).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 from pipelines.config import ConfigError
 from pipelines.raysession import check_address, check_local_capacity
@@ -11,35 +17,49 @@ from pipelines.schema import Config
 from pipelines.serving import PROXY, served_differentiable
 from rewards.base import load_reward
 
-__all__ = ["preflight", "choose_solver", "training_steps", "sampler_record", "sampler_warnings"]
+__all__ = ["RunPlan", "preflight", "resolve_plan", "training_steps", "sampler_record", "sampler_warnings"]
 
 
-def preflight(cfg: Config, *, log: Callable[[str], None] = print) -> str:
-    """The solver (:func:`choose_solver`), with the Ray address and local capacity checked and the warnings of
-    :func:`sampler_warnings` logged: config problems surface here, before any work."""
-    solver = choose_solver(cfg)
+@dataclass(frozen=True)
+class RunPlan:
+    """What preflight resolved from the config, for the later stages to read instead of the config.
+
+    Attributes:
+        solver: the fine-tuning solver, ``finetune.solver`` with "auto" resolved.
+        differentiable: whether the loaded reward has gradients (what "auto" was resolved by).
+    """
+
+    solver: Literal["adjoint", "weighted"]
+    differentiable: bool
+
+
+def preflight(cfg: Config, *, log: Callable[[str], None] = print) -> RunPlan:
+    """The run's plan (:func:`resolve_plan`), with the Ray address and local capacity checked and the warnings
+    of :func:`sampler_warnings` logged: config problems surface here, before any work."""
+    plan = resolve_plan(cfg)
     check_address(cfg.ray)
     check_local_capacity(cfg.ray, cfg.finetune)
-    for warning in sampler_warnings(cfg, solver):
+    for warning in sampler_warnings(cfg, plan.solver):
         log(f"[config] WARNING: {warning}")
-    return solver
+    return plan
 
 
-def choose_solver(cfg: Config) -> str:
-    """adjoint when the reward has gradients, else weighted; an explicit choice is checked."""
+def resolve_plan(cfg: Config) -> RunPlan:
+    """The solver: adjoint when the reward has gradients, else weighted; an explicit choice is checked (adjoint
+    needs gradients)."""
     if cfg.reward.serve.enabled and cfg.reward.target != PROXY:  # never build a served reward on the driver
         differentiable = served_differentiable(cfg)
     else:
         differentiable = bool(load_reward(cfg.reward.target, cfg.reward.kwargs).differentiable)
     solver = cfg.finetune.solver
     if solver == "auto":
-        return "adjoint" if differentiable else "weighted"
-    if solver == "adjoint" and not differentiable:
+        solver = "adjoint" if differentiable else "weighted"
+    elif solver == "adjoint" and not differentiable:
         raise ConfigError(
             f"'finetune.solver' is 'adjoint' but reward {cfg.reward.target!r} has no gradients; "
             "use 'weighted' or 'auto'"
         )
-    return solver
+    return RunPlan(solver, differentiable)
 
 
 def training_steps(cfg: Config) -> int:

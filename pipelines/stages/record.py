@@ -1,5 +1,5 @@
 """The record stage: ``summary.json``'s dict, the run's final MLflow metrics, ``rewards.png`` and the reward's
-own figures, from the base and final banks and the objective.
+own figures, from the base and final banks and the objective (a `tfft.objective.Tilt`).
 
 Statistics (`tfft.target.summarize`) of the base and fine-tuned rewards and of the exact target (the base bank
 tilted by w_i ∝ exp(g(x_i)/gamma), with its bootstrap interval); with conditions the per-condition blocks of
@@ -22,13 +22,15 @@ from pipelines.plots import plot_rewards
 from pipelines.schema import Config
 from pipelines.screen_stats import audit_statistics, flatten_screen
 from pipelines.stages.preflight import sampler_record
+from pipelines.stages.threshold import solve_thresholds
 from pipelines.stages.train import checkpoint_record
 from pipelines.summary import flatten_interval, flatten_invalid, flatten_stats, flatten_terms, invalid_record
 from pipelines.summary import term_record
 from pipelines.tracking import TrackedRun
 from rewards.base import Reward, load_reward
+from tfft.objective import Tilt
 from tfft.tail import Threshold, cvar
-from tfft.target import summarize, target_interval, target_summary
+from tfft.target import summarize
 
 __all__ = ["record_summary"]
 
@@ -51,18 +53,18 @@ class Statistics:
 
 def record_summary(
     cfg: Config, out: Path, run: TrackedRun, base_bank: Bank, final_bank: Bank, threshold: Threshold | None,
-    objective: dict[str, Any], solver: str,
+    tilt: Tilt, solver: str,
 ) -> dict[str, Any]:
     """The run's summary dict; logs its metrics (at step ``finetune.steps``) and figures to ``run``."""
     banks = {"base": base_bank, "finetuned": final_bank}
     scored = {label: bank.scored(cfg.objective.invalid_reward) for label, bank in banks.items()}
-    stats = _statistics(cfg, banks, scored, threshold, objective)
-    summary = _summary(cfg, out, banks, threshold, objective, solver, stats)
+    stats = _statistics(cfg, banks, scored, threshold, tilt)
+    summary = _summary(cfg, out, banks, threshold, tilt, solver, stats)
     reward = load_reward(cfg.reward.target, cfg.reward.kwargs)
     extras = _reward_record(reward, banks)
     summary.update(extras)
     run.log_metrics(_metrics(summary, stats, extras), step=cfg.finetune.steps)
-    _plot(cfg, out, banks, scored, objective, summary)
+    _plot(cfg, out, banks, scored, tilt, summary)
     run.log_artifact(out / "rewards.png")
     conds = {} if base_bank.cond is None else {"base_cond": _values(base_bank), "final_cond": _values(final_bank)}
     for path in reward.figures(out, base_bank.x, base_bank.valid, final_bank.x, final_bank.valid, **conds):
@@ -71,27 +73,26 @@ def record_summary(
 
 
 def _statistics(cfg: Config, banks: dict[str, Bank], scored: Scored, threshold: Threshold | None,
-                objective: dict[str, Any]) -> Statistics:
+                tilt: Tilt) -> Statistics:
     base_bank, final_bank = banks["base"], banks["finetuned"]
     (base_r, base_v), (final_r, final_v) = scored["base"], scored["finetuned"]
     base = _stats(summarize(base_r, valid=base_v), base_bank)
     final = _stats(summarize(final_r, valid=final_v), final_bank)
     if conditions_of(cfg):  # the pooled target is the mixture of the per-condition tilts; intervals are per condition
-        thresholds = None if threshold is not None else _thresholds_of(cfg, base_bank, objective)
+        thresholds = None if threshold is not None else _thresholds_of(cfg, base_bank, tilt)
         per_cond, target, metrics = cond_record.conditional_record(cfg, base_bank, final_bank, thresholds, threshold,
-                                                                   objective)
+                                                                   tilt)
         return Statistics(base, final, target, None, {}, per_cond, metrics)
-    tilt = {key: objective[key] for key in ("eta", "side", "alpha", "kl_weight")}
-    target = _stats(target_summary(base_r, valid=base_v, **objective), base_bank)
-    interval = target_interval(base_r, valid=base_v, seed=cfg.seed, **tilt).to_dict()
+    target = _stats(tilt.target_summary(base_r, valid=base_v), base_bank)
+    interval = tilt.target_interval(base_r, valid=base_v, seed=cfg.seed).to_dict()
     # screened banks (reward.screen): what the certified tail cannot give comes from the audit (in place)
     screened = audit_statistics({label: (banks[label], *scored[label]) for label in banks},
                                 {"base": base, "finetuned": final, "target": target}, interval,
-                                objective=tilt, tolerance=cfg.reward.screen.tolerance, seed=cfg.seed)
+                                tilt=tilt, tolerance=cfg.reward.screen.tolerance, seed=cfg.seed)
     return Statistics(base, final, target, interval, screened, None, {})
 
 
-def _summary(cfg: Config, out: Path, banks: dict[str, Bank], threshold: Threshold | None, objective: dict[str, Any],
+def _summary(cfg: Config, out: Path, banks: dict[str, Bank], threshold: Threshold | None, tilt: Tilt,
              solver: str, stats: Statistics) -> dict[str, Any]:
     record = checkpoint_record(out)
     summary: dict[str, Any] = {
@@ -100,7 +101,7 @@ def _summary(cfg: Config, out: Path, banks: dict[str, Bank], threshold: Threshol
         "finetuned": stats.finetuned,
         "target": stats.target,
         "target_interval": stats.interval,
-        "objective": {"kind": cfg.objective.kind, **objective},
+        "objective": {"kind": cfg.objective.kind, **tilt.to_dict()},
         "solver": solver,
         "finetune_seconds": record.get("seconds"),
         "finetune_loop_seconds": record.get("loop_seconds"),
@@ -151,27 +152,27 @@ def _metrics(summary: dict[str, Any], stats: Statistics, extras: dict[str, Any])
     return metrics
 
 
-def _plot(cfg: Config, out: Path, banks: dict[str, Bank], scored: Scored, objective: dict[str, Any],
+def _plot(cfg: Config, out: Path, banks: dict[str, Bank], scored: Scored, tilt: Tilt,
           summary: dict[str, Any]) -> None:
     """``rewards.png``: base against fine-tuned rewards, eta* and each side's CVaR marked (the mean objective
     marks the right CVaR at 0.1)."""
-    side, alpha = (cfg.objective.side, cfg.objective.alpha) if cfg.objective.kind == "cvar" else ("right", 0.1)
+    side, alpha = ("right", 0.1) if tilt.is_mean else (tilt.side, tilt.alpha)
     shown = {label: r[_evaluated(banks[label], v)] for label, (r, v) in scored.items()}
     own = {label: _own_cvar(summary[label], r[v], side, alpha) for label, (r, v) in scored.items()}
     plot_rewards(
         out / "rewards.png", shown["base"], shown["finetuned"],
-        eta=None if isinstance(objective["eta"], list) else objective["eta"], side=side, alpha=alpha,
+        eta=None if isinstance(tilt.eta, tuple) else tilt.eta, side=side, alpha=alpha,
         cvar_base=own["base"], cvar_finetuned=own["finetuned"],
-        title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={cfg.objective.kl_weight:g}",
+        title=f"{cfg.objective.kind} objective, side={side}, alpha={alpha:g}, kl_weight={tilt.kl_weight:g}",
     )
 
 
-def _thresholds_of(cfg: Config, bank: Bank, objective: dict[str, Any]) -> list[Threshold] | None:
-    """The per-condition thresholds behind ``objective["eta"]`` (a list), re-solved for their records; None when
-    the objective has one threshold or none."""
-    if not isinstance(objective["eta"], list):
+def _thresholds_of(cfg: Config, bank: Bank, tilt: Tilt) -> list[Threshold] | None:
+    """The per-condition thresholds behind ``tilt.eta`` (a tuple), re-solved for their records; None when the
+    objective has one threshold or none."""
+    if not isinstance(tilt.eta, tuple):
         return None
-    return cond_record.solve_thresholds(cfg, bank, log=lambda _: None)
+    return solve_thresholds(cfg, bank, log=lambda _: None)
 
 
 def _own_cvar(stats: dict[str, Any], rewards: np.ndarray, side: str, alpha: float) -> float:

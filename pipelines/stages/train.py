@@ -1,9 +1,10 @@
 """The fine-tuning stage: one fine-tuning run on the pseudo-reward into ``out/checkpoint/model.pt`` (reused
 when a previous run finished it), then threshold refinement's rounds when ``threshold.refine_rounds`` is set.
 
-The run itself is `pipelines.trainer.run_finetune` (Ray Train, or the local loop). This stage supplies what it
-reads from the base bank: the weighted solver's frozen tilt weights (DESIGN §7), the guard's baseline E_q[g]
-and its validity floor. With ``finetune.lora`` the checkpoint directory also gets the adapter
+The run itself is `pipelines.trainer.run_finetune` (Ray Train, or the local loop), at the threshold stage's
+`tfft.objective.Tilt` and the solver that preflight resolved (`pipelines.stages.preflight.RunPlan`). This stage
+supplies what it reads from the base bank: the weighted solver's frozen tilt weights (DESIGN §7), the guard's
+baseline E_q[g] and its validity floor. With ``finetune.lora`` the checkpoint directory also gets the adapter
 (``save_pretrained``) and, with ``merge``, ``merged.safetensors``.
 """
 
@@ -24,12 +25,13 @@ from pipelines.lora import lora_settings, read_adapter, save_lora_checkpoint
 from pipelines.refinement import FineTune, refine_threshold
 from pipelines.schema import Config
 from pipelines.stages.base import BaseStage
-from pipelines.stages.preflight import training_steps
+from pipelines.stages.preflight import RunPlan, training_steps
 from pipelines.stages.threshold import ThresholdStage
 from pipelines.tracking import TrackedRun
 from pipelines.trainer import FinetuneResult, run_finetune
 from tfft.invalid import tilt_rewards
-from tfft.target import effective_sample_size, pseudo_reward, tilt_weights
+from tfft.objective import Tilt
+from tfft.target import effective_sample_size
 
 __all__ = ["TrainStage", "CachedFinetune", "train", "checkpoint_record"]
 
@@ -42,25 +44,26 @@ class TrainStage:
     refinement's rounds (None without refinement)."""
 
     state: State
-    objective: dict[str, Any]
+    tilt: Tilt
     refinement: list[dict[str, Any]] | None = None
 
 
 def train(
-    cfg: Config, out: Path, base: BaseStage, threshold: ThresholdStage, *, solver: str, run: TrackedRun,
+    cfg: Config, out: Path, base: BaseStage, threshold: ThresholdStage, *, plan: RunPlan, run: TrackedRun,
     log: Callable[[str], None] = print, callbacks: Sequence[Any] = (),
 ) -> TrainStage:
-    """Fine-tune at ``threshold.objective`` into ``out``; then refine the threshold (``threshold.refine_rounds``,
-    `pipelines.refinement`) when there is one eta* to refine. ``callbacks``: see `pipelines.run.run_pipeline`."""
-    finetune = CachedFinetune(cfg, base, solver, run, log, tuple(callbacks))
-    state = finetune(out, threshold.objective)
+    """Fine-tune at ``threshold.tilt`` with ``plan.solver`` into ``out``; then refine the threshold
+    (``threshold.refine_rounds``, `pipelines.refinement`) when there is one eta* to refine. ``callbacks``: see
+    `pipelines.run.run_pipeline`."""
+    finetune = CachedFinetune(cfg, base, plan, run, log, tuple(callbacks))
+    state = finetune(out, threshold.tilt)
     if not cfg.threshold.refine_rounds or threshold.threshold is None:
-        return TrainStage(state, threshold.objective)
-    state, objective, rounds = refine_threshold(
-        cfg, out, base.model, base.bank, threshold.objective, state, run=run, log=log,
+        return TrainStage(state, threshold.tilt)
+    state, tilt, rounds = refine_threshold(
+        cfg, out, base.model, base.bank, threshold.tilt, state, run=run, log=log,
         finetune=_warm_rounds(cfg, out, finetune),
     )
-    return TrainStage(state, objective, rounds)
+    return TrainStage(state, tilt, rounds)
 
 
 def _warm_rounds(cfg: Config, out: Path, finetune: CachedFinetune) -> FineTune:
@@ -68,10 +71,10 @@ def _warm_rounds(cfg: Config, out: Path, finetune: CachedFinetune) -> FineTune:
     the adapter in the previous round's checkpoint (the first round's predecessor is ``out``)."""
     previous = out
 
-    def finetune_round(out_k: Path, objective_k: dict[str, Any], init: State) -> State:
+    def finetune_round(out_k: Path, tilt_k: Tilt, init: State) -> State:
         nonlocal previous
         adapter = read_adapter(previous / "checkpoint") if cfg.finetune.lora.enabled else None
-        state = finetune(out_k, objective_k, init_state=init, init_adapter=adapter,
+        state = finetune(out_k, tilt_k, init_state=init, init_adapter=adapter,
                          steps=cfg.threshold.refine_steps or None)
         previous = out_k
         return state
@@ -86,12 +89,12 @@ class CachedFinetune:
 
     cfg: Config
     base: BaseStage
-    solver: str
+    plan: RunPlan
     run: TrackedRun
     log: Callable[[str], None]
     callbacks: tuple[Any, ...] = ()
 
-    def __call__(self, out: Path, objective: dict[str, Any], *, init_state: State | None = None,
+    def __call__(self, out: Path, tilt: Tilt, *, init_state: State | None = None,
                  init_adapter: State | None = None, steps: int | None = None) -> State:
         """``init_state``/``init_adapter`` warm-start the network/the LoRA adapter; ``steps`` overrides
         ``finetune.steps``."""
@@ -100,28 +103,28 @@ class CachedFinetune:
             self.log(f"[finetune] reusing {model_path}")
             return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
         cfg, model, bank = self.cfg, self.base.model, self.base.bank
-        weighted = _weighted_inputs(cfg, bank, objective, self.log) if self.solver == "weighted" else {}
+        weighted = _weighted_inputs(cfg, bank, tilt, self.log) if self.plan.solver == "weighted" else {}
         started = time.time()
         result = run_finetune(
             name="finetune", storage_path=_train_storage(cfg, out), model_config=model.config, base_state=model.state_dict,
-            objective=objective, finetune=cfg.finetune, reward_target=cfg.reward.target,
-            reward_kwargs=dict(cfg.reward.kwargs), seed=cfg.seed, solver=self.solver, mlflow=self.run.worker_args(),
+            tilt=tilt, finetune=cfg.finetune, reward_target=cfg.reward.target,
+            reward_kwargs=dict(cfg.reward.kwargs), seed=cfg.seed, solver=self.plan.solver, mlflow=self.run.worker_args(),
             init_state=init_state, steps=steps, callbacks=list(self.callbacks) or None, sde_steps=training_steps(cfg),
             conditions=conditions_of(cfg) or None, log=self.log, lora=lora_settings(cfg.finetune.lora),
-            init_adapter=init_adapter, **weighted, **_guard_inputs(cfg, bank, objective),
+            init_adapter=init_adapter, **weighted, **_guard_inputs(cfg, bank, tilt),
         )
         seconds = time.time() - started
         self.log(f"[finetune] done in {seconds:.0f}s")
-        self._save(model_path, objective, result, seconds)
+        self._save(model_path, tilt, result, seconds)
         return result.state_dict
 
-    def _save(self, model_path: Path, objective: dict[str, Any], result: FinetuneResult, seconds: float) -> None:
-        """``model.pt``: the state with the solver, objective, timings and the guard's decision; with LoRA the
-        adapter files first (``model.pt`` marks the stage done)."""
+    def _save(self, model_path: Path, tilt: Tilt, result: FinetuneResult, seconds: float) -> None:
+        """``model.pt``: the state with the solver, objective (``Tilt.to_dict``), timings and the guard's decision;
+        with LoRA the adapter files first (``model.pt`` marks the stage done)."""
         model_path.parent.mkdir(parents=True, exist_ok=True)
         guard = {"kept": result.kept, "reason": result.kept_reason, "stopped_early": result.stopped_early}
-        blob = {"config": self.base.model.config, "state_dict": result.state_dict, "solver": self.solver,
-                "objective": objective, "seconds": seconds, "loop_seconds": result.loop_seconds, "guard": guard}
+        blob = {"config": self.base.model.config, "state_dict": result.state_dict, "solver": self.plan.solver,
+                "objective": tilt.to_dict(), "seconds": seconds, "loop_seconds": result.loop_seconds, "guard": guard}
         if result.lora is not None:
             save_lora_checkpoint(model_path.parent, result.lora, merge=self.cfg.finetune.lora.merge)
             blob["lora"] = result.lora_record
@@ -131,31 +134,30 @@ class CachedFinetune:
         tmp.replace(model_path)
 
 
-def _weighted_inputs(cfg: Config, bank: Bank, objective: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+def _weighted_inputs(cfg: Config, bank: Bank, tilt: Tilt, log: Callable[[str], None]) -> dict[str, Any]:
     """The weighted solver's bank rows, their frozen tilt weights w_i ∝ exp(g(x_i)/gamma) and, with conditions,
     their condition indices (``run_finetune``'s ``bank_x``, ``bank_weights``, ``bank_cond``)."""
     if conditions_of(cfg):  # per condition, each condition's weights summing to 1/C
-        tilt, rows = cond_record.tilt_by_condition(bank, objective, cfg.objective.invalid_reward)
+        weights, rows = cond_record.tilt_by_condition(bank, tilt, cfg.objective.invalid_reward)
         log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples of {len(conditions_of(cfg))} "
-            f"conditions, ESS of the frozen weights {effective_sample_size(tilt[rows]):.0f}")
-        return {"bank_x": bank.x[rows], "bank_weights": tilt[rows], "bank_cond": bank.cond[rows]}
+            f"conditions, ESS of the frozen weights {effective_sample_size(weights[rows]):.0f}")
+        return {"bank_x": bank.x[rows], "bank_weights": weights[rows], "bank_cond": bank.cond[rows]}
     # failures at the invalid reward, or neutral (tfft.invalid.tilt_rewards); rows with a finite x
-    reward, rows = tilt_rewards(bank.reward, bank.valid, cfg.objective.invalid_reward, objective["eta"])
+    reward, rows = tilt_rewards(bank.reward, bank.valid, cfg.objective.invalid_reward, tilt.eta)
     rows = rows & np.isfinite(bank.x).all(axis=1)
-    tilt = tilt_weights(np.where(rows, reward, np.nan), valid=rows, **objective)
+    weights = tilt.weights(np.where(rows, reward, np.nan), rows)
     log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples, "
-        f"ESS of the frozen weights {effective_sample_size(tilt):.0f}")
-    return {"bank_x": bank.x[rows], "bank_weights": tilt[rows]}
+        f"ESS of the frozen weights {effective_sample_size(weights):.0f}")
+    return {"bank_x": bank.x[rows], "bank_weights": weights[rows]}
 
 
-def _guard_inputs(cfg: Config, bank: Bank, objective: dict[str, Any]) -> dict[str, float]:
+def _guard_inputs(cfg: Config, bank: Bank, tilt: Tilt) -> dict[str, float]:
     """The guard's baseline, the base model's objective E_q[g] on the bank's valid samples (its KL is 0), and
     its validity floor for the training samples: the bank's valid fraction less ``finetune.guard_validity_drop``."""
     if conditions_of(cfg):
-        baseline = cond_record.base_objective(bank, objective)
+        baseline = cond_record.base_objective(bank, tilt)
     else:
-        g = pseudo_reward(bank.reward[bank.valid], eta=objective["eta"], side=objective["side"],
-                          alpha=objective["alpha"])
+        g = tilt.pseudo_reward(bank.reward[bank.valid])
         baseline = float(g.mean()) if g.size else float("nan")
     floor = max(bank.n_valid / max(len(bank.valid), 1) - cfg.finetune.guard_validity_drop, 0.0)
     return {"guard_baseline": baseline, "min_valid_fraction": floor}

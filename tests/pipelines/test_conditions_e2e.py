@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import integrate, optimize, stats
 
 from pipelines.bankio import read_bank
 from pipelines.cli import main
+from tfft.objective import Tilt
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -128,6 +130,10 @@ def test_each_condition_reaches_its_closed_form_target(runs):
         _check_blocks(summary)
         etas = {v: b["threshold"]["eta"] for v, b in summary["per_condition"].items()}
         assert etas["b"] - etas["a"] == pytest.approx(2.0, abs=0.15)  # a threshold per condition
+        assert summary["objective"] == {"kind": "cvar", "eta": [etas["a"], etas["b"]], "side": side, "alpha": ALPHA,
+                                        "kl_weight": GAMMA}
+        blob = torch.load(out_dir / "checkpoint" / "model.pt", map_location="cpu", weights_only=True)
+        assert Tilt.from_dict(blob["objective"]) == Tilt((etas["a"], etas["b"]), side, ALPHA, GAMMA)
         for value, m in MEANS.items():
             block = summary["per_condition"][value]
             want = closed_form_cvar(m, side)

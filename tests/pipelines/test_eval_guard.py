@@ -10,25 +10,12 @@ import torch
 
 from pipelines.bankio import Bank, read_bank, write_atomic
 from pipelines.config import load_config
-from pipelines.eval_guard import apply_evaluation_check, check_evaluation, own_statistic
-from tfft.tail import cvar
+from pipelines.eval_guard import apply_evaluation_check, check_evaluation
+from tfft.objective import Tilt
 
-RIGHT = {"eta": 1.0, "side": "right", "alpha": 0.1, "kl_weight": 1.0}
-LEFT = {"eta": -1.0, "side": "left", "alpha": 0.1, "kl_weight": 1.0}
-MEAN = {"eta": None, "side": "right", "alpha": 1.0, "kl_weight": 1.0}
-
-
-@pytest.mark.parametrize("objective", [RIGHT, LEFT, MEAN])
-def test_own_statistic_and_its_standard_error(objective) -> None:
-    rng = np.random.default_rng(0)
-    r = rng.normal(size=4000)
-    valid = np.ones(4000, dtype=bool)
-    value, se = own_statistic(r, valid, objective)
-    exact = float(r.mean()) if objective["eta"] is None else cvar(r, side=objective["side"], alpha=0.1)
-    assert value == pytest.approx(exact, abs=2e-3)  # the influence-function mean is the plug-in CVaR
-    # Its standard error against the spread over independent banks of the same law.
-    values = [own_statistic(rng.normal(size=4000), valid, objective)[0] for _ in range(300)]
-    assert se == pytest.approx(float(np.std(values)), rel=0.25)
+# the statistic itself and its standard error: tests/tfft/test_objective.py
+RIGHT = Tilt(1.0, "right", 0.1, 1.0)
+LEFT = Tilt(-1.0, "left", 0.1, 1.0)
 
 
 def test_check_evaluation_flags_only_a_clear_loss() -> None:

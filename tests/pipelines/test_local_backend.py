@@ -15,9 +15,10 @@ from pipelines.trainer import run_finetune
 from pipelines.models import build_model
 from pipelines.schema import FinetuneConfig
 from pipelines.train_session import LocalSession, forwarding_reports, local_checkpoints
+from tfft.objective import Tilt
 
 MODEL = {"dim": 2, "hidden": 16, "depth": 2}
-OBJECTIVE = {"eta": 0.0, "side": "right", "alpha": 0.1, "kl_weight": 10.0}
+TILT = Tilt(0.0, "right", 0.1, 10.0)
 
 
 def _finetune(out, backend: str, steps: int, *, checkpoint_every: int = 5, **kwargs):
@@ -28,7 +29,7 @@ def _finetune(out, backend: str, steps: int, *, checkpoint_every: int = 5, **kwa
                         guard=False)
     lines: list[str] = []
     result = run_finetune(name="finetune", storage_path=str(out), model_config=MODEL, base_state=base,
-                          objective=OBJECTIVE, finetune=ft, reward_target="rewards.toy2d:TailReward2D",
+                          tilt=TILT, finetune=ft, reward_target="rewards.toy2d:TailReward2D",
                           reward_kwargs={}, seed=3, solver="adjoint", log=lines.append, **kwargs)
     return result, lines
 

@@ -15,6 +15,7 @@ from pipelines.schema import ScreenConfig
 from pipelines.screen_stats import audit_statistics, covered
 from pipelines.screening import Journal, evaluate_screened, working_view
 from rewards.gaussian import noisy_identity, unrelated_score
+from tfft.objective import Tilt
 from tfft.tail import solve_threshold
 from tfft.target import summarize, target_interval, target_summary
 
@@ -127,7 +128,7 @@ def test_audit_statistics_keep_the_certified_tail_and_take_the_rest_from_the_aud
              "target": target_summary(bank.reward, **tilt).to_dict()}
     interval = target_interval(bank.reward, seed=0, **tilt).to_dict()
     extra = audit_statistics({"base": (bank, bank.reward, valid), "finetuned": (bank, bank.reward, valid)}, stats,
-                             interval, objective=tilt, tolerance=0.05)
+                             interval, tilt=Tilt.from_dict(tilt), tolerance=0.05)
     skipped = set(extra["screened_from_audit"])
     assert {"target.mean", "target.cvar_left.0.1", "base.mean", "base.cvar_left.0.2"} <= skipped
     assert "target.cvar_right.0.05" not in skipped and "target.cvar_right.0.1" not in skipped

@@ -67,7 +67,7 @@ def test_a_run_records_the_terms_of_a_composite_reward(tmp_path):
     from pipelines.bankio import Bank
     from pipelines.config import load_config
     from pipelines.stages.record import record_summary as _record
-    from pipelines.stages.threshold import objective_of
+    from pipelines.stages.threshold import tilt_of
     from rewards.base import load_reward
 
     cfg = load_config(Path(__file__).parents[2] / "tune_configs/toy2d_composite.yaml", ["objective.kind=mean"])
@@ -80,7 +80,7 @@ def test_a_run_records_the_terms_of_a_composite_reward(tmp_path):
         banks.append(Bank(np.arange(n), x, res.rewards, res.valid, np.asarray(res.errors, dtype=object),
                           res.seconds, res.attempts, np.zeros(n, dtype=bool), terms=res.terms))
     run = _Run()
-    summary = _record(cfg, tmp_path, run, banks[0], banks[1], None, objective_of(cfg, None), "adjoint")
+    summary = _record(cfg, tmp_path, run, banks[0], banks[1], None, tilt_of(cfg), "adjoint")
     assert list(summary["terms"]) == ["TailReward2D", "distance"]
     assert summary["terms"]["distance"]["weight"] == 0.2
     dist = -(banks[1].x ** 2).sum(1)

@@ -109,7 +109,7 @@ def test_gradient_is_the_weighted_sum_of_the_terms_gradients():
 
 def test_not_differentiable_when_any_term_is_not_and_the_pipeline_picks_the_weighted_solver():
     from pipelines.config import from_dict
-    from pipelines.stages.preflight import choose_solver
+    from pipelines.stages.preflight import resolve_plan
 
     terms = [TAIL, {"target": "compose_user_terms:RaisesOnFar", "weight": 0.1}]
     ws = WeightedSum(terms)
@@ -117,9 +117,9 @@ def test_not_differentiable_when_any_term_is_not_and_the_pipeline_picks_the_weig
     with pytest.raises(TypeError, match="RaisesOnFar"):
         ws.evaluate_with_grad(torch.zeros(2, 2))
     cfg = from_dict({"reward": {"target": "rewards.compose:WeightedSum", "kwargs": {"terms": terms}}})
-    assert choose_solver(cfg) == "weighted"
+    assert resolve_plan(cfg).solver == "weighted"
     cfg = from_dict({"reward": {"target": "rewards.compose:WeightedSum", "kwargs": {"terms": [TAIL, DIST]}}})
-    assert choose_solver(cfg) == "adjoint"
+    assert resolve_plan(cfg).solver == "adjoint"
 
 
 def test_a_term_raising_on_a_chunk_loses_only_its_own_samples_with_the_pools_settings():

@@ -357,9 +357,9 @@ def test_http_config_loads():
     overrides = ["reward.target=rewards.http:Endpoint", "reward.kwargs.url=http://127.0.0.1:8765"]  # README's
     cfg = load_config(REPO / "tune_configs" / "toy2d_right.yaml", overrides)
     assert load_reward(cfg.reward.target, cfg.reward.kwargs).value_kwargs() == {"url": "http://127.0.0.1:8765"}
-    from pipelines.stages.preflight import choose_solver
+    from pipelines.stages.preflight import resolve_plan
 
-    assert choose_solver(cfg) == "weighted"
+    assert resolve_plan(cfg).solver == "weighted" and not resolve_plan(cfg).differentiable
 
 
 def test_server_command_line_prints_its_url_and_serves():
