@@ -62,6 +62,14 @@ def test_local_ends_where_ray_train_with_one_worker_ends(tmp_path, local_run, lo
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+@pytest.mark.ray
+def test_a_ray_train_rerun_counts_the_steps_of_the_earlier_calls_checkpoint(tmp_path, local_ray):
+    first, _ = _finetune(tmp_path, "ray", 5)  # a driver that ended after step 5's checkpoint
+    assert (first.steps, first.reused_steps) == (5, 0)
+    resumed, _ = _finetune(tmp_path, "ray", 10)
+    assert (resumed.steps, resumed.reused_steps) == (10, 5)
+
+
 def test_local_run_checkpoints_like_ray_train(local_run):
     out, result, lines = local_run
     kept = local_checkpoints(out / "finetune")
@@ -71,19 +79,38 @@ def test_local_run_checkpoints_like_ray_train(local_run):
     assert blob["step"] == 10
     _assert_same_state(blob["model"], result.state_dict)
     assert any("1 workers (local), 10 steps" in line for line in lines)
+    assert (result.steps, result.reused_steps) == (10, 0)  # all trained in this call
 
 
 def test_interrupted_local_run_resumes_from_its_latest_checkpoint(tmp_path, local_run):
     _, whole, _ = local_run
     first, _ = _finetune(tmp_path, "local", 5)  # as if killed right after step 5's checkpoint
     assert torch.load(first.checkpoint_path + "/state.pt", weights_only=True)["step"] == 5
+    assert (first.steps, first.reused_steps) == (5, 0)
     resumed, _ = _finetune(tmp_path, "local", 10)
     blob = torch.load(resumed.checkpoint_path + "/state.pt", weights_only=True)
     assert blob["step"] == 10
+    assert (resumed.steps, resumed.reused_steps) == (10, 5)  # steps 1-5 from the first call's checkpoint
     assert [h["step"] for h in resumed.history] == [5, 10]
     _assert_same_state(resumed.state_dict, whole.state_dict)
     # numbering continues after the existing checkpoints; only the newest two stay
     assert [p.name for p in local_checkpoints(tmp_path / "finetune")] == ["checkpoint_000001", "checkpoint_000002"]
+    # a third call finds the last step stored: nothing left to train, every step reused
+    again, _ = _finetune(tmp_path, "local", 10)
+    assert (again.steps, again.reused_steps) == (10, 10)
+    _assert_same_state(again.state_dict, whole.state_dict)
+
+
+def test_a_restart_within_one_call_reuses_no_steps(tmp_path, monkeypatch):
+    """A worker group restarted by Ray Train resumes within the same driver call: its steps count as run."""
+    import types
+
+    import pipelines.trainer
+
+    monkeypatch.setattr(pipelines.trainer.uuid, "uuid4", lambda: types.SimpleNamespace(hex="one call"))
+    _finetune(tmp_path, "local", 5)  # the first worker group, stopped after step 5's checkpoint
+    restarted, _ = _finetune(tmp_path, "local", 10)
+    assert (restarted.steps, restarted.reused_steps) == (10, 0)
 
 
 def test_local_restores_the_callers_thread_count(tmp_path):
