@@ -62,14 +62,6 @@ def test_local_ends_where_ray_train_with_one_worker_ends(tmp_path, local_run, lo
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-@pytest.mark.ray
-def test_a_ray_train_rerun_counts_the_steps_of_the_earlier_calls_checkpoint(tmp_path, local_ray):
-    first, _ = _finetune(tmp_path, "ray", 5)  # a driver that ended after step 5's checkpoint
-    assert (first.steps, first.reused_steps) == (5, 0)
-    resumed, _ = _finetune(tmp_path, "ray", 10)
-    assert (resumed.steps, resumed.reused_steps) == (10, 5)
-
-
 def test_local_run_checkpoints_like_ray_train(local_run):
     out, result, lines = local_run
     kept = local_checkpoints(out / "finetune")
