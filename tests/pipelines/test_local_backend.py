@@ -55,6 +55,7 @@ def test_local_ends_where_ray_train_with_one_worker_ends(tmp_path, local_run, lo
     torch.manual_seed(0)
     base = build_model(MODEL).state_dict()
     assert any(not torch.equal(base[k], v) for k, v in ray_result.state_dict.items())  # it trained
+    assert (ray_result.steps, ray_result.reused_steps) == (10, 0)
     # the same float32 ops on one thread each: bit-equal is expected; allow rounding if the kernels differ
     _assert_same_state(local_result.state_dict, ray_result.state_dict, exact=False)
     assert [h["step"] for h in local_result.history] == [h["step"] for h in ray_result.history] == [5, 10]
