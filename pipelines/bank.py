@@ -10,6 +10,10 @@ With conditions (``data.conditions``, C values) a bank of ``size`` samples per c
 belongs to condition i // size (so each condition's rows are a contiguous id range). The sampler draws each row
 from its condition's flow and the reward actors evaluate each row with its condition's value; the bank stores
 the condition index in its ``cond`` column and the list of values in its metadata.
+
+:func:`build_bank` also says what the call did (`pipelines.stage_record.StageRecord`): the bank file reused,
+shards resumed, and how many samples were drawn in this call (of which how many took their reward from the
+reward cache) or came from shards stored earlier.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import torch
 from pipelines.bankio import Bank, concat_banks, read_bank, write_atomic
 from pipelines.reward_actor import RewardActor, actor_arguments, rows_to_bank
 from pipelines.schema import Config, PoolConfig
+from pipelines.stage_record import BUILT, RESUMED, REUSED, StageRecord
 
-__all__ = ["SamplerActor", "generate_bank", "pool_strategy", "remote_args"]
+__all__ = ["SamplerActor", "generate_bank", "build_bank", "pool_strategy", "remote_args"]
 
 
 def _seed_for(seed: int, label: str, first_id: int) -> int:
@@ -124,6 +129,23 @@ def generate_bank(
     Shards go to ``<out_path>.shards/``; shards already there are kept (resume). With ``data.conditions``
     ``size`` is the total, a multiple of the number of conditions (module docstring).
     """
+    return build_bank(cfg, model, size=size, label=label, out_path=out_path, log=log)[0]
+
+
+def build_bank(
+    cfg: Config,
+    model: tuple[dict[str, Any], dict[str, torch.Tensor]],
+    *,
+    size: int,
+    label: str,
+    out_path: str | Path,
+    log: Callable[[str], None] = print,
+) -> tuple[Bank, StageRecord]:
+    """:func:`generate_bank` and its record: status ``reused`` (the file), ``resumed`` (shards stored before) or
+    ``built``; counts ``samples``, ``sampled`` (drawn and scored in this call), ``from_cache`` (of those, rewards
+    from the reward cache), ``from_shards`` (rows of shards stored by an earlier call), ``from_file`` (rows of
+    the reused file), ``shards`` and ``shards_resumed``."""
+    started = time.time()
     from pipelines.conditions import conditions_of
 
     conditions = conditions_of(cfg) or None
@@ -131,15 +153,17 @@ def generate_bank(
         raise ValueError(f"a conditional bank's size ({size}) must be a multiple of its {len(conditions)} conditions")
 
     out_path = Path(out_path)
+    shard_size = cfg.bank.shard_size
+    n_shards = -(-size // shard_size)
     if out_path.is_file():
         bank = read_bank(out_path)
         if len(bank) == size:
             log(f"[bank {label}] reusing {out_path} ({size} samples)")
-            return dataclasses.replace(bank, conditions=conditions) if conditions else bank
+            counts = _counts(size, n_shards, sampled=0, from_cache=0, from_shards=0, from_file=size, resumed=0)
+            bank = dataclasses.replace(bank, conditions=conditions) if conditions else bank
+            return bank, StageRecord(REUSED, time.time() - started, counts)
     shard_dir = out_path.with_name(out_path.name + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
-    shard_size = cfg.bank.shard_size
-    n_shards = -(-size // shard_size)
     shard_ranges = [(k * shard_size, min((k + 1) * shard_size, size)) for k in range(n_shards)]
     done = {k for k in range(n_shards) if _shard_path(shard_dir, k).is_file()}
     todo = [k for k in range(n_shards) if k not in done]
@@ -147,11 +171,22 @@ def generate_bank(
         log(f"[bank {label}] resuming: {len(done)}/{n_shards} shards already stored")
     if todo:
         _run_pools(cfg, model, label, shard_dir, [shard_ranges[k] + (k,) for k in todo], size, log)
-    bank = concat_banks([read_bank(_shard_path(shard_dir, k)) for k in range(n_shards)])
+    shards = [read_bank(_shard_path(shard_dir, k)) for k in range(n_shards)]
+    bank = concat_banks(shards)
     if conditions:
         bank = dataclasses.replace(bank, conditions=conditions)
     write_atomic(bank, out_path)
-    return bank
+    counts = _counts(size, n_shards, sampled=sum(len(shards[k]) for k in todo),
+                     from_cache=sum(int(shards[k].cached.sum()) for k in todo),
+                     from_shards=sum(len(shards[k]) for k in done), from_file=0, resumed=len(done))
+    return bank, StageRecord(RESUMED if done else BUILT, time.time() - started, counts)
+
+
+def _counts(size: int, n_shards: int, *, sampled: int, from_cache: int, from_shards: int, from_file: int,
+            resumed: int) -> dict[str, int]:
+    """A bank record's counts (:func:`build_bank`); sampled + from_shards + from_file = samples."""
+    return {"samples": size, "sampled": sampled, "from_cache": from_cache, "from_shards": from_shards,
+            "from_file": from_file, "shards": n_shards, "shards_resumed": resumed}
 
 
 def _run_pools(

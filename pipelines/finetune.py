@@ -8,6 +8,10 @@ Metrics go through the session's ``report`` every ``log_every`` steps (a barrier
 worker), checkpoints every ``checkpoint_every`` steps; rank 0 logs metrics to MLflow. A restarted
 worker group continues from the latest checkpoint. The driver's side is `pipelines.trainer.run_finetune`;
 what a worker builds (networks, solver, checkpoint state) is `pipelines.train_build`.
+
+Every checkpoint names the driver call that wrote it (``config["call"]``, a token per `run_finetune` call) and
+how many of its steps were taken from a checkpoint of an earlier call (``reused_steps``): a worker that resumes
+from another call's checkpoint reuses all of its steps; one restarted within the same call keeps the count.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class _Worker:
     tracker: Any
     start_step: int
     best_state: dict[str, torch.Tensor] | None
+    call: str = ""
+    reused_steps: int = 0
 
 
 def run_loop(config: dict[str, Any], session: TrainSession, *, loop_started: float | None = None) -> None:
@@ -147,7 +153,9 @@ def _start(config: dict[str, Any], session: TrainSession) -> _Worker:
                                schedule=config["lr_schedule"]))
     guard = Guard(enabled=config["guard"], metric=config["guard_metric"], min_valid_fraction=config["min_valid_fraction"],
                   patience=config["guard_patience"], baseline=config["guard_baseline"])
-    start_step, solver_state, best_state = _resume(session, model, lora, opt, scheduler, guard)
+    start_step, solver_state, best_state, blob_call, reused = _resume(session, model, lora, opt, scheduler, guard)
+    call = str(config.get("call", ""))
+    reused = reused if blob_call == call else start_step  # another call's checkpoint: all its steps are reused
     # The velocity networks' buffers are constants (time-embedding frequencies): DDP's default would broadcast
     # them in every forward, and the fast path runs several forwards per step.
     model = session.prepare_model(model, **no_buffer_sync())
@@ -159,23 +167,24 @@ def _start(config: dict[str, Any], session: TrainSession) -> _Worker:
         from pipelines.tracking import MetricLogger
 
         tracker = MetricLogger(**config["mlflow"])
-    return _Worker(model, lora, opt, scheduler, guard, solver, step, tracker, start_step, best_state)
+    return _Worker(model, lora, opt, scheduler, guard, solver, step, tracker, start_step, best_state, call, reused)
 
 
 def _resume(session: TrainSession, model: torch.nn.Module, lora: Any, opt: torch.optim.Optimizer, scheduler: Any,
-            guard: Guard) -> tuple[int, Any, dict[str, torch.Tensor] | None]:
+            guard: Guard) -> tuple[int, Any, dict[str, torch.Tensor] | None, str | None, int]:
     """Load the session's latest checkpoint into the model, optimiser, schedule and guard; returns (its step, the
-    solver's state, the best state so far), or (0, None, None) on a fresh start."""
+    solver's state, the best state so far, the call that wrote it, its reused steps), or (0, None, None, None, 0)
+    on a fresh start."""
     with session.latest_checkpoint() as ckpt_dir:
         blob = None if ckpt_dir is None else torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=session.device,
                                                           weights_only=True)
     if blob is None:
-        return 0, None, None
+        return 0, None, None, None, 0
     load_model_state(model, lora, blob["model"])
     opt.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     guard.load_state_dict(blob["guard"])
-    return int(blob["step"]), blob["solver"], blob.get("best")
+    return int(blob["step"]), blob["solver"], blob.get("best"), blob.get("call"), int(blob.get("reused_steps", 0))
 
 
 def _end_window(config: dict[str, Any], session: TrainSession, worker: _Worker, step: int, window: dict[str, float],
@@ -208,7 +217,8 @@ def _checkpoint(worker: _Worker, step: int, stopped: bool, loop_started: float, 
     return {"model": model_state(worker.model, worker.lora), "optimizer": worker.opt.state_dict(),
             "scheduler": worker.scheduler.state_dict(), "step": step, "solver": worker.solver.state_dict(),
             "guard": worker.guard.state_dict(), "best": worker.best_state, "stopped": stopped,
-            "loop_seconds": time.time() - loop_started, "peak_memory_bytes": _peak_memory(device)}
+            "loop_seconds": time.time() - loop_started, "peak_memory_bytes": _peak_memory(device),
+            "call": worker.call, "reused_steps": worker.reused_steps}
 
 
 def _peak_memory(device: Any) -> int | None:

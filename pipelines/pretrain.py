@@ -25,6 +25,7 @@ from pipelines.conditions import conditions_of
 from pipelines.config import ConfigError
 from pipelines.models import build_model, checkpoint_identity, load_checkpoint, model_config
 from pipelines.schema import Config
+from pipelines.stage_record import BUILT, REUSED, StageRecord
 from pipelines.storage import Store
 from rewards.base import import_object
 from tfft.model import flow_matching_loss
@@ -34,12 +35,15 @@ __all__ = ["BaseModel", "pretrain_key", "load_or_pretrain"]
 
 @dataclass(frozen=True)
 class BaseModel:
-    """A pretrained velocity network: constructor ``config`` plus ``state_dict``; where it is cached."""
+    """A pretrained velocity network: constructor ``config`` plus ``state_dict``; where it is cached; ``stage``:
+    what pretraining did in this call (built, or reused from the cache; counts ``steps``), None when nothing is
+    pretrained (a checkpoint, or ``pretrain.steps: 0``)."""
 
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     path: str
     cached: bool
+    stage: StageRecord | None = None
 
 
 def pretrain_key(cfg: Config) -> str:
@@ -115,13 +119,15 @@ def _draw_data(cfg: Config, n: int, cond: Any = _NO_COND) -> np.ndarray:
 def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> BaseModel:
     """Return the base model for ``cfg``: loaded from ``model.checkpoint``, as built (``pretrain.steps: 0``),
     or pretrained by flow matching on ``data.source`` and cached (reused when the cache holds it)."""
+    started = time.time()
     trains = cfg.pretrain.steps > 0 and not cfg.model.checkpoint
     cache = Store(cfg.pretrain.cache_dir)  # a local directory or an object store (pipelines.storage)
     name = f"base-{pretrain_key(cfg)}.pt"
     if trains and cache.exists(name):
         blob = torch.load(io.BytesIO(cache.read_bytes(name)), map_location="cpu", weights_only=True)
         log(f"[pretrain] reusing cached base model {cache.path_of(name)}")
-        return BaseModel(blob["config"], blob["state_dict"], cache.path_of(name), cached=True)
+        stage = StageRecord(REUSED, time.time() - started, {"steps": cfg.pretrain.steps})
+        return BaseModel(blob["config"], blob["state_dict"], cache.path_of(name), cached=True, stage=stage)
 
     # without training a few draws tell the data dimension (and check model.sample_shape against it)
     drawn, cond = _draw_conditional(cfg, cfg.pretrain.n_samples if trains else min(cfg.pretrain.n_samples, 16))
@@ -141,7 +147,8 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
     torch.save({"config": config, "state_dict": state}, buffer)
     cache.write_bytes(name, buffer.getvalue())  # atomic: concurrent runs never read a partial file
     log(f"[pretrain] saved base model to {cache.path_of(name)}")
-    return BaseModel(config, state, cache.path_of(name), cached=False)
+    stage = StageRecord(BUILT, time.time() - started, {"steps": cfg.pretrain.steps})
+    return BaseModel(config, state, cache.path_of(name), cached=False, stage=stage)
 
 
 def _fit(cfg: Config, model: torch.nn.Module, data: torch.Tensor, log: Callable[[str], None],

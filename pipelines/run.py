@@ -3,7 +3,9 @@
 Each stage is a module of `pipelines.stages` returning a frozen result; this module only chains them, with
 the output directory's guard and the MLflow run around them. Every stage leaves its result in the output
 directory, and a rerun with the same ``--out`` reuses what is there: bank shards, the fine-tuning checkpoints,
-the final bank.
+the final bank. ``summary.json["stages"]`` records what each stage did in this call
+(`pipelines.stage_record`), ``summary.json["warnings"]`` the config's warnings
+(`pipelines.stages.preflight.sampler_warnings`).
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from pipelines.outdir import claim_output_dir
 from pipelines.pretrain import load_or_pretrain
 from pipelines.raysession import check_address
 from pipelines.schema import Config
+from pipelines.stage_record import BUILT, StageRecord
 from pipelines.stages.base import BaseStage, prepare_base, served_reward
-from pipelines.stages.evaluate import evaluate
-from pipelines.stages.preflight import RunPlan, preflight
+from pipelines.stages.evaluate import EvaluateStage, evaluate
+from pipelines.stages.preflight import RunPlan, preflight, sampler_warnings
 from pipelines.stages.record import record_summary
 from pipelines.stages.threshold import solve_objective
-from pipelines.stages.train import train
+from pipelines.stages.train import TrainStage, train
 from pipelines.summary import format_table
 from pipelines.tracking import TrackedRun, open_run, resolve_tracking_uri
 
-__all__ = ["run_pipeline", "run_bank_only", "run_from_bank"]
+__all__ = ["run_pipeline", "run_bank_only", "run_from_bank", "stages_record"]
 
 
 def run_pipeline(
@@ -79,14 +82,27 @@ def run_from_bank(
     ``plan``: what preflight resolved (the solver). ``finetune_callbacks``: see `run_pipeline`.
     """
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     threshold = solve_objective(cfg, base.bank, run=run, log=log)
+    solved = StageRecord(BUILT, time.time() - started, {"samples": len(base.bank), "valid": base.bank.n_valid})
     trained = train(cfg, out, base, threshold, plan=plan, run=run, log=log, callbacks=finetune_callbacks)
-    final_bank = evaluate(cfg, out, base, trained, log=log)
-    summary = record_summary(cfg, out, run, base.bank, final_bank, threshold.threshold, trained.tilt, plan.solver)
+    final = evaluate(cfg, out, base, trained, log=log)
+    summary = record_summary(cfg, out, run, base.bank, final.bank, threshold.threshold, trained.tilt, plan.solver)
     summary["model"] = model_record(base.model.config, cfg.model.checkpoint)  # banks hold samples flattened
     if trained.refinement is not None:
         summary["refinement"] = trained.refinement
+    summary["stages"] = stages_record(base, solved, trained, final)
+    summary["warnings"] = [warning.to_dict() for warning in sampler_warnings(cfg, plan.solver)]
     return summary
+
+
+def stages_record(base: BaseStage, threshold: StageRecord, trained: TrainStage,
+                  final: EvaluateStage) -> dict[str, dict[str, Any]]:
+    """``summary.json["stages"]``: ``pretrain`` (when the base model is pretrained), ``bank_base``,
+    ``threshold`` (solved every call), ``finetune`` and ``bank_final``, each a `StageRecord`'s dict."""
+    records = {"pretrain": base.model.stage, "bank_base": base.record, "threshold": threshold,
+               "finetune": trained.record, "bank_final": final.record}
+    return {name: record.to_dict() for name, record in records.items() if record is not None}
 
 
 def run_bank_only(cfg: Config, out: str | Path, *, log: Callable[[str], None] = print) -> Bank:

@@ -30,15 +30,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from pipelines.bank import generate_bank
+from pipelines.bank import build_bank
 from pipelines.bankio import Bank, concat_banks, read_bank, write_atomic
 from pipelines.schema import Config, ScreenConfig
+from pipelines.stage_record import BUILT, RESUMED, REUSED, StageRecord
 from tfft.screen import ScreenResult, placeholder_rewards, screened_evaluate
 
 __all__ = ["UNTILTED", "Journal", "evaluate_screened", "screened_bank", "working_view", "bank_for", "record_path"]
@@ -144,25 +146,34 @@ def _audit_seed(seed: int, label: str) -> int:
 def screened_bank(
     cfg: Config, model: tuple[dict[str, Any], dict[str, torch.Tensor]], *, size: int, label: str, out_path: Path,
     kl_weight: float, pool_factory: Callable[[Config], Any] | None = None, log: Callable[[str], None] = print,
-) -> Bank:
+) -> tuple[Bank, StageRecord]:
     """Build (or reuse) the screened bank ``out_path`` certified at (objective side, alpha, ``kl_weight``).
 
     ``pool_factory(cfg)``: the expensive reward's pool (default `pipelines.reward_pool.ActorRewardPool`).
+    Returns the bank and its record: the screen bank's counts (`pipelines.bank.build_bank`) and
+    ``expensive_calls`` (in all), ``expensive_stored`` (in the journal before this call), ``expensive_new``.
     """
+    started = time.time()
     out_path = Path(out_path)
     record = record_path(out_path)
     if out_path.is_file() and record.is_file():
         bank = read_bank(out_path)
         if len(bank) == size and bank.screened:
             log(f"[bank {label}] reusing {out_path} ({size} samples, screened)")
-            return dataclasses.replace(bank, screening=json.loads(record.read_text()))
+            info = json.loads(record.read_text())
+            calls = int(info["expensive_calls"])
+            counts = {"samples": size, "sampled": 0, "from_cache": 0, "from_shards": 0, "from_file": size,
+                      "shards": -(-size // cfg.bank.shard_size), "shards_resumed": 0, "expensive_calls": calls,
+                      "expensive_stored": calls, "expensive_new": 0}
+            return dataclasses.replace(bank, screening=info), StageRecord(REUSED, time.time() - started, counts)
     sc, obj = cfg.reward.screen, cfg.objective
     screen_cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, target=sc.target, kwargs=dict(sc.kwargs)))
-    screens = generate_bank(screen_cfg, model, size=size, label=label,
-                            out_path=out_path.with_name(out_path.stem + ".screen.parquet"), log=log)
+    screens, stage_one = build_bank(screen_cfg, model, size=size, label=label,
+                                    out_path=out_path.with_name(out_path.stem + ".screen.parquet"), log=log)
     journal = Journal(out_path.with_name(out_path.stem + ".evaluated"))
+    stored = len(journal.index)
     if journal.count:
-        log(f"[bank {label}] resuming screened evaluation: {len(journal.index)} expensive rewards already stored")
+        log(f"[bank {label}] resuming screened evaluation: {stored} expensive rewards already stored")
     opened: list[Any] = []
 
     def pool(ids: np.ndarray, x: np.ndarray) -> Bank:
@@ -187,7 +198,10 @@ def screened_bank(
         + (", full evaluation (no certificate)" if result.full else ""))
     record.write_text(json.dumps(info, indent=2))
     write_atomic(bank, out_path)
-    return dataclasses.replace(bank, screening=info)
+    status = BUILT if stage_one.status == BUILT and not stored else RESUMED
+    counts = {**stage_one.counts, "expensive_calls": int(info["expensive_calls"]), "expensive_stored": stored,
+              "expensive_new": len(journal.index) - stored}
+    return dataclasses.replace(bank, screening=info), StageRecord(status, time.time() - started, counts)
 
 
 def working_view(bank: Bank, side: str) -> Bank:
@@ -204,11 +218,13 @@ def working_view(bank: Bank, side: str) -> Bank:
 def bank_for(
     cfg: Config, model: tuple[dict[str, Any], dict[str, torch.Tensor]], *, size: int, label: str,
     out_path: Path, tilted: bool, log: Callable[[str], None] = print,
-) -> Bank:
-    """`pipelines.bank.generate_bank`, or with ``reward.screen.target`` the :func:`working_view` of a screened
-    bank: certified at the objective's kl_weight (``tilted``: the base bank) or untilted (evaluation banks)."""
+) -> tuple[Bank, StageRecord]:
+    """`pipelines.bank.build_bank`, or with ``reward.screen.target`` the :func:`working_view` of a screened
+    bank: certified at the objective's kl_weight (``tilted``: the base bank) or untilted (evaluation banks).
+    Returns the bank and the record of what this call did."""
     if not cfg.reward.screen.target:
-        return generate_bank(cfg, model, size=size, label=label, out_path=out_path, log=log)
+        return build_bank(cfg, model, size=size, label=label, out_path=out_path, log=log)
     kl_weight = cfg.objective.kl_weight if tilted else UNTILTED
-    bank = screened_bank(cfg, model, size=size, label=label, out_path=Path(out_path), kl_weight=kl_weight, log=log)
-    return working_view(bank, cfg.objective.side)
+    bank, record = screened_bank(cfg, model, size=size, label=label, out_path=Path(out_path), kl_weight=kl_weight,
+                                 log=log)
+    return working_view(bank, cfg.objective.side), record

@@ -15,6 +15,7 @@ own threshold (the tilt's ``eta`` a tuple per condition); the weighted solver ge
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,7 +49,11 @@ class FinetuneResult:
     early, why. The full metric series is in MLflow.
 
     With LoRA, ``state_dict`` is the merged network (keys as without LoRA), ``lora`` the adapter-wrapped model
-    with the kept adapter (to save), ``lora_record`` what ``summary.json["lora"]`` says."""
+    with the kept adapter (to save), ``lora_record`` what ``summary.json["lora"]`` says.
+
+    ``steps``: the last checkpoint's step (``finetune.steps``, or fewer when the guard stopped early);
+    ``reused_steps``: how many of them came from a checkpoint that an earlier call stored (0: trained from the
+    start in this call; ``steps``: nothing left to train)."""
 
     state_dict: State
     history: list[dict[str, float]]
@@ -60,6 +65,8 @@ class FinetuneResult:
     loop_seconds: float | None = None
     lora: Any = None  # with finetune.lora: the driver's `pipelines.lora.LoraModel` holding the kept adapter
     lora_record: dict[str, Any] | None = None
+    steps: int = 0
+    reused_steps: int = 0
 
 
 def run_finetune(
@@ -98,6 +105,7 @@ def run_finetune(
         "min_valid_fraction": min_valid_fraction, "guard_baseline": guard_baseline,
         "threads": max(1, int(finetune.cpus_per_worker)), "bank_x": bank_x, "bank_weights": bank_weights,
         "mlflow": mlflow, "lora": None if lora is None else lora.to_dict(), "init_adapter": init_adapter,
+        "call": uuid.uuid4().hex,  # tells this call's checkpoints from an earlier call's (pipelines.finetune)
     }
     if conditions:  # only when set: an unconditional loop config is unchanged
         loop_config.update(conditions=list(conditions), bank_cond=bank_cond)
@@ -119,8 +127,10 @@ def run_finetune(
         adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
         state, record = _lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
     loop_seconds = blob.get("loop_seconds")
+    steps = int(blob["step"])
+    reused = int(blob.get("reused_steps", 0)) if blob.get("call") == loop_config["call"] else steps
     return FinetuneResult(state, history, solver, checkpoint_path, kept, why, guard.stopped,
-                          None if loop_seconds is None else float(loop_seconds), lora_model, record)
+                          None if loop_seconds is None else float(loop_seconds), lora_model, record, steps, reused)
 
 
 def _check(finetune: Any, callbacks: list[Any] | None) -> bool:

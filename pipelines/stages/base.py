@@ -18,16 +18,19 @@ from pipelines.raysession import connect
 from pipelines.schema import Config
 from pipelines.screening import bank_for
 from pipelines.serving import attach, detach
+from pipelines.stage_record import StageRecord
 
 __all__ = ["BaseStage", "prepare_base", "attach_reward", "served_reward"]
 
 
 @dataclass(frozen=True)
 class BaseStage:
-    """The pretrained base model and its bank (samples flattened to (N, d), rewards, validity)."""
+    """The pretrained base model and its bank (samples flattened to (N, d), rewards, validity); ``record``: what
+    the bank stage did (`pipelines.bank.build_bank`; the pretraining's record is ``model.stage``)."""
 
     model: BaseModel
     bank: Bank
+    record: StageRecord
 
 
 def attach_reward(cfg: Config, log: Callable[[str], None]) -> tuple[Config, bool]:
@@ -58,10 +61,10 @@ def prepare_base(
     (resumable). Raises RuntimeError when fewer than 2 samples are valid: the threshold needs 2."""
     model = model if model is not None else load_or_pretrain(cfg, log=log)
     connect(cfg.ray, log=log)
-    bank = bank_for(
+    bank, record = bank_for(
         cfg, (model.config, model.state_dict), size=cfg.bank.size * condition_count(cfg), label="base",
         out_path=out / "bank_base.parquet", tilted=True, log=log,
     )
     if bank.n_valid < 2:
         raise RuntimeError(f"the base bank has {bank.n_valid} valid samples; the threshold needs at least 2")
-    return BaseStage(model, bank)
+    return BaseStage(model, bank, record)

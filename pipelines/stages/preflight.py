@@ -9,7 +9,7 @@ that builds the solver from it (`pipelines.train_build.build_solver`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 from pipelines.config import ConfigError
 from pipelines.raysession import check_address, check_local_capacity
@@ -17,7 +17,8 @@ from pipelines.schema import Config
 from pipelines.serving import PROXY, served_differentiable
 from rewards.base import load_reward
 
-__all__ = ["RunPlan", "preflight", "resolve_plan", "training_steps", "sampler_record", "sampler_warnings"]
+__all__ = ["RunPlan", "preflight", "resolve_plan", "training_steps", "sampler_record", "SamplerWarning",
+           "sampler_warnings"]
 
 
 @dataclass(frozen=True)
@@ -76,21 +77,46 @@ def sampler_record(cfg: Config) -> dict[str, Any]:
     return record
 
 
-def sampler_warnings(cfg: Config, solver: str) -> list[str]:
+@dataclass(frozen=True)
+class SamplerWarning:
+    """A setting that works but weakens the result; ``str()`` is the logged text.
+
+    ``kind``: ``two_samplers`` (numbers: ``sampler_kind``, ``sampler_steps``, ``finetune_sde_steps``) or
+    ``thin_tail_signal`` (numbers: ``expected`` trajectories per update with gradient, ``batch_size``,
+    ``oversample``, ``alpha``).
+    """
+
+    kind: str
+    numbers: Mapping[str, Any]
+
+    def __str__(self) -> str:
+        n = self.numbers
+        if self.kind == "two_samplers":
+            return (f"the banks use sampler {n['sampler_kind']} with {n['sampler_steps']} steps but fine-tuning uses "
+                    f"the SDE with {n['finetune_sde_steps']} steps: target statistics describe the bank sampler's "
+                    "tilt, so the fine-tuned vs target gap mixes two samplers")
+        if self.kind == "thin_tail_signal":
+            return (f"about {n['expected']:.0f} trajectories per update carry gradient (batch_size {n['batch_size']} x "
+                    f"oversample {n['oversample']} x alpha {n['alpha']:g}); aim for 16 or more: raise "
+                    "finetune.batch_size or finetune.oversample")
+        raise ValueError(f"unknown sampler warning kind {self.kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """``summary.json["warnings"]``'s entry: ``kind``, the numbers and ``message`` (the logged text)."""
+        return {"kind": self.kind, **self.numbers, "message": str(self)}
+
+
+def sampler_warnings(cfg: Config, solver: str) -> list[SamplerWarning]:
     """Configurations that work but weaken the result: two samplers, too little tail signal per update."""
     warnings = []
     if solver == "adjoint" and not sampler_record(cfg)["same_as_finetune"]:
-        warnings.append(
-            f"the banks use sampler {cfg.sampler.kind} with {cfg.sampler.steps} steps but fine-tuning uses the SDE with "
-            f"{training_steps(cfg)} steps: target statistics describe the bank sampler's tilt, so the fine-tuned vs "
-            "target gap mixes two samplers"
-        )
+        warnings.append(SamplerWarning("two_samplers", {
+            "sampler_kind": cfg.sampler.kind, "sampler_steps": cfg.sampler.steps,
+            "finetune_sde_steps": training_steps(cfg)}))
     if solver == "adjoint" and cfg.objective.kind == "cvar" and cfg.objective.alpha < 1:
         expected = cfg.finetune.batch_size * cfg.finetune.oversample * cfg.objective.alpha
         if expected < 16:
-            warnings.append(
-                f"about {expected:.0f} trajectories per update carry gradient (batch_size {cfg.finetune.batch_size} x "
-                f"oversample {cfg.finetune.oversample} x alpha {cfg.objective.alpha:g}); aim for 16 or more: raise "
-                "finetune.batch_size or finetune.oversample"
-            )
+            warnings.append(SamplerWarning("thin_tail_signal", {
+                "expected": expected, "batch_size": cfg.finetune.batch_size, "oversample": cfg.finetune.oversample,
+                "alpha": cfg.objective.alpha}))
     return warnings

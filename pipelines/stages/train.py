@@ -24,6 +24,7 @@ from pipelines.conditions import conditions_of
 from pipelines.lora import lora_settings, read_adapter, save_lora_checkpoint
 from pipelines.refinement import FineTune, refine_threshold
 from pipelines.schema import Config
+from pipelines.stage_record import BUILT, RESUMED, REUSED, StageRecord, combined_status
 from pipelines.stages.base import BaseStage
 from pipelines.stages.preflight import RunPlan, training_steps
 from pipelines.stages.threshold import ThresholdStage
@@ -40,11 +41,12 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class TrainStage:
-    """The fine-tuned network's state, the objective it was fine-tuned for (refinement's eta when refined) and
-    refinement's rounds (None without refinement)."""
+    """The fine-tuned network's state, the objective it was fine-tuned for (refinement's eta when refined),
+    what the stage did (``record``: :func:`train`) and refinement's rounds (None without refinement)."""
 
     state: State
     tilt: Tilt
+    record: StageRecord
     refinement: list[dict[str, Any]] | None = None
 
 
@@ -54,28 +56,43 @@ def train(
 ) -> TrainStage:
     """Fine-tune at ``threshold.tilt`` with ``plan.solver`` into ``out``; then refine the threshold
     (``threshold.refine_rounds``, `pipelines.refinement`) when there is one eta* to refine. ``callbacks``: see
-    `pipelines.run.run_pipeline`."""
+    `pipelines.run.run_pipeline`.
+
+    The stage's record covers every fine-tuning run (refinement's rounds and their banks included): ``runs``,
+    ``steps_run`` (trained in this call) and ``steps_reused`` (from ``checkpoint/model.pt`` or a training
+    checkpoint stored by an earlier call), summed over the runs."""
+    started = time.time()
     finetune = CachedFinetune(cfg, base, plan, run, log, tuple(callbacks))
-    state = finetune(out, threshold.tilt)
+    state, first = finetune(out, threshold.tilt)
+    runs = [first]
     if not cfg.threshold.refine_rounds or threshold.threshold is None:
-        return TrainStage(state, threshold.tilt)
+        return TrainStage(state, threshold.tilt, _stage_record(runs, started))
     state, tilt, rounds = refine_threshold(
         cfg, out, base.model, base.bank, threshold.tilt, state, run=run, log=log,
-        finetune=_warm_rounds(cfg, out, finetune),
+        finetune=_warm_rounds(cfg, out, finetune, runs),
     )
-    return TrainStage(state, tilt, rounds)
+    return TrainStage(state, tilt, _stage_record(runs, started), rounds)
 
 
-def _warm_rounds(cfg: Config, out: Path, finetune: CachedFinetune) -> FineTune:
+def _stage_record(runs: list[StageRecord], started: float) -> StageRecord:
+    """The fine-tuning stage's record from its runs' (`pipelines.stage_record.combined_status`)."""
+    counts = {"runs": len(runs), "steps_run": sum(r.counts["steps_run"] for r in runs),
+              "steps_reused": sum(r.counts["steps_reused"] for r in runs)}
+    return StageRecord(combined_status([r.status for r in runs]), time.time() - started, counts)
+
+
+def _warm_rounds(cfg: Config, out: Path, finetune: CachedFinetune, runs: list[StageRecord]) -> FineTune:
     """Refinement's fine-tuning: each round warm-started from the previous round's state and, with LoRA, from
-    the adapter in the previous round's checkpoint (the first round's predecessor is ``out``)."""
+    the adapter in the previous round's checkpoint (the first round's predecessor is ``out``); each round's
+    record is appended to ``runs``."""
     previous = out
 
     def finetune_round(out_k: Path, tilt_k: Tilt, init: State) -> State:
         nonlocal previous
         adapter = read_adapter(previous / "checkpoint") if cfg.finetune.lora.enabled else None
-        state = finetune(out_k, tilt_k, init_state=init, init_adapter=adapter,
-                         steps=cfg.threshold.refine_steps or None)
+        state, record = finetune(out_k, tilt_k, init_state=init, init_adapter=adapter,
+                                 steps=cfg.threshold.refine_steps or None)
+        runs.append(record)
         previous = out_k
         return state
 
@@ -85,7 +102,8 @@ def _warm_rounds(cfg: Config, out: Path, finetune: CachedFinetune) -> FineTune:
 @dataclass(frozen=True)
 class CachedFinetune:
     """Fine-tunes the base stage's model into ``<out>/checkpoint/model.pt``, or loads that file when a previous
-    run finished it; returns the state (with LoRA the merged network)."""
+    run finished it; returns the state (with LoRA the merged network) and the run's record: reused (the file),
+    resumed (from a training checkpoint of an earlier call) or built, with ``steps_run`` and ``steps_reused``."""
 
     cfg: Config
     base: BaseStage
@@ -95,13 +113,17 @@ class CachedFinetune:
     callbacks: tuple[Any, ...] = ()
 
     def __call__(self, out: Path, tilt: Tilt, *, init_state: State | None = None,
-                 init_adapter: State | None = None, steps: int | None = None) -> State:
+                 init_adapter: State | None = None, steps: int | None = None) -> tuple[State, StageRecord]:
         """``init_state``/``init_adapter`` warm-start the network/the LoRA adapter; ``steps`` overrides
         ``finetune.steps``."""
         model_path = out / "checkpoint" / "model.pt"
+        called = time.time()
         if model_path.is_file():
             self.log(f"[finetune] reusing {model_path}")
-            return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
+            blob = torch.load(model_path, map_location="cpu", weights_only=True)
+            trained = int(blob.get("steps", self.cfg.finetune.steps if steps is None else steps))  # older files
+            record = StageRecord(REUSED, time.time() - called, {"steps_run": 0, "steps_reused": trained})
+            return blob["state_dict"], record
         cfg, model, bank = self.cfg, self.base.model, self.base.bank
         weighted = _weighted_inputs(cfg, bank, tilt, self.log) if self.plan.solver == "weighted" else {}
         started = time.time()
@@ -116,15 +138,18 @@ class CachedFinetune:
         seconds = time.time() - started
         self.log(f"[finetune] done in {seconds:.0f}s")
         self._save(model_path, tilt, result, seconds)
-        return result.state_dict
+        counts = {"steps_run": result.steps - result.reused_steps, "steps_reused": result.reused_steps}
+        status = RESUMED if result.reused_steps else BUILT
+        return result.state_dict, StageRecord(status, time.time() - called, counts)
 
     def _save(self, model_path: Path, tilt: Tilt, result: FinetuneResult, seconds: float) -> None:
-        """``model.pt``: the state with the solver, objective (``Tilt.to_dict``), timings and the guard's decision;
-        with LoRA the adapter files first (``model.pt`` marks the stage done)."""
+        """``model.pt``: the state with the solver, objective (``Tilt.to_dict``), steps trained, timings and the
+        guard's decision; with LoRA the adapter files first (``model.pt`` marks the stage done)."""
         model_path.parent.mkdir(parents=True, exist_ok=True)
         guard = {"kept": result.kept, "reason": result.kept_reason, "stopped_early": result.stopped_early}
         blob = {"config": self.base.model.config, "state_dict": result.state_dict, "solver": self.plan.solver,
-                "objective": tilt.to_dict(), "seconds": seconds, "loop_seconds": result.loop_seconds, "guard": guard}
+                "objective": tilt.to_dict(), "seconds": seconds, "loop_seconds": result.loop_seconds, "guard": guard,
+                "steps": result.steps}
         if result.lora is not None:
             save_lora_checkpoint(model_path.parent, result.lora, merge=self.cfg.finetune.lora.merge)
             blob["lora"] = result.lora_record

@@ -94,7 +94,7 @@ def test_faulty_simulator_every_sample_accounted_for(cluster):
     good = bank.valid
     np.testing.assert_allclose(bank.reward[good], bank.x[good, 0] + bank.x[good, 1], rtol=0, atol=1e-12)
     assert (bank.attempts[want == "timeout"] >= 2).all()  # retried before given up
-    assert "invalid 0" not in proc.stdout
+    assert counts["invalid"] > 0
 
 
 def test_killed_bank_resumes_without_evaluating_anything_twice(cluster):
@@ -117,13 +117,14 @@ def test_killed_bank_resumes_without_evaluating_anything_twice(cluster):
     proc.wait()
     stored = sorted(shards.glob("shard-*.parquet"))
     assert 3 <= len(stored) < 12, "the driver was not killed mid-bank"
+    written = {s: s.stat().st_mtime_ns for s in stored}
     stored_keys = {f"{float(a)!r},{float(b)!r}" for s in stored for a, b in read_bank(s).x}
     first_lines = log.read_text().splitlines()
     assert stored_keys <= set(first_lines)
 
     done = subprocess.run(args, env=cluster["env"], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming" in done.stdout
+    assert all(s.stat().st_mtime_ns == t for s, t in written.items()), "the stored shards were written again"
     bank = read_bank(out / "bank_base.parquet")
     assert sorted(bank.ids.tolist()) == list(range(1200)) and bank.valid.all()
     second_lines = log.read_text().splitlines()[len(first_lines):]

@@ -101,9 +101,17 @@ def test_one_sampler_by_default_and_warnings_for_weak_settings():
     assert sampler_warnings(cfg, "adjoint") == []  # 512 x 0.1 trajectories per update carry gradient
     two = load_config(None, ["finetune.sde_steps=20", "finetune.batch_size=64"])
     warnings = sampler_warnings(two, "adjoint")
-    assert not sampler_record(two)["same_as_finetune"] and len(warnings) == 2
-    assert "20 steps" in warnings[0] and "about 6 trajectories" in warnings[1]
+    assert not sampler_record(two)["same_as_finetune"]
+    assert [w.kind for w in warnings] == ["two_samplers", "thin_tail_signal"]
+    assert warnings[0].numbers == {"sampler_kind": "sde", "sampler_steps": cfg.sampler.steps, "finetune_sde_steps": 20}
+    thin = warnings[1].numbers
+    assert (thin["batch_size"], thin["oversample"], thin["alpha"]) == (64, 1, 0.1)
+    assert thin["expected"] == pytest.approx(64 * 1 * 0.1)
+    assert warnings[1].to_dict()["kind"] == "thin_tail_signal" and warnings[1].to_dict()["expected"] == thin["expected"]
     assert sampler_warnings(two, "weighted") == []
+    # an ODE bank sampler is a second sampler even at the training step count; mean objectives have no thin tail
+    ode = sampler_warnings(load_config(None, ["sampler.kind=ode", "objective.kind=mean"]), "adjoint")
+    assert [(w.kind, w.numbers["sampler_kind"]) for w in ode] == [("two_samplers", "ode")]
 
 
 def _one_line_error(capsys, args: list[str], *keys: str) -> None:

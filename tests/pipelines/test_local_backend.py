@@ -56,6 +56,7 @@ def test_local_ends_where_ray_train_with_one_worker_ends(tmp_path, local_run, lo
     torch.manual_seed(0)
     base = build_model(MODEL).state_dict()
     assert any(not torch.equal(base[k], v) for k, v in ray_result.state_dict.items())  # it trained
+    assert (ray_result.steps, ray_result.reused_steps) == (10, 0)
     # the same float32 ops on one thread each: bit-equal is expected; allow rounding if the kernels differ
     _assert_same_state(local_result.state_dict, ray_result.state_dict, exact=False)
     assert [h["step"] for h in local_result.history] == [h["step"] for h in ray_result.history] == [5, 10]
@@ -64,27 +65,45 @@ def test_local_ends_where_ray_train_with_one_worker_ends(tmp_path, local_run, lo
 
 
 def test_local_run_checkpoints_like_ray_train(local_run):
-    out, result, lines = local_run
+    out, result, _ = local_run
     kept = local_checkpoints(out / "finetune")
     assert [p.name for p in kept] == ["checkpoint_000001", "checkpoint_000002"]  # steps 5 and 10: two kept
     assert result.checkpoint_path == str(kept[-1])
     blob = torch.load(kept[-1] / "state.pt", weights_only=True)
     assert blob["step"] == 10
     _assert_same_state(blob["model"], result.state_dict)
-    assert any("1 workers (local), 10 steps" in line for line in lines)
+    assert (result.steps, result.reused_steps) == (10, 0)  # all trained in this call
 
 
 def test_interrupted_local_run_resumes_from_its_latest_checkpoint(tmp_path, local_run):
     _, whole, _ = local_run
     first, _ = _finetune(tmp_path, "local", 5)  # as if killed right after step 5's checkpoint
     assert torch.load(first.checkpoint_path + "/state.pt", weights_only=True)["step"] == 5
+    assert (first.steps, first.reused_steps) == (5, 0)
     resumed, _ = _finetune(tmp_path, "local", 10)
     blob = torch.load(resumed.checkpoint_path + "/state.pt", weights_only=True)
     assert blob["step"] == 10
+    assert (resumed.steps, resumed.reused_steps) == (10, 5)  # steps 1-5 from the first call's checkpoint
     assert [h["step"] for h in resumed.history] == [5, 10]
     _assert_same_state(resumed.state_dict, whole.state_dict)
     # numbering continues after the existing checkpoints; only the newest two stay
     assert [p.name for p in local_checkpoints(tmp_path / "finetune")] == ["checkpoint_000001", "checkpoint_000002"]
+    # a third call finds the last step stored: nothing left to train, every step reused
+    again, _ = _finetune(tmp_path, "local", 10)
+    assert (again.steps, again.reused_steps) == (10, 10)
+    _assert_same_state(again.state_dict, whole.state_dict)
+
+
+def test_a_restart_within_one_call_reuses_no_steps(tmp_path, monkeypatch):
+    """A worker group restarted by Ray Train resumes within the same driver call: its steps count as run."""
+    import types
+
+    import pipelines.trainer
+
+    monkeypatch.setattr(pipelines.trainer.uuid, "uuid4", lambda: types.SimpleNamespace(hex="one call"))
+    _finetune(tmp_path, "local", 5)  # the first worker group, stopped after step 5's checkpoint
+    restarted, _ = _finetune(tmp_path, "local", 10)
+    assert (restarted.steps, restarted.reused_steps) == (10, 0)
 
 
 def test_local_restores_the_callers_thread_count(tmp_path):

@@ -98,10 +98,28 @@ def test_outputs_follow_the_contract(runs):
         assert summary["invalid"] == {"rule": "exclude", "value": None, "left_tail_both_ways": {},
                                       "invalid_fraction": {"base": 0.0, "finetuned": 0.0}}
         assert summary["sampler"]["same_as_finetune"] and summary["sampler"]["steps"] == 20
+        _assert_built_from_scratch(summary["stages"], N)
+        assert summary["warnings"] == []  # 512 x 0.1 trajectories per update carry gradient, one sampler
         assert summary["guard"]["kept"] in ("last", "best") and summary["guard"]["reason"]
         interval = summary["target_interval"]
         for key in ("mean",):
             assert interval["lo"][key] <= summary["target"][key] <= interval["hi"][key]
+
+
+def _assert_built_from_scratch(stages: dict, n: int, shards: int = 2) -> None:
+    """A first run into a new directory: every stage built in this call (the base model may come from the shared
+    pretraining cache, and rewards from the shared reward cache)."""
+    assert list(stages) == ["pretrain", "bank_base", "threshold", "finetune", "bank_final"]
+    assert stages["pretrain"]["status"] in ("built", "reused")
+    for name in ("bank_base", "threshold", "finetune", "bank_final"):
+        assert stages[name]["status"] == "built" and stages[name]["seconds"] >= 0, name
+    for name in ("bank_base", "bank_final"):
+        bank = stages[name]
+        assert (bank["samples"], bank["sampled"], bank["from_shards"], bank["from_file"]) == (n, n, 0, 0), name
+        assert (bank["shards"], bank["shards_resumed"]) == (shards, 0) and 0 <= bank["from_cache"] <= n, name
+    assert stages["threshold"]["samples"] == n
+    finetune = stages["finetune"]
+    assert finetune["runs"] == 1 and finetune["steps_reused"] == 0 and finetune["steps_run"] > 0
 
 
 def test_each_tail_objective_beats_the_expected_reward_model_on_its_side(runs):
@@ -159,13 +177,18 @@ def test_mlflow_holds_params_step_metrics_and_artifacts(runs, env):
         assert {"summary.json", "rewards.png", "samples.png"} <= artifacts
 
 
-def test_rerun_with_same_out_reuses_every_stage(runs, env, capsys):
+def test_rerun_with_same_out_reuses_every_stage(runs, env):
     out_dir, before = runs["right"]
     mtime = (out_dir / "bank_final.parquet").stat().st_mtime
     assert main(["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), *SMOKE, *env["common"]]) == 0
-    text = capsys.readouterr().out
-    assert "[bank base] reusing" in text and "[finetune] reusing" in text and "[bank final] reusing" in text
     after = json.loads((out_dir / "summary.json").read_text())
+    stages = after["stages"]
+    assert {name: stage["status"] for name, stage in stages.items()} == {
+        "pretrain": "reused", "bank_base": "reused", "threshold": "built", "finetune": "reused", "bank_final": "reused"}
+    for name in ("bank_base", "bank_final"):
+        assert (stages[name]["from_file"], stages[name]["sampled"]) == (N, 0), name
+    finetune, trained = stages["finetune"], before["stages"]["finetune"]
+    assert (finetune["steps_run"], finetune["steps_reused"]) == (0, trained["steps_run"])
     assert after["finetuned"] == before["finetuned"] and after["threshold"] == before["threshold"]
     assert (out_dir / "bank_final.parquet").stat().st_mtime == mtime
 
@@ -247,11 +270,21 @@ objective: {kind: cvar, side: right, alpha: 0.1, kl_weight: 1.0}
 sampler: {steps: 10}
 bank: {size: 4000, shard_size: 2000}
 eval: {size: 1000}
-finetune: {steps: 10, batch_size: 64, num_workers: 1, log_every: 5, backend: local}
+finetune: {steps: 10, batch_size: 64, num_workers: 1, log_every: 5, checkpoint_every: 5, backend: local}
 """
 
 
-def test_user_flow_model_without_pretraining(env):
+@pytest.fixture(scope="module")
+def user_model_run(env):
+    """The run of ``USER_MODEL_CONFIG``: (config path, out_dir, summary)."""
+    config = env["root"] / "user_model.yaml"
+    config.write_text(USER_MODEL_CONFIG)
+    out_dir = env["root"] / "user_model"
+    assert main(["run", str(config), "--out", str(out_dir), *env["common"]]) == 0
+    return config, out_dir, json.loads((out_dir / "summary.json").read_text())
+
+
+def test_user_flow_model_without_pretraining(user_model_run):
     """A user's module (samples shaped (2, 1); exact velocity of N(mean, I) plus a zero-initialised correction),
     no pretraining: the base bank is N(mean, I) (the SDE's Euler steps keep the mean exactly), summary.json
     records the shape, and checkpoint/model.pt loads into the user's module."""
@@ -260,11 +293,7 @@ def test_user_flow_model_without_pretraining(env):
     from pipelines.models import build_model
     from user_flow_model import gaussian_flow
 
-    config = env["root"] / "user_model.yaml"
-    config.write_text(USER_MODEL_CONFIG)
-    out_dir = env["root"] / "user_model"
-    assert main(["run", str(config), "--out", str(out_dir), *env["common"]]) == 0
-    summary = json.loads((out_dir / "summary.json").read_text())
+    _, out_dir, summary = user_model_run
     assert summary["model"] == {"target": "user_flow_model:gaussian_flow", "kwargs": {"mean": [1.5, -0.5]},
                                 "sample_shape": [2, 1], "dim": 2, "checkpoint": ""}
     assert summary["solver"] == "adjoint"
@@ -278,3 +307,41 @@ def test_user_flow_model_without_pretraining(env):
     x, t = torch.randn(8, 2), torch.rand(8)
     want = network(x.reshape(8, 2, 1), t, None).reshape(8, 2)
     assert torch.allclose(build_model(blob["config"], blob["state_dict"])(x, t), want)
+    # nothing pretrained: no pretrain stage; 64 x 0.1 trajectories per update carry gradient, and the run says so
+    assert list(summary["stages"]) == ["bank_base", "threshold", "finetune", "bank_final"]
+    (warning,) = summary["warnings"]
+    assert warning["kind"] == "thin_tail_signal" and (warning["batch_size"], warning["alpha"]) == (64, 0.1)
+    assert warning["expected"] == pytest.approx(6.4)
+
+
+def test_a_rerun_resumes_a_lost_shard_and_a_lost_training_checkpoint(user_model_run, env):
+    """As if the first run had been killed twice: the base bank's file and its second shard gone (the first
+    shard stays), and the fine-tuned model gone with the training checkpoint of its last step (the one of step 5
+    stays). The rerun samples only the lost shard, keeps the stored one, and trains only steps 6-10."""
+    import shutil
+
+    import torch
+
+    from pipelines.train_session import local_checkpoints
+
+    config, out_dir, _ = user_model_run
+    base = read_bank(out_dir / "bank_base.parquet")
+    (out_dir / "bank_base.parquet").unlink()
+    (out_dir / "bank_base.parquet.shards" / "shard-00001.parquet").unlink()
+    (out_dir / "checkpoint" / "model.pt").unlink()
+    kept = local_checkpoints(out_dir / "train" / "finetune")
+    assert [torch.load(k / "state.pt", weights_only=True)["step"] for k in kept] == [5, 10]
+    shutil.rmtree(kept[-1])
+    assert main(["run", str(config), "--out", str(out_dir), *env["common"]]) == 0
+    after = json.loads((out_dir / "summary.json").read_text())
+    stages = after["stages"]
+    bank = stages["bank_base"]
+    assert bank["status"] == "resumed" and (bank["shards"], bank["shards_resumed"]) == (2, 1)
+    assert (bank["samples"], bank["sampled"], bank["from_shards"], bank["from_file"]) == (4000, 2000, 2000, 0)
+    rebuilt = read_bank(out_dir / "bank_base.parquet")
+    assert rebuilt.ids.tolist() == list(range(4000))
+    np.testing.assert_array_equal(rebuilt.x[:2000], base.x[:2000])  # the stored shard, as it was
+    finetune = stages["finetune"]
+    assert finetune["status"] == "resumed" and (finetune["steps_run"], finetune["steps_reused"]) == (5, 5)
+    final = stages["bank_final"]
+    assert final["status"] == "reused" and (final["sampled"], final["from_file"]) == (0, 1000)

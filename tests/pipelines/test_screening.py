@@ -188,6 +188,21 @@ def screened_run(tmp_path_factory, pretrain_cache, local_ray):
     return root / "run", summary, again, text.getvalue(), f"sqlite:///{root / 'mlflow.db'}"
 
 
+def _assert_table_stars_the_audited_cells(summary: dict) -> None:
+    """The printed table marks exactly the cells named in ``screened_from_audit`` (the audit's estimates)."""
+    from pipelines.summary import format_table
+
+    from_audit = set(summary["screened_from_audit"])
+    starred = set()
+    for line in format_table(summary).splitlines():
+        name, *cells = line.split() or [""]
+        if name != "mean" and "-CVaR(" not in name:
+            continue
+        entry = "mean" if name == "mean" else "cvar_{}.{}".format(*name.rstrip(")").split("-CVaR("))
+        starred |= {f"{col}.{entry}" for col, cell in zip(("base", "finetuned", "target"), cells) if cell.endswith("*")}
+    assert starred == from_audit and starred
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_screened_run_records_its_accounting_and_matches_full_evaluation(screened_run):
@@ -211,7 +226,14 @@ def test_a_screened_run_records_its_accounting_and_matches_full_evaluation(scree
     assert boot["lo"]["cvar_right"]["0.1"] <= summary["target"]["cvar_right"]["0.1"] <= boot["hi"]["cvar_right"]["0.1"]
     assert "base.mean" in summary["screened_from_audit"] and "target.cvar_right.0.1" not in summary["screened_from_audit"]
     assert abs(summary["base"]["mean"] - r.mean()) < 0.15
-    assert "screened evaluation: base" in text and "*" in text and "[bank base] reusing" in text
+    _assert_table_stars_the_audited_cells(summary)
+    first, rerun = summary["stages"], again["stages"]
+    calls = screen["expensive_calls"]
+    assert first["bank_base"]["status"] == "built" and (first["bank_base"]["sampled"], first["bank_base"]["shards"]) == (n, 2)
+    assert (first["bank_base"]["expensive_new"], first["bank_base"]["expensive_stored"]) == (calls, 0)
+    for name in ("bank_base", "bank_final"):  # the rerun reuses both screened banks, calling the reward for nothing
+        assert rerun[name]["status"] == "reused" and rerun[name]["expensive_new"] == 0, name
+    assert rerun["bank_base"]["expensive_calls"] == calls
     assert again["screen"] == screen and again["threshold"] == summary["threshold"]
     import mlflow
 
