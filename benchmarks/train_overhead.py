@@ -11,7 +11,8 @@ The in-process loop then does the same solver steps with the same global batch, 
 process (all cores, no Ray): solver step, backward, gradient clip, Adam with warm-up. Results go to
 ``benchmarks/results/train_overhead.{json,md}``; all times are from one run on one machine. Unless ``--no-local``,
 the same config also runs with ``finetune.backend=local`` (the loop in the driver process, no worker group; one
-worker), and its fine-tuning stage is compared with the same in-process loop.
+worker with ``finetune.cpus_per_worker`` set to the in-process loop's threads), and its fine-tuning stage is
+compared with the same in-process loop.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     backend_local = None
     if not args.no_local:
         subprocess.run([*cli, "run", str(work / "config.yaml"), "--out", str(scratch / "run_local"),
-                        "finetune.backend=local", "finetune.num_workers=1"], check=True)
+                        "finetune.backend=local", "finetune.num_workers=1",
+                        f"finetune.cpus_per_worker={local['threads']}"], check=True)  # the in-process loop's threads
         backend_local = json.loads((scratch / "run_local" / "summary.json").read_text())
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "local_backend": None if backend_local is None else {
             "run_wall_seconds": backend_local.get("wall_seconds"),
             "finetune_seconds": backend_local["finetune_seconds"],
+            "finetune_loop_seconds": backend_local.get("finetune_loop_seconds"),
             "ratio": backend_local["finetune_seconds"] / local["seconds"],
         },
     }
@@ -131,14 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if result["local_backend"] is not None:
         lb = result["local_backend"]
+        lb_loop = lb["finetune_loop_seconds"]
         lines += [
             "",
-            "The same config with `finetune.backend=local` (the loop in the driver, one worker, no worker group):",
+            f"The same config with `finetune.backend=local finetune.num_workers=1 finetune.cpus_per_worker={local['threads']}` "
+            "(the loop in the driver with the in-process loop's threads, no worker group):",
             "",
             "| what | seconds |",
             "|---|---|",
             f"| `tfft run`, whole run | {lb['run_wall_seconds']:.1f} |",
             f"| fine-tuning stage | {lb['finetune_seconds']:.1f} |",
+            f"| training loop | {'n/a' if lb_loop is None else f'{lb_loop:.1f}'} |",
             "",
             f"Ratio of its fine-tuning stage to the in-process loop: **{lb['ratio']:.2f}**.",
         ]
