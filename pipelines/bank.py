@@ -19,7 +19,6 @@ reward cache) or came from shards stored earlier.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -30,70 +29,11 @@ import torch
 
 from pipelines.bankio import Bank, concat_banks, read_bank, write_atomic
 from pipelines.reward_actor import RewardActor, actor_arguments, rows_to_bank
+from pipelines.sampler_actor import SamplerActor
 from pipelines.schema import Config, PoolConfig
 from pipelines.stage_record import BUILT, RESUMED, REUSED, StageRecord
 
-__all__ = ["SamplerActor", "generate_bank", "build_bank", "pool_strategy", "remote_args"]
-
-
-def _seed_for(seed: int, label: str, first_id: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{label}:{first_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class SamplerActor:
-    """Ray Data callable class: ids -> samples from the flow model.
-
-    Args:
-        model: ``[ObjectRef]`` (or ``[(config, state_dict)]``) of the velocity network.
-        sampler: dict with ``kind`` (sde | ode), ``steps`` and ``grid``.
-        seed, label: the noise of a batch is a function of (seed, label, first id in the batch).
-        per_condition: with conditions, the samples per condition (id i has condition i // per_condition);
-            0 without conditions.
-    """
-
-    def __init__(
-        self, model: list[Any], sampler: dict[str, Any], seed: int, label: str, dim: int, use_gpu: bool = False,
-        per_condition: int = 0,
-    ):
-        import ray
-
-        from pipelines.models import build_model
-
-        payload = model[0]
-        if isinstance(payload, ray.ObjectRef):
-            payload = ray.get(payload)
-        config, state = payload
-        torch.set_num_threads(1)
-        # a GPU only when the pool asked for one (Ray then sets CUDA_VISIBLE_DEVICES for this actor)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_model(config, state).to(self.device).eval()
-        self.sampler = dict(sampler)
-        self.seed, self.label, self.dim = seed, label, dim
-        self.per_condition = int(per_condition)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from tfft.sampling import sample_ode, sample_sde, time_grid
-
-        ids = np.asarray(batch["data"], dtype=np.int64).reshape(-1)
-        gen = torch.Generator().manual_seed(_seed_for(self.seed, self.label, int(ids[0])))
-        x0 = torch.randn(len(ids), self.dim, generator=gen).to(self.device)
-        cond = None
-        if self.per_condition:
-            cond = torch.as_tensor(ids // self.per_condition, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            if self.sampler["kind"] == "sde":
-                sde_gen = torch.Generator(device=self.device).manual_seed(
-                    _seed_for(self.seed + 1, self.label, int(ids[0]))
-                )
-                x1 = sample_sde(self.model, x0, int(self.sampler["steps"]), generator=sde_gen, cond=cond)
-            else:
-                grid = time_grid(int(self.sampler["steps"]), kind=self.sampler["grid"]).to(self.device)
-                x1 = sample_ode(self.model, x0, grid, cond)
-        out = {"id": ids, "x": x1.cpu().numpy().astype(np.float64)}
-        if cond is not None:
-            out["cond"] = cond.cpu().numpy().astype(np.int64)
-        return out
+__all__ = ["generate_bank", "build_bank", "pool_strategy", "remote_args"]
 
 
 def pool_strategy(pool: PoolConfig) -> Any:

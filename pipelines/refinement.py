@@ -26,9 +26,11 @@ from pipelines.tracking import TrackedRun
 from tfft.objective import Tilt
 from tfft.refine import RefineRound, TailMeasurement
 
-__all__ = ["refine_threshold", "FineTune"]
+__all__ = ["refine_threshold", "FineTune", "SampleBank"]
 
 FineTune = Callable[[Path, Tilt, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+# (cfg, (model config, state), *, size, label, out_path, log) -> the model's scored bank (`generate_bank`'s shape)
+SampleBank = Callable[..., Bank]
 
 
 class _Rounds:
@@ -40,10 +42,10 @@ class _Rounds:
 
     def __init__(
         self, cfg: Config, out: Path, base: BaseModel, tilt: Tilt,
-        state: dict[str, torch.Tensor], finetune: FineTune, log: Callable[[str], None],
+        state: dict[str, torch.Tensor], finetune: FineTune, log: Callable[[str], None], sample: SampleBank,
     ):
         self.cfg, self.dir, self.base, self.finetune, self.log = cfg, out / "refine", base, finetune, log
-        self.tilt, self.state, self.round = tilt, state, 0
+        self.tilt, self.state, self.round, self.sample = tilt, state, 0, sample
 
     def advance(self, eta: float) -> None:
         """Fine-tune at ``eta`` into ``refine/round-K`` (K = rounds measured so far), warm-started."""
@@ -55,7 +57,7 @@ class _Rounds:
             self.advance(eta)
         self.round += 1
         k = self.round
-        bank = generate_bank(
+        bank = self.sample(
             self.cfg, (self.base.config, self.state), size=self.cfg.threshold.refine_size, label=f"refine{k}",
             out_path=self.dir / f"bank-{k}.parquet", log=self.log,
         )
@@ -77,12 +79,15 @@ def refine_threshold(
     run: TrackedRun,
     finetune: FineTune,
     log: Callable[[str], None] = print,
+    sample: SampleBank = generate_bank,
 ) -> tuple[dict[str, torch.Tensor], Tilt, list[dict[str, Any]]]:
     """Threshold refinement (DESIGN §5) from a model already fine-tuned at ``tilt.eta`` (``state``).
 
     Runs ``threshold.refine_rounds`` rounds of :func:`tfft.refine.refine_threshold`; on the left side the
     bracket is confined to the basin of the bank's eta* on J_L (the valid base-bank rewards and kl_weight are
     passed). Logs ``refine.eta`` and ``refine.tail_mass`` per round to MLflow and the loop's warnings via ``log``.
+    ``sample`` draws and scores each round's bank (`pipelines.bank.generate_bank` through Ray; a test passes its
+    own).
 
     Returns:
         (the state fine-tuned at the refined eta, the tilt at that eta, the rounds as JSON-able dicts:
@@ -90,7 +95,7 @@ def refine_threshold(
     """
     reward, valid = base_bank.scored(cfg.objective.invalid_reward)
     rewards = np.asarray(reward[valid], dtype=np.float64)
-    rounds = _Rounds(cfg, out, base, tilt, state, finetune, log)
+    rounds = _Rounds(cfg, out, base, tilt, state, finetune, log, sample)
 
     def report(record: RefineRound) -> None:
         lo, hi = record.lo, record.hi

@@ -76,7 +76,7 @@ def run_finetune(
     init_state: State | None = None, steps: int | None = None, callbacks: list[Any] | None = None,
     sde_steps: int | None = None, min_valid_fraction: float = 0.0, guard_baseline: float | None = None,
     conditions: list[Any] | None = None, bank_cond: np.ndarray | None = None, log: Callable[[str], None] = print,
-    lora: Any = None, init_adapter: State | None = None,
+    lora: Any = None, init_adapter: State | None = None, call: str | None = None,
 ) -> FinetuneResult:
     """Run the TorchTrainer (``finetune.backend`` ray) or the same loop in this process (local).
 
@@ -91,7 +91,9 @@ def run_finetune(
     model's objective E_q[g] for the guard (None: its first window). ``conditions``: the condition values of a
     conditional run (module docstring); ``bank_cond``: the weighted solver's bank rows' condition indices.
     ``lora``: `pipelines.lora.LoraSettings` (None: full fine-tuning); then only adapters train, ``init_adapter``
-    (peft's format) warm-starts them, and the result's ``state_dict`` is the merged network.
+    (peft's format) warm-starts them, and the result's ``state_dict`` is the merged network. ``call`` names this
+    call in its checkpoints (default: a fresh token), so that steps stored by an earlier call count as reused and a
+    worker group restarted within this call counts its steps as run.
     """
     k = _sde_steps(finetune, sde_steps)
     local = _check(finetune, callbacks)
@@ -105,7 +107,7 @@ def run_finetune(
         "min_valid_fraction": min_valid_fraction, "guard_baseline": guard_baseline,
         "threads": max(1, int(finetune.cpus_per_worker)), "bank_x": bank_x, "bank_weights": bank_weights,
         "mlflow": mlflow, "lora": None if lora is None else lora.to_dict(), "init_adapter": init_adapter,
-        "call": uuid.uuid4().hex,  # tells this call's checkpoints from an earlier call's (pipelines.finetune)
+        "call": call or uuid.uuid4().hex,  # tells this call's checkpoints from an earlier call's (pipelines.finetune)
     }
     if conditions:  # only when set: an unconditional loop config is unchanged
         loop_config.update(conditions=list(conditions), bank_cond=bank_cond)
@@ -126,11 +128,17 @@ def run_finetune(
     if lora_model is not None:
         adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
         state, record = _lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
-    loop_seconds = blob.get("loop_seconds")
-    steps = int(blob["step"])
-    reused = int(blob.get("reused_steps", 0)) if blob.get("call") == loop_config["call"] else steps
-    return FinetuneResult(state, history, solver, checkpoint_path, kept, why, guard.stopped,
-                          None if loop_seconds is None else float(loop_seconds), lora_model, record, steps, reused)
+    loop_seconds, steps, reused = _timing_and_steps(blob, loop_config["call"])
+    return FinetuneResult(state, history, solver, checkpoint_path, kept, why, guard.stopped, loop_seconds,
+                          lora=lora_model, lora_record=record, steps=steps, reused_steps=reused)
+
+
+def _timing_and_steps(blob: dict[str, Any], call: str) -> tuple[float | None, int, int]:
+    """The last checkpoint's loop seconds, last step, and the steps it reused (all of them when an earlier call
+    stored it)."""
+    loop_seconds, steps = blob.get("loop_seconds"), int(blob["step"])
+    reused = int(blob.get("reused_steps", 0)) if blob.get("call") == call else steps
+    return None if loop_seconds is None else float(loop_seconds), steps, reused
 
 
 def _check(finetune: Any, callbacks: list[Any] | None) -> bool:

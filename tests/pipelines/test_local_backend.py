@@ -94,15 +94,10 @@ def test_interrupted_local_run_resumes_from_its_latest_checkpoint(tmp_path, loca
     _assert_same_state(again.state_dict, whole.state_dict)
 
 
-def test_a_restart_within_one_call_reuses_no_steps(tmp_path, monkeypatch):
+def test_a_restart_within_one_call_reuses_no_steps(tmp_path):
     """A worker group restarted by Ray Train resumes within the same driver call: its steps count as run."""
-    import types
-
-    import pipelines.trainer
-
-    monkeypatch.setattr(pipelines.trainer.uuid, "uuid4", lambda: types.SimpleNamespace(hex="one call"))
-    _finetune(tmp_path, "local", 5)  # the first worker group, stopped after step 5's checkpoint
-    restarted, _ = _finetune(tmp_path, "local", 10)
+    _finetune(tmp_path, "local", 5, call="one call")  # the first worker group, stopped after step 5's checkpoint
+    restarted, _ = _finetune(tmp_path, "local", 10, call="one call")
     assert (restarted.steps, restarted.reused_steps) == (10, 0)
 
 

@@ -33,10 +33,9 @@ class _Run:
         self.metrics.append(metrics)
 
 
-def test_refinement_fine_tunes_at_each_rounds_tilt_and_returns_the_refined_one(tmp_path, monkeypatch):
+def test_refinement_fine_tunes_at_each_rounds_tilt_and_returns_the_refined_one(tmp_path):
     size = 20_000
     quantiles = norm.ppf((np.arange(size) + 0.5) / size)
-    monkeypatch.setattr(refinement, "generate_bank", lambda cfg, model, *, size, **kw: _bank(quantiles[:size]))
     cfg = load_config(None, ["threshold.refine_rounds=8", f"threshold.refine_size={size}"])
     tuned: list[Tilt] = []
 
@@ -48,6 +47,7 @@ def test_refinement_fine_tunes_at_each_rounds_tilt_and_returns_the_refined_one(t
     state, tilt, rounds = refinement.refine_threshold(
         cfg, tmp_path, SimpleNamespace(config={}), _bank(quantiles), start, {"eta": torch.tensor(0.0)},
         run=_Run(), finetune=finetune, log=lambda line: None,
+        sample=lambda cfg, model, *, size, **kw: _bank(quantiles[:size]),
     )
     assert [r["round"] for r in rounds] == list(range(1, 9))
     assert all(t == start.with_eta(t.eta) for t in tuned)  # only eta changes between rounds
