@@ -111,11 +111,16 @@ def test_state_dict_is_the_unets_and_round_trips(sd_dir):
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), other.state_dict().values()))
 
 
-def test_bad_settings_name_the_key_before_loading(sd_dir, tmp_path, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the settings were checked")
+def test_bad_settings_name_the_key_before_loading(sd_dir, tmp_path):
+    # a copy of the pipeline whose every weights file is garbage: loading any part would fail with another error
+    import shutil
 
-    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", refuse)
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_dir, broken)
+    weights = [f for f in broken.rglob("*") if f.suffix in (".safetensors", ".bin")]
+    assert weights
+    for f in weights:
+        f.write_bytes(b"not weights")
     with pytest.raises(ConfigError, match=r"'model\.kwargs\.path': .*nowhere.* is not a directory"):
         stable_diffusion(str(tmp_path / "nowhere"))
     partial = tmp_path / "partial"
@@ -125,9 +130,12 @@ def test_bad_settings_name_the_key_before_loading(sd_dir, tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"'model\.kwargs\.path': .*partial.* has no text_encoder/"):
         stable_diffusion(str(partial))
     with pytest.raises(ConfigError, match=r"'model\.kwargs\.dtype'"):
-        stable_diffusion(str(sd_dir), dtype="int8")
+        stable_diffusion(str(broken), dtype="int8")
     with pytest.raises(ConfigError, match=r"'model\.kwargs\.guidance_scale'"):
-        stable_diffusion(str(sd_dir), guidance_scale=-1.0)
+        stable_diffusion(str(broken), guidance_scale=-1.0)
+    with pytest.raises(Exception) as loading:  # the copy is broken indeed: good settings reach the weights
+        stable_diffusion(str(broken))
+    assert "dtype" not in str(loading.value) and "guidance_scale" not in str(loading.value)
     with pytest.raises(ConfigError, match=r"'model\.target' .*'model\.kwargs\.path'"):  # through the pipeline's builder
         build_model({"dim": 256, "target": TARGET, "kwargs": {"path": str(tmp_path / "nowhere")},
                      "sample_shape": [4, 8, 8]})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import time
 from pathlib import Path
 
@@ -113,13 +112,22 @@ def test_calls_in_flight_overlap(fault_command):
     assert wall < 1.2
 
 
-def test_temporary_directories_are_removed(fault_command, tmp_path, monkeypatch):
+def test_temporary_directories_are_removed(fault_command, tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    command = fault_command(batch_size=2, timeout_s=0.3, retries=0)
+    command = fault_command(batch_size=2, timeout_s=0.3, retries=0, scratch_dir=str(scratch))
     command.evaluate_detailed(coded([GOOD, GARBAGE, HANG, GOOD]))
     assert list(scratch.iterdir()) == []
+    # the calls did work in scratch_dir: a command that records where its input was
+    seen = tmp_path / "seen.txt"
+    script = ("import sys, numpy as np; open(sys.argv[3], 'a').write(sys.argv[1] + '\\n'); "
+              "np.save(sys.argv[2], np.load(sys.argv[1]).sum(1))")
+    where = Command(["{python}", "-c", script, "{input}", "{output}", str(seen)], batch_size=2, scratch_dir=str(scratch))
+    assert where.evaluate_detailed(np.ones((4, 2))).valid.all()
+    dirs = {Path(line).parent.parent for line in seen.read_text().split()}
+    assert dirs == {scratch} and list(scratch.iterdir()) == []
+    with pytest.raises(ValueError, match="scratch_dir"):
+        Command(["{python}", "-c", "", "{input}", "{output}"], scratch_dir=str(tmp_path / "nowhere"))
 
 
 def test_evaluate_returns_a_reward_batch_and_pickles(fault_command):
