@@ -143,7 +143,9 @@ def _batch(out: dict[str, Any], like: torch.Tensor) -> RewardBatch:
 def served_differentiable(cfg: Config) -> bool:
     """Whether the reward to serve has gradients, read from its class without building it (functions do)."""
     obj = import_object(cfg.reward.target)
-    return bool(getattr(obj, "differentiable", True)) if isinstance(obj, (type, Reward)) else True
+    if isinstance(obj, Reward) or (isinstance(obj, type) and issubclass(obj, Reward)):
+        return bool(obj.differentiable)  # declared on Reward
+    return True  # a plain function (wrapped with autograd gradients) or a callable class not derived from Reward
 
 
 def _deployment(sv: ServeConfig) -> Any:
