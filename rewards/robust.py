@@ -322,7 +322,7 @@ def evaluate_reward_robust(
     :class:`rewards.simulator.Command`) is used as is and the other arguments are ignored, except by a
     reward with ``robust_settings`` (`rewards.compose.WeightedSum`), which gets them for its in-process parts.
     """
-    if getattr(reward, "robust_settings", False):
+    if reward.robust_settings:  # declared on Reward
         return reward.evaluate_detailed(
             np.asarray(x, dtype=np.float64), batch_size=batch_size, max_in_flight=max_in_flight,
             retries=retries, backoff_s=backoff_s, split=split,
