@@ -55,21 +55,14 @@ def _shard_path(directory: Path, index: int) -> Path:
     return directory / f"shard-{index:05d}.parquet"
 
 
-def generate_bank(
-    cfg: Config,
-    model: tuple[dict[str, Any], dict[str, torch.Tensor]],
-    *,
-    size: int,
-    label: str,
-    out_path: str | Path,
-    log: Callable[[str], None] = print,
-) -> Bank:
-    """Sample ``size`` points from ``model``, score them, and write ``out_path`` (parquet).
+def generate_bank(cfg: Config, model: tuple[dict[str, Any], dict[str, torch.Tensor]], **where: Any) -> Bank:
+    """Sample ``size`` points from ``model``, score them, and write ``out_path`` (parquet): :func:`build_bank`
+    (keywords ``size``, ``label``, ``out_path``, ``log``) without its record.
 
     Shards go to ``<out_path>.shards/``; shards already there are kept (resume). With ``data.conditions``
     ``size`` is the total, a multiple of the number of conditions (module docstring).
     """
-    return build_bank(cfg, model, size=size, label=label, out_path=out_path, log=log)[0]
+    return build_bank(cfg, model, **where)[0]
 
 
 def build_bank(
