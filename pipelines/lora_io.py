@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
 __all__ = ["ADAPTER_FILE", "MERGED_FILE", "adapter_state", "load_adapter", "merged_state", "read_adapter",
-           "save_lora_checkpoint"]
+           "save_lora_checkpoint", "driver_lora", "lora_outcome"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
 MERGED_FILE = "merged.safetensors"
+State = dict[str, Tensor]
 
 
 def adapter_state(peft_model: nn.Module) -> dict[str, Tensor]:
@@ -66,3 +67,31 @@ def save_lora_checkpoint(
         save_file(state, str(directory / MERGED_FILE))
         files.append(MERGED_FILE)
     return files
+
+
+def driver_lora(lora: Any, model_config: dict[str, Any], base_state: State, init_adapter: State | None,
+                 log: Callable[[str], None]) -> Any:
+    """The LoRA model on the driver (None without LoRA): it counts the parameters for the log line, and after
+    training it takes the kept adapter, to merge and save."""
+    if lora is None:
+        return None
+    from pipelines.lora import build_lora_model, count_parameters, lora_log_line
+
+    model = build_lora_model(model_config, base_state, lora, adapter=init_adapter)
+    log(lora_log_line(lora, *count_parameters(model.velocity)))
+    return model
+
+
+def lora_outcome(lora_model: Any, lora: Any, adapter: State | None,
+                  peak_memory: int | None) -> tuple[State, dict[str, Any]]:
+    """(merged state with ``adapter`` loaded (None: keep the starting one), ``summary.json["lora"]``)."""
+    from pipelines.lora import count_parameters
+
+    if adapter is not None:
+        load_adapter(lora_model.peft, adapter)
+    trainable, total = count_parameters(lora_model.velocity)
+    record = {**lora.to_dict(), "target_modules": list(lora_model.targets), "patterns": list(lora.target_modules),
+              "trainable": trainable, "total": total}
+    if peak_memory is not None:
+        record["peak_memory_bytes"] = int(peak_memory)
+    return merged_state(lora_model.peft), record

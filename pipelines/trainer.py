@@ -25,6 +25,7 @@ import torch
 from pipelines.config import ConfigError
 from pipelines.finetune import run_loop, train_loop
 from pipelines.guard import Guard
+from pipelines.lora_io import driver_lora, lora_outcome
 from tfft.objective import Tilt
 
 __all__ = ["FinetuneResult", "run_finetune"]
@@ -91,9 +92,8 @@ def run_finetune(
     model's objective E_q[g] for the guard (None: its first window). ``conditions``: the condition values of a
     conditional run (module docstring); ``bank_cond``: the weighted solver's bank rows' condition indices.
     ``lora``: `pipelines.lora.LoraSettings` (None: full fine-tuning); then only adapters train, ``init_adapter``
-    (peft's format) warm-starts them, and the result's ``state_dict`` is the merged network. ``call`` names this
-    call in its checkpoints (default: a fresh token), so that steps stored by an earlier call count as reused and a
-    worker group restarted within this call counts its steps as run.
+    (peft's format) warm-starts them, and the result's ``state_dict`` is the merged network. ``call`` names this call
+    in its checkpoints (default: a fresh token): steps an earlier call stored count as reused, a restart's as run.
     """
     k = _sde_steps(finetune, sde_steps)
     local = _check(finetune, callbacks)
@@ -115,10 +115,9 @@ def run_finetune(
         f"[finetune] solver={solver}, {1 if local else finetune.num_workers} workers{' (local)' if local else ''}, "
         f"{loop_config['steps']} steps, global batch {finetune.batch_size}"
     )
-    lora_model = _driver_lora(lora, model_config, base_state, init_adapter, log)
+    lora_model = driver_lora(lora, model_config, base_state, init_adapter, log)
     fit = _fit_local if local else _fit_ray
-    blob, history, checkpoint_path = fit(loop_config, finetune, name=name, storage_path=storage_path,
-                                         callbacks=callbacks)
+    blob, history, checkpoint_path = fit(loop_config, finetune, name=name, storage_path=storage_path, callbacks=callbacks)
     guard = Guard(enabled=finetune.guard, metric=finetune.guard_metric, baseline=guard_baseline)
     guard.load_state_dict(blob["guard"])
     kept, why = guard.keep()
@@ -127,7 +126,7 @@ def run_finetune(
     record = None
     if lora_model is not None:
         adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
-        state, record = _lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
+        state, record = lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
     loop_seconds, steps, reused = _timing_and_steps(blob, loop_config["call"])
     return FinetuneResult(state, history, solver, checkpoint_path, kept, why, guard.stopped, loop_seconds,
                           lora=lora_model, lora_record=record, steps=steps, reused_steps=reused)
@@ -227,31 +226,3 @@ def _fit_local(loop_config: dict[str, Any], finetune: Any, *, name: str, storage
         raise RuntimeError("fine-tuning finished without a checkpoint")
     blob = torch.load(kept[-1] / "state.pt", map_location="cpu", weights_only=True)
     return blob, session.kept_metrics(), str(kept[-1])
-
-
-def _driver_lora(lora: Any, model_config: dict[str, Any], base_state: State, init_adapter: State | None,
-                 log: Callable[[str], None]) -> Any:
-    """The LoRA model on the driver (None without LoRA): it counts the parameters for the log line, and after
-    training it takes the kept adapter, to merge and save."""
-    if lora is None:
-        return None
-    from pipelines.lora import build_lora_model, count_parameters, lora_log_line
-
-    model = build_lora_model(model_config, base_state, lora, adapter=init_adapter)
-    log(lora_log_line(lora, *count_parameters(model.velocity)))
-    return model
-
-
-def _lora_outcome(lora_model: Any, lora: Any, adapter: State | None,
-                  peak_memory: int | None) -> tuple[State, dict[str, Any]]:
-    """(merged state with ``adapter`` loaded (None: keep the starting one), ``summary.json["lora"]``)."""
-    from pipelines.lora import count_parameters, load_adapter, merged_state
-
-    if adapter is not None:
-        load_adapter(lora_model.peft, adapter)
-    trainable, total = count_parameters(lora_model.velocity)
-    record = {**lora.to_dict(), "target_modules": list(lora_model.targets), "patterns": list(lora.target_modules),
-              "trainable": trainable, "total": total}
-    if peak_memory is not None:
-        record["peak_memory_bytes"] = int(peak_memory)
-    return merged_state(lora_model.peft), record
