@@ -117,7 +117,7 @@ def run_finetune(
     )
     lora_model = driver_lora(lora, model_config, base_state, init_adapter, log)
     fit = _fit_local if local else _fit_ray
-    blob, history, checkpoint_path = fit(loop_config, finetune, name=name, storage_path=storage_path, callbacks=callbacks)
+    blob, history, where = fit(loop_config, finetune, name=name, storage_path=storage_path, callbacks=callbacks)
     guard = Guard(enabled=finetune.guard, metric=finetune.guard_metric, baseline=guard_baseline)
     guard.load_state_dict(blob["guard"])
     kept, why = guard.keep()
@@ -128,7 +128,7 @@ def run_finetune(
         adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
         state, record = lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
     loop_seconds, steps, reused = _timing_and_steps(blob, loop_config["call"])
-    return FinetuneResult(state, history, solver, checkpoint_path, kept, why, guard.stopped, loop_seconds,
+    return FinetuneResult(state, history, solver, where, kept, why, guard.stopped, loop_seconds,
                           lora=lora_model, lora_record=record, steps=steps, reused_steps=reused)
 
 
