@@ -25,10 +25,9 @@ STAT_KEYS = {"n", "n_valid", "mean", "cvar_right", "cvar_left"}
 LEVELS = {"0.05", "0.1", "0.2"}
 N = 10_000
 SMOKE = [f"bank.size={N}", f"eval.size={N}", "finetune.steps=300", "sampler.steps=20"]
-# In-process fine-tuning (no worker-group start-up) for every run but right-CVaR, which keeps Ray Train's DDP
-# worker group (two workers, as the configs ship).
+# In-process fine-tuning (no worker-group start-up): Ray Train's DDP worker group on the local Ray is the one-trial
+# sweep's in test_sweep.py (two workers), on a cluster test_cluster.py's.
 LOCAL = ["finetune.backend=local", "finetune.num_workers=1"]
-RAY_TRAIN = ("right",)
 
 USER_MODULE = '''
 import numpy as np
@@ -60,8 +59,7 @@ def runs(env):
     out = {}
     for name in ("mean", "right", "left"):
         out_dir = env["root"] / name
-        backend = [] if name in RAY_TRAIN else LOCAL
-        code = main(["run", str(ROOT / f"tune_configs/toy2d_{name}.yaml"), "--out", str(out_dir), *SMOKE, *backend,
+        code = main(["run", str(ROOT / f"tune_configs/toy2d_{name}.yaml"), "--out", str(out_dir), *SMOKE, *LOCAL,
                      *env["common"]])
         assert code == 0
         out[name] = (out_dir, json.loads((out_dir / "summary.json").read_text()))
