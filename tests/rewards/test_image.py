@@ -173,24 +173,29 @@ def test_latent_decoded_is_decode_then_reward(dirs):
     assert torch.allclose(copy.evaluate(z, cond=PROMPTS).rewards, want, atol=1e-4)
 
 
-def test_bad_paths_name_the_kwarg_before_loading(dirs, tmp_path, monkeypatch):
-    import transformers
+def test_bad_paths_name_the_kwarg_before_loading(dirs, tmp_path):
+    # a copy of the CLIP model whose weights are garbage: loading it would fail with another error
+    import shutil
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the paths were checked")
-
-    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", refuse)
+    broken = tmp_path / "broken_clip"
+    shutil.copytree(dirs["clip"], broken)
+    weights = [f for f in broken.rglob("*") if f.suffix in (".safetensors", ".bin")]
+    assert weights
+    for f in weights:
+        f.write_bytes(b"not weights")
     missing = tmp_path / "nowhere"
     with pytest.raises(ValueError, match=r"'reward\.kwargs\.path': .*nowhere.* is not a directory"):
         ClipScore(str(missing), IMAGE)
     with pytest.raises(ValueError, match=r"'reward\.kwargs\.path': .* has no config\.json"):
         ClipScore(str(tmp_path), IMAGE)
     with pytest.raises(ValueError, match=r"'reward\.kwargs\.head': .*head\.pt.* is not a file"):
-        AestheticScore(str(dirs["clip"]), str(tmp_path / "head.pt"), IMAGE)
+        AestheticScore(str(broken), str(tmp_path / "head.pt"), IMAGE)
     with pytest.raises(ValueError, match=r"'reward\.kwargs\.vae_path': .*nowhere"):
-        LatentDecoded(str(missing), "rewards.image:ClipScore", {"path": str(dirs["clip"])})
+        LatentDecoded(str(missing), "rewards.image:ClipScore", {"path": str(broken)})
     with pytest.raises(ValueError, match=r"'reward\.kwargs\.image_shape'"):
-        ClipScore(str(dirs["clip"]), [16, 16])
+        ClipScore(str(broken), [16, 16])
     with pytest.raises(ValueError, match="ClipScore needs prompts"):
-        monkeypatch.undo()
-        ClipScore(str(dirs["clip"]), IMAGE).evaluate(_images(1))
+        ClipScore(str(broken), IMAGE).evaluate(_images(1))
+    with pytest.raises(Exception) as loading:  # the copy is broken indeed: good settings reach the weights
+        ClipScore(str(broken), IMAGE).evaluate(_images(1), cond=["a red disc"])
+    assert "reward.kwargs" not in str(loading.value)
