@@ -132,8 +132,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.command == "sweep":
         from pipelines.config import ConfigError
-        from pipelines.sweep import run_sweep
-        from pipelines.sweep_spec import load_sweep
+        from pipelines.sweep.run import run_sweep
+        from pipelines.sweep.spec import load_sweep
 
         overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
         sweep = load_sweep(args.config, overrides)

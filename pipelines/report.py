@@ -187,7 +187,7 @@ def write_report(sweep_dir: str | Path, *, run: Any = None, log: Callable[[str],
 def report_sweep(sweep_dir: str | Path, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """``tfft report DIR``: :func:`write_report`, logged to the sweep's parent run when it has one."""
     from pipelines.config import ConfigError
-    from pipelines.sweep_tracking import RetryingRun
+    from pipelines.sweep.tracking import RetryingRun
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "sweep.json").is_file():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import faulthandler
 
-from pipelines.sweep_tracking import RetryingRun
+from pipelines.sweep.tracking import RetryingRun
 from pipelines.tracking import MetricLogger
 
 

@@ -71,7 +71,7 @@ def test_features_without_conditions_support_are_refused(override, key):
 def test_http_rewards_and_sweeps_are_refused():
     _error(["data.conditions=[a,b]", "reward.target=rewards.http:Endpoint", "reward.kwargs={url: 'http://h:1'}"],
            "reward.target")
-    from pipelines.sweep_spec import load_sweep
+    from pipelines.sweep.spec import load_sweep
 
     sweep = ROOT / "tune_configs" / "sweep_toy2d.yaml"
     with pytest.raises(ConfigError, match="'data.conditions'"):

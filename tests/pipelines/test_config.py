@@ -26,7 +26,7 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path, tmp_path):
     if path.name.startswith("sweep_"):  # a run config plus a `sweep:` section
-        from pipelines.sweep_spec import load_sweep
+        from pipelines.sweep.spec import load_sweep
 
         assert load_sweep(path) is not None
     elif path.name == "sd_tiny_clip.yaml":  # its pipeline directories are written first, as its header says

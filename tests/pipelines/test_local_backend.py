@@ -123,7 +123,7 @@ def test_local_backend_config_errors(tmp_path):
 
 
 def test_sweeps_accept_the_local_backend_on_cpu(tmp_path):
-    from pipelines.sweep_spec import load_sweep
+    from pipelines.sweep.spec import load_sweep
 
     config = tmp_path / "sweep.yaml"
     config.write_text("finetune: {num_workers: 1}\nsweep: {parameters: {finetune: {lr: {grid: [0.001, 0.01]}}}}\n")

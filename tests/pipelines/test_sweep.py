@@ -25,9 +25,9 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.schema import Config
-from pipelines.sweep_scheduler import asha_scheduler
-from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
-from pipelines.sweep_spec import load_sweep
+from pipelines.sweep.scheduler import asha_scheduler
+from pipelines.sweep.resources import DRIVER_CPUS, fit_trial, plan_concurrency
+from pipelines.sweep.spec import load_sweep
 from pipelines.train_session import local_checkpoints
 
 from mlflow_writer import hammer  # tests/pipelines: light to import in a spawned process

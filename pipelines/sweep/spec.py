@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.schema import Config
-from pipelines.sweep_section import Domain, SchedulerConfig, SweepConfig, parse_sweep
+from pipelines.sweep.section import Domain, SchedulerConfig, SweepConfig, parse_sweep
 
 __all__ = ["Domain", "SchedulerConfig", "SweepConfig", "TrialSpec", "Sweep", "load_sweep", "parse_sweep", "expand"]
 

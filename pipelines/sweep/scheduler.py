@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from pipelines.config import ConfigError
-from pipelines.sweep_spec import Sweep, TrialSpec
+from pipelines.sweep.spec import Sweep, TrialSpec
 
 __all__ = ["TRAIN_METRICS", "check_scheduler", "asha_scheduler", "completed_callback"]
 

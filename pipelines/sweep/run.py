@@ -1,20 +1,19 @@
 """``tfft sweep``: Ray Tune over the tail level, the KL weight or any other key, from one shared base bank.
 
-    sweep config --(pipelines.sweep_spec: validated trials, before Ray starts)--> base model + bank
+    sweep config --(pipelines.sweep.spec: validated trials, before Ray starts)--> base model + bank
     (once per bank group) --> Tune: one driver function per trial, each runs threshold -> fine-tune
     (its own TorchTrainer) -> evaluate into DIR/trials/<name>/ --> DIR/report/ (pipelines.report)
 
 Each trial is a Tune function trainable that builds and fits a TorchTrainer (the Train V2 way); the
 trainer's reports reach Tune (and the optional ASHA scheduler) through ``TuneReportCallback``; with
-``finetune.backend: local`` the trial runs the loop in its own process and forwards its reports (``pipelines.
-sweep_trial``). MLflow
-holds a parent run for the sweep and a nested run per trial, all created by this driver before Tune
-starts; trials only log metrics and artifacts into them, with retries. A trial is done when its
+``finetune.backend: local`` the trial runs the loop in its own process and forwards its reports
+(`pipelines.sweep.trial`). MLflow holds a parent run for the sweep and a nested run per trial, all created by
+this driver before Tune starts; trials only log metrics and artifacts into them, with retries. A trial is done when its
 ``summary.json`` exists: a restarted sweep skips those trials and resumes the others from their stages
 (fine-tuning checkpoints, banks). ``DIR/trials.log`` records what happened to every trial.
 
-One trial's function is `pipelines.sweep_trial`; the scheduler and its checks `pipelines.sweep_scheduler`;
-resources `pipelines.sweep_resources`; MLflow runs that retry `pipelines.sweep_tracking`.
+One trial's function is `pipelines.sweep.trial`; the scheduler and its checks `pipelines.sweep.scheduler`;
+resources `pipelines.sweep.resources`; MLflow runs that retry `pipelines.sweep.tracking`.
 """
 
 from __future__ import annotations
@@ -30,11 +29,11 @@ from pipelines.serving import detach
 from pipelines.schema import Config
 from pipelines.stages.base import attach_reward, prepare_base
 from pipelines.stages.preflight import RunPlan, resolve_plan
-from pipelines.sweep_resources import DRIVER_CPUS, fit_trial, plan_concurrency
-from pipelines.sweep_scheduler import asha_scheduler, check_scheduler, completed_callback
-from pipelines.sweep_spec import Sweep, TrialSpec
-from pipelines.sweep_tracking import RetryingRun, open_or_reuse
-from pipelines.sweep_trial import append_log, one_line, trial_main
+from pipelines.sweep.resources import DRIVER_CPUS, fit_trial, plan_concurrency
+from pipelines.sweep.scheduler import asha_scheduler, check_scheduler, completed_callback
+from pipelines.sweep.spec import Sweep, TrialSpec
+from pipelines.sweep.tracking import RetryingRun, open_or_reuse
+from pipelines.sweep.trial import append_log, one_line, trial_main
 from pipelines.tracking import resolve_tracking_uri
 
 __all__ = ["run_sweep"]
@@ -212,7 +211,7 @@ def _concurrency(sweep: Sweep, todo: list[TrialSpec]) -> tuple[float, int]:
 
 
 def _job(trial: TrialSpec, cfg: Config, out: Path, plan: RunPlan, run_id: str | None, uri: str) -> dict[str, Any]:
-    """What `pipelines.sweep_trial.trial_main` reads of a trial; ``cfg`` its config fitted to the CPU budget."""
+    """What `pipelines.sweep.trial.trial_main` reads of a trial; ``cfg`` its config fitted to the CPU budget."""
     return {
         "name": trial.name,
         "params": trial.params,

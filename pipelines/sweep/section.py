@@ -1,5 +1,5 @@
 """The ``sweep:`` section itself (``parameters``, ``num_samples``, ``seed``, ``max_concurrent_trials``,
-``scheduler``): parsed and checked into a :class:`SweepConfig` (`pipelines.sweep_spec` expands it into trials)."""
+``scheduler``): parsed and checked into a :class:`SweepConfig` (`pipelines.sweep.spec` expands it into trials)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     """The ``sweep:`` section: domains, repeats of the grid, seed of the random draws, trials at once
-    (0: derived from the cluster, :mod:`pipelines.sweep_resources`), optional early stopping."""
+    (0: derived from the cluster, :mod:`pipelines.sweep.resources`), optional early stopping."""
 
     parameters: tuple[Domain, ...]
     num_samples: int = 1

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipelines.run import run_from_bank
 from pipelines.schema import Config
-from pipelines.sweep_tracking import RetryingRun
+from pipelines.sweep.tracking import RetryingRun
 
 __all__ = ["trial_main", "append_log", "one_line"]
 
