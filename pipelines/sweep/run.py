@@ -19,6 +19,7 @@ resources `pipelines.sweep.resources`; MLflow runs that retry `pipelines.sweep.t
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,7 +65,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, log: Callable[[str], None] = pri
     state_path.write_text(json.dumps(state, indent=2))
     if todo:
         try:
-            _tune(sweep, out, todo, plans, banks, runs, uri, log)
+            _tune(_Pending(sweep, out, todo, plans, banks, runs, uri, log))
         except BaseException:
             parent.finish("KILLED")
             raise
@@ -126,41 +127,40 @@ def _finish(parent: RetryingRun, statuses: dict[str, str], out: Path, log: Calla
         log("[sweep] interrupted: run the same command again to finish the remaining trials")
 
 
-def _tune(
-    sweep: Sweep,
-    out: Path,
-    todo: list[TrialSpec],
-    plans: dict[str, RunPlan],
-    banks: dict[str, str],
-    runs: dict[str, str | None],
-    uri: str,
-    log: Callable[[str], None],
-) -> None:
+@dataclass(frozen=True)
+class _Pending:
+    """The trials left to run and what they share: the sweep, its directory, each trial's plan, the bank paths by
+    group, the MLflow run ids by trial, the tracking URI and the log."""
+
+    sweep: Sweep
+    out: Path
+    todo: list[TrialSpec]
+    plans: dict[str, RunPlan]
+    banks: dict[str, str]
+    runs: dict[str, str | None]
+    uri: str
+    log: Callable[[str], None]
+
+
+def _tune(pending: _Pending) -> None:
     served, started = {}, []
-    for trial in todo:  # a served reward: one Serve application for every trial (joined by name after the first)
-        served[trial.name], new = attach_reward(trial.config, log)
+    for trial in pending.todo:  # a served reward: one Serve application for all trials (joined by name)
+        served[trial.name], new = attach_reward(trial.config, pending.log)
         if new:
             started.append(served[trial.name])
     try:
-        _tune_served(sweep, out, todo, served, plans, banks, runs, uri, log)
+        _tune_served(pending, served)
     finally:
         for cfg in started:
-            detach(cfg, True, log=log)
+            detach(cfg, True, log=pending.log)
 
 
-def _tune_served(
-    sweep: Sweep,
-    out: Path,
-    todo: list[TrialSpec],
-    served: dict[str, Config],
-    plans: dict[str, RunPlan],
-    banks: dict[str, str],
-    runs: dict[str, str | None],
-    uri: str,
-    log: Callable[[str], None],
-) -> None:
+def _tune_served(pending: _Pending, served: dict[str, Config]) -> None:
     """:func:`_tune` once the trials' configs point at their served reward (``served``: trial name -> config)."""
     from ray import tune
+
+    sweep, out, todo, plans, banks, runs, uri, log = (
+        pending.sweep, pending.out, pending.todo, pending.plans, pending.banks, pending.runs, pending.uri, pending.log)
 
     bases = {}
     for trial in todo:  # one base model and bank per group, before any trial starts

@@ -81,14 +81,18 @@ def _int(raw: dict[str, Any], key: str, default: int, minimum: int, section: str
     return value
 
 
+def _check_keys(section: dict[str, Any], known: set[str], prefix: str) -> None:
+    """ConfigError naming the first key of ``section`` that is not ``known`` (as ``prefix.key``)."""
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}.{key}'")
+
+
 def parse_sweep(raw: Any) -> SweepConfig:
     """The ``sweep:`` section as a plain dict -> :class:`SweepConfig`; problems raise ConfigError naming the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"'sweep' must be a mapping, got {raw!r}")
-    known = {"parameters", "num_samples", "seed", "max_concurrent_trials", "scheduler"}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"unknown config key 'sweep.{key}'")
+    _check_keys(raw, {"parameters", "num_samples", "seed", "max_concurrent_trials", "scheduler"}, "sweep")
     flat: dict[str, Any] = {}
     _flatten("", raw.get("parameters") or {}, flat)
     scheduler = None
@@ -96,10 +100,7 @@ def parse_sweep(raw: Any) -> SweepConfig:
     if sched is not None:
         if not isinstance(sched, dict):
             raise ConfigError(f"'sweep.scheduler' must be a mapping or null, got {sched!r}")
-        fields = {"kind", "metric", "mode", "grace_period", "reduction_factor"}
-        for key in sched:
-            if key not in fields:
-                raise ConfigError(f"unknown config key 'sweep.scheduler.{key}'")
+        _check_keys(sched, {"kind", "metric", "mode", "grace_period", "reduction_factor"}, "sweep.scheduler")
         if sched.get("kind", "asha") != "asha":
             raise ConfigError(f"'sweep.scheduler.kind' must be 'asha', got {sched['kind']!r}")
         if sched.get("mode", "max") not in ("max", "min"):
