@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from pipelines.schema import FinetuneConfig, RayConfig
 
-__all__ = ["connect", "check_address", "check_local_capacity"]
+__all__ = ["connect", "check_address", "check_local_capacity", "environ"]
 
 
 def _address(ray_cfg: RayConfig) -> str:
@@ -103,7 +103,7 @@ def connect(ray_cfg: RayConfig, *, log=print) -> None:
         # API) would otherwise find every local Ray on this machine and pick the latest: another run's. Fixing
         # the GCS port before the start lets the workers be told which cluster is theirs.
         runtime_env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}}
-        with _environ(RAY_GCS_SERVER_PORT=str(port)):
+        with environ(RAY_GCS_SERVER_PORT=str(port)):
             ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
                      **kwargs)
     res = ray.cluster_resources()
@@ -127,7 +127,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
+def environ(**values: str) -> Iterator[None]:
     """Set environment variables for the duration of the block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)

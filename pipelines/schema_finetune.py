@@ -77,7 +77,8 @@ class FinetuneConfig:
     (molecules), guard on pseudo_reward. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every``
     steps. Workers: ``num_workers`` (DDP), ``cpus_per_worker``, one GPU each when ``use_gpu``, plus custom
     ``resources_per_worker`` (e.g. ``{train_node: 1}``); a failed worker group restarts from the latest
-    checkpoint up to ``max_failures`` times. ``backend``: ray (default: the Ray Train worker group above) |
+    checkpoint up to ``max_failures`` times; Ray Train's controller polls the workers every ``poll_interval_s``
+    seconds, which is also how late it notices that training ended or a worker died. ``backend``: ray (default: the Ray Train worker group above) |
     local (the same loop in the driver process, one worker, ``num_workers`` must be 1, cuda:0 when ``use_gpu``;
     no worker group start-up, for short runs, laptops and tests; checkpoints and resume as with ray, no
     ``max_failures`` restarts; sweeps need ray).
@@ -117,6 +118,7 @@ class FinetuneConfig:
     log_every: int = 25
     checkpoint_every: int = 100
     max_failures: int = 2
+    poll_interval_s: float = 0.25
     backend: str = "ray"
     lora: LoraConfig = field(default_factory=LoraConfig)
 

@@ -169,6 +169,7 @@ def _fit_ray(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_p
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.raysession import environ
     from pipelines.storage import ray_storage
 
     filesystem, storage_path = ray_storage(storage_path)  # a store URI: its filesystem and the path in it
@@ -193,7 +194,9 @@ def _fit_ray(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_p
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    # Train's controller reads its poll interval from the environment (copied to its actor at fit)
+    with environ(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(finetune.poll_interval_s)):
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"fine-tuning failed: {result.error}")
     if result.checkpoint is None:

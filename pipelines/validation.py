@@ -110,6 +110,7 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _require(ft.checkpoint_every >= 1, "finetune.checkpoint_every", f"must be >= 1, got {ft.checkpoint_every}")
     _check_resources("finetune.resources_per_worker", ft.resources_per_worker)
     _require(ft.max_failures >= 0, "finetune.max_failures", f"must be >= 0, got {ft.max_failures}")
+    _require(ft.poll_interval_s > 0, "finetune.poll_interval_s", f"must be > 0 seconds, got {ft.poll_interval_s}")
     _require(ft.backend in ("ray", "local"), "finetune.backend", f"must be 'ray' or 'local', got {ft.backend!r}")
     _require(ft.backend == "ray" or ft.num_workers == 1, "finetune.backend",
              f"local runs one worker in this process: set 'finetune.num_workers' to 1 (got {ft.num_workers}) "

@@ -57,6 +57,7 @@ def test_shipped_configs_validate(path, tmp_path):
         ("finetune.sde_steps=1", "finetune.sde_steps"),
         ("finetune.clip_quantile=1.5", "finetune.clip_quantile"),
         ("finetune.oversample=0", "finetune.oversample"),
+        ("finetune.poll_interval_s=0", "finetune.poll_interval_s"),
         ("finetune.clip_factor=0.5", "finetune.clip_factor"),
         ("finetune.guard_validity_drop=2", "finetune.guard_validity_drop"),
         ("finetune.guard_patience=-1", "finetune.guard_patience"),
