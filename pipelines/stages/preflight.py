@@ -14,11 +14,12 @@ from typing import Any, Callable, Literal, Mapping
 from pipelines.config import ConfigError
 from pipelines.raysession import check_address, check_local_capacity
 from pipelines.schema import Config
+from pipelines.schema_finetune import FinetuneConfig
 from pipelines.serving import PROXY, served_differentiable
 from rewards.base import load_reward
 
 __all__ = ["RunPlan", "preflight", "resolve_plan", "training_steps", "sampler_record", "SamplerWarning",
-           "sampler_warnings"]
+           "sampler_warnings", "ADJOINT_ONLY"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class SamplerWarning:
 
     ``kind``: ``two_samplers`` (numbers: ``sampler_kind``, ``sampler_steps``, ``finetune_sde_steps``) or
     ``thin_tail_signal`` (numbers: ``expected`` trajectories per update with gradient, ``batch_size``,
-    ``oversample``, ``alpha``).
+    ``oversample``, ``alpha``) or ``ignored_by_solver`` (numbers: ``solver``, ``keys``: the adjoint-only
+    ``finetune`` settings moved off their defaults, which the weighted solver does not read).
     """
 
     kind: str
@@ -99,6 +101,10 @@ class SamplerWarning:
             return (f"about {n['expected']:.0f} trajectories per update carry gradient (batch_size {n['batch_size']} x "
                     f"oversample {n['oversample']} x alpha {n['alpha']:g}); aim for 16 or more: raise "
                     "finetune.batch_size or finetune.oversample")
+        if self.kind == "ignored_by_solver":
+            keys = ", ".join(f"finetune.{k}" for k in n["keys"])
+            return (f"the {n['solver']} solver trains on the bank's rows and ignores {keys} (adjoint matching "
+                    "only): drop them, or set finetune.solver=adjoint")
         raise ValueError(f"unknown sampler warning kind {self.kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,9 +112,19 @@ class SamplerWarning:
         return {"kind": self.kind, **self.numbers, "message": str(self)}
 
 
+# The finetune settings that only adjoint matching reads (`pipelines.train_build.build_solver`).
+ADJOINT_ONLY = ("sde_steps", "late_fraction", "n_early", "normalize", "clip_quantile", "clip_factor", "oversample",
+                "fast_path", "loss_chunk", "autocast", "reweight", "reward_grad_clip")
+
+
 def sampler_warnings(cfg: Config, solver: str) -> list[SamplerWarning]:
-    """Configurations that work but weaken the result: two samplers, too little tail signal per update."""
+    """Configurations that work but weaken the result or do nothing: two samplers, too little tail signal per
+    update, adjoint-only settings under the weighted solver."""
     warnings = []
+    default = FinetuneConfig()
+    moved = [k for k in ADJOINT_ONLY if getattr(cfg.finetune, k) != getattr(default, k)]
+    if solver == "weighted" and moved:
+        warnings.append(SamplerWarning("ignored_by_solver", {"solver": solver, "keys": moved}))
     if solver == "adjoint" and not sampler_record(cfg)["same_as_finetune"]:
         warnings.append(SamplerWarning("two_samplers", {
             "sampler_kind": cfg.sampler.kind, "sampler_steps": cfg.sampler.steps,

@@ -109,7 +109,13 @@ def test_one_sampler_by_default_and_warnings_for_weak_settings():
     assert (thin["batch_size"], thin["oversample"], thin["alpha"]) == (64, 1, 0.1)
     assert thin["expected"] == pytest.approx(64 * 1 * 0.1)
     assert warnings[1].to_dict()["kind"] == "thin_tail_signal" and warnings[1].to_dict()["expected"] == thin["expected"]
-    assert sampler_warnings(two, "weighted") == []
+    # the weighted solver reads neither sampler of training trajectories: sde_steps is named as ignored
+    (ignored,) = sampler_warnings(two, "weighted")
+    assert ignored.kind == "ignored_by_solver" and ignored.numbers == {"solver": "weighted", "keys": ["sde_steps"]}
+    assert "finetune.sde_steps" in str(ignored)
+    assert sampler_warnings(load_config(None, ["finetune.batch_size=64"]), "weighted") == []
+    several = load_config(None, ["finetune.oversample=4", "finetune.normalize=true", "finetune.lr=1e-3"])
+    assert sampler_warnings(several, "weighted")[0].numbers["keys"] == ["normalize", "oversample"]
     # an ODE bank sampler is a second sampler even at the training step count; mean objectives have no thin tail
     ode = sampler_warnings(load_config(None, ["sampler.kind=ode", "objective.kind=mean"]), "adjoint")
     assert [(w.kind, w.numbers["sampler_kind"]) for w in ode] == [("two_samplers", "ode")]
