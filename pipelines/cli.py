@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bank",
         help="pretrain (cached) and compute the base bank only",
         description="Compute DIR/bank_base.parquet through the Ray Data sampler and reward pools, the "
-        "same bank `tfft run` uses; an interrupted bank resumes from its committed shards and the reward cache.",
+        "same bank `tfft run` uses; an interrupted bank resumes from its committed shards and the reward cache. "
+        "DIR/bank_summary.json records what the call built, reused or resumed and the bank's accounting.",
     )
     add_config_args(p_bank)
     p_bank.add_argument("--out", required=True, metavar="DIR", help="output directory: a path, or s3://..., gs://...")

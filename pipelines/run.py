@@ -106,14 +106,23 @@ def stages_record(base: BaseStage, threshold: StageRecord, trained: TrainStage,
 
 
 def run_bank_only(cfg: Config, out: str | Path, *, log: Callable[[str], None] = print) -> Bank:
-    """``tfft bank``: the base model and ``out/bank_base.parquet``; prints the bank's accounting."""
+    """``tfft bank``: the base model and ``out/bank_base.parquet``; prints the bank's accounting and writes
+    ``out/bank_summary.json``: ``stages`` (``pretrain`` when pretrained, ``bank_base``: what this call built,
+    reused or resumed, as in ``summary.json["stages"]``), ``accounting`` (the bank's valid and invalid counts
+    by reason) and ``wall_seconds``."""
     out = Path(out).resolve()
     check_address(cfg.ray)
     claim_output_dir(out, to_yaml(cfg), "a run")
+    started = time.time()
     with served_reward(cfg, log) as served:
-        bank = prepare_base(served, out, log=log).bank
-    log("[bank base] " + ", ".join(f"{k} {v}" for k, v in bank.accounting().items()))
-    return bank
+        base = prepare_base(served, out, log=log)
+    records = {"pretrain": base.model.stage, "bank_base": base.record}
+    accounting = base.bank.accounting()
+    record = {"stages": {name: r.to_dict() for name, r in records.items() if r is not None},
+              "accounting": accounting, "wall_seconds": time.time() - started}
+    (out / "bank_summary.json").write_text(json.dumps(record, indent=2))
+    log("[bank base] " + ", ".join(f"{k} {v}" for k, v in accounting.items()))
+    return base.bank
 
 
 def _open_run(cfg: Config, name: str, log: Callable[[str], None]) -> TrackedRun:

@@ -96,6 +96,10 @@ def test_faulty_simulator_every_sample_accounted_for(cluster):
     np.testing.assert_allclose(bank.reward[good], bank.x[good, 0] + bank.x[good, 1], rtol=0, atol=1e-12)
     assert (bank.attempts[want == "timeout"] >= 2).all()  # retried before given up
     assert counts["invalid"] > 0
+    record = json.loads((out / "bank_summary.json").read_text())  # what `tfft bank` did, as `tfft run` records it
+    assert record["accounting"] == counts and record["stages"]["bank_base"]["status"] == "built"
+    assert {k: record["stages"]["bank_base"][k] for k in ("samples", "sampled", "shards")} == {
+        "samples": 400, "sampled": 400, "shards": 4}
 
 
 def test_killed_bank_resumes_without_evaluating_anything_twice(cluster):
@@ -137,3 +141,6 @@ def test_killed_bank_resumes_without_evaluating_anything_twice(cluster):
     assert len(twice) <= 50
     assert len(first_lines) + len(second_lines) - len(twice) == 1200
     assert int(bank.cached.sum()) >= len(set(first_lines)) - len(stored_keys) - 50
+    stage = json.loads((out / "bank_summary.json").read_text())["stages"]["bank_base"]
+    assert stage["status"] == "resumed" and stage["shards_resumed"] == len(stored)
+    assert (stage["from_shards"], stage["sampled"]) == (100 * len(stored), 1200 - 100 * len(stored))

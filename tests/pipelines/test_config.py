@@ -28,15 +28,23 @@ def test_shipped_configs_validate(path, tmp_path):
     if path.name.startswith("sweep_"):  # a run config plus a `sweep:` section
         from pipelines.sweep.spec import load_sweep
 
-        assert load_sweep(path) is not None
-    elif path.name == "sd_tiny_clip.yaml":  # its pipeline directories are written first, as its header says
+        sweep = load_sweep(path)
+        assert len(sweep.trials) >= 2 and len({t.name for t in sweep.trials}) == len(sweep.trials)
+        return
+    if path.name == "sd_tiny_clip.yaml":  # its pipeline directories are written first, as its header says
         from pipelines.adapters.tiny import write_tiny_clip, write_tiny_sd
 
         write_tiny_sd(tmp_path / "sd")
         write_tiny_clip(tmp_path / "clip")
-        assert load_config(path, [f"task.dir={tmp_path}"]).data.conditions == ["a photo of a cat", "a photo of a dog"]
+        cfg = load_config(path, [f"task.dir={tmp_path}"])
+        assert cfg.data.conditions == ["a photo of a cat", "a photo of a dog"]
     else:
-        load_config(path)
+        cfg = load_config(path)
+    from pipelines.stages.preflight import sampler_warnings
+
+    # no shipped config sets what its solver ignores (an explicit solver, or adjoint for auto)
+    solver = cfg.finetune.solver if cfg.finetune.solver != "auto" else "adjoint"
+    assert "ignored_by_solver" not in {w.kind for w in sampler_warnings(cfg, solver)}
 
 
 @pytest.mark.parametrize(
