@@ -207,3 +207,20 @@ def test_a_worker_group_larger_than_the_local_ray_is_a_one_line_error(capsys, tm
     config = Path(__file__).parents[2] / "tune_configs/toy2d_right.yaml"
     _one_line_error(capsys, ["run", str(config), "--out", str(tmp_path / "o"), *overrides], *keys)
     assert not (tmp_path / "o").exists()  # nothing done
+
+
+def test_finetune_defaults_are_the_solvers_own():
+    """`pipelines.schema_finetune` stays free of torch, so it repeats `tfft.solvers.AdjointMatchingConfig`'s
+    defaults: this holds the two copies together (config key -> solver field)."""
+    import dataclasses
+
+    from pipelines.schema_finetune import FinetuneConfig
+    from tfft.solvers import AdjointMatchingConfig
+
+    solver = {f.name: f.default for f in dataclasses.fields(AdjointMatchingConfig)}
+    config = FinetuneConfig()
+    renamed = {"fast_path": "fast"}
+    shared = ("late_fraction", "n_early", "normalize", "clip_quantile", "clip_factor", "oversample", "fast_path",
+              "loss_chunk", "reweight")
+    assert {k: getattr(config, k) for k in shared} == {k: solver[renamed.get(k, k)] for k in shared}
+    assert config.autocast == "none" and solver["autocast"] is None
