@@ -201,3 +201,25 @@ def test_displacement_form_gives_the_same_rewards_and_chain_ruled_gradients(rewa
     assert scaled.describe(z.numpy(), np.ones(2, bool))["topology_valid"] == 1.0
     with pytest.raises(ValueError, match="scale"):
         XTBEnergy(scale=0.0)
+
+
+def test_an_energy_far_below_the_reference_is_implausible():
+    """GFN1-xTB's SCF can land in a spurious state on collapsed structures, hundreds to thousands of kcal/mol
+    below every conformer (the module docstring's ethanol); the check is on E - E_ref, shown here with an explicit
+    reference placed above real conformers."""
+    x = torch.as_tensor(sample_conformers(3, 0, smiles="CCO"), dtype=torch.float64)
+    unchecked = XTBEnergy(smiles="CCO", reference=0.0, cache_dir=None, max_below_reference=float("inf"))
+    energies = -unchecked.evaluate(x).rewards.numpy()
+    low = float(energies.min())
+    near = XTBEnergy(smiles="CCO", reference=low + 10.0, cache_dir=None).evaluate(x)
+    assert near.valid.all()  # 10 kcal/mol below the reference: plausible
+    middle = float(np.sort(energies)[1:].mean())  # between the second and the third conformer's energy
+    far = XTBEnergy(smiles="CCO", reference=middle + 50.0, cache_dir=None).evaluate(x)
+    plausible = energies > middle  # at most 50 kcal/mol below the reference
+    assert far.valid.numpy().tolist() == plausible.tolist() and plausible.sum() == 1
+    assert [e for e, ok in zip(far.errors, plausible) if not ok] == ["implausible"] * 2
+    assert torch.isnan(far.rewards[~far.valid]).all()
+    off = XTBEnergy(smiles="CCO", reference=low + 100.0, cache_dir=None, max_below_reference=float("inf"))
+    assert off.evaluate(x).valid.all() and off.value_kwargs()["max_below_reference"] == float("inf")
+    with pytest.raises(ValueError, match="max_below_reference"):
+        XTBEnergy(smiles="CCO", max_below_reference=0.0)
