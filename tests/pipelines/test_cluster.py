@@ -63,6 +63,9 @@ def actors(cluster: dict, name: str, *, alive_only: bool = False) -> list[dict]:
 
 # The fault tests kill a run at a training step: the guard must not stop it early (its own tests are elsewhere).
 FAULT_RUN = ("finetune.guard_patience=0",)
+# The rehearsal reads the steps from `ray job submit`'s log stream, seconds behind the workers: a larger batch
+# makes its 100 steps outlast that delay, so the kill lands while they run.
+REHEARSAL_RUN = (*FAULT_RUN, "finetune.batch_size=512")
 
 
 class Driver:
@@ -161,7 +164,7 @@ def assert_complete(out: Path, bank_size: int, eval_size: int) -> None:
 
 
 def test_rehearsal_spreads_the_pools_over_both_nodes_and_a_killed_training_worker_restarts(loopback_cluster):
-    """The docs' ``ray job submit`` line, as written (plus the fault runs' guard setting): a training worker is
+    """The docs' ``ray job submit`` line, as written (plus `REHEARSAL_RUN`'s two settings): a training worker is
     killed after step 60 of 100; the run completes, only the steps after the last checkpoint (50) are redone, once,
     and the reward actors and the training workers (the restarted one too) ran on both nodes."""
     cluster = loopback_cluster
@@ -169,7 +172,7 @@ def test_rehearsal_spreads_the_pools_over_both_nodes_and_a_killed_training_worke
     lines = cluster["lines"]
     assert all(any(line.startswith(h) for h in handled) for line in lines), lines
     (submit,) = [line for line in lines if line.startswith("ray job submit")]
-    run = submit_job(" ".join([submit, *FAULT_RUN]), cluster["env"])
+    run = submit_job(" ".join([submit, *REHEARSAL_RUN]), cluster["env"])
     # the victim is chosen once training runs; the kill then follows the step-60 line at once (a state query
     # there would take seconds, in which the last 40 steps can end and the workers with them)
     run.wait_for(lambda d: any(s >= 10 for s in d.steps()), timeout=600)
