@@ -184,6 +184,7 @@ def main() -> None:
             for which, label in parts:
                 for prompt, r in per_prompt(run, cfg, which, args.n, seed, args.resample).items():
                     record.setdefault(prompt, {m: [] for m in MODELS})[label].append(columns(r))
+    goal = targets(runs)
     cfg0 = _config("right", args.seeds[0], overrides)
     lines = [
         "# Scenes task (16x16 text-to-image): base vs fine-tuned models per prompt",
@@ -198,13 +199,13 @@ def main() -> None:
         *table(record),
         "",
         "Claims, per prompt on the means over seeds (the exact target: the tilted base bank's statistic):",
-        *claims(record, targets(runs)),
+        *claims(record, goal),
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"seeds": args.seeds, "quick": args.quick, "prompts": record,
-                                                    "targets": targets(runs)}, indent=2))
+                                                    "targets": goal}, indent=2))
     print("\n".join(lines))
 
 

@@ -37,7 +37,7 @@ def _bank(name: str, seed: int, work: Path, overrides: list[str]) -> dict[str, A
     from pipelines.config import load_config
     from pipelines.run import run_bank_only
     from tfft.tail import solve_threshold
-    from tfft.target import target_interval
+    from tfft.interval import target_interval
 
     out = work / f"{CONFIGS[name]}_seed{seed}"
     cfg = load_config(ROOT / "tune_configs" / f"{CONFIGS[name]}.yaml",

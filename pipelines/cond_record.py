@@ -59,7 +59,7 @@ def conditional_record(
     """(per_condition blocks keyed by str(value), the pooled target's statistics, MLflow metrics).
 
     Each block: ``threshold`` (its own eta*_c, or the pooled threshold's record), ``base``, ``finetuned``,
-    ``target`` (the schema of the pooled blocks) and ``target_interval`` (bootstrap, `tfft.target.target_interval`).
+    ``target`` (the schema of the pooled blocks) and ``target_interval`` (bootstrap, `tfft.interval.target_interval`).
     """
     invalid_reward = cfg.objective.invalid_reward
     values = conditions_of(cfg)

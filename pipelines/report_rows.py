@@ -33,7 +33,7 @@ COLUMNS = (
 )
 INTERVAL_NOTE = (
     "target_cvar_*_lo/hi: the percentile-bootstrap interval of the target CVaR over the base bank, as recorded in "
-    "the trial's summary.json (tfft.target.target_interval); it measures the bank's sampling variability and "
+    "the trial's summary.json (tfft.interval.target_interval); it measures the bank's sampling variability and "
     "does not correct the low bias of self-normalised tail estimates (read it with the ESS); empty when the "
     "trial's alpha is not among the recorded levels"
 )

@@ -100,8 +100,12 @@ def stages_record(base: BaseStage, threshold: StageRecord, trained: TrainStage,
                   final: EvaluateStage) -> dict[str, dict[str, Any]]:
     """``summary.json["stages"]``: ``pretrain`` (when the base model is pretrained), ``bank_base``,
     ``threshold`` (solved every call), ``finetune`` and ``bank_final``, each a `StageRecord`'s dict."""
-    records = {"pretrain": base.model.stage, "bank_base": base.record, "threshold": threshold,
-               "finetune": trained.record, "bank_final": final.record}
+    return _stage_dicts({"pretrain": base.model.stage, "bank_base": base.record, "threshold": threshold,
+                         "finetune": trained.record, "bank_final": final.record})
+
+
+def _stage_dicts(records: dict[str, StageRecord | None]) -> dict[str, dict[str, Any]]:
+    """Each stage's `StageRecord` as its dict, leaving out the stages that did not run (None)."""
     return {name: record.to_dict() for name, record in records.items() if record is not None}
 
 
@@ -116,9 +120,8 @@ def run_bank_only(cfg: Config, out: str | Path, *, log: Callable[[str], None] = 
     started = time.time()
     with served_reward(cfg, log) as served:
         base = prepare_base(served, out, log=log)
-    records = {"pretrain": base.model.stage, "bank_base": base.record}
     accounting = base.bank.accounting()
-    record = {"stages": {name: r.to_dict() for name, r in records.items() if r is not None},
+    record = {"stages": _stage_dicts({"pretrain": base.model.stage, "bank_base": base.record}),
               "accounting": accounting, "wall_seconds": time.time() - started}
     (out / "bank_summary.json").write_text(json.dumps(record, indent=2))
     log("[bank base] " + ", ".join(f"{k} {v}" for k, v in accounting.items()))

@@ -43,7 +43,7 @@ def _interval_cell(interval: dict[str, Any], row: int, name: str) -> str:
 
 def format_table(summary: dict[str, Any]) -> str:
     """Text table: one row per statistic, columns base / fine-tuned / exact target, and the target's bootstrap
-    interval (``summary["target_interval"]``, :func:`tfft.target.target_interval`) when the summary has one."""
+    interval (``summary["target_interval"]``, :func:`tfft.interval.target_interval`) when the summary has one."""
     present = [c for c in _COLUMNS if summary.get(c)]
     interval = summary.get("target_interval") if "target" in present else None
     header = f"{'statistic':<18}" + "".join(f"{c:>14}" for c in present)
@@ -140,7 +140,7 @@ def flatten_stats(prefix: str, stats: dict[str, Any]) -> dict[str, float]:
 
 def flatten_interval(prefix: str, interval: dict[str, Any]) -> dict[str, float]:
     """``{"target_lo.mean": ..., "target_hi.cvar_right_0.1": ...}`` for MLflow metrics, from the ``to_dict()`` of a
-    :class:`tfft.target.TargetInterval`; names follow :func:`flatten_stats` with ``_lo`` / ``_hi`` on the prefix."""
+    :class:`tfft.interval.TargetInterval`; names follow :func:`flatten_stats` with ``_lo`` / ``_hi`` on the prefix."""
     out: dict[str, float] = {}
     for bound in ("lo", "hi"):
         stats = interval[bound]

@@ -1,7 +1,8 @@
 """tfft: Tail-aware Flow Fine-Tuning as a plain library (torch and numpy only).
 
 DESIGN.md sections: tail statistics and the threshold (§3, :mod:`tfft.tail`), pseudo-reward, tilt and
-target statistics (§5, :mod:`tfft.target`), the velocity network and flow matching (:mod:`tfft.model`),
+target statistics (§5, :mod:`tfft.target`) and their bootstrap interval (:mod:`tfft.interval`), the velocity
+network and flow matching (:mod:`tfft.model`),
 samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`), the pseudo-reward signal
 (:mod:`tfft.pseudo`), a user's model of any sample shape in the flat interface (:mod:`tfft.user_model`), a VP
 diffusion network as a flow (:mod:`tfft.diffusion`), the solvers behind one ``step`` interface (§6-7,
@@ -41,15 +42,13 @@ from tfft.user_model import FlatVelocity
 from tfft.screen import ScreenResult, placeholder_rewards, screened_evaluate, wilson_upper
 from tfft.sampling import Trajectory, sample_ode, sample_sde, sde_drift, time_grid
 from tfft.tail import Threshold, cvar, solve_threshold, threshold_objective, var
+from tfft.interval import TargetInterval, batched_cvar, target_interval
 from tfft.target import (
     TailSummary,
-    TargetInterval,
-    batched_cvar,
     effective_sample_size,
     pseudo_reward,
     pseudo_reward_grad_scale,
     summarize,
-    target_interval,
     target_summary,
     tilt_log_weights,
     tilt_weights,

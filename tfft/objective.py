@@ -26,7 +26,8 @@ from tfft.conditions import per_condition_weights, row_values
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
 from tfft.refine import RefineResult, RefineRound, TailMeasurement, refine_threshold
 from tfft.tail import _as_float64, _as_mask, _check_alpha, _check_kl_weight, _check_side, var
-from tfft.target import TailSummary, TargetInterval, pseudo_reward, target_interval, target_summary, tilt_weights
+from tfft.interval import TargetInterval, target_interval
+from tfft.target import TailSummary, pseudo_reward, target_summary, tilt_weights
 
 __all__ = ["Tilt"]
 
@@ -168,7 +169,7 @@ class Tilt:
         return target_summary(rewards, valid=valid, **self._kwargs("target_summary"), **kwargs)
 
     def target_interval(self, rewards: Any, valid: Any = None, **kwargs: Any) -> TargetInterval:
-        """Bootstrap interval of the target statistics (`tfft.target.target_interval`; ``kwargs``: ``levels``,
+        """Bootstrap interval of the target statistics (`tfft.interval.target_interval`; ``kwargs``: ``levels``,
         ``n_boot``, ``confidence``, ``seed``)."""
         return target_interval(rewards, valid=valid, **self._kwargs("target_interval"), **kwargs)
 

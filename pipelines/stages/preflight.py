@@ -19,7 +19,7 @@ from pipelines.serving import PROXY, served_differentiable
 from rewards.base import load_reward
 
 __all__ = ["RunPlan", "preflight", "resolve_plan", "training_steps", "sampler_record", "SamplerWarning",
-           "sampler_warnings", "ADJOINT_ONLY"]
+           "sampler_warnings"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class SamplerWarning:
 
 
 # The finetune settings that only adjoint matching reads (`pipelines.train_build.build_solver`).
-ADJOINT_ONLY = ("sde_steps", "late_fraction", "n_early", "normalize", "clip_quantile", "clip_factor", "oversample",
+_ADJOINT_ONLY = ("sde_steps", "late_fraction", "n_early", "normalize", "clip_quantile", "clip_factor", "oversample",
                 "fast_path", "loss_chunk", "autocast", "reweight", "reward_grad_clip")
 
 
@@ -121,10 +121,11 @@ def sampler_warnings(cfg: Config, solver: str) -> list[SamplerWarning]:
     """Configurations that work but weaken the result or do nothing: two samplers, too little tail signal per
     update, adjoint-only settings under the weighted solver."""
     warnings = []
-    default = FinetuneConfig()
-    moved = [k for k in ADJOINT_ONLY if getattr(cfg.finetune, k) != getattr(default, k)]
-    if solver == "weighted" and moved:
-        warnings.append(SamplerWarning("ignored_by_solver", {"solver": solver, "keys": moved}))
+    if solver == "weighted":
+        default = FinetuneConfig()
+        moved = [k for k in _ADJOINT_ONLY if getattr(cfg.finetune, k) != getattr(default, k)]
+        if moved:
+            warnings.append(SamplerWarning("ignored_by_solver", {"solver": solver, "keys": moved}))
     if solver == "adjoint" and not sampler_record(cfg)["same_as_finetune"]:
         warnings.append(SamplerWarning("two_samplers", {
             "sampler_kind": cfg.sampler.kind, "sampler_steps": cfg.sampler.steps,

@@ -24,10 +24,12 @@ and never stops the rest of the batch:
 The last check is against an artefact of the self-consistent field: on a structure with atoms collapsed to a
 fraction of a bond length (an ethanol C-H at 0.39 Å next to an H-H at 0.82 Å and an O-H at 0.63 Å, whose bonds
 the topology check still counts as bonds) the SCF has several solutions and may settle in a spurious one about
-2,300 kcal/mol below any conformer's energy (the same structure rounded to 1e-6 Å did not converge, and to 1e-8 Å
-lay 1,845 kcal/mol above the reference, as a strained structure should). One such sample carries a right tail on its own: in a fine-tuned butanol bank of 1,900 samples,
-one at r = +1,150 raised R-CVaR(0.1) by about 6 kcal/mol. No conformer of the molecule lies far below the
-reference (the best of several hundred ETKDG structures); fine-tuned ones came within 4 kcal/mol of it.
+2,300 kcal/mol below any conformer's energy; the same structure rounded differently does not converge, or gets
+a strained structure's energy far above the reference (``python -m benchmarks.xtb_artefact``). One such sample
+carries a right tail on its own: two fine-tuned butanol banks of about 1,900 samples held one each (r = +1,150
+and +987), which lifted their R-CVaR(0.1) by about 6 kcal/mol (the butanol table before this check). No
+conformer lies far below the reference (the best of ``reference_samples`` ETKDG structures): in the molecule
+tables no valid sample of a base bank lies below it at all.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from pipelines.screening import Journal, evaluate_screened, working_view
 from rewards.gaussian import noisy_identity, unrelated_score
 from tfft.objective import Tilt
 from tfft.tail import solve_threshold
-from tfft.target import summarize, target_interval, target_summary
+from tfft.interval import target_interval
+from tfft.target import summarize, target_summary
 
 ROOT = Path(__file__).parents[2]
 ALPHA, GAMMA = 0.1, 30.0  # alpha * gamma = 3: a tail of about a tenth of N(0, 1) (the weak tilt of tests/tfft)

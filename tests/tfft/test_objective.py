@@ -15,7 +15,8 @@ from tfft.objective import Tilt
 from tfft.pseudo import pseudo_reward_signal
 from tfft.refine import TailMeasurement, refine_threshold
 from tfft.tail import cvar, var
-from tfft.target import target_interval, target_summary, tilt_weights
+from tfft.interval import target_interval
+from tfft.target import target_summary, tilt_weights
 
 RIGHT = Tilt(1.0, "right", 0.1, 1.0)
 LEFT = Tilt(-1.0, "left", 0.1, 1.0)

@@ -11,16 +11,13 @@ import torch
 from scipy import integrate, optimize, special, stats
 
 from tfft.tail import cvar, solve_threshold, var
+from tfft.interval import TargetInterval, _resampled_statistics, batched_cvar, target_interval
 from tfft.target import (
     TailSummary,
-    TargetInterval,
-    _resampled_statistics,
-    batched_cvar,
     effective_sample_size,
     pseudo_reward,
     pseudo_reward_grad_scale,
     summarize,
-    target_interval,
     target_summary,
     tilt_log_weights,
     tilt_weights,
