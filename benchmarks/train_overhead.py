@@ -36,6 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 def in_process_seconds(work: Path) -> dict[str, Any]:
     """The fine-tuning of the run in ``work`` redone as a plain loop in this process; wall seconds and steps."""
     from pipelines.config import load_config
+    from pipelines.finetune_job import FinetuneJob
     from pipelines.models import build_model
     from pipelines.pretrain import load_or_pretrain
     from pipelines.stages.preflight import training_steps
@@ -47,17 +48,13 @@ def in_process_seconds(work: Path) -> dict[str, Any]:
     if summary["solver"] != "adjoint":
         raise SystemExit(f"{work}: the in-process loop is written for the adjoint solver, the run used {summary['solver']}")
     ft = cfg.finetune
-    config = {
-        "solver": "adjoint", "tilt": Tilt.from_dict(summary["objective"]), "sde_steps": training_steps(cfg),
-        "late_fraction": ft.late_fraction, "n_early": ft.n_early, "normalize": ft.normalize,
-        "clip_quantile": ft.clip_quantile, "clip_factor": ft.clip_factor, "oversample": ft.oversample,
-        "fast_path": ft.fast_path, "reward_target": cfg.reward.target, "reward_kwargs": dict(cfg.reward.kwargs),
-        "reward_grad_clip": ft.reward_grad_clip,
-    }
     base_model = load_or_pretrain(cfg, log=lambda _: None)
+    job = FinetuneJob(ft, base_model.config, base_model.state_dict, Tilt.from_dict(summary["objective"]),
+                      cfg.reward.target, dict(cfg.reward.kwargs), cfg.seed, steps=ft.steps,
+                      sde_steps=training_steps(cfg))
     base = build_model(base_model.config, base_model.state_dict).eval().requires_grad_(False)
     model = build_model(base_model.config, base_model.state_dict)
-    solver, _ = build_solver(config, model, base, torch.device("cpu"))
+    solver, _ = build_solver(job, model, base, torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=ft.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(ft.warmup_steps, 1)))
     dim = int(base_model.config["dim"])

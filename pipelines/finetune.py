@@ -9,7 +9,7 @@ worker), checkpoints every ``checkpoint_every`` steps; rank 0 logs metrics to ML
 worker group continues from the latest checkpoint. The driver's side is `pipelines.trainer.run_finetune`;
 what a worker builds (networks, solver, checkpoint state) is `pipelines.train_build`.
 
-Every checkpoint names the driver call that wrote it (``config["call"]``, a token per `run_finetune` call) and
+Every checkpoint names the driver call that wrote it (the job's ``call``, a token per `run_finetune` call) and
 how many of its steps were taken from a checkpoint of an earlier call (``reused_steps``): a worker that resumes
 from another call's checkpoint reuses all of its steps; one restarted within the same call keeps the count.
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from pipelines.finetune_job import FinetuneJob
 from pipelines.guard import Guard
 from pipelines.lr_schedule import lr_factor
 from pipelines.train_build import build_models, build_solver, load_model_state, model_state, no_buffer_sync
@@ -70,12 +71,13 @@ def _window_metrics(sums: dict[str, torch.Tensor], count: int, world: int) -> di
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the TorchTrainer: :func:`run_loop` in a `RayTrainSession`."""
+    """``train_loop_per_worker`` of the TorchTrainer: :func:`run_loop` of ``config["job"]`` in a
+    `RayTrainSession`."""
     from pipelines.train_session import RayTrainSession
 
     loop_started = time.time()  # the loop's own time, without the worker group's start-up
     _quiet_train_logs()
-    run_loop(config, RayTrainSession(), loop_started=loop_started)
+    run_loop(config["job"], RayTrainSession(), loop_started=loop_started)
 
 
 @dataclass
@@ -98,27 +100,28 @@ class _Worker:
     reused_steps: int = 0
 
 
-def run_loop(config: dict[str, Any], session: TrainSession, *, loop_started: float | None = None) -> None:
-    """Build, step the solver, all-reduce, report: one worker's loop, talking only to ``session``.
+def run_loop(job: FinetuneJob, session: TrainSession, *, loop_started: float | None = None) -> None:
+    """Build, step the solver, all-reduce, report: one worker's loop of ``job``, talking only to ``session``.
 
-    ``config`` keys: see `pipelines.trainer.run_finetune`. Checkpoints hold the model, the optimiser, the solver's
+    Checkpoints hold the model, the optimiser, the solver's
     running statistics, the guard's state and the best state so far.
     """
     loop_started = time.time() if loop_started is None else loop_started
     rank, world, device = session.world_rank, session.world_size, session.device
-    worker = _start(config, session)
+    worker = _start(job, session)
+    settings = job.settings
     model, opt = worker.model, worker.opt
-    local_batch = max(1, config["batch_size"] // world)
+    local_batch = max(1, settings.batch_size // world)
     sums: dict[str, torch.Tensor] = {}
-    for step in range(worker.start_step + 1, config["steps"] + 1):
-        seed = config["seed"] * 100_003 + step * 1009 + rank
+    for step in range(worker.start_step + 1, job.steps + 1):
+        seed = job.seed * 100_003 + step * 1009 + rank
         gen = torch.Generator(device=device).manual_seed(seed)
         opt.zero_grad(set_to_none=True)  # before the step: a chunked loss backpropagates inside it
         result = worker.step(local_batch, gen, seed)
         result.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         metrics = dict(result.metrics, grad_norm=grad_norm.detach(),
-                       grad_clipped=(grad_norm > config["grad_clip"]).to(torch.float64))
+                       grad_clipped=(grad_norm > settings.grad_clip).to(torch.float64))
         for name in _GUARDED:
             if name in metrics:
                 metrics[f"{name}_sq"] = metrics[name] ** 2
@@ -126,47 +129,48 @@ def run_loop(config: dict[str, Any], session: TrainSession, *, loop_started: flo
         worker.scheduler.step()
         for k, v in metrics.items():
             sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
-        last = step == config["steps"]
-        if step % config["log_every"] and not last:
+        last = step == job.steps
+        if step % settings.log_every and not last:
             continue
-        window = _window_metrics(sums, (step - 1) % config["log_every"] + 1, world)
+        window = _window_metrics(sums, (step - 1) % settings.log_every + 1, world)
         sums = {}
-        if _end_window(config, session, worker, step, window, last=last, loop_started=loop_started):
+        if _end_window(job, session, worker, step, window, last=last, loop_started=loop_started):
             break
 
 
-def _start(config: dict[str, Any], session: TrainSession) -> _Worker:
+def _start(job: FinetuneJob, session: TrainSession) -> _Worker:
     """Threads and matmul precision set, models, optimiser (Adam, fused on GPU), learning-rate schedule, guard and
     solver built, the latest checkpoint (if any) loaded, the model prepared for DDP."""
-    torch.set_num_threads(max(1, int(config["threads"])))
-    torch.set_float32_matmul_precision(config["matmul_precision"])
+    settings = job.settings
+    torch.set_num_threads(job.threads)
+    torch.set_float32_matmul_precision(settings.matmul_precision)
     device = session.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, base, lora = build_models(config, device)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
+    model, base, lora = build_models(job, device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                            fused=device.type == "cuda")  # fewer kernels on GPU
     # Linear warm-up (Adam's first steps are full-size in every direction before its moments settle), then the
     # schedule's decay: a constant rate leaves the last state with the optimiser's noise in it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        opt, functools.partial(lr_factor, total=config["steps"], warmup=config["warmup_steps"],
-                               schedule=config["lr_schedule"]))
-    guard = Guard(enabled=config["guard"], metric=config["guard_metric"], min_valid_fraction=config["min_valid_fraction"],
-                  patience=config["guard_patience"], baseline=config["guard_baseline"])
+        opt, functools.partial(lr_factor, total=job.steps, warmup=settings.warmup_steps,
+                               schedule=settings.lr_schedule))
+    guard = Guard(enabled=settings.guard, metric=settings.guard_metric, min_valid_fraction=job.min_valid_fraction,
+                  patience=settings.guard_patience, baseline=job.guard_baseline)
     start_step, solver_state, best_state, blob_call, reused = _resume(session, model, lora, opt, scheduler, guard)
-    call = str(config.get("call", ""))
+    call = job.call
     reused = reused if blob_call == call else start_step  # another call's checkpoint: all its steps are reused
     # The velocity networks' buffers are constants (time-embedding frequencies): DDP's default would broadcast
     # them in every forward, and the fast path runs several forwards per step.
     model = session.prepare_model(model, **no_buffer_sync())
-    solver, step = build_solver(config, model, base, device)
+    solver, step = build_solver(job, model, base, device)
     if solver_state:
         solver.load_state_dict(solver_state)
     tracker = None
-    if session.world_rank == 0 and config.get("mlflow"):
+    if session.world_rank == 0 and job.mlflow:
         from pipelines.tracking import MetricLogger
 
-        tracker = MetricLogger(**config["mlflow"])
+        tracker = MetricLogger(**job.mlflow)
     return _Worker(model, lora, opt, scheduler, guard, solver, step, tracker, start_step, best_state, call, reused)
 
 
@@ -187,21 +191,21 @@ def _resume(session: TrainSession, model: torch.nn.Module, lora: Any, opt: torch
     return int(blob["step"]), blob["solver"], blob.get("best"), blob.get("call"), int(blob.get("reused_steps", 0))
 
 
-def _end_window(config: dict[str, Any], session: TrainSession, worker: _Worker, step: int, window: dict[str, float],
+def _end_window(job: FinetuneJob, session: TrainSession, worker: _Worker, step: int, window: dict[str, float],
                 *, last: bool, loop_started: float) -> bool:
     """The guard's decision on the window, the progress line and MLflow (rank 0), the report with a checkpoint
     every ``checkpoint_every`` steps, at the last step and on a stop; returns whether the guard stops training."""
-    metric, rank = config["guard_metric"], session.world_rank
+    metric, rank = job.settings.guard_metric, session.world_rank
     decision = worker.guard.update(step, window.get(metric), window.get(f"{metric}_se", 0.0),
                                    window.get("valid_fraction", 1.0))
     if decision.improved and rank == 0:
         worker.best_state = model_state(worker.model, worker.lora)
     report = {"step": step, **window}
     if rank == 0:
-        _progress(step, config["steps"], window, decision.reason)
+        _progress(step, job.steps, window, decision.reason)
     if worker.tracker is not None:
         worker.tracker.log(window, step=step)
-    save = step % config["checkpoint_every"] == 0 or last or decision.stop
+    save = step % job.settings.checkpoint_every == 0 or last or decision.stop
     if save and rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(_checkpoint(worker, step, decision.stop, loop_started, session.device),

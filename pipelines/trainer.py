@@ -1,45 +1,31 @@
 """The fine-tuning run, from the driver: a Ray Train ``TorchTrainer`` worker group (DDP; gloo on CPU), or with
 ``finetune.backend: local`` the same loop in the calling process (one worker, no Ray Train; for short runs).
 
-:func:`run_finetune` turns its arguments into the workers' loop config (a plain dict of picklable values, the
-objective among them as the `tfft.objective.Tilt` itself: it travels to every worker), fits, and returns the
-state the guard keeps (`pipelines.guard`). The loop itself is `pipelines.finetune.run_loop`. A restarted worker
-group continues from the latest checkpoint, and rerunning with the same ``(storage_path, name)`` and backend
-resumes.
-
-With conditions (``conditions``: the list of values) every training trajectory draws its condition uniformly
-from the step's seeded generator, the reward gets each sample's condition value and the pseudo-reward each row's
-own threshold (the tilt's ``eta`` a tuple per condition); the weighted solver gets each bank row's condition.
+:func:`run_finetune` hands its `pipelines.finetune_job.FinetuneJob` unchanged to every worker (the objective
+travels in it as the `tfft.objective.Tilt` itself), fits, and returns the state the guard keeps
+(`pipelines.guard`). The loop itself is `pipelines.finetune.run_loop`. A restarted worker group continues from the
+latest checkpoint, and rerunning with the same ``(storage_path, name)`` and backend resumes.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from pipelines.config import ConfigError
 from pipelines.finetune import run_loop, train_loop
+from pipelines.finetune_job import FinetuneJob
 from pipelines.guard import Guard
 from pipelines.lora_io import driver_lora, lora_outcome
-from tfft.objective import Tilt
+from pipelines.schema_finetune import FinetuneConfig
 
 __all__ = ["FinetuneResult", "run_finetune"]
 
 State = dict[str, torch.Tensor]
 Fitted = tuple[dict[str, Any], list[dict[str, Any]], str]  # (the last checkpoint's state.pt, metrics, its path)
-
-# ``finetune.*`` settings the loop reads under the same name
-_LOOP_SETTINGS = (
-    "batch_size", "lr", "warmup_steps", "lr_schedule", "anchor", "time_power", "normalize", "clip_quantile",
-    "clip_factor", "fast_path", "loss_chunk", "gradient_checkpointing", "autocast", "reweight", "matmul_precision",
-    "guard", "guard_patience", "guard_metric", "late_fraction", "n_early", "log_every", "checkpoint_every",
-    "grad_clip", "reward_grad_clip", "oversample",
-)
 
 
 @dataclass(frozen=True)
@@ -71,64 +57,35 @@ class FinetuneResult:
 
 
 def run_finetune(
-    *, name: str, storage_path: str, model_config: dict[str, Any], base_state: State, tilt: Tilt,
-    finetune: Any, reward_target: str, reward_kwargs: dict[str, Any], seed: int, solver: str,
-    bank_x: np.ndarray | None = None, bank_weights: np.ndarray | None = None, mlflow: dict[str, Any] | None = None,
-    init_state: State | None = None, steps: int | None = None, callbacks: list[Any] | None = None,
-    sde_steps: int | None = None, min_valid_fraction: float = 0.0, guard_baseline: float | None = None,
-    conditions: list[Any] | None = None, bank_cond: np.ndarray | None = None, log: Callable[[str], None] = print,
-    lora: Any = None, init_adapter: State | None = None, call: str | None = None,
+    job: FinetuneJob, *, name: str, storage_path: str, callbacks: list[Any] | None = None,
+    log: Callable[[str], None] = print,
 ) -> FinetuneResult:
-    """Run the TorchTrainer (``finetune.backend`` ray) or the same loop in this process (local).
+    """Run ``job`` on the TorchTrainer (``finetune.backend`` ray) or in this process (local), with its
+    checkpoints under ``storage_path/name``.
 
-    ``tilt``: the objective, whose pseudo-reward and KL weight the adjoint solver fine-tunes for; ``solver``:
-    adjoint | weighted, as resolved by `pipelines.stages.preflight.resolve_plan` (the weighted one fits
-    ``bank_x`` with the frozen ``bank_weights``, the caller's tilt weights of the bank).
-    ``init_state`` warm-starts the fine-tuned network (threshold refinement); the base stays the base.
-    ``steps`` overrides ``finetune.steps``. ``callbacks`` go to the trainer's ``RunConfig`` (e.g. a Tune
-    trial's ``TuneReportCallback``). ``sde_steps`` is the training trajectories' K (None: the bank sampler's
-    ``sampler.steps`` is not known here, so the caller resolves it; falls back to ``finetune.sde_steps``).
-    ``min_valid_fraction``: the guard's validity floor for the training samples; ``guard_baseline``: the base
-    model's objective E_q[g] for the guard (None: its first window). ``conditions``: the condition values of a
-    conditional run (module docstring); ``bank_cond``: the weighted solver's bank rows' condition indices.
-    ``lora``: `pipelines.lora.LoraSettings` (None: full fine-tuning); then only adapters train, ``init_adapter``
-    (peft's format) warm-starts them, and the result's ``state_dict`` is the merged network. ``call`` names this call
-    in its checkpoints (default: a fresh token): steps an earlier call stored count as reused, a restart's as run.
+    ``callbacks`` go to the trainer's ``RunConfig`` (e.g. a Tune trial's ``TuneReportCallback``). Steps of a
+    checkpoint that another call (another ``job.call``) stored count as reused.
     """
-    k = _sde_steps(finetune, sde_steps)
-    local = _check(finetune, callbacks)
-    loop_config = {
-        **{key: getattr(finetune, key) for key in _LOOP_SETTINGS},
-        "model_config": model_config, "base_state": base_state, "tilt": tilt, "solver": solver,
-        "init_state": None if lora is not None else init_state,  # LoRA warm-starts from init_adapter
-        "reward_target": reward_target, "reward_kwargs": dict(reward_kwargs), "seed": seed,
-        "dim": int(model_config["dim"]), "steps": finetune.steps if steps is None else steps,
-        "sde_steps": k,
-        "min_valid_fraction": min_valid_fraction, "guard_baseline": guard_baseline,
-        "threads": max(1, int(finetune.cpus_per_worker)), "bank_x": bank_x, "bank_weights": bank_weights,
-        "mlflow": mlflow, "lora": None if lora is None else lora.to_dict(), "init_adapter": init_adapter,
-        "call": call or uuid.uuid4().hex,  # tells this call's checkpoints from an earlier call's (pipelines.finetune)
-    }
-    if conditions:  # only when set: an unconditional loop config is unchanged
-        loop_config.update(conditions=list(conditions), bank_cond=bank_cond)
+    settings = job.settings
+    local = _check(settings, callbacks)
     log(
-        f"[finetune] solver={solver}, {1 if local else finetune.num_workers} workers{' (local)' if local else ''}, "
-        f"{loop_config['steps']} steps, global batch {finetune.batch_size}"
+        f"[finetune] solver={job.solver}, {1 if local else settings.num_workers} workers{' (local)' if local else ''}, "
+        f"{job.steps} steps, global batch {settings.batch_size}"
     )
-    lora_model = driver_lora(lora, model_config, base_state, init_adapter, log)
+    lora_model = driver_lora(job.lora, job.model_config, job.base_state, job.init_adapter, log)
     fit = _fit_local if local else _fit_ray
-    blob, history, where = fit(loop_config, finetune, name=name, storage_path=storage_path, callbacks=callbacks)
-    guard = Guard(enabled=finetune.guard, metric=finetune.guard_metric, baseline=guard_baseline)
+    blob, history, where = fit(job, name=name, storage_path=storage_path, callbacks=callbacks)
+    guard = Guard(enabled=settings.guard, metric=settings.guard_metric, baseline=job.guard_baseline)
     guard.load_state_dict(blob["guard"])
     kept, why = guard.keep()
     log(f"[finetune] kept the {kept} state: {why}")
-    state = _kept_state(blob, kept, init_state or base_state)
+    state = _kept_state(blob, kept, job.init_state or job.base_state)
     record = None
     if lora_model is not None:
         adapter = None if kept == "base" else state  # the base: the starting adapter (fresh, or init_adapter)
-        state, record = lora_outcome(lora_model, lora, adapter, blob.get("peak_memory_bytes"))
-    loop_seconds, steps, reused = _timing_and_steps(blob, loop_config["call"])
-    return FinetuneResult(state, history, solver, where, kept, why, guard.stopped, loop_seconds,
+        state, record = lora_outcome(lora_model, job.lora, adapter, blob.get("peak_memory_bytes"))
+    loop_seconds, steps, reused = _timing_and_steps(blob, job.call)
+    return FinetuneResult(state, history, job.solver, where, kept, why, guard.stopped, loop_seconds,
                           lora=lora_model, lora_record=record, steps=steps, reused_steps=reused)
 
 
@@ -140,20 +97,12 @@ def _timing_and_steps(blob: dict[str, Any], call: str) -> tuple[float | None, in
     return None if loop_seconds is None else float(loop_seconds), steps, reused
 
 
-def _check(finetune: Any, callbacks: list[Any] | None) -> bool:
+def _check(settings: FinetuneConfig, callbacks: list[Any] | None) -> bool:
     """Whether the loop runs locally (``finetune.backend: local``), which cannot report to Tune callbacks."""
-    local = finetune.backend == "local"
+    local = settings.backend == "local"
     if local and callbacks:
         raise ConfigError("'finetune.backend' local cannot report to Tune callbacks (sweeps): use ray")
     return local
-
-
-def _sde_steps(finetune: Any, sde_steps: int | None) -> int:
-    """The training trajectories' K: ``sde_steps``, else ``finetune.sde_steps``; at least 1."""
-    k = int(sde_steps or finetune.sde_steps)
-    if k < 1:
-        raise ValueError("run_finetune needs sde_steps (the sampler's step count) when finetune.sde_steps is 0")
-    return k
 
 
 def _kept_state(blob: dict[str, Any], kept: str, start: State) -> State:
@@ -163,8 +112,7 @@ def _kept_state(blob: dict[str, Any], kept: str, start: State) -> State:
     return blob["best"] if kept == "best" and blob.get("best") is not None else blob["model"]
 
 
-def _fit_ray(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_path: str,
-             callbacks: list[Any] | None) -> Fitted:
+def _fit_ray(job: FinetuneJob, *, name: str, storage_path: str, callbacks: list[Any] | None) -> Fitted:
     """The TorchTrainer: (the result checkpoint's ``state.pt``, the kept checkpoints' metrics, its path)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -172,13 +120,14 @@ def _fit_ray(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_p
     from pipelines.raysession import environ
     from pipelines.storage import ray_storage
 
+    finetune = job.settings
     filesystem, storage_path = ray_storage(storage_path)  # a store URI: its filesystem and the path in it
     resources = {"CPU": finetune.cpus_per_worker, **{k: float(v) for k, v in finetune.resources_per_worker.items()}}
     if finetune.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=finetune.num_workers, use_gpu=finetune.use_gpu, resources_per_worker=resources
         ),
@@ -209,18 +158,17 @@ def _fit_ray(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_p
     return blob, history, result.checkpoint.path
 
 
-def _fit_local(loop_config: dict[str, Any], finetune: Any, *, name: str, storage_path: str,
-               callbacks: list[Any] | None) -> Fitted:
+def _fit_local(job: FinetuneJob, *, name: str, storage_path: str, callbacks: list[Any] | None) -> Fitted:
     """The same loop in this process (`pipelines.train_session.LocalSession`, checkpoints under
     ``storage_path/name``); returns what :func:`_fit_ray` does. Restores this process's torch thread count and
     matmul precision afterwards (the loop sets them)."""
     from pipelines.train_session import LocalSession, local_checkpoints
 
-    device = torch.device("cuda:0" if finetune.use_gpu else "cpu")
+    device = torch.device("cuda:0" if job.settings.use_gpu else "cpu")
     session = LocalSession(os.path.join(storage_path, name), device, num_to_keep=2)
     threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
     try:
-        run_loop(loop_config, session)
+        run_loop(job, session)
     finally:
         torch.set_num_threads(threads)
         torch.set_float32_matmul_precision(precision)

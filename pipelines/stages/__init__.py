@@ -10,7 +10,9 @@
 
 The objective travels as one `tfft.objective.Tilt` (built by the threshold stage), the
 solver as preflight's `RunPlan`: what uses the objective (pseudo-reward, tilt weights, target statistics, the
-evaluation check, refinement) reads the Tilt, and nothing reads ``finetune.solver`` after preflight. Banks with
+evaluation check, refinement) reads the Tilt, and nothing reads ``finetune.solver`` after preflight. The train
+stage turns both into one typed `pipelines.finetune_job.FinetuneJob` (the ``finetune`` section, the Tilt, and the
+bank's tilt-weighted rows when the plan's solver is weighted), which reaches every training worker unchanged. Banks with
 ``reward.screen`` certify their tail at the config's side and alpha (`pipelines.screening`), before any threshold
 exists.
 

@@ -2,8 +2,9 @@
 trajectories' step count, the samplers it records, and the warnings for settings that work but weaken the result.
 
 ``finetune.solver`` is read here and nowhere after: "auto" is resolved once, with the reward loaded, into
-``RunPlan.solver``, which the later stages carry (`pipelines.run`, `pipelines.stages.train`) down to the one place
-that builds the solver from it (`pipelines.train_build.build_solver`).
+``RunPlan.solver``. Its one use is the train stage's (`pipelines.stages.train`): the fine-tuning job carries the
+bank's tilt-weighted rows for the weighted solver and none for adjoint matching, and a worker builds the solver
+the job carries the data for (`pipelines.train_build.build_solver`). ``summary.json`` records it.
 """
 
 from __future__ import annotations

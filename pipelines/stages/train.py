@@ -21,6 +21,7 @@ import torch
 from pipelines import cond_record
 from pipelines.bankio import Bank
 from pipelines.conditions import conditions_of
+from pipelines.finetune_job import FinetuneJob, WeightedBank
 from pipelines.lora import lora_settings, read_adapter, save_lora_checkpoint
 from pipelines.refinement import FineTune, refine_threshold
 from pipelines.schema import Config
@@ -124,17 +125,10 @@ class CachedFinetune:
             trained = int(blob.get("steps", self.cfg.finetune.steps if steps is None else steps))  # older files
             record = StageRecord(REUSED, time.time() - called, {"steps_run": 0, "steps_reused": trained})
             return blob["state_dict"], record
-        cfg, model, bank = self.cfg, self.base.model, self.base.bank
-        weighted = _weighted_inputs(cfg, bank, tilt, self.log) if self.plan.solver == "weighted" else {}
         started = time.time()
-        result = run_finetune(
-            name="finetune", storage_path=_train_storage(cfg, out), model_config=model.config, base_state=model.state_dict,
-            tilt=tilt, finetune=cfg.finetune, reward_target=cfg.reward.target,
-            reward_kwargs=dict(cfg.reward.kwargs), seed=cfg.seed, solver=self.plan.solver, mlflow=self.run.worker_args(),
-            init_state=init_state, steps=steps, callbacks=list(self.callbacks) or None, sde_steps=training_steps(cfg),
-            conditions=conditions_of(cfg) or None, log=self.log, lora=lora_settings(cfg.finetune.lora),
-            init_adapter=init_adapter, **weighted, **_guard_inputs(cfg, bank, tilt),
-        )
+        result = run_finetune(self.job(tilt, init_state=init_state, init_adapter=init_adapter, steps=steps),
+                              name="finetune", storage_path=_train_storage(self.cfg, out),
+                              callbacks=list(self.callbacks) or None, log=self.log)
         seconds = time.time() - started
         self.log(f"[finetune] done in {seconds:.0f}s")
         self._save(model_path, tilt, result, seconds)
@@ -142,12 +136,27 @@ class CachedFinetune:
         status = RESUMED if result.reused_steps else BUILT
         return result.state_dict, StageRecord(status, time.time() - called, counts)
 
+    def job(self, tilt: Tilt, *, init_state: State | None = None, init_adapter: State | None = None,
+            steps: int | None = None) -> FinetuneJob:
+        """The run's `pipelines.finetune_job.FinetuneJob`: the config's ``finetune`` section, the objective ``tilt``,
+        and from the base bank the weighted solver's rows (``RunPlan.solver`` weighted) and the guard's inputs."""
+        cfg, model, bank = self.cfg, self.base.model, self.base.bank
+        weighted = _weighted_inputs(cfg, bank, tilt, self.log) if self.plan.solver == "weighted" else None
+        lora = lora_settings(cfg.finetune.lora)
+        conditions = conditions_of(cfg)
+        return FinetuneJob(
+            cfg.finetune, model.config, model.state_dict, tilt, cfg.reward.target, dict(cfg.reward.kwargs), cfg.seed,
+            steps=cfg.finetune.steps if steps is None else steps, sde_steps=training_steps(cfg), weighted=weighted,
+            conditions=tuple(conditions) or None, init_state=None if lora is not None else init_state, lora=lora,
+            init_adapter=init_adapter, mlflow=self.run.worker_args(),
+            **_guard_inputs(cfg, bank, tilt))
+
     def _save(self, model_path: Path, tilt: Tilt, result: FinetuneResult, seconds: float) -> None:
         """``model.pt``: the state with the solver, objective (``Tilt.to_dict``), steps trained, timings and the
         guard's decision; with LoRA the adapter files first (``model.pt`` marks the stage done)."""
         model_path.parent.mkdir(parents=True, exist_ok=True)
         guard = {"kept": result.kept, "reason": result.kept_reason, "stopped_early": result.stopped_early}
-        blob = {"config": self.base.model.config, "state_dict": result.state_dict, "solver": self.plan.solver,
+        blob = {"config": self.base.model.config, "state_dict": result.state_dict, "solver": result.solver,
                 "objective": tilt.to_dict(), "seconds": seconds, "loop_seconds": result.loop_seconds, "guard": guard,
                 "steps": result.steps}
         if result.lora is not None:
@@ -159,21 +168,21 @@ class CachedFinetune:
         tmp.replace(model_path)
 
 
-def _weighted_inputs(cfg: Config, bank: Bank, tilt: Tilt, log: Callable[[str], None]) -> dict[str, Any]:
+def _weighted_inputs(cfg: Config, bank: Bank, tilt: Tilt, log: Callable[[str], None]) -> WeightedBank:
     """The weighted solver's bank rows, their frozen tilt weights w_i ∝ exp(g(x_i)/gamma) and, with conditions,
-    their condition indices (``run_finetune``'s ``bank_x``, ``bank_weights``, ``bank_cond``)."""
+    their condition indices."""
     if conditions_of(cfg):  # per condition, each condition's weights summing to 1/C
         weights, rows = cond_record.tilt_by_condition(bank, tilt, cfg.objective.invalid_reward)
         log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples of {len(conditions_of(cfg))} "
             f"conditions, ESS of the frozen weights {effective_sample_size(weights[rows]):.0f}")
-        return {"bank_x": bank.x[rows], "bank_weights": weights[rows], "bank_cond": bank.cond[rows]}
+        return WeightedBank(bank.x[rows], weights[rows], bank.cond[rows])
     # failures at the invalid reward, or neutral (tfft.invalid.tilt_rewards); rows with a finite x
     reward, rows = tilt_rewards(bank.reward, bank.valid, cfg.objective.invalid_reward, tilt.eta)
     rows = rows & np.isfinite(bank.x).all(axis=1)
     weights = tilt.weights(np.where(rows, reward, np.nan), rows)
     log(f"[finetune] weighted flow matching on {int(rows.sum())} bank samples, "
         f"ESS of the frozen weights {effective_sample_size(weights):.0f}")
-    return {"bank_x": bank.x[rows], "bank_weights": weights[rows]}
+    return WeightedBank(bank.x[rows], weights[rows])
 
 
 def _guard_inputs(cfg: Config, bank: Bank, tilt: Tilt) -> dict[str, float]:

@@ -21,8 +21,8 @@ COND = ["data.conditions=[a,b]", "reward.target=user_flow_model:first_coordinate
 
 
 @pytest.fixture(autouse=True)
-def _user_modules(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+def _user_modules(import_path):
+    import_path(str(Path(__file__).parent))
 
 
 def _error(overrides, key):
@@ -137,7 +137,7 @@ def test_reward_cache_keys_include_the_condition():
     assert a != b and a not in sample_keys(x)
 
 
-def test_readme_conditional_example_loads_and_runs(tmp_path, monkeypatch):
+def test_readme_conditional_example_loads_and_runs(tmp_path, import_path):
     """README's "Conditional models": the module and config load, and model, data and reward take conditions."""
     import re
 
@@ -148,7 +148,7 @@ def test_readme_conditional_example_loads_and_runs(tmp_path, monkeypatch):
     module, config = (body for _, body in re.findall(r"~~~(\w+)\n(.*?)~~~", section, re.S))
     (tmp_path / "my_labels.py").write_text("import numpy as np\nimport torch\nfrom torch import nn\n" + module)
     (tmp_path / "c.yaml").write_text(config)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    import_path(str(tmp_path))
     cfg = load_config(tmp_path / "c.yaml", ["pretrain.n_samples=5"])
     assert cfg.data.conditions == ["cat", "dog"] and cfg.objective.per_condition is True
     data, cond = _draw_conditional(cfg, 5)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipelines.config import ConfigError, load_config
+from pipelines.finetune_job import FinetuneJob
 from pipelines.trainer import run_finetune
 from pipelines.models import build_model
 from pipelines.schema import FinetuneConfig
@@ -21,16 +22,16 @@ MODEL = {"dim": 2, "hidden": 16, "depth": 2}
 TILT = Tilt(0.0, "right", 0.1, 10.0)
 
 
-def _finetune(out, backend: str, steps: int, *, checkpoint_every: int = 5, **kwargs):
+def _finetune(out, backend: str, steps: int, *, checkpoint_every: int = 5, callbacks=None, **kwargs):
     torch.manual_seed(0)
     base = build_model(MODEL).state_dict()
     ft = FinetuneConfig(steps=steps, batch_size=16, lr=3e-3, warmup_steps=2, num_workers=1, cpus_per_worker=1,
                         log_every=5, checkpoint_every=checkpoint_every, sde_steps=6, n_early=2, backend=backend,
                         guard=False)
     lines: list[str] = []
-    result = run_finetune(name="finetune", storage_path=str(out), model_config=MODEL, base_state=base,
-                          tilt=TILT, finetune=ft, reward_target="rewards.toy2d:TailReward2D",
-                          reward_kwargs={}, seed=3, solver="adjoint", log=lines.append, **kwargs)
+    job = FinetuneJob(ft, MODEL, base, TILT, "rewards.toy2d:TailReward2D", {}, seed=3, steps=steps, sde_steps=6,
+                      **kwargs)
+    result = run_finetune(job, name="finetune", storage_path=str(out), callbacks=callbacks, log=lines.append)
     return result, lines
 
 

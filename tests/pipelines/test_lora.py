@@ -5,6 +5,7 @@ to the adapters, only adapters train, the saved adapter and merged weights load 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -211,19 +212,22 @@ def test_training_workers_build_warm_start_and_checkpoint_only_the_adapter():
     start) is that fine-tuned model, its checkpoint state is the adapter alone, and it loads back."""
     from pipelines.train_build import build_models as _build_models
     from pipelines.train_build import load_model_state as _load_model_state, model_state as _model_state
+    from pipelines.finetune_job import FinetuneJob
     from pipelines.lora import adapter_state
+    from pipelines.schema import FinetuneConfig
+    from tfft.objective import Tilt
 
     lora, frozen, state = _trained_lora(MLP)
-    config = {"model_config": MLP, "base_state": state, "lora": SETTINGS.to_dict(),
-              "init_adapter": adapter_state(lora.peft)}
-    model, base, handle = _build_models(config, torch.device("cpu"))
+    job = FinetuneJob(FinetuneConfig(), MLP, state, Tilt(0.0, "right", 0.1, 1.0), "rewards.toy2d:TailReward2D", {},
+                      seed=0, steps=1, sde_steps=1, lora=SETTINGS, init_adapter=adapter_state(lora.peft))
+    model, base, handle = _build_models(job, torch.device("cpu"))
     x, t = torch.randn(64, 2), torch.rand(64)
     with torch.no_grad():
         assert torch.equal(model(x, t), lora.velocity(x, t))
         assert torch.equal(base(x, t), frozen(x, t))
     saved = _model_state(model, handle)
     assert saved and all(".lora_" in k for k in saved)
-    fresh, _, fresh_handle = _build_models({**config, "init_adapter": None}, torch.device("cpu"))
+    fresh, _, fresh_handle = _build_models(dataclasses.replace(job, init_adapter=None), torch.device("cpu"))
     _load_model_state(fresh, fresh_handle, saved)
     with torch.no_grad():
         assert torch.equal(fresh(x, t), lora.velocity(x, t))

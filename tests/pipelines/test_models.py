@@ -132,7 +132,7 @@ def test_errors_found_when_the_model_is_built(tmp_path):
         load_or_pretrain(_cfg(tmp_path, *USER, "model.sample_shape=[]", "pretrain.steps=0"), log=lambda _: None)
 
 
-def test_readme_example_builds_pretrains_and_reloads(tmp_path, monkeypatch):
+def test_readme_example_builds_pretrains_and_reloads(tmp_path, import_path):
     """README's "Bring your own model": its module and config load, pretrain a few steps, and the cached state
     loads into the user's own module."""
     import re
@@ -145,7 +145,7 @@ def test_readme_example_builds_pretrains_and_reloads(tmp_path, monkeypatch):
     (tmp_path / "my_flow.py").write_text(module)
     (tmp_path / "my_flow.yaml").write_text(config)
     assert "tfft run my_flow.yaml" in command
-    monkeypatch.syspath_prepend(str(tmp_path))
+    import_path(str(tmp_path))
     cfg = load_config(tmp_path / "my_flow.yaml", [f"pretrain.cache_dir={tmp_path / 'cache'}", "pretrain.steps=3",
                                                   "pretrain.n_samples=64", "pretrain.batch_size=16"])
     base = load_or_pretrain(cfg, log=lambda _: None)

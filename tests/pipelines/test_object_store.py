@@ -92,10 +92,10 @@ def test_reward_cache_parts_from_two_writers_on_the_store(s3):
     assert len(Store(f"{s3}/cache/rid").files()) == 2
 
 
-def test_unreachable_store_or_missing_bucket_is_one_line(s3, monkeypatch):
+def test_unreachable_store_or_missing_bucket_is_one_line(s3, set_env):
     with pytest.raises(StorageError, match=r"^'bank.cache_dir': cannot write .*'s3://no-such-bucket/x'"):
         check_writable("s3://no-such-bucket/x", "bank.cache_dir")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    set_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}")  # nothing listens there
     with pytest.raises(StorageError) as info:
         check_writable(f"{s3}/x", "--out")
     message = str(info.value)
@@ -214,7 +214,7 @@ def test_killed_driver_resumes_from_the_store_and_two_runs_share_the_reward_cach
 
 
 @pytest.mark.ray
-def test_two_trial_sweep_with_outputs_and_caches_on_the_store(s3, tmp_path, monkeypatch):
+def test_two_trial_sweep_with_outputs_and_caches_on_the_store(s3, tmp_path, set_env):
     """``tfft sweep --out s3://...`` on one machine: both trials' outputs, the report and the sweep's log end up on
     the store (its local copy is pushed), with both caches on the store too."""
     import ray
@@ -227,7 +227,7 @@ def test_two_trial_sweep_with_outputs_and_caches_on_the_store(s3, tmp_path, monk
     connect(RayConfig(num_cpus=2))
     try:
         out = f"{s3}/sweeps/smoke"
-        monkeypatch.setenv("TFFT_MIRROR_DIR", str(tmp_path / "mirror"))
+        set_env(TFFT_MIRROR_DIR=str(tmp_path / "mirror"))
         args = ["sweep", "tune_configs/sweep_toy2d_smoke.yaml", "--out", out, *TINY,
                 "sweep.parameters.objective.kl_weight.grid=[10]", "finetune.backend=local",
                 f"pretrain.cache_dir={s3}/pretrain",

@@ -56,7 +56,7 @@ def test_bad_kwargs_are_reported():
         load_reward("rewards.toy2d:TailReward2D", {"nope": 1})
 
 
-def test_a_constructor_that_fails_is_one_error_naming_the_reward(tmp_path, monkeypatch):
+def test_a_constructor_that_fails_is_one_error_naming_the_reward(tmp_path, import_path):
     (tmp_path / "broken_reward.py").write_text(
         "from rewards.base import Reward\n"
         "class NeedsFile(Reward):\n"
@@ -65,7 +65,7 @@ def test_a_constructor_that_fails_is_one_error_naming_the_reward(tmp_path, monke
         "    def evaluate(self, x, cond=None):\n"
         "        return x.sum(-1)\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    import_path(str(tmp_path))
     with pytest.raises(ValueError, match=r"reward 'broken_reward:NeedsFile' could not be built .*FileNotFoundError"):
         load_reward("broken_reward:NeedsFile", {"path": str(tmp_path / "missing.bin")})
 
@@ -108,13 +108,13 @@ def test_import_object_dotted_attribute():
     assert import_object("rewards.toy2d:TailReward2D.evaluate") is TailReward2D.evaluate
 
 
-def test_a_plain_function_reward_is_versioned_by_its_source(tmp_path, monkeypatch):
+def test_a_plain_function_reward_is_versioned_by_its_source(tmp_path, import_path):
     # Editing a plain function must change its cache identity (it has no version to bump).
     import importlib
 
     from rewards.base import load_reward
 
-    monkeypatch.syspath_prepend(str(tmp_path))
+    import_path(str(tmp_path))
     module = tmp_path / "edited_reward.py"
     module.write_text("def reward(x):\n    return -(x ** 2).sum(-1)\n")
     first = load_reward("edited_reward:reward").version

@@ -136,8 +136,8 @@ def test_a_term_raising_on_a_chunk_loses_only_its_own_samples_with_the_pools_set
     assert res.attempts.tolist() == [2, 2, 2, 2, 4, 4, 3, 3]
 
 
-def test_a_term_failing_as_a_whole_keeps_the_other_terms_values(monkeypatch):
-    monkeypatch.delenv("TFFT_TEST_COMPOSE_UNSET", raising=False)
+def test_a_term_failing_as_a_whole_keeps_the_other_terms_values(set_env):
+    set_env(TFFT_TEST_COMPOSE_UNSET=None)
     ws = weighted(TAIL, {"target": "rewards.http:Endpoint", "name": "server",
                          "kwargs": {"url": "http://127.0.0.1:9", "token_env": "TFFT_TEST_COMPOSE_UNSET"}})
     x = points(6)

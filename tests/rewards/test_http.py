@@ -253,27 +253,27 @@ def test_parse_rewards():
     assert "***" in failure.value.detail and TOKEN[:4] not in failure.value.detail
 
 
-def test_token_is_sent_from_the_environment_and_never_kept(monkeypatch, caplog):
+def test_token_is_sent_from_the_environment_and_never_kept(set_env, caplog):
     srv, url = serve(token=TOKEN)
     try:
         endpoint = Endpoint(url, token_env=TOKEN_ENV, batch_size=2, retries=1, **FAST)
         x = good_rows(np.random.default_rng(4), 3)
-        monkeypatch.delenv(TOKEN_ENV, raising=False)
+        set_env(**{TOKEN_ENV: None})
         with pytest.raises(ValueError, match=f"token_env.*{TOKEN_ENV}"):
             endpoint.evaluate_detailed(x)  # missing where the reward runs: a clear error, no request
         assert srv.requests == 0
-        monkeypatch.setenv(TOKEN_ENV, TOKEN)
+        set_env(**{TOKEN_ENV: TOKEN})
         result = endpoint.evaluate_detailed(x)
         assert result.valid.all() and result.rewards.tolist() == [reward_of(row) for row in x.tolist()]
         anonymous = Endpoint(url, batch_size=1, retries=2, **FAST).evaluate_detailed(x[:1])
         assert anonymous.errors == ["exception"] and anonymous.attempts.tolist() == [1]  # 401: not retried
-        monkeypatch.setenv(TOKEN_ENV, "not-the-token")
+        set_env(**{TOKEN_ENV: "not-the-token"})
         assert endpoint.evaluate_detailed(x[:1]).errors == ["exception"]
         assert srv.statuses[401] == 2
     finally:
         srv.shutdown()
 
-    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    set_env(**{TOKEN_ENV: TOKEN})
 
     def echo(conn: socket.socket, head: bytes) -> None:  # a server that leaks the header into its error
         auth = [line for line in head.split(b"\r\n") if line.lower().startswith(b"authorization")]

@@ -210,13 +210,13 @@ def test_epidemic_config_loads():
     assert isinstance(reward, Command) and not reward.differentiable
 
 
-def test_epidemic_nan_mode_marks_only_odd_samples(tmp_path, monkeypatch):
+def test_epidemic_nan_mode_marks_only_odd_samples(tmp_path, set_env):
     from rewards.examples.epidemic import main
 
     x = np.array([[0.0, 0.0], [3.0, 3.0], [-1.0, 0.5]])
     np.save(tmp_path / "in.npy", x)
-    monkeypatch.setenv("TFFT_EPIDEMIC_FAULT", "nan")
-    monkeypatch.setenv("TFFT_EPIDEMIC_FAULT_RADIUS", "3")
+    set_env(TFFT_EPIDEMIC_FAULT="nan")
+    set_env(TFFT_EPIDEMIC_FAULT_RADIUS="3")
     assert main([str(tmp_path / "in.npy"), str(tmp_path / "out.npy")]) == 0
     out = np.load(tmp_path / "out.npy")
     assert np.isnan(out).tolist() == [False, True, False]
