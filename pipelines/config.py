@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.schema import Config
 
-__all__ = ["ConfigError", "require", "load_config", "to_yaml", "to_flat_dict", "flatten", "from_dict"]
+__all__ = ["ConfigError", "require", "explain", "load_config", "to_yaml", "to_flat_dict", "flatten", "from_dict"]
 
 
 class ConfigError(ValueError):
@@ -28,7 +28,8 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"'{key}' {message}")
 
 
-def _explain(exc: OmegaConfBaseException) -> str:
+def explain(exc: OmegaConfBaseException) -> str:
+    """One line for an OmegaConf merge error, naming the key: unknown, or a bad value."""
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
     if "not in" in msg or "Key '" in msg and "not" in msg:
@@ -42,7 +43,7 @@ def _merge(sources: Sequence[Any]) -> Config:
         merged = OmegaConf.merge(base, *sources)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ConfigError(_explain(exc)) from None
+        raise ConfigError(explain(exc)) from None
     except (TypeError, ValueError) as exc:  # e.g. a dotted override into a list item: 'terms.1.weight=0.5'
         raise ConfigError(
             f"cannot merge the config sources: {exc}; an override cannot reach into a list item "
@@ -71,7 +72,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             sources.append(OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as exc:
-            raise ConfigError(_explain(exc)) from None
+            raise ConfigError(explain(exc)) from None
     cfg = _merge(sources)
     from pipelines.validation import validate  # it raises this module's ConfigError
 

@@ -1,15 +1,20 @@
 """The ``sweep:`` section itself (``parameters``, ``num_samples``, ``seed``, ``max_concurrent_trials``,
-``scheduler``): parsed and checked into a :class:`SweepConfig` (`pipelines.sweep.spec` expands it into trials)."""
+``scheduler``) as a :class:`SweepConfig`: merged over its schema (`pipelines.schema_sweep`, where its keys are
+declared, defaulted and checked), with ``parameters`` turned into typed :class:`Domain` values
+(`pipelines.sweep.spec` expands them into trials)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, explain
+from pipelines.schema_sweep import SchedulerSection, SweepFile, SweepSection, check_sweep
 
-__all__ = ["DOMAIN_KINDS", "Domain", "SchedulerConfig", "SweepConfig", "parse_sweep"]
+__all__ = ["DOMAIN_KINDS", "Domain", "SchedulerSection", "SweepConfig", "parse_sweep"]
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
 _NOT_SWEEPABLE = ("ray", "tracking")
@@ -25,16 +30,6 @@ class Domain:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    """ASHA early stopping on an intermediate training metric reported every ``finetune.log_every`` steps."""
-
-    metric: str = "active_fraction"
-    mode: str = "max"
-    grace_period: int = 2
-    reduction_factor: int = 2
-
-
-@dataclass(frozen=True)
 class SweepConfig:
     """The ``sweep:`` section: domains, repeats of the grid, seed of the random draws, trials at once
     (0: derived from the cluster, :mod:`pipelines.sweep.resources`), optional early stopping."""
@@ -43,7 +38,7 @@ class SweepConfig:
     num_samples: int = 1
     seed: int = 0
     max_concurrent_trials: int = 0
-    scheduler: SchedulerConfig | None = None
+    scheduler: SchedulerSection | None = None
 
 
 def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:
@@ -74,48 +69,23 @@ def _domain(key: str, spec: Any) -> Domain:
     return Domain(key, kind, tuple(values))
 
 
-def _int(raw: dict[str, Any], key: str, default: int, minimum: int, section: str = "sweep") -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"'{section}.{key}' must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_keys(section: dict[str, Any], known: set[str], prefix: str) -> None:
-    """ConfigError naming the first key of ``section`` that is not ``known`` (as ``prefix.key``)."""
-    for key in section:
-        if key not in known:
-            raise ConfigError(f"unknown config key '{prefix}.{key}'")
+def _section(raw: dict[str, Any]) -> SweepSection:
+    """``raw`` merged over the section's schema; an unknown key or a badly typed value names ``sweep.<key>``."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepFile), {"sweep": raw})
+        section = OmegaConf.to_object(merged).sweep  # type: ignore[union-attr]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(explain(exc)) from None
+    check_sweep(section)
+    return section
 
 
 def parse_sweep(raw: Any) -> SweepConfig:
     """The ``sweep:`` section as a plain dict -> :class:`SweepConfig`; problems raise ConfigError naming the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"'sweep' must be a mapping, got {raw!r}")
-    _check_keys(raw, {"parameters", "num_samples", "seed", "max_concurrent_trials", "scheduler"}, "sweep")
+    section = _section(raw)
     flat: dict[str, Any] = {}
-    _flatten("", raw.get("parameters") or {}, flat)
-    scheduler = None
-    sched = raw.get("scheduler")
-    if sched is not None:
-        if not isinstance(sched, dict):
-            raise ConfigError(f"'sweep.scheduler' must be a mapping or null, got {sched!r}")
-        _check_keys(sched, {"kind", "metric", "mode", "grace_period", "reduction_factor"}, "sweep.scheduler")
-        if sched.get("kind", "asha") != "asha":
-            raise ConfigError(f"'sweep.scheduler.kind' must be 'asha', got {sched['kind']!r}")
-        if sched.get("mode", "max") not in ("max", "min"):
-            raise ConfigError(f"'sweep.scheduler.mode' must be 'max' or 'min', got {sched['mode']!r}")
-        defaults = SchedulerConfig()
-        scheduler = SchedulerConfig(
-            metric=str(sched.get("metric", defaults.metric)),
-            mode=sched.get("mode", defaults.mode),
-            grace_period=_int(sched, "grace_period", defaults.grace_period, 1, "sweep.scheduler"),
-            reduction_factor=_int(sched, "reduction_factor", defaults.reduction_factor, 2, "sweep.scheduler"),
-        )
-    return SweepConfig(
-        parameters=tuple(_domain(k, v) for k, v in flat.items()),
-        num_samples=_int(raw, "num_samples", 1, 1),
-        seed=_int(raw, "seed", 0, 0),
-        max_concurrent_trials=_int(raw, "max_concurrent_trials", 0, 0),
-        scheduler=scheduler,
-    )
+    _flatten("", section.parameters, flat)
+    return SweepConfig(tuple(_domain(k, v) for k, v in flat.items()), section.num_samples, section.seed,
+                       section.max_concurrent_trials, section.scheduler)

@@ -32,9 +32,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.schema import Config
-from pipelines.sweep.section import Domain, SchedulerConfig, SweepConfig, parse_sweep
+from pipelines.sweep.section import Domain, SchedulerSection, SweepConfig, parse_sweep
 
-__all__ = ["Domain", "SchedulerConfig", "SweepConfig", "TrialSpec", "Sweep", "load_sweep", "parse_sweep", "expand"]
+__all__ = ["Domain", "SchedulerSection", "SweepConfig", "TrialSpec", "Sweep", "load_sweep", "parse_sweep", "expand"]
 
 # Sections whose values fix the base model and its bank (pipelines.stages.base.prepare_base): trials that agree
 # on them share one base bank.

@@ -122,6 +122,11 @@ sweep:
         ("sweep: {parameters: {seed: {grid: [0]}}, num_sample: 2}", "sweep.num_sample"),
         ("sweep: {parameters: {seed: {grid: [0]}}, scheduler: {metric: loss, mode: up}}", "sweep.scheduler.mode"),
         ("sweep: {parameters: {seed: {grid: [0]}}, scheduler: {metric: cvar}}", "sweep.scheduler.metric"),
+        ("sweep: {parameters: {seed: {grid: [0]}}, num_samples: many}", "sweep.num_samples"),
+        ("sweep: {parameters: {seed: {grid: [0]}}, seed: -1}", "sweep.seed"),
+        ("sweep: {parameters: {seed: {grid: [0]}}, scheduler: {grace_period: 0}}", "sweep.scheduler.grace_period"),
+        ("sweep: {parameters: {seed: {grid: [0]}}, scheduler: {kind: hyperband}}", "sweep.scheduler.kind"),
+        ("sweep: {parameters: {seed: {grid: [0]}}, scheduler: {rungs: 3}}", "sweep.scheduler.rungs"),
         ("finetune: {stepz: 3}\nsweep: {parameters: {seed: {grid: [0]}}}", "finetune.stepz"),
         ("objective: {side: right}", "sweep"),
     ],
@@ -157,6 +162,19 @@ def test_asha_counts_training_reports_and_lets_finished_trials_record(tmp_path):
     assert scheduler._metric == "active_fraction" and scheduler._time_attr == "training_iteration"
     assert scheduler._max_t == 10 and scheduler._stop_last_trials is False
     assert asha_scheduler(load_sweep(_write(tmp_path, GRID)), sweep.trials) is None
+
+
+def test_sweep_section_defaults_come_from_its_schema(tmp_path):
+    """A scheduler given by its metric alone gets the schema's defaults; ``sweep.*`` overrides merge over the file."""
+    from pipelines.schema_sweep import SchedulerSection, SweepSection
+
+    sweep = load_sweep(_write(tmp_path, GRID + "  scheduler: {metric: loss, mode: min}\n"),
+                       ["sweep.scheduler.reduction_factor=3", "sweep.max_concurrent_trials=2"])
+    default = SchedulerSection()
+    assert (sweep.sweep.scheduler.metric, sweep.sweep.scheduler.mode) == ("loss", "min")
+    assert sweep.sweep.scheduler.grace_period == default.grace_period and sweep.sweep.scheduler.reduction_factor == 3
+    assert (sweep.sweep.num_samples, sweep.sweep.seed) == (SweepSection().num_samples, SweepSection().seed)
+    assert sweep.sweep.max_concurrent_trials == 2
 
 
 # --- MLflow: concurrent writers on one SQLite store ---------------------------------------------------
