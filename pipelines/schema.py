@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pipelines.schema_finetune import FinetuneConfig, LoraConfig
 from pipelines.schema_reward import RewardConfig, ScreenConfig, ServeConfig
@@ -99,8 +99,8 @@ class ObjectiveConfig:
     (`tfft.invalid`). ``per_condition`` (with ``data.conditions``): true (the default then) solves a threshold
     eta*_c on each condition's bank rows; false one eta* on the pooled bank; empty: true with conditions."""
 
-    kind: str = "cvar"
-    side: str = "right"
+    kind: Literal["cvar", "mean"] = "cvar"
+    side: Literal["right", "left"] = "right"
     alpha: float = 0.1
     kl_weight: float = 10.0
     invalid_reward: Optional[float] = None
@@ -108,13 +108,12 @@ class ObjectiveConfig:
 
 
 def check_objective(objective: ObjectiveConfig) -> None:
-    """``objective.*`` checked where it is declared (``per_condition`` with the conditions, `pipelines.conditions`):
-    ``side``, ``alpha`` and ``kl_weight`` by `tfft.objective.Tilt.check`, the rule the objective applies itself.
+    """``objective.*`` checked where it is declared (``kind`` and ``side`` by their ``Literal`` types when merged,
+    ``per_condition`` with the conditions, `pipelines.conditions`): ``side``, ``alpha`` and ``kl_weight`` by `tfft.objective.Tilt.check`, the rule the objective applies itself.
     Raises `pipelines.config.ConfigError` naming the key."""
     from pipelines.config import ConfigError, require  # that module imports this one
     from tfft.objective import Tilt
 
-    require(objective.kind in ("mean", "cvar"), "objective.kind", f"must be 'mean' or 'cvar', got {objective.kind!r}")
     try:
         Tilt.check(objective.side, objective.alpha, objective.kl_weight)
     except ValueError as exc:  # "alpha: expected ..."
@@ -132,9 +131,9 @@ class SamplerConfig:
     ``grid`` uniform | quadratic, finer near t = 0); ``steps`` time steps K, also the fine-tuning trajectories'
     K unless ``finetune.sde_steps`` says otherwise."""
 
-    kind: str = "sde"
+    kind: Literal["sde", "ode"] = "sde"
     steps: int = 40
-    grid: str = "quadratic"
+    grid: Literal["quadratic", "uniform"] = "quadratic"
 
 
 @dataclass

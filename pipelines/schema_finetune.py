@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
-__all__ = ["LoraConfig", "FinetuneConfig", "SOLVERS", "check_solver"]
+__all__ = ["LoraConfig", "FinetuneConfig", "SOLVERS"]
 
 SOLVERS = ("adjoint", "weighted")  # what finetune.solver names, or resolves "auto" to (pipelines.stages.preflight)
 
@@ -84,12 +84,12 @@ class FinetuneConfig:
     ``max_failures`` restarts; sweeps need ray).
     """
 
-    solver: str = "auto"
+    solver: Literal["auto", "adjoint", "weighted"] = "auto"
     steps: int = 600
     batch_size: int = 512
     lr: float = 3e-3
     warmup_steps: int = 20
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     anchor: bool = True
     time_power: float = 1.0
     grad_clip: float = 100.0
@@ -104,13 +104,13 @@ class FinetuneConfig:
     fast_path: bool = True
     loss_chunk: int = 0
     gradient_checkpointing: bool = False
-    autocast: str = "none"
+    autocast: Literal["none", "bfloat16"] = "none"
     reweight: bool = False
-    matmul_precision: str = "highest"
+    matmul_precision: Literal["highest", "high"] = "highest"
     guard: bool = True
     guard_validity_drop: float = 0.05
     guard_patience: int = 5
-    guard_metric: str = "objective"
+    guard_metric: Literal["objective", "pseudo_reward"] = "objective"
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -119,14 +119,6 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     max_failures: int = 2
     poll_interval_s: float = 0.25
-    backend: str = "ray"
+    backend: Literal["ray", "local"] = "ray"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
-
-def check_solver(finetune: FinetuneConfig) -> None:
-    """``finetune.solver``: auto or one of :data:`SOLVERS`; `pipelines.stages.preflight.resolve_plan` resolves it
-    once. Raises `pipelines.config.ConfigError` naming the key."""
-    from pipelines.config import require  # that module imports this one
-
-    require(finetune.solver in ("auto", *SOLVERS), "finetune.solver",
-            f"must be 'auto', 'adjoint' or 'weighted', got {finetune.solver!r}")

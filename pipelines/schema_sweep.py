@@ -1,14 +1,14 @@
 """The ``sweep:`` section of a sweep config (``tfft sweep``), declared, defaulted and checked like the run config's
 sections (`pipelines.schema`): OmegaConf merges the YAML section and ``sweep.*`` overrides over these dataclasses,
-so an unknown key or a value of the wrong type is one error naming ``sweep.<key>``, and :func:`check_sweep`
-checks the ranges. ``parameters`` stays free-form here (keys of the run config, each a domain);
+so an unknown key, a value of the wrong type or a choice outside its ``Literal`` is one error naming
+``sweep.<key>``, and :func:`check_sweep` checks the ranges. ``parameters`` stays free-form here (keys of the run config, each a domain);
 `pipelines.sweep.section` turns it into typed domains.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 __all__ = ["SchedulerSection", "SweepSection", "SweepFile", "check_sweep"]
 
@@ -22,9 +22,9 @@ class SchedulerSection:
     fraction 1/reduction_factor of trials that go on at each rung (>= 2).
     """
 
-    kind: str = "asha"
+    kind: Literal["asha"] = "asha"
     metric: str = "active_fraction"
-    mode: str = "max"
+    mode: Literal["max", "min"] = "max"
     grace_period: int = 2
     reduction_factor: int = 2
 
@@ -59,8 +59,6 @@ def check_sweep(section: SweepSection) -> None:
     sched = section.scheduler
     if sched is None:
         return
-    require(sched.kind == "asha", "sweep.scheduler.kind", f"must be 'asha', got {sched.kind!r}")
-    require(sched.mode in ("max", "min"), "sweep.scheduler.mode", f"must be 'max' or 'min', got {sched.mode!r}")
     require(sched.grace_period >= 1, "sweep.scheduler.grace_period",
             f"must be an integer >= 1, got {sched.grace_period!r}")
     require(sched.reduction_factor >= 2, "sweep.scheduler.reduction_factor",

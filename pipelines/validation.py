@@ -1,7 +1,8 @@
-"""The values of a merged config checked before any work (:func:`validate`): ranges, choices, import paths.
-Every problem raises `pipelines.config.ConfigError` with one line naming the offending key. ``objective.*`` and
-``finetune.solver`` are checked next to their declarations (`pipelines.schema.check_objective`,
-`pipelines.schema_finetune.check_solver`): a setting's default and its check sit in one module."""
+"""The values of a merged config checked before any work (:func:`validate`): ranges, cross-field rules, import
+paths. Every problem raises `pipelines.config.ConfigError` with one line naming the offending key. Choices are the
+schema's ``Literal`` types, which the merge itself enforces (``finetune.solver``, ``objective.side``, ...), and
+``objective.*`` is checked next to its declaration (`pipelines.schema.check_objective`): a setting's default and
+its check sit in one module."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import math
 from typing import Any
 
 from pipelines.config import ConfigError, require as _require
-from pipelines.lr_schedule import SCHEDULES
 from pipelines.schema import Config, FinetuneConfig, PretrainConfig, SamplerConfig, ServeConfig, check_objective
-from pipelines.schema_finetune import check_solver
 from pipelines.validation_model import check_model
 
 __all__ = ["validate"]
@@ -48,10 +47,7 @@ def _check_serve(sv: ServeConfig) -> None:
 
 
 def _check_sampler(sampler: SamplerConfig) -> None:
-    _require(sampler.kind in ("sde", "ode"), "sampler.kind", f"must be 'sde' or 'ode', got {sampler.kind!r}")
     _require(sampler.steps >= 2, "sampler.steps", f"must be >= 2, got {sampler.steps}")
-    _require(sampler.grid in ("uniform", "quadratic"), "sampler.grid",
-             f"must be 'uniform' or 'quadratic', got {sampler.grid!r}")
 
 
 def _check_pretrain(pre: PretrainConfig) -> None:
@@ -76,7 +72,6 @@ def _check_bank(cfg: Config) -> None:
 
 
 def _check_finetune(ft: FinetuneConfig) -> None:
-    check_solver(ft)
     _require(ft.steps >= 0, "finetune.steps", f"must be >= 0, got {ft.steps}")
     _require(ft.num_workers >= 1, "finetune.num_workers", f"must be >= 1, got {ft.num_workers}")
     _require(ft.batch_size >= ft.num_workers, "finetune.batch_size",
@@ -84,7 +79,6 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
     _require(ft.warmup_steps >= 0, "finetune.warmup_steps", f"must be >= 0, got {ft.warmup_steps}")
     _require(ft.time_power > 0, "finetune.time_power", f"must be > 0, got {ft.time_power}")
-    _require(ft.lr_schedule in SCHEDULES, "finetune.lr_schedule", f"must be one of {SCHEDULES}, got {ft.lr_schedule!r}")
     _require(ft.grad_clip > 0, "finetune.grad_clip", f"must be > 0, got {ft.grad_clip}")
     _require(ft.reward_grad_clip >= 0, "finetune.reward_grad_clip", f"must be >= 0, got {ft.reward_grad_clip}")
     _require(ft.sde_steps == 0 or ft.sde_steps >= 2, "finetune.sde_steps",
@@ -92,16 +86,10 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _require(0 <= ft.clip_quantile <= 1, "finetune.clip_quantile", f"must be in [0, 1] (0: off), got {ft.clip_quantile}")
     _require(ft.clip_factor >= 1, "finetune.clip_factor", f"must be >= 1, got {ft.clip_factor}")
     _require(ft.oversample >= 1, "finetune.oversample", f"must be >= 1, got {ft.oversample}")
-    _require(ft.autocast in ("none", "bfloat16"), "finetune.autocast",
-             f"must be none or bfloat16, got {ft.autocast!r}")
     _require(ft.loss_chunk >= 0, "finetune.loss_chunk", f"must be >= 0 (0: one loss over every chosen step), "
              f"got {ft.loss_chunk}")
-    _require(ft.matmul_precision in ("highest", "high"), "finetune.matmul_precision",
-             f"must be highest or high, got {ft.matmul_precision!r}")
     _require(0 <= ft.guard_validity_drop <= 1, "finetune.guard_validity_drop",
              f"must be in [0, 1], got {ft.guard_validity_drop}")
-    _require(ft.guard_metric in ("objective", "pseudo_reward"), "finetune.guard_metric",
-             f"must be 'objective' or 'pseudo_reward', got {ft.guard_metric!r}")
     _require(ft.guard_patience >= 0, "finetune.guard_patience", f"must be >= 0 (0: never), got {ft.guard_patience}")
     _require(0 < ft.late_fraction <= 1, "finetune.late_fraction", f"must be in (0, 1], got {ft.late_fraction}")
     _require(ft.n_early >= 0, "finetune.n_early", f"must be >= 0, got {ft.n_early}")
@@ -111,7 +99,6 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _check_resources("finetune.resources_per_worker", ft.resources_per_worker)
     _require(ft.max_failures >= 0, "finetune.max_failures", f"must be >= 0, got {ft.max_failures}")
     _require(ft.poll_interval_s > 0, "finetune.poll_interval_s", f"must be > 0 seconds, got {ft.poll_interval_s}")
-    _require(ft.backend in ("ray", "local"), "finetune.backend", f"must be 'ray' or 'local', got {ft.backend!r}")
     _require(ft.backend == "ray" or ft.num_workers == 1, "finetune.backend",
              f"local runs one worker in this process: set 'finetune.num_workers' to 1 (got {ft.num_workers}) "
              "or use backend ray (DDP)")

@@ -80,6 +80,43 @@ def test_bad_settings_name_the_key(override, key):
         load_config(None, [override])
 
 
+def _choice_fields():
+    """(dotted key, allowed values) of every Literal-typed field of the run config's schema."""
+    import dataclasses
+    import typing
+
+    from pipelines.schema import Config
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if typing.get_origin(hint) is typing.Literal:
+                yield f"{prefix}{f.name}", typing.get_args(hint)
+            elif dataclasses.is_dataclass(hint):
+                yield from walk(hint, f"{prefix}{f.name}.")
+
+    return list(walk(Config, ""))
+
+
+def test_every_choice_is_a_literal_that_the_merge_enforces():
+    """Each choice of the schema accepts its listed values and rejects another, in one line naming the key and the
+    values allowed; its default is one of them."""
+    fields = _choice_fields()
+    assert {"finetune.solver", "objective.side", "objective.kind", "sampler.kind", "finetune.backend"} <= dict(fields).keys()
+    for key, allowed in fields:
+        for value in allowed:
+            cfg = load_config(None, [f"{key}={value}", "finetune.num_workers=1"])
+            section, _, name = key.rpartition(".")
+            node = cfg
+            for part in section.split("."):
+                node = getattr(node, part)
+            assert getattr(node, name) == value
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"{key}=not_a_choice"])
+        assert f"'{key}'" in str(info.value) and all(repr(v) in str(info.value) for v in allowed), str(info.value)
+
+
 def test_cli_config_error_is_one_line_and_exit_code_2(capsys, tmp_path):
     import ray
 

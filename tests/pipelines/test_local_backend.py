@@ -115,7 +115,7 @@ def test_local_restores_the_callers_thread_count(tmp_path):
 def test_local_backend_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"'finetune.backend'.*'finetune.num_workers'"):
         load_config(None, ["finetune.backend=local", "finetune.num_workers=2"])
-    with pytest.raises(ConfigError, match="'finetune.backend' must be 'ray' or 'local'"):
+    with pytest.raises(ConfigError, match=r"'finetune.backend': Invalid value 'threads', expected one of \['ray', 'local'\]"):
         load_config(None, ["finetune.backend=threads"])
     assert load_config(None, ["finetune.backend=local", "finetune.num_workers=1"]).finetune.backend == "local"
     with pytest.raises(ConfigError, match="'finetune.backend' local cannot report to Tune callbacks"):
