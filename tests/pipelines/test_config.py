@@ -261,3 +261,35 @@ def test_finetune_defaults_are_the_solvers_own():
               "loss_chunk", "reweight")
     assert {k: getattr(config, k) for k in shared} == {k: solver[renamed.get(k, k)] for k in shared}
     assert config.autocast == "none" and solver["autocast"] is None
+
+
+def _readers(section: str, name: str) -> set[str]:
+    """Modules of `pipelines/` whose code reads ``<something>.<section>.<name>`` (attribute access, not text)."""
+    import ast
+
+    def is_section(node: ast.AST, aliases: set[str]) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == section) or (
+            isinstance(node, ast.Name) and node.id in aliases)
+
+    root = Path(__file__).parents[2] / "pipelines"
+    found = set()
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        pairs = [(target, node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 for target in node.targets]
+        pairs += [pair for target, value in pairs if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+                  for pair in zip(target.elts, value.elts)]  # sc, obj = cfg.reward.screen, cfg.objective
+        aliases = {target.id for target, value in pairs if isinstance(target, ast.Name) and is_section(value, set())}
+        if any(isinstance(node, ast.Attribute) and node.attr == name and is_section(node.value, aliases)
+               for node in ast.walk(tree)):
+            found.add(str(path.relative_to(root)))
+    return found
+
+
+def test_solver_and_alpha_are_read_where_the_readme_says():
+    """README "How a setting reaches the code": ``finetune.solver`` is read by preflight alone (its resolution);
+    ``objective.alpha`` where the Tilt is built and by the three uses before a threshold exists. A new reader is a
+    second path for the setting: route it through `RunPlan` or the `Tilt` instead."""
+    assert _readers("finetune", "solver") == {"stages/preflight.py"}
+    assert _readers("objective", "alpha") == {"stages/threshold.py", "stages/preflight.py", "screening.py",
+                                              "validation.py"}
