@@ -364,7 +364,8 @@ class AdjointMatchingSolver:
                 x = sub.xs[indices][:, still]
                 t = (indices.to(x.dtype) * sub.h).repeat_interleave(still.numel())
                 c = None if sub.cond is None else sub.cond[still].repeat(m)
-                v_base[:, still] = call_velocity(self.base, x.reshape(-1, d), t, c).reshape(m, still.numel(), d)
+                v = call_velocity(self.base, x.reshape(-1, d), t, c)  # autocast: in the autocast dtype
+                v_base[:, still] = v.to(v_base.dtype).reshape(m, still.numel(), d)
         return next_adjoint, v_base
 
     def _model_at_steps(self, sub: Trajectory, indices: Tensor) -> Tensor:
