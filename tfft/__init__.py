@@ -3,7 +3,7 @@
 DESIGN.md sections: tail statistics and the threshold (§3, :mod:`tfft.tail`), pseudo-reward, tilt and
 target statistics (§5, :mod:`tfft.target`) and their bootstrap interval (:mod:`tfft.interval`), the velocity
 network and flow matching (:mod:`tfft.model`),
-samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`), the pseudo-reward signal
+samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`, :mod:`tfft.matching`, :mod:`tfft.conditioning`), the pseudo-reward signal
 (:mod:`tfft.pseudo`), a user's model of any sample shape in the flat interface (:mod:`tfft.user_model`), a VP
 diffusion network as a flow (:mod:`tfft.diffusion`), the solvers behind one ``step`` interface (§6-7,
 :mod:`tfft.solvers`), the CUDA-graph captures of the sampler and the adjoint (:mod:`tfft.graphs`), the rule for
@@ -14,15 +14,14 @@ evaluation (:mod:`tfft.screen`) and conditions (class labels, prompts) as an opt
 
 from tfft.adjoint import (
     Adjoint,
-    Conditioning,
-    adjoint_matching_loss,
     girsanov_kl,
     girsanov_kl_estimate,
     lean_adjoint,
-    matching_loss,
     select_time_steps,
     step_weights,
 )
+from tfft.conditioning import Conditioning
+from tfft.matching import adjoint_matching_loss, matching_loss
 from tfft.conditions import call_velocity, per_condition_weights, row_values, uniform_conditions
 from tfft.diffusion import VPDiffusionFlow
 from tfft.graphs import GraphedAdjoint, GraphedSampler

@@ -22,18 +22,9 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from tfft.conditions import call_velocity
-from tfft.adjoint import (
-    Adjoint,
-    Conditioning,
-    LossTerms,
-    chunked_matching_backward,
-    girsanov_kl_estimate,
-    lean_adjoint,
-    matching_loss,
-    select_time_steps,
-    step_weights,
-    zero_loss,
-)
+from tfft.adjoint import Adjoint, girsanov_kl_estimate, lean_adjoint, select_time_steps, step_weights
+from tfft.conditioning import Conditioning
+from tfft.matching import LossTerms, chunked_matching_backward, matching_loss, zero_loss
 from tfft.graphs import GraphedAdjoint, GraphedSampler, bucket_rows, graphs_available
 from tfft.model import VelocityField
 from tfft.oversample import oversample_weights
@@ -79,7 +70,7 @@ class AdjointMatchingConfig:
             CUDA the sampler and the adjoint loops are CUDA graphs (`tfft.graphs`). False: the reference
             (every trajectory through the adjoint, a separate loss forward, eager loops).
         loss_chunk: evaluate and backpropagate the loss this many chosen time steps at a time
-            (`tfft.adjoint.chunked_matching_backward`: same gradient, the activations of ``loss_chunk * n`` rows
+            (`tfft.matching.chunked_matching_backward`: same gradient, the activations of ``loss_chunk * n`` rows
             alive at once instead of ``m * n``: the memory of a large model's step). The step then returns a
             backpropagated `StepResult` (call ``result.backward()``, a no-op). 0: one loss over every chosen step.
         autocast: run every network call (sampler, adjoint VJPs, loss) under ``torch.autocast`` with this dtype

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tfft.adjoint import Conditioning, adjoint_matching_loss, girsanov_kl, lean_adjoint, select_time_steps
+from tfft.adjoint import girsanov_kl, lean_adjoint, select_time_steps
+from tfft.conditioning import Conditioning
+from tfft.matching import adjoint_matching_loss
 from tfft.model import GaussianMixtureVelocity, GaussianVelocity, VelocityMLP
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
 from tfft.sampling import Trajectory, sample_sde, sde_drift, sigma, velocity_gain

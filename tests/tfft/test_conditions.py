@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from tfft.adjoint import adjoint_matching_loss, lean_adjoint, select_time_steps
+from tfft.adjoint import lean_adjoint, select_time_steps
+from tfft.matching import adjoint_matching_loss
 from tfft.conditions import per_condition_weights, row_values, uniform_conditions
 from tfft.model import GaussianVelocity, VelocityMLP, flow_matching_loss
 from tfft.pseudo import pseudo_reward_signal
