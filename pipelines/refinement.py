@@ -24,7 +24,8 @@ from pipelines.pretrain import BaseModel
 from pipelines.schema import Config
 from pipelines.tracking import TrackedRun
 from tfft.objective import Tilt
-from tfft.refine import RefineRound, TailMeasurement
+from tfft.bracket import TailMeasurement
+from tfft.refine import RefineRound
 
 __all__ = ["refine_threshold", "FineTune", "SampleBank"]
 

@@ -28,7 +28,9 @@ from tfft.graphs import GraphedAdjoint, GraphedSampler
 from tfft.invalid import InvalidRule, TailBothWays, assign_invalid, tail_both_ways, tilt_rewards
 from tfft.objective import Tilt
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
-from tfft.refine import RefineResult, TailMeasurement, left_basin, refine_threshold
+from tfft.basin import left_basin
+from tfft.bracket import TailMeasurement
+from tfft.refine import RefineResult, refine_threshold
 from tfft.solvers import (
     AdjointMatchingConfig,
     AdjointMatchingSolver,

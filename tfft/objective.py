@@ -24,7 +24,8 @@ import torch
 
 from tfft.conditions import per_condition_weights, row_values
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
-from tfft.refine import RefineResult, RefineRound, TailMeasurement, refine_threshold
+from tfft.bracket import TailMeasurement
+from tfft.refine import RefineResult, RefineRound, refine_threshold
 from tfft.tail import _as_float64, _as_mask, _check_alpha, _check_kl_weight, _check_side, var
 from tfft.interval import TargetInterval, target_interval
 from tfft.target import TailSummary, pseudo_reward, target_summary, tilt_weights
@@ -196,7 +197,7 @@ class Tilt:
     # ------------------------------------------------------------------------------ threshold refinement
     def measure(self, rewards: Any) -> TailMeasurement:
         """The tail mass beyond eta of finite rewards (n,) (right: the fraction r > eta; left: r < eta), with
-        their alpha-VaR as the next threshold's proposal (`tfft.refine.TailMeasurement`)."""
+        their alpha-VaR as the next threshold's proposal (`tfft.bracket.TailMeasurement`)."""
         eta = self._one_eta("measure")
         if eta is None:
             raise ValueError("measure: the expected-reward objective has no threshold")

@@ -13,7 +13,8 @@ from scipy.stats import norm
 
 from tfft.objective import Tilt
 from tfft.pseudo import pseudo_reward_signal
-from tfft.refine import TailMeasurement, refine_threshold
+from tfft.bracket import TailMeasurement
+from tfft.refine import refine_threshold
 from tfft.tail import cvar, var
 from tfft.interval import target_interval
 from tfft.target import target_summary, tilt_weights

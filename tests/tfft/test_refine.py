@@ -13,17 +13,9 @@ import numpy as np
 import pytest
 from scipy import integrate, optimize, stats
 
-from tfft.refine import (
-    Bracket,
-    TailMeasurement,
-    left_basin,
-    left_objective_at_knots,
-    next_threshold,
-    refine_threshold,
-    standard_error,
-    tail_direction,
-    update_bracket,
-)
+from tfft.basin import left_basin, left_objective_at_knots
+from tfft.bracket import Bracket, TailMeasurement, next_threshold, standard_error, tail_direction, update_bracket
+from tfft.refine import refine_threshold
 from tfft.tail import solve_threshold, threshold_objective, var
 
 ALPHA, GAMMA = 0.1, 1.0
