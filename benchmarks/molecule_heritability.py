@@ -2,6 +2,8 @@
 
     python -m benchmarks.molecule_heritability             # alanine dipeptide, 600 trajectories, about 2 minutes
     python -m benchmarks.molecule_heritability --quick     # 100 trajectories (smoke)
+    python -m benchmarks.molecule_heritability --override reward.kwargs.relax_steps=200 \
+        --results benchmarks/results/molecule_heritability_relaxed   # the reward of MMFF-relaxed structures
 
 One process, no Ray. The base model of ``tune_configs/molecule_right.yaml`` (the pretraining cache, trained first
 if absent) draws n trajectories of the law-preserving SDE; for each t in ``--times`` the same trajectories are
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tfft.sampling import sample_sde
 
     torch.set_num_threads(args.threads)
-    cfg, base, reward = molecule_setup(args.seed)
+    cfg, base, reward = molecule_setup(args.seed, args.override)
     model = build_model(base.config, base.state_dict).eval()
     steps, dim, n = cfg.sampler.steps, int(base.config["dim"]), args.n
     gen = torch.Generator().manual_seed(args.seed)
@@ -68,15 +70,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "right_tail_kept": _tail_kept(a, b, True), "left_tail_kept": _tail_kept(a, b, False)})
         print(f"[heritability] {rows[-1]}", flush=True)
     return {"smiles": cfg.task["smiles"], "seed": args.seed, "n": n, "sampler_steps": steps, "rows": rows,
-            "seconds": time.time() - started}
+            "seconds": time.time() - started, "overrides": list(args.override), "reward": repr(reward)}
 
 
 def _table(result: dict[str, Any]) -> str:
     lines = [
         "# When is the reward decided? Base-model SDE trajectories continued from time t with fresh noise",
         "",
-        f"Written by `python -m benchmarks.molecule_heritability` in {result['seconds'] / 60:.1f} min. Alanine "
-        f"dipeptide, GFN1-xTB reward (minus the energy above the reference), {result['n']} trajectories of the "
+        f"Written by `python -m benchmarks.molecule_heritability"
+        f"{''.join(' --override ' + o for o in result.get('overrides', []))}` in {result['seconds'] / 60:.1f} min. "
+        f"Alanine dipeptide, GFN1-xTB reward (minus the energy above the reference; `{result.get('reward', '')}`), "
+        f"{result['n']} trajectories of the "
         f"{result['sampler_steps']}-step law-preserving SDE of the base model, seed {result['seed']}. A tail kept "
         "by chance alone would be 0.10.",
         "",
@@ -96,6 +100,8 @@ def main() -> None:
     parser.add_argument("--times", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="100 trajectories")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override of tune_configs/molecule_right.yaml (repeatable)")
     parser.add_argument("--results", default=str(RESULTS / "molecule_heritability"), help="output stem")
     args = parser.parse_args()
     if args.quick:

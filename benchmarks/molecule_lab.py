@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -16,14 +16,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 __all__ = ["ROOT", "RESULTS", "molecule_setup", "score", "write_results"]
 
 
-def molecule_setup(seed: int) -> tuple[Any, Any, Any]:
-    """(config, base model, reward) of the right-tail molecule config at ``seed``: the cached base model
-    (pretrained first if absent) and the GFN1-xTB reward, in this process."""
+def molecule_setup(seed: int, overrides: Sequence[str] = ()) -> tuple[Any, Any, Any]:
+    """(config, base model, reward) of the right-tail molecule config at ``seed`` with ``overrides`` (``key=value``):
+    the cached base model (pretrained first if absent) and the GFN1-xTB reward, in this process."""
     from pipelines.config import load_config
     from pipelines.pretrain import load_or_pretrain
     from rewards.base import load_reward
 
-    cfg = load_config(ROOT / "tune_configs" / "molecule_right.yaml", [f"seed={seed}"])
+    cfg = load_config(ROOT / "tune_configs" / "molecule_right.yaml", [f"seed={seed}", *overrides])
     base = load_or_pretrain(cfg, log=lambda line: print(line, flush=True))
     return cfg, base, load_reward(cfg.reward.target, dict(cfg.reward.kwargs))
 

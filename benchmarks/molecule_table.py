@@ -165,9 +165,12 @@ def main() -> None:
     parser.add_argument("--smiles", default="", help="another molecule (task.smiles=...; nothing else changes)")
     parser.add_argument("--name", default="", help="its short name: results go to molecule_NAME.{md,json}")
     parser.add_argument("--out", default="", help="writes OUT.md and OUT.json (default: results/molecule[_NAME])")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, e.g. reward.kwargs.relax_steps=200 (repeatable; "
+                             "with --name)")
     args = parser.parse_args()
-    if args.smiles and not args.name:
-        parser.error("--smiles needs --name (the results file's suffix)")
+    if (args.smiles or args.override) and not args.name:
+        parser.error("--smiles and --override need --name (the results file's suffix)")
     args.out = args.out or str(RESULTS / (f"molecule_{args.name}" if args.name else "molecule"))
     if args.name and args.work == str(ROOT / "runs" / "molecule_bench"):
         args.work = str(ROOT / "runs" / f"molecule_bench_{args.name}")
@@ -178,6 +181,7 @@ def main() -> None:
         overrides.append(f"task.smiles={args.smiles}")
     if args.quick:
         overrides += ["bank.size=500", "eval.size=500", "finetune.steps=60"]
+    overrides += args.override
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.throughput:
@@ -203,7 +207,9 @@ def main() -> None:
         f"Seeds {args.seeds}; each cell mean ± std over seeds. kl_weight {s0['objective']['kl_weight']}, "
         f"alpha 0.1; reward = -(energy above the reference), so R-CVaR is the mean of the best 10% and "
         f"L-CVaR the mean of the worst 10% of rewards. Written by `python -m benchmarks.molecule_table"
-        f"{' --quick' if args.quick else ''}{f' --smiles {args.smiles} --name {args.name}' if args.smiles else ''}`; one run (bank, fine-tuning, evaluation) took "
+        f"{' --quick' if args.quick else ''}{f' --smiles {args.smiles}' if args.smiles else ''}"
+        f"{''.join(f' --override {o}' for o in args.override)}{f' --name {args.name}' if args.name else ''}`; "
+        f"one run (bank, fine-tuning, evaluation) took "
         f"{statistics.median(s['wall_seconds'] for v in summaries.values() for s in v) / 60:.1f} min "
         f"(median) on this machine.",
         "",

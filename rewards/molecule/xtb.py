@@ -47,6 +47,7 @@ from rewards.molecule.geometry import mean_pairwise_rmsd
 from rewards.molecule.molecule import ALANINE_DIPEPTIDE, molecular_graph
 from rewards.molecule.ramachandran import phi_psi_angles, plot_ramachandran
 from rewards.molecule.reference import reference_energy
+from rewards.molecule.relax import relax
 from rewards.molecule.topology import BOND_TOLERANCE, bonded_topology_ok
 from rewards.molecule.xtb_backend import XTBSettings, single_points, tblite_version
 
@@ -94,6 +95,10 @@ class XTBEnergy(Reward):
             them), and gradients are with respect to those displacements.
         max_below_reference: kcal/mol; a structure whose energy lies further below E_ref is invalid
             ('implausible', module docstring); ``inf`` switches the check off.
+        relax_steps: 0 scores the structure as generated; n > 0 first relaxes it by at most n MMFF94 steps
+            (:func:`rewards.molecule.relax.relax`) and scores the relaxed structure: the energy of its
+            conformation. Then the reward has no gradient with respect to the sample (fine-tuning uses the
+            weighted solver).
     """
 
     name = "xtb_energy"
@@ -115,6 +120,7 @@ class XTBEnergy(Reward):
         threads: int | None = None,
         scale: float | None = None,
         max_below_reference: float = 50.0,
+        relax_steps: int = 0,
     ):
         self.graph = molecular_graph(smiles)  # raises ValueError naming an invalid SMILES
         self.smiles = smiles
@@ -148,6 +154,10 @@ class XTBEnergy(Reward):
         if not float(max_below_reference) > 0:
             raise ValueError(f"max_below_reference must be > 0 kcal/mol (inf: no check), got {max_below_reference}")
         self.max_below_reference = float(max_below_reference)
+        if isinstance(relax_steps, bool) or int(relax_steps) != relax_steps or relax_steps < 0:
+            raise ValueError(f"'reward.kwargs.relax_steps' must be an integer >= 0, got {relax_steps!r}")
+        self.relax_steps = int(relax_steps)
+        self.differentiable = self.relax_steps == 0  # the relaxation's Jacobian is not computed
 
     # -- identity -------------------------------------------------------------------------------
     def value_kwargs(self) -> dict[str, Any]:
@@ -164,6 +174,7 @@ class XTBEnergy(Reward):
             "reference_seed": self.reference_seed,
             "scale": self.scale,
             "max_below_reference": self.max_below_reference,
+            **({"relax_steps": self.relax_steps} if self.relax_steps else {}),  # unrelaxed cache keys unchanged
             "tblite": tblite_version(),
             "rdkit": rdkit.__version__,
         }
@@ -197,6 +208,8 @@ class XTBEnergy(Reward):
         rows = np.array([k for k, e in enumerate(errors) if not e], dtype=np.int64)
         if rows.size:
             coords = arr[rows].reshape(-1, self.graph.n_atoms, 3)
+            if self.relax_steps:
+                coords = relax(coords, self.smiles, self.relax_steps)
             points = single_points(self.graph.numbers, coords, self.settings)
             e_ref = self.reference_energy()
             for k, row in enumerate(rows):
@@ -219,7 +232,7 @@ class XTBEnergy(Reward):
         """Rewards of x (n, 3 N); differentiable by autograd through the analytic gradient."""
         rewards, grad, errors = self._compute(x)
         batch = self._batch(x, rewards, errors)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and x.requires_grad and self.differentiable:  # relaxed: no gradient
             grad_t = torch.as_tensor(grad, dtype=x.dtype, device=x.device)
             attached = _AttachGradient.apply(x, batch.rewards, grad_t)
             batch = RewardBatch(attached, batch.valid, batch.errors)
@@ -227,6 +240,8 @@ class XTBEnergy(Reward):
 
     def evaluate_with_grad(self, x: torch.Tensor) -> tuple[RewardBatch, torch.Tensor]:
         """Rewards and dr/dx = -dE/dx (n, 3 N) in kcal/mol/Å from tblite, zero rows where invalid."""
+        if not self.differentiable:
+            raise TypeError(f"reward {self.name!r} with relax_steps={self.relax_steps} has no gradients")
         rewards, grad, errors = self._compute(x)
         return self._batch(x, rewards, errors), torch.as_tensor(grad, dtype=x.dtype, device=x.device)
 
@@ -280,5 +295,5 @@ class XTBEnergy(Reward):
     def __repr__(self) -> str:
         return (
             f"XTBEnergy(smiles={self.smiles!r}, method={self.settings.method!r}, "
-            f"reference={self.reference!r}, cache_dir={self.cache_dir!r})"
+            f"reference={self.reference!r}, cache_dir={self.cache_dir!r}, relax_steps={self.relax_steps})"
         )

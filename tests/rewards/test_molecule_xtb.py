@@ -223,3 +223,33 @@ def test_an_energy_far_below_the_reference_is_implausible():
     assert off.evaluate(x).valid.all() and off.value_kwargs()["max_below_reference"] == float("inf")
     with pytest.raises(ValueError, match="max_below_reference"):
         XTBEnergy(smiles="CCO", max_below_reference=0.0)
+
+
+def test_relaxed_reward_scores_the_mmff_relaxed_structure(x):
+    """``relax_steps``: the reward is tblite's energy of the MMFF94-relaxed structure, which keeps the sample's
+    bonds and its Ramachandran region; it has no gradient, and the setting enters the cache key."""
+    from rewards.molecule.mmff import MMFFEnergy
+    from rewards.molecule.ramachandran import phi_psi_angles
+    from rewards.molecule.relax import relax
+    from rewards.molecule.topology import bonded_topology_ok
+
+    noisy = x[:3].numpy() + 0.03 * np.random.default_rng(0).standard_normal(x[:3].shape)
+    relaxed = relax(noisy.reshape(3, -1, 3), ALANINE_DIPEPTIDE, 200).reshape(3, -1)
+    mmff = MMFFEnergy(ALANINE_DIPEPTIDE)
+    before = mmff.evaluate(torch.as_tensor(noisy)).rewards.numpy()
+    after = mmff.evaluate(torch.as_tensor(relaxed)).rewards.numpy()
+    assert np.all(after > before + 10.0)  # minus the MMFF energy: at least 10 kcal/mol of strain removed
+    assert bonded_topology_ok(relaxed, ALANINE_DIPEPTIDE).all()
+    turn = phi_psi_angles(relaxed, ALANINE_DIPEPTIDE) - phi_psi_angles(noisy, ALANINE_DIPEPTIDE)
+    assert np.abs((turn + 180.0) % 360.0 - 180.0).max() < 90.0  # to the nearest minimum: measured 22-55 degrees
+    reward = XTBEnergy(reference=E_REF, cache_dir=None, relax_steps=200)
+    assert not reward.differentiable and reward.value_kwargs()["relax_steps"] == 200
+    assert "relax_steps" not in XTBEnergy(reference=E_REF, cache_dir=None).value_kwargs()
+    batch = reward.evaluate(torch.as_tensor(noisy))
+    for k in range(3):
+        e_ha, _ = tblite_direct(relaxed[k])
+        assert batch.rewards[k].item() == pytest.approx(-(e_ha * HARTREE - E_REF), abs=1e-6)
+    with pytest.raises(TypeError, match="no gradients"):
+        reward.evaluate_with_grad(torch.as_tensor(noisy))
+    with pytest.raises(ValueError, match="relax_steps"):
+        XTBEnergy(reference=E_REF, cache_dir=None, relax_steps=-1)
