@@ -84,9 +84,9 @@ def _weighted(job: FinetuneJob, model: torch.nn.Module, base: torch.nn.Module, d
 
     bank = job.weighted
     weighted = WeightedFlowMatchingSolver(
-        model, torch.as_tensor(np.asarray(bank.x), dtype=torch.float32, device=device),
-        torch.as_tensor(np.asarray(bank.weights)), base=base if job.settings.anchor else None,
-        time_power=job.settings.time_power, bank_cond=None if bank.cond is None else torch.as_tensor(np.asarray(bank.cond)))
+        model, torch.as_tensor(np.array(bank.x), dtype=torch.float32, device=device),  # a writable copy
+        torch.as_tensor(np.array(bank.weights)), base=base if job.settings.anchor else None,
+        time_power=job.settings.time_power, bank_cond=None if bank.cond is None else torch.as_tensor(np.array(bank.cond)))
 
     def weighted_step(local_batch: int, gen: torch.Generator, seed: int) -> Any:
         return weighted.step(local_batch, gen, index_generator=torch.Generator().manual_seed(seed))
