@@ -202,7 +202,8 @@ def main() -> None:
     lines += ["", "Claims, on the means over seeds:", *claims(record)]
     s0 = dict(summaries["right"][0], task_smiles=args.smiles or "CC(=O)N[C@@H](C)C(=O)NC")
     header = [
-        f"# {args.name or 'Alanine dipeptide'} ({s0['task_smiles']}), GFN1-xTB energy: base vs fine-tuned models",
+        f"# {(args.smiles and args.name) or 'Alanine dipeptide'} ({s0['task_smiles']}), GFN1-xTB energy"
+        f"{' with ' + ', '.join(args.override) if args.override else ''}: base vs fine-tuned models",
         "",
         f"Seeds {args.seeds}; each cell mean ± std over seeds. kl_weight {s0['objective']['kl_weight']}, "
         f"alpha 0.1; reward = -(energy above the reference), so R-CVaR is the mean of the best 10% and "
