@@ -157,3 +157,29 @@ def test_local_reports_reach_a_listener_after_their_checkpoint(tmp_path):
     session.report({"step": 4})  # the listener is gone
     assert seen == [({"step": 2, "loss": 0.5}, []), ({"step": 3}, ["checkpoint_000001"])]
     assert [h["step"] for h in session.history] == [1, 2, 3, 4]
+
+
+def test_a_job_names_its_solver_by_what_it_carries_and_refuses_bad_fields():
+    """`FinetuneJob`: weighted when it carries bank rows, adjoint otherwise; K, steps and a LoRA warm start are
+    checked when the job is built, before any worker starts; every job gets its own call token."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipelines.finetune_job import WeightedBank
+    from pipelines.lora import LoraSettings
+
+    base = build_model(MODEL).state_dict()
+    job = FinetuneJob(FinetuneConfig(cpus_per_worker=0.5), MODEL, base, TILT, "rewards.toy2d:TailReward2D", {},
+                      seed=0, steps=4, sde_steps=6)
+    assert (job.solver, job.dim, job.threads) == ("adjoint", 2, 1)
+    bank = WeightedBank(np.zeros((3, 2)), np.full(3, 1 / 3))
+    assert dataclasses.replace(job, weighted=bank).solver == "weighted"
+    assert dataclasses.replace(job).call == job.call  # a copy is the same call: its checkpoints are its own
+    assert FinetuneJob(job.settings, MODEL, base, TILT, "x:y", {}, seed=0, steps=1, sde_steps=1).call != job.call
+    with pytest.raises(ValueError, match="sde_steps"):
+        dataclasses.replace(job, sde_steps=0)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        dataclasses.replace(job, steps=0)
+    with pytest.raises(ValueError, match="init_adapter"):
+        dataclasses.replace(job, lora=LoraSettings(4, 4.0), init_state=base)
