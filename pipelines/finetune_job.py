@@ -42,7 +42,8 @@ class FinetuneJob:
 
     Attributes:
         settings: the config's ``finetune`` section (the loop's batch size, learning rate, solver settings, guard,
-            logging and checkpoint cadence, workers and threads).
+            logging and checkpoint cadence, workers and threads). Its ``solver`` is the config's word ("auto"
+            included) and nothing reads it here: the job's :attr:`solver` is what runs.
         model_config, base_state: the base network (`pipelines.models.build_model`) and its weights.
         tilt: the objective; its pseudo-reward (each row at its condition's threshold) and KL weight.
         reward_target, reward_kwargs: the reward the workers load (its values and gradients).
