@@ -1,0 +1,100 @@
+"""Ray Train's fixed cost: a TorchTrainer whose loop does nothing, on a local Ray.
+
+    python -m benchmarks.train_startup                 # 2 workers x 1 CPU, 3 repetitions
+    python -m benchmarks.train_startup --workers 1 --reps 5
+
+Each repetition fits a ``TorchTrainer`` (the pipeline's poll interval, ``finetune.poll_interval_s`` 0.25 s) whose
+loop imports the pipeline's worker module, prints the time since ``fit()`` was called, and reports once. The time
+to the loop's first line is what every fine-tuning run pays before its first step (the controller actor, the
+worker actors, torch's process group); the rest of ``fit()`` is the teardown. Compare with
+``benchmarks/results/train_overhead.md``, where the same cost sits inside a whole run. Results go to
+``benchmarks/results/train_startup.{json,md}``; one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _loop(config: dict[str, Any]) -> None:
+    """The worker's loop: the pipeline's worker imports, then one report carrying the loop's start time."""
+    import importlib
+
+    from ray import train
+
+    started = time.time()
+    importlib.import_module("pipelines.finetune")  # what a fine-tuning worker imports first
+
+    if train.get_context().get_world_rank() == 0:
+        Path(config["mark"]).write_text(json.dumps({"loop_started": started, "imported": time.time()}))
+    train.report({"done": 1})
+
+
+def fit_once(workers: int, storage: str, name: str) -> dict[str, float]:
+    """One empty fit: seconds to the loop's first line, to the end of its imports, and of the whole fit."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.raysession import environ
+
+    mark = os.path.join(storage, f"{name}.json")
+    trainer = TorchTrainer(
+        _loop, train_loop_config={"mark": mark},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=storage),
+    )
+    with environ(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25"):
+        called = time.time()
+        trainer.fit()
+        ended = time.time()
+    seen = json.loads(Path(mark).read_text())
+    return {"to_loop": seen["loop_started"] - called, "to_imported": seen["imported"] - called, "fit": ended - called}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    import ray
+
+    ray.init(num_cpus=max(2, args.workers), include_dashboard=False, logging_level="ERROR")
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            runs = [fit_once(args.workers, storage, f"empty{k}") for k in range(args.reps)]
+    finally:
+        ray.shutdown()
+    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ray": ray.__version__},
+              "workers": args.workers, "runs": runs, "median": median}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_startup.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Ray Train's fixed cost: an empty TorchTrainer loop",
+        "",
+        f"`python -m benchmarks.train_startup --workers {args.workers} --reps {args.reps}` on {os.cpu_count()} CPU "
+        f"cores, Ray {ray.__version__}, a local Ray started by the script; seconds after `fit()` was called.",
+        "",
+        "| repetition | loop's first line | after the worker's imports | `fit()` returned |",
+        "|---|---|---|---|",
+        *[f"| {k + 1} | {r['to_loop']:.2f} | {r['to_imported']:.2f} | {r['fit']:.2f} |" for k, r in enumerate(runs)],
+        f"| median | {median['to_loop']:.2f} | {median['to_imported']:.2f} | {median['fit']:.2f} |",
+    ]
+    (args.out / "train_startup.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
