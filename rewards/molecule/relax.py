@@ -4,8 +4,8 @@ A generated structure's GFN-xTB energy mixes two things: which conformation it i
 bonds), decided early along the sampler, and how exactly its bond lengths and angles sit, decided by the last steps'
 noise (``benchmarks/results/molecule_heritability.md``: from t = 0.5 the reward's rank correlation is 0.13). A few
 hundred force-field steps remove the second part: they move bonds and angles to their minimum, and the torsions
-to the nearest minimum of their region (RDKit's MMFF94, about 2.5 ms per alanine-dipeptide structure at 100
-steps; from an unminimised embedding phi and psi move by 20 to 55 degrees), so the energy of the relaxed structure
+to the nearest minimum of their region (RDKit's MMFF94; from an unminimised embedding phi and psi move by tens of
+degrees, `tests/rewards/test_molecule_xtb.py`), so the energy of the relaxed structure
 scores the conformation. It is the usual way conformer generators are scored.
 
 :func:`relax` takes structures in Å, (n, N, 3), and returns them relaxed; the topology check comes before it (a
