@@ -127,10 +127,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def environ(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of the block, then restore them."""
+def environ(**values: str | None) -> Iterator[None]:
+    """Set environment variables (None: unset them) for the duration of the block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         yield
     finally:

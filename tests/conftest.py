@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -37,21 +38,9 @@ def import_path() -> Iterator[Callable[[str | os.PathLike[str]], None]]:
 
 @pytest.fixture
 def set_env() -> Iterator[Callable[..., None]]:
-    """``set_env(NAME="value", OTHER=None)`` sets (None: unsets) environment variables for the test; every variable it
-    touched is restored afterwards."""
-    saved: dict[str, str | None] = {}
+    """``set_env(NAME="value", OTHER=None)`` sets (None: unsets) environment variables for the test
+    (`pipelines.raysession.environ`); every variable it touched is restored afterwards, in reverse order."""
+    from pipelines.raysession import environ
 
-    def setter(**values: str | None) -> None:
-        for key, value in values.items():
-            saved.setdefault(key, os.environ.get(key))
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-    yield setter
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with contextlib.ExitStack() as stack:
+        yield lambda **values: stack.enter_context(environ(**values))

@@ -97,7 +97,10 @@ def test_bf16_autocast_on_a_tail_is_float32_within_bf16_rounding(device: str) ->
         loss, grads, metrics = _run(fast, device, torch.float32, 1, 1.0, autocast=torch.bfloat16)
         assert loss.dtype == torch.float32 and float(loss) == pytest.approx(float(loss32), rel=0.02)  # measured 0.4%
         flat = torch.cat([g.flatten() for g in grads])
-        assert float(torch.nn.functional.cosine_similarity(flat, flat32, dim=0)) > 0.999
+        cosine = float(torch.nn.functional.cosine_similarity(flat, flat32, dim=0))
+        print(f"\nbf16 {'fast' if fast else 'reference'}: loss {float(loss) / float(loss32) - 1:+.2%}, gradient "
+              f"{float((flat - flat32).norm() / flat32.norm()):.2%} off, cosine {cosine:.5f}")
+        assert cosine > 0.999
         assert float((flat - flat32).norm() / flat32.norm()) < 0.03  # measured 1%
         assert metrics["active_fraction"] == metrics32["active_fraction"]
 
