@@ -198,6 +198,120 @@ def _check_args(x: np.ndarray, batch_size: int, max_in_flight: int, retries: int
         raise ValueError(f"backoff_s must be a finite number >= 0, got {backoff_s!r}")
 
 
+class _Ledger:
+    """The bookkeeping of one :func:`evaluate_robust` run over n samples, touched only by the caller's thread.
+
+    Per sample, shape (n,): ``rewards`` (NaN until valid), ``valid``, ``errors``, ``attempts``, ``share`` (seconds of
+    the calls it took part in, split evenly over each chunk), ``seconds`` and ``finished``. Jobs are ``ready`` (to
+    call now, first the chunks of ``batch_size`` in order) or ``waiting`` (a heap of (ready time, seq, job): back-off
+    without a thread); ``settle`` applies the failure policy (``retries``, ``backoff_s``, ``split``) to an outcome.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, retries: int, backoff_s: float, split: bool):
+        self.n, self.retries, self.backoff_s, self.split = n, retries, backoff_s, split
+        self.rewards = np.full(n, np.nan)
+        self.valid = np.zeros(n, dtype=bool)
+        self.errors = [""] * n
+        self.attempts = np.zeros(n, dtype=np.int64)
+        self.share = np.zeros(n)
+        self.seconds = np.zeros(n)
+        self.finished = np.zeros(n, dtype=bool)
+        self.counter = iter(range(1 << 62))
+        self.ready: deque[_Job] = deque(
+            _Job(np.arange(a, min(a + batch_size, n)), 0, 0, next(self.counter)) for a in range(0, n, batch_size)
+        )
+        self.waiting: list[tuple[float, int, _Job]] = []
+        self.last_failure: dict[str, str] = {}  # reason -> detail of the last call that made samples invalid
+        self.n_calls = 0
+
+    def later(self, indices: np.ndarray, failures: int, repeats: int, delay: float) -> None:
+        """Queue a call of ``indices`` after ``delay`` seconds (plus up to 10% jitter)."""
+        job = _Job(indices, failures, repeats, next(self.counter))
+        heapq.heappush(self.waiting, (time.monotonic() + delay * (1 + 0.1 * _jitter.random()), job.seq, job))
+
+    def finish(self, i: int, reward: float, reason: str, spent: float) -> None:
+        """Account for sample ``i``: valid with ``reward`` and ``spent`` seconds, or invalid with ``reason``."""
+        assert not self.finished[i], f"sample {i} accounted for twice"
+        self.finished[i] = True
+        if reason:
+            self.errors[i], self.seconds[i] = reason, self.share[i]
+        else:
+            self.rewards[i], self.valid[i], self.seconds[i] = reward, True, spent
+
+    def settle(self, job: _Job, out: _Outcome) -> None:
+        """Record one call's outcome: finish its samples, or bisect, retry or give up on a failed chunk."""
+        idx = job.indices
+        self.attempts[idx] += 1
+        self.share[idx] += out.seconds / len(idx)
+        if not out.failure:
+            assert out.rewards is not None
+            for k, i in enumerate(idx):
+                reason = out.reasons[k] if out.reasons is not None else ""
+                if not reason and not math.isfinite(out.rewards[k]):
+                    reason = "nan"
+                self.finish(int(i), float(out.rewards[k]), reason, out.seconds / len(idx))
+            return
+        failures = job.failures + 1
+        _log.debug("call on %d samples failed (%s): %s", len(idx), out.failure, out.detail)
+        if self.split and len(idx) > 1:
+            half = len(idx) // 2
+            self.later(idx[:half], failures, 0, self.backoff_s)
+            self.later(idx[half:], failures, 0, self.backoff_s)
+        elif failures <= self.retries and out.retry:
+            self.later(idx, failures, job.repeats + 1, self.backoff_s * 2**job.repeats)
+        else:
+            self.last_failure[out.failure] = out.detail
+            for i in idx:
+                self.finish(int(i), math.nan, out.failure, 0.0)
+
+    def result(self) -> RobustResult:
+        """The :class:`RobustResult` once every sample is accounted for; one warning line if some were lost."""
+        assert self.finished.all(), "a sample was never accounted for"
+        if self.last_failure:  # one line per evaluation, not per sample: a bank may lose thousands
+            lost = sum(1 for e in self.errors if e in self.last_failure)
+            details = "; ".join(f"{reason}: {detail}" for reason, detail in sorted(self.last_failure.items()))
+            _log.warning("%d of %d samples invalid after their retries (last failures: %s)", lost, self.n, details)
+        return RobustResult(self.rewards, self.valid, self.errors, self.attempts, self.seconds, self.n_calls)
+
+
+def _submit(pool: ThreadPoolExecutor | None, call: Callable[[np.ndarray], Any], chunk: np.ndarray) -> Future[_Outcome]:
+    """``_attempt(call, chunk)`` (chunk (b, d)) on the pool, or at once in the caller's thread without one."""
+    if pool is not None:
+        return pool.submit(_attempt, call, chunk)
+    future: Future[_Outcome] = Future()
+    future.set_result(_attempt(call, chunk))
+    return future
+
+
+def _run_jobs(
+    ledger: _Ledger,
+    call: Callable[[np.ndarray], Any],
+    x: np.ndarray,
+    pool: ThreadPoolExecutor | None,
+    max_in_flight: int,
+) -> None:
+    """Call ``call`` on the rows of ``x`` (n, d) that the ledger's jobs name until none is ready, waiting or running:
+    at most ``max_in_flight`` calls at once; the calls that complete together are settled in ``seq`` order."""
+    ready, waiting = ledger.ready, ledger.waiting
+    running: dict[Future[_Outcome], _Job] = {}
+    while ready or waiting or running:
+        now = time.monotonic()
+        while waiting and waiting[0][0] <= now:
+            ready.append(heapq.heappop(waiting)[2])
+        while ready and len(running) < max_in_flight:
+            job = ready.popleft()
+            running[_submit(pool, call, x[job.indices])] = job
+        pause = max(0.0, waiting[0][0] - now) if waiting else None
+        if not running:
+            time.sleep(pause or 0.0)
+            continue
+        done, _ = wait(list(running), timeout=pause, return_when=FIRST_COMPLETED)
+        for future in sorted(done, key=lambda f: running[f].seq):
+            job = running.pop(future)
+            ledger.n_calls += 1
+            ledger.settle(job, future.result())
+
+
 def evaluate_robust(
     call: Callable[[np.ndarray], Any],
     x: np.ndarray,
@@ -211,96 +325,14 @@ def evaluate_robust(
     """Evaluate ``call`` on every row of ``x`` (n, d) in chunks of ``batch_size``; see the module doc."""
     x = np.asarray(x)
     _check_args(x, batch_size, max_in_flight, retries, backoff_s)
-    n = x.shape[0]
-    rewards = np.full(n, np.nan)
-    valid = np.zeros(n, dtype=bool)
-    errors = [""] * n
-    attempts = np.zeros(n, dtype=np.int64)
-    share = np.zeros(n)  # seconds of the calls each sample took part in, split evenly over the chunk
-    seconds = np.zeros(n)
-    finished = np.zeros(n, dtype=bool)
-    counter = iter(range(1 << 62))
-    ready: deque[_Job] = deque(
-        _Job(np.arange(a, min(a + batch_size, n)), 0, 0, next(counter)) for a in range(0, n, batch_size)
-    )
-    waiting: list[tuple[float, int, _Job]] = []  # (ready time, seq, job): back-off without a thread
-    running: dict[Future[_Outcome], _Job] = {}
-    last_failure: dict[str, str] = {}  # reason -> detail of the last call that made samples invalid
-    n_calls = 0
-
-    def later(indices: np.ndarray, failures: int, repeats: int, delay: float) -> None:
-        job = _Job(indices, failures, repeats, next(counter))
-        heapq.heappush(waiting, (time.monotonic() + delay * (1 + 0.1 * _jitter.random()), job.seq, job))
-
-    def finish(i: int, reward: float, reason: str, spent: float) -> None:
-        assert not finished[i], f"sample {i} accounted for twice"
-        finished[i] = True
-        if reason:
-            errors[i], seconds[i] = reason, share[i]
-        else:
-            rewards[i], valid[i], seconds[i] = reward, True, spent
-
-    def settle(job: _Job, out: _Outcome) -> None:
-        idx = job.indices
-        attempts[idx] += 1
-        share[idx] += out.seconds / len(idx)
-        if not out.failure:
-            assert out.rewards is not None
-            for k, i in enumerate(idx):
-                reason = out.reasons[k] if out.reasons is not None else ""
-                if not reason and not math.isfinite(out.rewards[k]):
-                    reason = "nan"
-                finish(int(i), float(out.rewards[k]), reason, out.seconds / len(idx))
-            return
-        failures = job.failures + 1
-        _log.debug("call on %d samples failed (%s): %s", len(idx), out.failure, out.detail)
-        if split and len(idx) > 1:
-            half = len(idx) // 2
-            later(idx[:half], failures, 0, backoff_s)
-            later(idx[half:], failures, 0, backoff_s)
-        elif failures <= retries and out.retry:
-            later(idx, failures, job.repeats + 1, backoff_s * 2**job.repeats)
-        else:
-            last_failure[out.failure] = out.detail
-            for i in idx:
-                finish(int(i), math.nan, out.failure, 0.0)
-
+    ledger = _Ledger(x.shape[0], batch_size=batch_size, retries=retries, backoff_s=backoff_s, split=split)
     pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="reward-call") if max_in_flight > 1 else None
-
-    def submit(job: _Job) -> Future[_Outcome]:
-        chunk = x[job.indices]
-        if pool is not None:
-            return pool.submit(_attempt, call, chunk)
-        future: Future[_Outcome] = Future()
-        future.set_result(_attempt(call, chunk))
-        return future
-
     try:
-        while ready or waiting or running:
-            now = time.monotonic()
-            while waiting and waiting[0][0] <= now:
-                ready.append(heapq.heappop(waiting)[2])
-            while ready and len(running) < max_in_flight:
-                job = ready.popleft()
-                running[submit(job)] = job
-            pause = max(0.0, waiting[0][0] - now) if waiting else None
-            if not running:
-                time.sleep(pause or 0.0)
-                continue
-            done, _ = wait(list(running), timeout=pause, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: running[f].seq):
-                job = running.pop(future)
-                n_calls += 1
-                settle(job, future.result())
+        _run_jobs(ledger, call, x, pool, max_in_flight)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    assert finished.all(), "a sample was never accounted for"
-    if last_failure:  # one line per evaluation, not per sample: a bank may lose thousands
-        lost = sum(1 for e in errors if e in last_failure)
-        details = "; ".join(f"{reason}: {detail}" for reason, detail in sorted(last_failure.items()))
-        _log.warning("%d of %d samples invalid after their retries (last failures: %s)", lost, n, details)
-    return RobustResult(rewards, valid, errors, attempts, seconds, n_calls)
+    return ledger.result()
 
 
 def evaluate_reward_robust(

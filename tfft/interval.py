@@ -157,6 +157,65 @@ def _summary_from_row(row: np.ndarray, levels: tuple[float, ...], n: int, n_vali
     )
 
 
+def _distinct_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    """The checked CVaR levels, one per key f"{level:g}" (the first of each), as in TailSummary, so that columns
+    and keys stay aligned; shape (L,)."""
+    unique: dict[str, float] = {}
+    for level in levels:
+        unique.setdefault(f"{_check_alpha(level):g}", _check_alpha(level))
+    return tuple(unique.values())
+
+
+def _sorted_valid_bank(
+    rewards: Any, valid: Any, *, eta: float | None, side: str, alpha: float, kl_weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The N kept rewards (finite log tilt weight, and ``valid``) in ascending order, (N,) float64, and their log
+    tilt weights in the same order, (N,)."""
+    log_w = tilt_log_weights(rewards, eta=eta, side=side, alpha=alpha, kl_weight=kl_weight)
+    keep = np.isfinite(log_w) if valid is None else np.isfinite(log_w) & _as_mask(valid, log_w.size)
+    r = _as_float64(rewards, "rewards")[keep]
+    order = np.argsort(r, kind="stable")
+    return r[order], log_w[keep][order]
+
+
+def _bootstrap_statistics(
+    r: np.ndarray, log_w: np.ndarray, levels: tuple[float, ...], *, n_boot: int, seed: int
+) -> np.ndarray:
+    """:func:`_resampled_statistics` of ``n_boot`` resamples with replacement of the bank ``r`` (N,) ascending with
+    log weights ``log_w`` (N,), drawn from ``default_rng(seed)`` in blocks of at most ``_BLOCK_ENTRIES`` entries;
+    shape (n_boot, 1 + 2L)."""
+    n = r.size
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_ENTRIES // n)
+    values = []
+    for start in range(0, n_boot, block):
+        b = min(block, n_boot - start)
+        draws = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
+        values.append(_resampled_statistics(r, log_w, counts, levels))
+    return np.concatenate(values, axis=0)
+
+
+def _interval_from_bootstrap(
+    estimate: TailSummary, boot: np.ndarray, levels: tuple[float, ...], *, confidence: float, n_boot: int
+) -> TargetInterval:
+    """The :class:`TargetInterval` of the full-bank ``estimate`` and the resampled statistics ``boot``
+    (n_boot, 1 + 2L): percentile bounds and bias, per column."""
+    lo, hi = np.quantile(boot, [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0], axis=0)
+    point = np.array(
+        [estimate.mean, *estimate.cvar_right.values(), *estimate.cvar_left.values()], dtype=np.float64
+    )
+    sizes = (estimate.n, estimate.n_valid)
+    return TargetInterval(
+        estimate=estimate,
+        lo=_summary_from_row(lo, levels, *sizes),
+        hi=_summary_from_row(hi, levels, *sizes),
+        bias=_summary_from_row(boot.mean(axis=0) - point, levels, *sizes),
+        confidence=confidence,
+        n_boot=n_boot,
+    )
+
+
 def target_interval(
     rewards: Any,
     *,
@@ -209,39 +268,10 @@ def target_interval(
         seed: seed of the resampling generator (numpy ``default_rng``).
     """
     n_boot, confidence = _check_n_boot(n_boot), _check_confidence(confidence)
-    # One level per key f"{level:g}", as in TailSummary, so that columns and keys stay aligned.
-    unique: dict[str, float] = {}
-    for level in levels:
-        unique.setdefault(f"{_check_alpha(level):g}", _check_alpha(level))
-    levels = tuple(unique.values())
+    levels = _distinct_levels(levels)
     estimate = target_summary(
         rewards, eta=eta, side=side, alpha=alpha, kl_weight=kl_weight, valid=valid, levels=levels
     )
-    log_w = tilt_log_weights(rewards, eta=eta, side=side, alpha=alpha, kl_weight=kl_weight)
-    keep = np.isfinite(log_w) if valid is None else np.isfinite(log_w) & _as_mask(valid, log_w.size)
-    r = _as_float64(rewards, "rewards")[keep]
-    order = np.argsort(r, kind="stable")
-    r, log_w = r[order], log_w[keep][order]
-    n = r.size
-    rng = np.random.default_rng(seed)
-    block = max(1, _BLOCK_ENTRIES // n)
-    values = []
-    for start in range(0, n_boot, block):
-        b = min(block, n_boot - start)
-        draws = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
-        values.append(_resampled_statistics(r, log_w, counts, levels))
-    boot = np.concatenate(values, axis=0)
-    lo, hi = np.quantile(boot, [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0], axis=0)
-    point = np.array(
-        [estimate.mean, *estimate.cvar_right.values(), *estimate.cvar_left.values()], dtype=np.float64
-    )
-    sizes = (estimate.n, estimate.n_valid)
-    return TargetInterval(
-        estimate=estimate,
-        lo=_summary_from_row(lo, levels, *sizes),
-        hi=_summary_from_row(hi, levels, *sizes),
-        bias=_summary_from_row(boot.mean(axis=0) - point, levels, *sizes),
-        confidence=confidence,
-        n_boot=n_boot,
-    )
+    r, log_w = _sorted_valid_bank(rewards, valid, eta=eta, side=side, alpha=alpha, kl_weight=kl_weight)
+    boot = _bootstrap_statistics(r, log_w, levels, n_boot=n_boot, seed=seed)
+    return _interval_from_bootstrap(estimate, boot, levels, confidence=confidence, n_boot=n_boot)
