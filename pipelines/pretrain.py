@@ -11,11 +11,13 @@ the model is conditional and flow matching passes each sample's condition; the k
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -68,12 +70,25 @@ def _model_key(cfg: Config) -> dict[str, Any]:
     model = cfg.model
     key: dict[str, Any] = {"hidden": model.hidden, "depth": model.depth, "time_features": model.time_features}
     if model.target:
-        key = {"target": model.target, "kwargs": dict(model.kwargs)}
+        key = {"target": model.target, "kwargs": dict(model.kwargs), "code": _factory_code(model.target)}
     if model.sample_shape:
         key["sample_shape"] = list(model.sample_shape)
     if model.checkpoint:
         key["checkpoint"] = checkpoint_identity(model.checkpoint)
     return key
+
+
+def _factory_code(target: str) -> str:
+    """Hash of the source file that defines ``model.target``'s factory: editing the user's model file trains a new
+    base model instead of loading weights made by the old code (modules the factory imports are not covered:
+    change a ``model.kwargs`` value, or delete the cache entry, after editing those)."""
+    try:
+        path = inspect.getsourcefile(import_object(target))
+    except (TypeError, ValueError):  # a builtin, or not importable (validation names the latter)
+        return ""
+    if path is None:
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _draw_conditional(cfg: Config, n: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -80,8 +80,8 @@ class ModelConfig:
 @dataclass
 class PretrainConfig:
     """Flow-matching pretraining of the base model on ``n_samples`` draws of ``data.source``; the result is
-    cached under ``cache_dir``, keyed by every setting that determines it (for a user model: ``model.target``,
-    ``model.kwargs`` and ``model.sample_shape`` too). ``steps: 0``, or a ``model.checkpoint``: no pretraining,
+    cached under ``cache_dir``, keyed by every setting that determines it (for a user model: ``model.target``, the
+    content of the file that defines it, ``model.kwargs`` and ``model.sample_shape`` too). ``steps: 0``, or a ``model.checkpoint``: no pretraining,
     nothing cached; the model as built (and loaded) is the base model."""
 
     n_samples: int = 50_000

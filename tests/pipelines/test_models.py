@@ -154,3 +154,18 @@ def test_readme_example_builds_pretrains_and_reloads(tmp_path, import_path):
 
     my_flow.conv_flow(**cfg.model.kwargs).load_state_dict(base.state_dict)
     assert build_model(base.config, base.state_dict)(torch.randn(3, 64), torch.rand(3)).shape == (3, 64)
+
+
+def test_editing_the_user_models_file_changes_the_cache_key(tmp_path, import_path):
+    """A cached base model made by old code is not loaded into the edited model: the factory's file is hashed."""
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    module = folder / "edited_flow_model.py"
+    body = "from user_flow_model import gaussian_flow\n\ndef make(**kwargs):\n    return gaussian_flow(**kwargs)\n"
+    module.write_text(body)
+    import_path(folder)
+    overrides = [*USER, "model.target=edited_flow_model:make"]
+    before = pretrain_key(_cfg(tmp_path, *overrides))
+    assert pretrain_key(_cfg(tmp_path, *overrides)) == before  # stable while the file is unchanged
+    module.write_text(body + "# edited\n")
+    assert pretrain_key(_cfg(tmp_path, *overrides)) != before
