@@ -103,6 +103,50 @@ def _initial_bracket(
     return Bracket(basin.lo, basin.hi), basin
 
 
+def _check_arguments(
+    side: str, alpha: float, z: float, step: float, eta0: float, rounds: int
+) -> tuple[str, float, float, float, float]:
+    """`refine_threshold`'s checked (side, alpha, z, step, eta0): eta0 finite, step > 0, rounds a non-negative
+    integer (checked, not returned)."""
+    side, alpha, z = _check_side(side), _check_alpha(alpha), _check_z(z)
+    step = _check_positive(step, "step")
+    eta0 = float(eta0)
+    if not math.isfinite(eta0):
+        raise ValueError(f"eta0 must be finite, got {eta0}")
+    if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
+    return side, alpha, z, step, eta0
+
+
+def _round(
+    k: int, eta: float, m: TailMeasurement, bracket: Bracket, open_rounds: int, *, side: str, alpha: float,
+    step: float, z: float,
+) -> tuple[RefineRound, Bracket, int]:
+    """Round k from the tail mass m measured at eta: (its record, the bracket after it, the informative rounds
+    with an open bracket so far).
+
+    Within z SE of alpha (`tail_direction` 0) the next threshold is eta itself; otherwise it is
+    `next_threshold` on the updated bracket with the step ``step * 2^(j - 1)`` on the j-th such open round, and
+    with a floor of 0.5 / n on the tail mass.
+    """
+    within_noise = tail_direction(m.tail_mass, alpha=alpha, side=side, n=m.n, z=z) == 0
+    updated_bracket = update_bracket(bracket, eta, m.tail_mass, alpha=alpha, side=side, n=m.n, z=z)
+    updated, bracket = updated_bracket is not bracket, updated_bracket
+    if within_noise:
+        next_eta = eta
+    else:
+        open_rounds += not bracket.closed
+        next_eta = next_threshold(
+            bracket, alpha=alpha, step=step * 2.0 ** max(open_rounds - 1, 0), proposal=m.proposal,
+            floor=0.5 / m.n,
+        )
+    record = RefineRound(
+        round=k, eta=eta, tail_mass=m.tail_mass, n=m.n, se=standard_error(alpha, m.n), proposal=m.proposal,
+        lo=bracket.lo, hi=bracket.hi, updated=updated, within_noise=within_noise, next_eta=float(next_eta),
+    )
+    return record, bracket, open_rounds
+
+
 def refine_threshold(
     measure: Callable[[float], TailMeasurement],
     *,
@@ -135,13 +179,7 @@ def refine_threshold(
     as soon as it is known (before round 1 for the basin's); both are for logging. The warnings are also
     returned in the result.
     """
-    side, alpha, z = _check_side(side), _check_alpha(alpha), _check_z(z)
-    step = _check_positive(step, "step")
-    eta0 = float(eta0)
-    if not math.isfinite(eta0):
-        raise ValueError(f"eta0 must be finite, got {eta0}")
-    if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
-        raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
+    side, alpha, z, step, eta0 = _check_arguments(side, alpha, z, step, eta0, rounds)
     bracket, basin = _initial_bracket(eta0, side, alpha, bank_rewards, kl_weight, z)
     warnings = basin.warnings if basin is not None else ()
     if on_warning is not None:
@@ -152,23 +190,9 @@ def refine_threshold(
         m = measure(eta)
         if not isinstance(m, TailMeasurement):
             raise TypeError(f"measure must return a TailMeasurement, got {type(m).__name__}")
-        within_noise = tail_direction(m.tail_mass, alpha=alpha, side=side, n=m.n, z=z) == 0
-        updated_bracket = update_bracket(bracket, eta, m.tail_mass, alpha=alpha, side=side, n=m.n, z=z)
-        updated, bracket = updated_bracket is not bracket, updated_bracket
-        if within_noise:
-            next_eta = eta
-        else:
-            open_rounds += not bracket.closed
-            next_eta = next_threshold(
-                bracket, alpha=alpha, step=step * 2.0 ** max(open_rounds - 1, 0), proposal=m.proposal,
-                floor=0.5 / m.n,
-            )
-        record = RefineRound(
-            round=k, eta=eta, tail_mass=m.tail_mass, n=m.n, se=standard_error(alpha, m.n), proposal=m.proposal,
-            lo=bracket.lo, hi=bracket.hi, updated=updated, within_noise=within_noise, next_eta=float(next_eta),
-        )
+        record, bracket, open_rounds = _round(k, eta, m, bracket, open_rounds, side=side, alpha=alpha, step=step, z=z)
         records.append(record)
         if on_round is not None:
             on_round(record)
-        eta = float(next_eta)
+        eta = record.next_eta
     return RefineResult(eta, tuple(records), bracket, basin, warnings)

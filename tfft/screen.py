@@ -137,6 +137,31 @@ def screened_evaluate(
     Returns:
         :class:`ScreenResult`.
     """
+    screen = _check_screen(screen, side, audit, tolerance)
+    n = screen.size
+    audited = _draw_audit(n, audit, min_audit, seed)
+    reward = np.full(n, np.nan)
+    evaluated = np.zeros(n, dtype=bool)
+    _evaluate_into(evaluate, np.flatnonzero(audited), reward, evaluated)
+    rest = _screened_order(screen, audited, side)
+    step = batch_size or max(int(alpha * n / 4), 1)
+    done = 0
+    while True:
+        filled = placeholder_rewards(reward, evaluated, side)
+        eta = solve_threshold(filled, side=side, alpha=alpha, kl_weight=kl_weight).eta
+        if done >= rest.size:
+            return _result(reward, evaluated, audited, eta, 0, 0, full=True, confidence=confidence)
+        k, m, certified = _certificate(
+            screen, reward, evaluated, audited, rest, done, eta, side=side, tolerance=tolerance, confidence=confidence
+        )
+        if certified:
+            return _result(reward, evaluated, audited, eta, k, m, full=False, confidence=confidence)
+        _evaluate_into(evaluate, rest[done:done + step], reward, evaluated)
+        done = min(done + step, rest.size)
+
+
+def _check_screen(screen: np.ndarray, side: str, audit: float, tolerance: float) -> np.ndarray:
+    """The screen as a (n,) float64 vector, checked non-empty and finite, with side, audit and tolerance."""
     screen = np.asarray(screen, dtype=np.float64).reshape(-1)
     n = screen.size
     if n == 0 or not np.all(np.isfinite(screen)):
@@ -145,41 +170,57 @@ def screened_evaluate(
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     if not 0.0 < audit <= 1.0 or not 0.0 < tolerance < 1.0:
         raise ValueError(f"audit must be in (0, 1] and tolerance in (0, 1), got {audit} and {tolerance}")
+    return screen
+
+
+def _draw_audit(n: int, audit: float, min_audit: int, seed: int) -> np.ndarray:
+    """The audit A as a (n,) bool mask: max(ceil(audit n), min_audit) samples (all when n is smaller), drawn
+    without replacement with ``np.random.default_rng(seed)``."""
     rng = np.random.default_rng(seed)
     n_audit = min(n, max(int(math.ceil(audit * n)), min_audit))
     audited = np.zeros(n, dtype=bool)
     audited[rng.choice(n, size=n_audit, replace=False)] = True
-    reward = np.full(n, np.nan)
-    evaluated = np.zeros(n, dtype=bool)
+    return audited
 
-    def run(indices: np.ndarray) -> None:
-        values = np.asarray(evaluate(indices), dtype=np.float64).reshape(-1)
-        if values.shape != indices.shape or not np.all(np.isfinite(values)):
-            raise ValueError(f"evaluate must return {indices.size} finite rewards")
-        reward[indices] = values
-        evaluated[indices] = True
 
-    run(np.flatnonzero(audited))
-    # tail-most first: the screened order of the samples not in the audit
+def _evaluate_into(
+    evaluate: Callable[[np.ndarray], np.ndarray], indices: np.ndarray, reward: np.ndarray, evaluated: np.ndarray
+) -> None:
+    """Evaluate the samples ``indices`` (k,) and write their rewards into reward (n,) and True into evaluated
+    (n,), in place; the rewards must be k finite values."""
+    values = np.asarray(evaluate(indices), dtype=np.float64).reshape(-1)
+    if values.shape != indices.shape or not np.all(np.isfinite(values)):
+        raise ValueError(f"evaluate must return {indices.size} finite rewards")
+    reward[indices] = values
+    evaluated[indices] = True
+
+
+def _screened_order(screen: np.ndarray, audited: np.ndarray, side: str) -> np.ndarray:
+    """The samples outside the audit, tail-most screen first: descending s on the right, ascending on the left
+    (a stable sort: ties keep index order); (n - |A|,) indices."""
     rest = np.flatnonzero(~audited)
-    rest = rest[np.argsort(-screen[rest] if side == "right" else screen[rest], kind="stable")]
-    step = batch_size or max(int(alpha * n / 4), 1)
-    done = 0
-    while True:
-        filled = placeholder_rewards(reward, evaluated, side)
-        eta = solve_threshold(filled, side=side, alpha=alpha, kl_weight=kl_weight).eta
-        if done >= rest.size:
-            return _result(reward, evaluated, audited, eta, 0, 0, full=True, confidence=confidence)
-        cut = screen[rest[done - 1]] if done else (np.inf if side == "right" else -np.inf)
-        # the audited samples the screened order has not reached: would the unevaluated ones be in the tail?
-        beyond = audited & ((screen <= cut) if side == "right" else (screen >= cut))
-        in_tail = (reward > eta) if side == "right" else (reward < eta)
-        k, m = int((beyond & in_tail).sum()), int(beyond.sum())
-        found = int((evaluated & in_tail).sum())
-        if m > 0 and wilson_upper(k, m, confidence) * (n - evaluated.sum()) <= tolerance * max(found, 1):
-            return _result(reward, evaluated, audited, eta, k, m, full=False, confidence=confidence)
-        run(rest[done:done + step])
-        done = min(done + step, rest.size)
+    return rest[np.argsort(-screen[rest] if side == "right" else screen[rest], kind="stable")]
+
+
+def _certificate(
+    screen: np.ndarray, reward: np.ndarray, evaluated: np.ndarray, audited: np.ndarray, rest: np.ndarray, done: int,
+    eta: float, *, side: str, tolerance: float, confidence: float,
+) -> tuple[int, int, bool]:
+    """(k, m, certified) after the first ``done`` samples of the screened order ``rest``, at threshold eta.
+
+    The m audited samples beyond the cut-off (the screen of the last sample evaluated in order: those the order
+    has not reached) hold k in the tail; certified when m > 0 and the Wilson bound p+ of k / m times the
+    unevaluated samples is at most ``tolerance`` times the tail samples found (at least 1).
+    """
+    n = screen.size
+    cut = screen[rest[done - 1]] if done else (np.inf if side == "right" else -np.inf)
+    # the audited samples the screened order has not reached: would the unevaluated ones be in the tail?
+    beyond = audited & ((screen <= cut) if side == "right" else (screen >= cut))
+    in_tail = (reward > eta) if side == "right" else (reward < eta)
+    k, m = int((beyond & in_tail).sum()), int(beyond.sum())
+    found = int((evaluated & in_tail).sum())
+    certified = m > 0 and wilson_upper(k, m, confidence) * (n - evaluated.sum()) <= tolerance * max(found, 1)
+    return k, m, certified
 
 
 def _result(

@@ -7,29 +7,31 @@
 
 A step returns the loss (attached to the model's parameters) and detached diagnostics as 0-dim tensors, so that
 a training loop can accumulate them without a host synchronisation and all-reduce them in one call. The caller
-owns the optimiser, gradient clipping and distribution.
+owns the optimiser, gradient clipping and distribution. The adjoint solver's sampler and adjoint loops (CUDA graphs
+or eager) are `tfft.solver_loops`, its evaluations at the loss's time steps `tfft.chosen_steps`, its diagnostics
+`tfft.solver_metrics`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from tfft.conditions import call_velocity
-from tfft.adjoint import Adjoint, girsanov_kl_estimate, lean_adjoint, select_time_steps, step_weights
+from tfft.adjoint import select_time_steps
+from tfft.chosen_steps import adjoint_at_steps, model_at_steps
 from tfft.conditioning import Conditioning
 from tfft.matching import LossTerms, chunked_matching_backward, matching_loss, zero_loss
-from tfft.graphs import GraphedAdjoint, GraphedSampler, bucket_rows, graphs_available
 from tfft.model import VelocityField
 from tfft.oversample import oversample_weights
 from tfft.pseudo import PseudoReward
-from tfft.sampling import Trajectory, check_sde_arguments, sample_sde, sigma, velocity_gain
+from tfft.sampling import Trajectory, check_sde_arguments, sigma, velocity_gain
+from tfft.solver_loops import SolverLoops
+from tfft.solver_metrics import step_metrics
 from tfft.step import StepResult
 from tfft.weighted import WeightedFlowMatchingSolver
 
@@ -139,12 +141,6 @@ def path_log_weights(base: VelocityField, traj: Trajectory, noise: Tensor) -> Te
     return -((traj.h**0.5) * (u * eps).sum(dim=(0, 2)) + 0.5 * traj.h * u.pow(2).sum(dim=(0, 2)))
 
 
-def _unwrap(model: VelocityField) -> VelocityField:
-    """The module inside a DistributedDataParallel wrapper (no-grad calls need no gradient hooks or broadcasts)."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else model
-
-
 class AdjointMatchingSolver:
     """Adjoint Matching with the conditioned regression (DESIGN.md section 6).
 
@@ -171,57 +167,7 @@ class AdjointMatchingSolver:
             config.steps, normalize=config.normalize, clip_quantile=config.clip_quantile,
             clip_factor=config.clip_factor, decay=config.decay,
         )
-        self._samplers: dict[tuple[Any, ...], GraphedSampler] = {}
-        self._adjoints: dict[tuple[Any, ...], GraphedAdjoint] = {}
-        self._graph_error: str | None = None
-
-    def _graphs(self, x: Tensor) -> bool:
-        return (
-            self.config.fast and self._graph_error is None and graphs_available(x.device)
-            and isinstance(_unwrap(self.model), torch.nn.Module)
-        )
-
-    def _capture_failed(self, error: Exception) -> None:
-        """A model that cannot be captured (host syncs, dynamic shapes) runs eagerly; say so once."""
-        self._graph_error = f"{type(error).__name__}: {error}"
-        warnings.warn(f"CUDA-graph capture failed, the solver runs its loops eagerly: {self._graph_error}", stacklevel=3)
-        torch.cuda.synchronize()
-
-    def _sample(self, x0: Tensor, noise: Tensor, grad_steps: Tensor | None, cond: Tensor | None = None) -> Trajectory:
-        cfg = self.config
-        if self._graphs(x0) and grad_steps is None and cond is None:
-            key = (tuple(x0.shape), x0.dtype, x0.device)
-            try:
-                if key not in self._samplers:
-                    self._samplers[key] = GraphedSampler(
-                        _unwrap(self.model), x0.shape[0], x0.shape[1], cfg.steps, offset=cfg.offset,
-                        device=x0.device, dtype=x0.dtype,
-                    )
-                return self._samplers[key](x0, noise)
-            except RuntimeError as error:
-                self._capture_failed(error)
-        traj = sample_sde(
-            _unwrap(self.model), x0, cfg.steps, offset=cfg.offset, noise=noise, return_trajectory=True,
-            grad_steps=grad_steps, grad_velocity=self.model, cond=cond,
-        )
-        assert isinstance(traj, Trajectory)
-        return traj
-
-    def _adjoint(self, traj: Trajectory, terminal: Tensor, capacity: int) -> Adjoint:
-        if not self._graphs(terminal) or traj.cond is not None:
-            return lean_adjoint(self.base, traj, terminal)
-        rows = bucket_rows(terminal.shape[0], capacity)
-        key = (rows, terminal.shape[1], terminal.dtype, terminal.device)
-        try:
-            if key not in self._adjoints:
-                self._adjoints[key] = GraphedAdjoint(
-                    self.base, rows, terminal.shape[1], self.config.steps, offset=traj.offset,
-                    device=terminal.device, dtype=terminal.dtype,
-                )
-            return self._adjoints[key](traj.xs, terminal)
-        except RuntimeError as error:
-            self._capture_failed(error)
-            return lean_adjoint(self.base, traj, terminal)
+        self._loops = SolverLoops(model, base, steps=config.steps, offset=config.offset, fast=config.fast)
 
     def step(self, x0: Tensor, generator: torch.Generator | None = None, cond: Tensor | None = None) -> StepResult:
         """One loss on fresh trajectories (`_step`), under autocast when ``config.autocast`` is set."""
@@ -247,128 +193,79 @@ class AdjointMatchingSolver:
         if cond is not None:
             cond = cond.to(device=x0.device, dtype=torch.long)
         chunked = cfg.loss_chunk > 0 and torch.is_grad_enabled()
-        reuse = (cfg.fast and cfg.oversample == 1 and not chunked and (not self._graphs(x0) or cond is not None)
+        reuse = (cfg.fast and cfg.oversample == 1 and not chunked and (not self._loops.graphs(x0) or cond is not None)
                  and torch.is_grad_enabled())
-        traj = self._sample(x0, noise, indices if reuse else None, cond)
-        x1 = traj.x1.detach().clone()
-        signal = self.pseudo_reward_fn(x1) if cond is None else self.pseudo_reward_fn(x1, cond)
+        traj = self._loops.sample(x0, noise, indices if reuse else None, cond)
         n_pool = x0.shape[0]
-        if signal.grad.shape != traj.x1.shape or signal.valid.shape != (n_pool,):
-            raise ValueError(
-                f"pseudo_reward_fn must return grad (n, d) and valid (n,); got {tuple(signal.grad.shape)}, "
-                f"{tuple(signal.valid.shape)}"
-            )
+        signal = self._signal(traj, cond, n_pool)
         device, dtype = traj.xs.device, traj.xs.dtype
         valid = signal.valid.to(device=device, dtype=torch.bool)
         active = signal.active.to(device=device)
-        if cfg.oversample > 1:
-            weights = oversample_weights(active, valid, n_pool // cfg.oversample, generator=generator)
-        else:
-            n_valid = max(int(valid.sum()), 1)
-            weights = valid.to(torch.float64).cpu() / n_valid
+        weights = self._pool_weights(valid, active, n_pool, generator)
         keep = torch.nonzero(weights > 0).flatten().to(device)
         if keep.numel() == 0:
             return self._empty_step(valid, active, x0)
         w = weights.to(device=device, dtype=dtype)[keep]
         sub = traj.subset(keep)
-        loss_w = w
-        if cfg.reweight:
-            log_w = signal.value.to(device=device, dtype=torch.float64)[keep] / cfg.kl_weight + path_log_weights(
-                self.base, sub, noise[:, keep])
-            ratio = torch.exp(log_w - log_w.max())
-            loss_w = (w * ratio.to(dtype)) * (w.sum() / (w * ratio.to(dtype)).sum())
+        loss_w = self._loss_weights(signal, sub, keep, w, noise)
         terminal = -signal.grad.to(device=device, dtype=dtype)[keep] / cfg.kl_weight
-        next_adjoint, v_base = self._adjoint_at_steps(sub, terminal, indices, capacity=n_pool)
-        if chunked:
-            no_sync = self.model.no_sync if isinstance(self.model, DistributedDataParallel) else None
-            terms = chunked_matching_backward(
-                lambda rows: self._model_at_steps(sub, indices[rows]), v_base, next_adjoint, indices, h=sub.h,
-                offset=sub.offset, weights=loss_w, chunk=cfg.loss_chunk, conditioning=self.conditioning, no_sync=no_sync,
-            )
-        else:
-            terms = matching_loss(
-                self._model_at_steps(sub, indices), v_base, next_adjoint, indices, h=sub.h, offset=sub.offset,
-                weights=loss_w, conditioning=self.conditioning,
-            )
-        metrics = self._metrics(signal, sub, keep, w, v_base, indices, terms, valid, active)
+        next_adjoint, v_base = adjoint_at_steps(self._loops, sub, terminal, indices, capacity=n_pool, fast=cfg.fast)
+        terms = self._loss_terms(sub, indices, v_base, next_adjoint, loss_w, chunked)
+        metrics = step_metrics(signal, sub, keep, w, v_base, indices, terms, valid, active, kl_weight=cfg.kl_weight,
+                               steps=cfg.steps, late_fraction=cfg.late_fraction)
         metrics["path_ess"] = loss_w.sum().pow(2) / loss_w.pow(2).sum().clamp_min(1e-300) / w.sum().pow(2) * w.pow(2).sum()
         return StepResult(terms.loss, metrics, backpropagated=chunked)
 
-    @torch.no_grad()
-    def _metrics(
-        self, signal: PseudoReward, sub: Trajectory, keep: Tensor, w: Tensor, v_base: Tensor, indices: Tensor,
-        terms: LossTerms, valid: Tensor, active: Tensor,
-    ) -> dict[str, Tensor]:
-        """The step's detached diagnostics (class docstring), without a host synchronisation."""
-        cfg = self.config
-        device, dtype = w.device, w.dtype
-        total = w.sum().clamp_min(1e-30)
-        assert sub.velocities is not None
-        kl_steps = girsanov_kl_estimate(
-            sub.velocities[indices], v_base, indices, step_weights(indices, cfg.steps, late_fraction=cfg.late_fraction),
-            h=sub.h, offset=sub.offset,
-        )
-        kl = (kl_steps * w).sum() / total
-        g = (signal.value.to(device=device, dtype=dtype)[keep] * w).sum() / total
-        reward = torch.nan_to_num(signal.reward.to(device=device, dtype=dtype)[keep])
-        shares = terms.per_sample.clamp_min(0.0)  # no boolean indexing: no host sync
-        loss_sum = shares.sum()
-        positive = loss_sum > 0
-        metrics = {
-            "loss": terms.loss.detach(),
-            "loss_at_base": terms.loss_at_base,
-            "delta_v": terms.delta_v,
-            "max_share": torch.where(positive, shares.max() / loss_sum.clamp_min(1e-300), loss_sum),
-            "loss_ess": torch.where(positive, loss_sum.pow(2) / shares.pow(2).sum().clamp_min(1e-300), loss_sum),
-            "clipped_fraction": terms.clipped_fraction,
-            "valid_fraction": valid.to(dtype).mean(),
-            "active_fraction": active.to(dtype).sum() / valid.to(dtype).sum().clamp_min(1.0),
-            "mean_reward": (reward * w).sum() / total,
-            "pseudo_reward": g,
-            "kl": kl,
-            "objective": g - cfg.kl_weight * kl,
-            "batch": torch.tensor(float(keep.numel()), dtype=dtype, device=device),
-        }
-        return metrics
+    def _signal(self, traj: Trajectory, cond: Tensor | None, n_pool: int) -> PseudoReward:
+        """The pseudo-reward at the end points X_K (n_pool, d) of a copy, with cond (n_pool,) when conditioned;
+        its grad must be (n_pool, d) and its validity (n_pool,)."""
+        x1 = traj.x1.detach().clone()
+        signal = self.pseudo_reward_fn(x1) if cond is None else self.pseudo_reward_fn(x1, cond)
+        if signal.grad.shape != traj.x1.shape or signal.valid.shape != (n_pool,):
+            raise ValueError(
+                f"pseudo_reward_fn must return grad (n, d) and valid (n,); got {tuple(signal.grad.shape)}, "
+                f"{tuple(signal.valid.shape)}"
+            )
+        return signal
 
-    def _adjoint_at_steps(self, sub: Trajectory, terminal: Tensor, indices: Tensor, *, capacity: int) -> tuple[Tensor, Tensor]:
-        """a_{k+1} and v_base(X_k, t_k) at the chosen steps, (m, n, d) each.
+    def _pool_weights(self, valid: Tensor, active: Tensor, n_pool: int, generator: torch.Generator | None) -> Tensor:
+        """The pool's (n_pool,) float64 CPU weights: Horvitz-Thompson with oversampling (`oversample_weights`,
+        a batch of n_pool / oversample), else 1 / #valid on the valid rows and 0 elsewhere."""
+        if self.config.oversample > 1:
+            return oversample_weights(active, valid, n_pool // self.config.oversample, generator=generator)
+        n_valid = max(int(valid.sum()), 1)
+        return valid.to(torch.float64).cpu() / n_valid
 
-        Fast path: the adjoint runs only on rows with a non-zero terminal (a linear recursion keeps a zero adjoint
-        at zero), and the other rows' base velocity is one batched call at the chosen steps.
+    def _loss_weights(self, signal: PseudoReward, sub: Trajectory, keep: Tensor, w: Tensor, noise: Tensor) -> Tensor:
+        """The kept trajectories' loss weights, (n,): w itself, or with ``reweight`` w times the self-normalised
+        path ratio dP*/dP_theta ∝ exp(g(X_K) / gamma) dq/dp_theta (`path_log_weights`), rescaled to w's sum.
+
+        noise: the pool's increments (K, n_pool, d); keep (n,): the kept rows; sub: their trajectories.
         """
-        m, (n, d) = indices.numel(), terminal.shape
-        if not self.config.fast:
-            adjoint = lean_adjoint(self.base, sub, terminal)
-            return adjoint.states[indices + 1], adjoint.base_velocities[indices]
-        moving = (terminal != 0).any(dim=1)
-        rows = torch.nonzero(moving).flatten()
-        still = torch.nonzero(~moving).flatten()
-        next_adjoint = torch.zeros((m, n, d), device=terminal.device, dtype=terminal.dtype)
-        v_base = torch.empty((m, n, d), device=terminal.device, dtype=terminal.dtype)
-        if rows.numel():
-            adjoint = self._adjoint(sub.subset(rows), terminal[rows], capacity)
-            next_adjoint[:, rows] = adjoint.states[indices + 1]
-            v_base[:, rows] = adjoint.base_velocities[indices]
-        if still.numel():
-            with torch.no_grad():
-                x = sub.xs[indices][:, still]
-                t = (indices.to(x.dtype) * sub.h).repeat_interleave(still.numel())
-                c = None if sub.cond is None else sub.cond[still].repeat(m)
-                v = call_velocity(self.base, x.reshape(-1, d), t, c)  # autocast: in the autocast dtype
-                v_base[:, still] = v.to(v_base.dtype).reshape(m, still.numel(), d)
-        return next_adjoint, v_base
+        if not self.config.reweight:
+            return w
+        device, dtype = w.device, w.dtype
+        log_w = signal.value.to(device=device, dtype=torch.float64)[keep] / self.config.kl_weight + path_log_weights(
+            self.base, sub, noise[:, keep])
+        ratio = torch.exp(log_w - log_w.max())
+        return (w * ratio.to(dtype)) * (w.sum() / (w * ratio.to(dtype)).sum())
 
-    def _model_at_steps(self, sub: Trajectory, indices: Tensor) -> Tensor:
-        """v_theta(X_k, t_k) at the chosen steps with gradients, (m, n, d): the sampler's own evaluations when it
-        kept them attached and every state is finite (a NaN row would poison the gradient), else one call."""
-        if sub.attached is not None and bool(torch.isfinite(sub.xs[indices]).all()):
-            return sub.attached
-        m, (n, d) = indices.numel(), sub.x1.shape
-        x = sub.xs[indices]
-        t = (indices.to(x.dtype) * sub.h).repeat_interleave(n)
-        cond = None if sub.cond is None else sub.cond.repeat(m)
-        return call_velocity(self.model, x.reshape(m * n, d), t, cond).reshape(m, n, d)
+    def _loss_terms(
+        self, sub: Trajectory, indices: Tensor, v_base: Tensor, next_adjoint: Tensor, loss_w: Tensor, chunked: bool
+    ) -> LossTerms:
+        """The regression on the chosen steps (m,): v_base and a_{k+1} (m, n, d), weights loss_w (n,); chunked:
+        backpropagated ``loss_chunk`` steps at a time (`chunked_matching_backward`), else one `matching_loss`."""
+        cfg = self.config
+        if chunked:
+            no_sync = self.model.no_sync if isinstance(self.model, DistributedDataParallel) else None
+            return chunked_matching_backward(
+                lambda rows: model_at_steps(self.model, sub, indices[rows]), v_base, next_adjoint, indices, h=sub.h,
+                offset=sub.offset, weights=loss_w, chunk=cfg.loss_chunk, conditioning=self.conditioning, no_sync=no_sync,
+            )
+        return matching_loss(
+            model_at_steps(self.model, sub, indices), v_base, next_adjoint, indices, h=sub.h, offset=sub.offset,
+            weights=loss_w, conditioning=self.conditioning,
+        )
 
     def _empty_step(self, valid: Tensor, active: Tensor, like: Tensor) -> StepResult:
         """No valid trajectory: a zero loss attached to the parameters, and the fractions that say why."""
