@@ -39,13 +39,15 @@ A sample whose composite reason is deterministic ('nan') is cached whole: a term
 it keeps its NaN column there (the sample is invalid either way).
 
 Picklable (plain attributes and the terms' rewards): it travels to Ray actors like any reward.
+
+The term specs' checks and default names are :mod:`rewards.compose_spec`'s; checking the terms' robust results
+and the composite's failure reasons, :mod:`rewards.compose_results`'.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +58,8 @@ import numpy as np
 import torch
 
 from rewards.base import Reward, RewardBatch, load_reward
+from rewards.compose_results import checked_result, failed_result, first_reasons
+from rewards.compose_spec import TERM_KEYS, check_spec, default_name, unique_name
 from rewards.robust import (
     DEFAULT_BACKOFF_S,
     DEFAULT_MAX_IN_FLIGHT,
@@ -66,8 +70,6 @@ from rewards.robust import (
 
 __all__ = ["WeightedSum", "Term", "TERM_KEYS"]
 
-TERM_KEYS = ("target", "kwargs", "weight", "name")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*\Z")
 _log = logging.getLogger(__name__)
 
 
@@ -82,55 +84,11 @@ class Term:
     reward: Reward
 
 
-def _default_name(target: str) -> str:
-    """``package.module:Attr.inner`` -> ``inner``; characters a column name cannot hold become '_'."""
-    attr = target.partition(":")[2].rsplit(".", 1)[-1]
-    name = re.sub(r"[^A-Za-z0-9_\-]", "_", attr) or "term"
-    return name if _NAME.match(name) else "_" + name
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    if name not in taken:
-        return name
-    k = 2
-    while f"{name}_{k}" in taken:
-        k += 1
-    return f"{name}_{k}"
-
-
-def _check_spec(i: int, spec: Any) -> tuple[str, dict[str, Any], float, str | None]:
-    """(target, kwargs, weight, name or None) of ``terms[i]``; ValueError naming the index and key."""
-    where = f"WeightedSum: terms[{i}]"
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"{where} must be a mapping with keys {', '.join(TERM_KEYS)}; got {spec!r}")
-    unknown = sorted(str(k) for k in spec if k not in TERM_KEYS)
-    if unknown:
-        raise ValueError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TERM_KEYS)}")
-    target = spec.get("target")
-    if target is None:
-        raise ValueError(f"{where} lacks 'target' (an import path 'package.module:Name')")
-    if not isinstance(target, str) or ":" not in target:
-        raise ValueError(f"{where}.target must be an import path 'package.module:Name', got {target!r}")
-    kwargs = spec.get("kwargs")
-    if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise ValueError(f"{where}.kwargs must be a mapping of keyword arguments, got {kwargs!r}")
-    weight = spec.get("weight", 1.0)
-    ok = isinstance(weight, (int, float, np.integer, np.floating)) and not isinstance(weight, bool)
-    if not ok or not math.isfinite(float(weight)):
-        raise ValueError(f"{where}.weight must be a finite number, got {weight!r}")
-    name = spec.get("name")
-    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
-        raise ValueError(
-            f"{where}.name must be a non-empty string of letters, digits, '_' and '-' (it names the bank "
-            f"column term.<name>), got {name!r}"
-        )
-    return target, dict(kwargs or {}), float(weight), name
-
-
 def _build_terms(terms: Any) -> list[Term]:
+    """The checked, named and loaded terms of ``terms`` (a non-empty list of specs); ValueError naming the term."""
     if isinstance(terms, (str, bytes, Mapping)) or not isinstance(terms, Sequence) or not terms:
         raise ValueError(f"WeightedSum: terms must be a non-empty list of {{target, kwargs, weight}}, got {terms!r}")
-    specs = [_check_spec(i, spec) for i, spec in enumerate(terms)]
+    specs = [check_spec(i, spec) for i, spec in enumerate(terms)]
     explicit: dict[str, int] = {}
     for i, (_, _, _, name) in enumerate(specs):
         if name is not None:
@@ -140,48 +98,13 @@ def _build_terms(terms: Any) -> list[Term]:
     taken, out = set(explicit), []
     for i, (target, kwargs, weight, name) in enumerate(specs):
         if name is None:
-            name = _unique(_default_name(target), taken)
+            name = unique_name(default_name(target), taken)
             taken.add(name)
         try:
             reward = load_reward(target, kwargs)
         except ValueError as exc:
             raise ValueError(f"WeightedSum: terms[{i}].target: {exc}") from exc
         out.append(Term(name, target, kwargs, weight, reward))
-    return out
-
-
-def _failed(n: int, seconds: float) -> RobustResult:
-    """n samples of a term whose evaluation raised: all invalid, reason 'exception'."""
-    return RobustResult(
-        rewards=np.full(n, np.nan), valid=np.zeros(n, dtype=bool), errors=["exception"] * n,
-        attempts=np.ones(n, dtype=np.int64), seconds=np.full(n, seconds / max(n, 1)), n_calls=1,
-    )
-
-
-def _checked(res: Any, n: int, name: str) -> RobustResult:
-    """A term's result, checked for n samples; ValueError when it is not one."""
-    if not isinstance(res, RobustResult):
-        raise ValueError(f"term {name!r}: evaluate_detailed returned {type(res).__name__}, not a RobustResult")
-    for field in ("rewards", "valid", "attempts", "seconds"):
-        if np.shape(getattr(res, field)) != (n,):
-            raise ValueError(f"term {name!r}: {field} of shape {np.shape(getattr(res, field))} for {n} samples")
-    if len(res.errors) != n:
-        raise ValueError(f"term {name!r}: {len(res.errors)} errors for {n} samples")
-    return res
-
-
-def _first_reasons(valids: list[np.ndarray], reasons: list[list[str]], total_finite: np.ndarray) -> list[str]:
-    """Per sample: '' when every term is valid and the sum finite, else the first failing term's reason."""
-    n = len(total_finite)
-    out = [""] * n
-    for i in range(n):
-        for valid, reason in zip(valids, reasons):
-            if not valid[i]:
-                out[i] = reason[i] or "nan"
-                break
-        else:
-            if not total_finite[i]:
-                out[i] = "nan"
     return out
 
 
@@ -237,7 +160,7 @@ class WeightedSum(Reward):
             terms[term.name] = torch.where(ok, r.detach().cpu(), torch.full_like(r.detach().cpu(), math.nan))
             attempts += out.attempts.detach().cpu().to(torch.int64) if out.attempts is not None else 1
         assert total is not None
-        errors = _first_reasons(valids, reasons, torch.isfinite(total.detach().cpu()).numpy())
+        errors = first_reasons(valids, reasons, torch.isfinite(total.detach().cpu()).numpy())
         valid = torch.tensor([e == "" for e in errors], dtype=torch.bool, device=total.device)  # where x lives
         rewards = torch.where(valid, total, torch.full_like(total, math.nan))
         return RewardBatch(rewards, valid, None if all(e == "" for e in errors) else errors, attempts, terms)
@@ -292,11 +215,11 @@ class WeightedSum(Reward):
         for term in self.terms:
             start = time.perf_counter()
             try:
-                res = _checked(evaluate_reward_robust(term.reward, x, **settings), n, term.name)
+                res = checked_result(evaluate_reward_robust(term.reward, x, **settings), n, term.name)
             except Exception as exc:  # a term failing as a whole costs its verdicts, not the other terms'
                 _log.warning("term %r of %s failed on %d samples: %s: %s", term.name, self.name, n,
                              type(exc).__name__, exc)
-                res = _failed(n, time.perf_counter() - start)
+                res = failed_result(n, time.perf_counter() - start)
             results.append(res)
         total = np.zeros(n)
         terms: dict[str, np.ndarray] = {}
@@ -307,7 +230,7 @@ class WeightedSum(Reward):
             total = term.weight * r if k == 0 else total + term.weight * r
             terms[term.name] = np.where(ok, r, np.nan)
             valids.append(ok)
-        errors = _first_reasons(valids, [list(res.errors) for res in results], np.isfinite(total))
+        errors = first_reasons(valids, [list(res.errors) for res in results], np.isfinite(total))
         valid = np.array([e == "" for e in errors], dtype=bool)
         return RobustResult(
             rewards=np.where(valid, total, np.nan),

@@ -38,6 +38,9 @@ reward runs (a Ray actor), never stored on the object, and replaced by ``***`` i
 reward is built on the driver, where the variable may be absent: a missing variable is a ``ValueError``
 raised when the reward is first evaluated. Only ``url`` (with ``version``) makes the reward cache's key.
 
+The kwargs' checks are :mod:`rewards.http_checks`'; sessions, bounded body reads and error excerpts are
+:mod:`rewards.http_transport`'s.
+
 Example (YAML)::
 
     reward:
@@ -50,12 +53,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import socket
-import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -65,17 +65,11 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import Timeout
 
 from rewards.base import Reward, RewardBatch
+from rewards.http_checks import as_float, as_int, check_token_env, check_url
+from rewards.http_transport import Late, Sessions, excerpt, read_body, session_for
 from rewards.robust import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, CallFailure, RobustResult, evaluate_robust
 
 __all__ = ["Endpoint", "parse_rewards"]
-
-MAX_BODY_BYTES = 16 << 20
-_EXCERPT = 200
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-class _Late(Exception):
-    """The call's deadline passed while reading the answer."""
 
 
 def parse_rewards(body: bytes, size: int, *, secret: str = "") -> np.ndarray:
@@ -86,10 +80,10 @@ def parse_rewards(body: bytes, size: int, *, secret: str = "") -> np.ndarray:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise CallFailure("malformed", f"body is not JSON: {_excerpt(body, secret)!r}") from None
+        raise CallFailure("malformed", f"body is not JSON: {excerpt(body, secret)!r}") from None
     rewards = data.get("rewards") if isinstance(data, dict) else None
     if not isinstance(rewards, list):
-        raise CallFailure("malformed", f'body is not {{"rewards": [...]}}: {_excerpt(body, secret)!r}')
+        raise CallFailure("malformed", f'body is not {{"rewards": [...]}}: {excerpt(body, secret)!r}')
     if len(rewards) != size:
         raise CallFailure("malformed", f"{len(rewards)} rewards for {size} samples")
     out = np.empty(size)
@@ -104,95 +98,6 @@ def parse_rewards(body: bytes, size: int, *, secret: str = "") -> np.ndarray:
             except OverflowError:  # an integer too large for a float
                 raise CallFailure("malformed", f"reward {i} is out of range") from None
     return out
-
-
-def _excerpt(body: bytes, secret: str = "") -> str:
-    """The start of a body for an error detail, ``secret`` masked first (a cut must not leave part of it)."""
-    if secret:
-        body = body.replace(secret.encode(), b"***")
-    return body[:_EXCERPT].decode("utf-8", "replace").strip()
-
-
-def _read_body(response: requests.Response, deadline: float) -> bytes:
-    """The whole body of a streamed response, each socket read bounded by the time left to ``deadline``."""
-    raw = response.raw
-    sock = getattr(getattr(raw, "connection", None), "sock", None)
-    read1 = getattr(raw, "read1", None)  # urllib3 >= 2.3: at most one socket read per call
-    parts, size = [], 0
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _Late()
-        if sock is not None:
-            sock.settimeout(left)
-        piece = read1(1 << 16, decode_content=True) if read1 else raw.read(1 << 16, decode_content=True)
-        if not piece:
-            return b"".join(parts)
-        parts.append(piece)
-        size += len(piece)
-        if size > MAX_BODY_BYTES:
-            raise CallFailure("malformed", f"body larger than {MAX_BODY_BYTES} bytes")
-
-
-def _session_for(url: str) -> requests.Session:
-    """A session with the environment's proxy and CA-bundle settings for ``url`` resolved once.
-
-    requests would otherwise scan the environment on every request (about 0.5 ms each); ``~/.netrc`` is
-    not consulted (authentication is ``token_env``'s).
-    """
-    session = requests.Session()
-    settings = session.merge_environment_settings(url, {}, None, None, None)
-    session.trust_env = False
-    session.proxies.update(settings["proxies"])
-    session.verify = settings["verify"]
-    return session
-
-
-class _Sessions:
-    """One ``requests.Session`` per thread for one evaluation (keep-alive connections); closed together."""
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._local = threading.local()
-        self._all: list[requests.Session] = []
-        self._lock = threading.Lock()
-
-    def get(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = _session_for(self._url)
-            with self._lock:
-                self._all.append(session)
-        return session
-
-    def close(self) -> None:
-        with self._lock:
-            for session in self._all:
-                session.close()
-            self._all.clear()
-
-
-def _as_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"Endpoint: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _as_float(name: str, value: Any, positive: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"Endpoint: {name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-def _check_url(url: Any) -> str:
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"Endpoint: url must be an http:// or https:// URL with a host, got {url!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("Endpoint: url must not hold credentials (user:password@); use token_env for a token")
-    return url
 
 
 class Endpoint(Reward):
@@ -229,17 +134,13 @@ class Endpoint(Reward):
         name: str | None = None,
         version: str = "1",
     ):
-        self.url = _check_url(url)
-        self.timeout_s = _as_float("timeout_s", timeout_s, positive=True)
-        self.retries = _as_int("retries", retries, 0)
-        self.backoff_s = _as_float("backoff_s", backoff_s, positive=False)
-        self.batch_size = _as_int("batch_size", batch_size, 1)
-        self.max_in_flight = _as_int("max_in_flight", max_in_flight, 1)
-        if token_env is None:
-            token_env = ""
-        if not isinstance(token_env, str) or (token_env and not _ENV_NAME.match(token_env)):
-            raise ValueError(f"Endpoint: token_env must be the name of an environment variable or '', got {token_env!r}")
-        self.token_env = token_env
+        self.url = check_url(url)
+        self.timeout_s = as_float("timeout_s", timeout_s, positive=True)
+        self.retries = as_int("retries", retries, 0)
+        self.backoff_s = as_float("backoff_s", backoff_s, positive=False)
+        self.batch_size = as_int("batch_size", batch_size, 1)
+        self.max_in_flight = as_int("max_in_flight", max_in_flight, 1)
+        self.token_env = check_token_env(token_env)
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"Endpoint: name must be a non-empty string or None, got {name!r}")
         self.name = name or f"http:{self.url}"
@@ -280,7 +181,7 @@ class Endpoint(Reward):
         if token:
             headers["Authorization"] = f"Bearer {token}"
         own = session is None
-        session = _session_for(self.url) if own else session
+        session = session_for(self.url) if own else session
         deadline = time.monotonic() + self.timeout_s
         try:
             response = session.post(
@@ -288,10 +189,10 @@ class Endpoint(Reward):
                 timeout=Timeout(total=self.timeout_s),
             )
             try:
-                status, content = response.status_code, _read_body(response, deadline)
+                status, content = response.status_code, read_body(response, deadline)
             finally:
                 response.close()
-        except (_Late, ReadTimeoutError, socket.timeout, requests.exceptions.Timeout):
+        except (Late, ReadTimeoutError, socket.timeout, requests.exceptions.Timeout):
             raise CallFailure("timeout", f"no complete answer within {self.timeout_s} s") from None
         except (requests.exceptions.RequestException, Urllib3Error, OSError) as exc:
             raise CallFailure("crash", f"{type(exc).__name__}: {str(exc)[:300]}") from None
@@ -301,8 +202,8 @@ class Endpoint(Reward):
         if status == 200:
             return parse_rewards(content, len(x), secret=token)
         if status == 429 or status >= 500:
-            raise CallFailure("crash", f"HTTP {status}: {_excerpt(content, token)!r}")
-        raise CallFailure("exception", f"HTTP {status}: {_excerpt(content, token)!r}", retry=False)
+            raise CallFailure("crash", f"HTTP {status}: {excerpt(content, token)!r}")
+        raise CallFailure("exception", f"HTTP {status}: {excerpt(content, token)!r}", retry=False)
 
     def evaluate_detailed(self, x: np.ndarray, cond: list[Any] | None = None) -> RobustResult:
         """Rewards of ``x`` (n, d) with failure accounting (reasons, attempts, seconds per sample).
@@ -318,7 +219,7 @@ class Endpoint(Reward):
             if len(cond) != len(x):
                 raise ValueError(f"Endpoint: cond has {len(cond)} entries for {len(x)} samples")
         self._token()  # fail early and clearly, not as a failed call per chunk
-        sessions = _Sessions(self.url)
+        sessions = Sessions(self.url)
         # the last column carries each row's index, so that a chunk (bisected or not) finds its cond
         rows = np.concatenate([x, np.arange(len(x), dtype=np.float64)[:, None]], axis=1)
 

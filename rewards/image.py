@@ -18,16 +18,15 @@ mean and std (``preprocessor_config.json`` when the directory has one, else Open
 - :class:`LatentDecoded`: r(z) = r_img(VAE.decode(z / scaling_factor + shift_factor)); differentiable end to end
   when the inner reward is.
 
-``cond`` (a list of n prompts) is accepted by every reward here; ``None`` means the ``prompt`` kwarg.
+``cond`` (a list of n prompts) is accepted by every reward here; ``None`` means the ``prompt`` kwarg. Helpers:
+:mod:`rewards.image_models` (loading), :mod:`rewards.linear_head` (head files), :mod:`rewards.image_shapes`
+(shapes, the VAE's geometry), :mod:`rewards.conditioned` (prompts, batches, gradients).
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rewards.base import Reward, RewardBatch, load_reward
+from rewards.conditioned import evaluate_maybe_cond, grad_with_cond, prompts_of, values_batch
+from rewards.image_models import encode_prompts, load_clip, load_tokenizer, load_vae
+from rewards.image_shapes import check_shape, vae_geometry, with_image_shape
+from rewards.linear_head import chain_linear, layer_prefixes, read_state_dict
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -70,17 +73,6 @@ def check_local_dir(path: Any, key: str, required: Sequence[str] = ("config.json
     return root
 
 
-def _shape(image_shape: Any, key: str = "image_shape") -> tuple[int, int, int]:
-    shape = tuple(image_shape) if isinstance(image_shape, (list, tuple)) else ()
-    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise ValueError(f"'reward.kwargs.{key}' must be [C, H, W] (positive ints), got {image_shape!r}")
-    return shape  # type: ignore[return-value]
-
-
-def _device(device: str | None) -> torch.device:
-    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def clip_pixels(images: Tensor, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
                 std: Sequence[float] = OPENAI_CLIP_STD) -> Tensor:
     """CLIP's pixel values (n, 3, size, size) from images (n, 3, H, W) in [-1, 1], differentiably (module doc)."""
@@ -109,40 +101,8 @@ def load_linear_head(path: str | Path, activation: str = "none") -> nn.Sequentia
     order of i (LAION's ``layers.0`` ... ``layers.7``; dropout indices are simply absent). ``activation``
     (``none``, ``relu``, ``gelu``) goes between consecutive layers; the last layer must output one value."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-    prefixes = sorted({k[: -len("weight")] for k in state if k.endswith("weight")},
-                      key=lambda p: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p)])
-    if not prefixes:
-        raise ValueError(f"'reward.kwargs.head': {str(path)!r} holds no '*weight' tensors")
-    acts = {"none": None, "relu": nn.ReLU, "gelu": nn.GELU}
-    if activation not in acts:
-        raise ValueError(f"'reward.kwargs.activation' must be one of {sorted(acts)}, got {activation!r}")
-    layers: list[nn.Module] = []
-    for i, prefix in enumerate(prefixes):
-        weight = state[prefix + "weight"]
-        if weight.dim() != 2 or (layers and weight.shape[1] != layers[-1].out_features):
-            raise ValueError(f"'reward.kwargs.head': {str(path)!r}: layer {prefix}weight of shape "
-                             f"{tuple(weight.shape)} does not chain with the previous layer")
-        bias = state.get(prefix + "bias")
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        if layers and acts[activation] is not None:
-            layers.append(acts[activation]())
-        layers.append(linear)
-    if layers[-1].out_features != 1:
-        raise ValueError(f"'reward.kwargs.head': {str(path)!r}: the last layer outputs {layers[-1].out_features} "
-                         "values, not 1")
-    return nn.Sequential(*layers).eval().requires_grad_(False)
+    state = read_state_dict(path)
+    return chain_linear(state, layer_prefixes(state, path), activation, path)
 
 
 class ConditionedReward(Reward):
@@ -158,24 +118,7 @@ class ConditionedReward(Reward):
         """Rewards and d r / d x (n, d); rows of invalid samples are zero."""
         if not self.differentiable:
             raise TypeError(f"reward {self.name!r} has no gradients (differentiable = False)")
-        x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.evaluate(x, cond=cond)
-            valid = out.valid & torch.isfinite(out.rewards.detach())
-            grad = torch.zeros_like(x)
-            if bool(valid.any()):
-                (got,) = torch.autograd.grad(out.rewards[valid].sum(), x, allow_unused=True)
-                grad = grad if got is None else got
-        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad)).detach()
-        return RewardBatch(out.rewards.detach(), valid, out.errors), grad
-
-
-def _batch(values: Tensor, like: Tensor) -> RewardBatch:
-    """RewardBatch of (n,) values (graph kept) as float64 on x's device; non-finite values are invalid."""
-    rewards = values.to(device=like.device, dtype=torch.float64)
-    valid = torch.isfinite(rewards.detach())
-    errors = None if bool(valid.all()) else ["" if v else "nan" for v in valid.tolist()]
-    return RewardBatch(rewards, valid, errors)
+        return grad_with_cond(self.evaluate, x, cond)
 
 
 class _ClipReward(ConditionedReward):
@@ -185,7 +128,7 @@ class _ClipReward(ConditionedReward):
 
     def __init__(self, path: str, image_shape: Sequence[int], device: str | None = None) -> None:
         self.path = str(check_local_dir(path, "path"))
-        self.image_shape = _shape(image_shape)
+        self.image_shape = check_shape(image_shape)
         if self.image_shape[0] != 3:
             raise ValueError(f"'reward.kwargs.image_shape' must have 3 channels for CLIP, got {list(image_shape)}")
         self.device = device
@@ -201,12 +144,7 @@ class _ClipReward(ConditionedReward):
 
     def _load(self) -> Any:
         if self._model is None:
-            from transformers import CLIPModel
-
-            model = CLIPModel.from_pretrained(self.path, local_files_only=True)
-            model = model.float().eval().requires_grad_(False).to(_device(self.device))
-            processor = Path(self.path) / "preprocessor_config.json"
-            config = json.loads(processor.read_text()) if processor.exists() else {}
+            model, config = load_clip(self.path, self.device)
             self._mean = tuple(config.get("image_mean", OPENAI_CLIP_MEAN))
             self._std = tuple(config.get("image_std", OPENAI_CLIP_STD))
             self._model = model
@@ -252,29 +190,16 @@ class ClipScore(_ClipReward):
         new = [p for p in dict.fromkeys(prompts) if p not in self._text]
         if new:
             if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            device = next(model.parameters()).device
-            tokens = self._tokenizer(new, padding=True, truncation=True, return_tensors="pt").to(device)
-            with torch.no_grad():
-                out = model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-                embeds = model.text_projection(out.pooler_output)
+                self._tokenizer = load_tokenizer(self.path)
+            embeds = encode_prompts(model, self._tokenizer, new)
             self.text_calls += 1
             self._text.update(zip(new, embeds))
         return torch.stack([self._text[p] for p in prompts])
 
     def evaluate(self, x: Tensor, cond: Sequence[str] | None = None) -> RewardBatch:
         """x (n, 3*H*W) in [-1, 1], cond n prompts (None: ``prompt``) -> n scores."""
-        n = x.shape[0]
-        if cond is None:
-            if self.prompt is None:
-                raise ValueError("ClipScore needs prompts: pass cond, or set reward.kwargs.prompt")
-            cond = [self.prompt] * n
-        if len(cond) != n:
-            raise ValueError(f"cond must hold one prompt per sample: {len(cond)} prompts for {n} samples")
-        text = self.text_embeds(list(cond))
-        return _batch(cosine_score(self.image_embeds(x), text, self.scale), x)
+        text = self.text_embeds(list(prompts_of(cond, self.prompt, x.shape[0])))
+        return values_batch(cosine_score(self.image_embeds(x), text, self.scale), x)
 
 
 class AestheticScore(_ClipReward):
@@ -309,7 +234,7 @@ class AestheticScore(_ClipReward):
         if self._head is None:
             self._head = load_linear_head(self.head, self.activation).to(embeds.device)
         embeds = embeds / embeds.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return _batch(self._head(embeds).squeeze(-1), x)
+        return values_batch(self._head(embeds).squeeze(-1), x)
 
 
 class LatentDecoded(ConditionedReward):
@@ -335,29 +260,11 @@ class LatentDecoded(ConditionedReward):
         if root is not None and not (root / "config.json").exists() and (root / "vae" / "config.json").exists():
             root = root / "vae"
         self.vae_path = str(check_local_dir(root if root is not None else vae_path, "vae_path"))
-        config = json.loads((Path(self.vae_path) / "config.json").read_text())
-        self.factor = 2 ** (len(config.get("block_out_channels", [0])) - 1)
-        self.scaling_factor = float(config.get("scaling_factor", 0.18215))
-        shift = config.get("shift_factor")
-        self.shift_factor = float(shift) if shift is not None else 0.0
-        if latent_shape is None:
-            size = config.get("sample_size", 512)
-            size = size if isinstance(size, int) else size[0]
-            latent_shape = [int(config.get("latent_channels", 4)), size // self.factor, size // self.factor]
-        self.latent_shape = _shape(latent_shape, "latent_shape")
-        c, h, w = self.latent_shape
-        self.image_shape = (int(config.get("out_channels", 3)), h * self.factor, w * self.factor)
-        kwargs = dict(reward_kwargs or {})
-        try:
-            from rewards.base import import_object
-
-            target = import_object(reward)
-        except ValueError as exc:
-            raise ValueError(f"'reward.kwargs.reward': {exc}") from None
-        if inspect.isclass(target) and "image_shape" in inspect.signature(target).parameters:
-            kwargs.setdefault("image_shape", list(self.image_shape))
-        self.reward, self.reward_kwargs = reward, kwargs
-        self.inner = load_reward(reward, kwargs)
+        vae = vae_geometry(Path(self.vae_path), latent_shape)
+        self.factor, self.scaling_factor, self.shift_factor = vae.factor, vae.scaling_factor, vae.shift_factor
+        self.latent_shape, self.image_shape = vae.latent_shape, vae.image_shape
+        self.reward, self.reward_kwargs = reward, with_image_shape(reward, reward_kwargs, self.image_shape)
+        self.inner = load_reward(reward, self.reward_kwargs)
         self.differentiable = bool(self.inner.differentiable)
         self.version = f"1+{self.inner.version}"
         self.device = device
@@ -376,10 +283,7 @@ class LatentDecoded(ConditionedReward):
     def decode(self, x: Tensor) -> Tensor:
         """Images (n, C*H*W) of latents x (n, C*h*w), differentiable, in the VAE's dtype (float32) and device."""
         if self._vae is None:
-            from diffusers import AutoencoderKL
-
-            vae = AutoencoderKL.from_pretrained(self.vae_path, local_files_only=True)
-            self._vae = vae.float().eval().requires_grad_(False).to(_device(self.device))
+            self._vae = load_vae(self.vae_path, self.device)
         weight = next(self._vae.parameters())
         z = x.to(device=weight.device, dtype=weight.dtype).reshape(x.shape[0], *self.latent_shape)
         images = self._vae.decode(z / self.scaling_factor + self.shift_factor).sample
@@ -388,6 +292,5 @@ class LatentDecoded(ConditionedReward):
     def evaluate(self, x: Tensor, cond: Sequence[str] | None = None) -> RewardBatch:
         """x (n, C*h*w) latents -> the inner reward of their decoded images."""
         images = self.decode(x)
-        takes_cond = "cond" in inspect.signature(self.inner.evaluate).parameters
-        out = self.inner.evaluate(images, cond=cond) if takes_cond else self.inner.evaluate(images)
+        out = evaluate_maybe_cond(self.inner, images, cond)
         return RewardBatch(out.rewards.to(device=x.device, dtype=torch.float64), out.valid.to(x.device), out.errors)

@@ -26,17 +26,15 @@ Failure policy (issue 3, item 1):
 Every requested sample is accounted for exactly once. Calls run on ``max_in_flight`` threads (in the
 caller's thread when it is 1); only the caller's thread touches the bookkeeping, so ``call`` is the only
 thing that has to be thread-safe. Back-off waits never hold a thread: other chunks run meanwhile.
+
+The machinery lives beside this module: :mod:`rewards.robust_calls` (one call on one chunk, timed, as an
+outcome) and :mod:`rewards.robust_ledger` (the per-sample bookkeeping, the failure policy, the loop of calls).
 """
 
 from __future__ import annotations
 
-import heapq
-import logging
 import math
-import random
-import time
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -61,8 +59,6 @@ CALL_FAILURES = ("timeout", "crash", "malformed", "exception")
 DEFAULT_RETRIES = 2
 DEFAULT_BACKOFF_S = 0.1
 DEFAULT_MAX_IN_FLIGHT = 1
-_log = logging.getLogger(__name__)
-_jitter = random.Random()
 
 
 class CallFailure(Exception):
@@ -133,61 +129,8 @@ class RobustResult:
         )
 
 
-@dataclass(frozen=True)
-class _Job:
-    """Samples ``indices`` to evaluate in one call; ``failures``: failed calls of its lineage so far;
-    ``repeats``: identical re-calls so far (the back-off exponent)."""
-
-    indices: np.ndarray
-    failures: int
-    repeats: int
-    seq: int
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    """What one call gave: rewards and per-sample reasons, or a failure reason (and whether calling again
-    may help); its wall time."""
-
-    rewards: np.ndarray | None
-    reasons: list[str] | None
-    failure: str
-    detail: str
-    seconds: float
-    retry: bool = True
-
-
-def _parse(out: Any, size: int) -> tuple[np.ndarray, list[str] | None]:
-    """A call's return value -> ((size,) float64 rewards, reasons or None); CallFailure if malformed."""
-    reasons = None
-    if isinstance(out, tuple):
-        if len(out) != 2:
-            raise CallFailure("malformed", f"expected (rewards, reasons), got a tuple of {len(out)}")
-        out, reasons = out
-        reasons = [str(r) for r in reasons]
-        if len(reasons) != size:
-            raise CallFailure("malformed", f"{len(reasons)} reasons for {size} samples")
-    try:
-        rewards = np.asarray(out, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise CallFailure("malformed", f"rewards are not numbers: {exc}") from None
-    if rewards.shape != (size,):
-        raise CallFailure("malformed", f"expected rewards of shape ({size},), got {rewards.shape}")
-    return rewards, reasons
-
-
-def _attempt(call: Callable[[np.ndarray], Any], chunk: np.ndarray) -> _Outcome:
-    start = time.perf_counter()
-    try:
-        rewards, reasons = _parse(call(chunk), len(chunk))
-    except CallFailure as exc:
-        return _Outcome(None, None, exc.reason, exc.detail, time.perf_counter() - start, exc.retry)
-    except Exception as exc:  # any error of the reward is a failed call, never the end of the run
-        return _Outcome(None, None, "exception", f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
-    return _Outcome(rewards, reasons, "", "", time.perf_counter() - start)
-
-
 def _check_args(x: np.ndarray, batch_size: int, max_in_flight: int, retries: int, backoff_s: float) -> None:
+    """ValueError unless ``x`` is (n, d) and the call settings are in range."""
     if x.ndim != 2:
         raise ValueError(f"x must have shape (n, d), got {x.shape}")
     limits = (("batch_size", batch_size, 1), ("max_in_flight", max_in_flight, 1), ("retries", retries, 0))
@@ -196,120 +139,6 @@ def _check_args(x: np.ndarray, batch_size: int, max_in_flight: int, retries: int
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not (isinstance(backoff_s, (int, float)) and math.isfinite(backoff_s) and backoff_s >= 0):
         raise ValueError(f"backoff_s must be a finite number >= 0, got {backoff_s!r}")
-
-
-class _Ledger:
-    """The bookkeeping of one :func:`evaluate_robust` run over n samples, touched only by the caller's thread.
-
-    Per sample, shape (n,): ``rewards`` (NaN until valid), ``valid``, ``errors``, ``attempts``, ``share`` (seconds of
-    the calls it took part in, split evenly over each chunk), ``seconds`` and ``finished``. Jobs are ``ready`` (to
-    call now, first the chunks of ``batch_size`` in order) or ``waiting`` (a heap of (ready time, seq, job): back-off
-    without a thread); ``settle`` applies the failure policy (``retries``, ``backoff_s``, ``split``) to an outcome.
-    """
-
-    def __init__(self, n: int, *, batch_size: int, retries: int, backoff_s: float, split: bool):
-        self.n, self.retries, self.backoff_s, self.split = n, retries, backoff_s, split
-        self.rewards = np.full(n, np.nan)
-        self.valid = np.zeros(n, dtype=bool)
-        self.errors = [""] * n
-        self.attempts = np.zeros(n, dtype=np.int64)
-        self.share = np.zeros(n)
-        self.seconds = np.zeros(n)
-        self.finished = np.zeros(n, dtype=bool)
-        self.counter = iter(range(1 << 62))
-        self.ready: deque[_Job] = deque(
-            _Job(np.arange(a, min(a + batch_size, n)), 0, 0, next(self.counter)) for a in range(0, n, batch_size)
-        )
-        self.waiting: list[tuple[float, int, _Job]] = []
-        self.last_failure: dict[str, str] = {}  # reason -> detail of the last call that made samples invalid
-        self.n_calls = 0
-
-    def later(self, indices: np.ndarray, failures: int, repeats: int, delay: float) -> None:
-        """Queue a call of ``indices`` after ``delay`` seconds (plus up to 10% jitter)."""
-        job = _Job(indices, failures, repeats, next(self.counter))
-        heapq.heappush(self.waiting, (time.monotonic() + delay * (1 + 0.1 * _jitter.random()), job.seq, job))
-
-    def finish(self, i: int, reward: float, reason: str, spent: float) -> None:
-        """Account for sample ``i``: valid with ``reward`` and ``spent`` seconds, or invalid with ``reason``."""
-        assert not self.finished[i], f"sample {i} accounted for twice"
-        self.finished[i] = True
-        if reason:
-            self.errors[i], self.seconds[i] = reason, self.share[i]
-        else:
-            self.rewards[i], self.valid[i], self.seconds[i] = reward, True, spent
-
-    def settle(self, job: _Job, out: _Outcome) -> None:
-        """Record one call's outcome: finish its samples, or bisect, retry or give up on a failed chunk."""
-        idx = job.indices
-        self.attempts[idx] += 1
-        self.share[idx] += out.seconds / len(idx)
-        if not out.failure:
-            assert out.rewards is not None
-            for k, i in enumerate(idx):
-                reason = out.reasons[k] if out.reasons is not None else ""
-                if not reason and not math.isfinite(out.rewards[k]):
-                    reason = "nan"
-                self.finish(int(i), float(out.rewards[k]), reason, out.seconds / len(idx))
-            return
-        failures = job.failures + 1
-        _log.debug("call on %d samples failed (%s): %s", len(idx), out.failure, out.detail)
-        if self.split and len(idx) > 1:
-            half = len(idx) // 2
-            self.later(idx[:half], failures, 0, self.backoff_s)
-            self.later(idx[half:], failures, 0, self.backoff_s)
-        elif failures <= self.retries and out.retry:
-            self.later(idx, failures, job.repeats + 1, self.backoff_s * 2**job.repeats)
-        else:
-            self.last_failure[out.failure] = out.detail
-            for i in idx:
-                self.finish(int(i), math.nan, out.failure, 0.0)
-
-    def result(self) -> RobustResult:
-        """The :class:`RobustResult` once every sample is accounted for; one warning line if some were lost."""
-        assert self.finished.all(), "a sample was never accounted for"
-        if self.last_failure:  # one line per evaluation, not per sample: a bank may lose thousands
-            lost = sum(1 for e in self.errors if e in self.last_failure)
-            details = "; ".join(f"{reason}: {detail}" for reason, detail in sorted(self.last_failure.items()))
-            _log.warning("%d of %d samples invalid after their retries (last failures: %s)", lost, self.n, details)
-        return RobustResult(self.rewards, self.valid, self.errors, self.attempts, self.seconds, self.n_calls)
-
-
-def _submit(pool: ThreadPoolExecutor | None, call: Callable[[np.ndarray], Any], chunk: np.ndarray) -> Future[_Outcome]:
-    """``_attempt(call, chunk)`` (chunk (b, d)) on the pool, or at once in the caller's thread without one."""
-    if pool is not None:
-        return pool.submit(_attempt, call, chunk)
-    future: Future[_Outcome] = Future()
-    future.set_result(_attempt(call, chunk))
-    return future
-
-
-def _run_jobs(
-    ledger: _Ledger,
-    call: Callable[[np.ndarray], Any],
-    x: np.ndarray,
-    pool: ThreadPoolExecutor | None,
-    max_in_flight: int,
-) -> None:
-    """Call ``call`` on the rows of ``x`` (n, d) that the ledger's jobs name until none is ready, waiting or running:
-    at most ``max_in_flight`` calls at once; the calls that complete together are settled in ``seq`` order."""
-    ready, waiting = ledger.ready, ledger.waiting
-    running: dict[Future[_Outcome], _Job] = {}
-    while ready or waiting or running:
-        now = time.monotonic()
-        while waiting and waiting[0][0] <= now:
-            ready.append(heapq.heappop(waiting)[2])
-        while ready and len(running) < max_in_flight:
-            job = ready.popleft()
-            running[_submit(pool, call, x[job.indices])] = job
-        pause = max(0.0, waiting[0][0] - now) if waiting else None
-        if not running:
-            time.sleep(pause or 0.0)
-            continue
-        done, _ = wait(list(running), timeout=pause, return_when=FIRST_COMPLETED)
-        for future in sorted(done, key=lambda f: running[f].seq):
-            job = running.pop(future)
-            ledger.n_calls += 1
-            ledger.settle(job, future.result())
 
 
 def evaluate_robust(
@@ -323,12 +152,15 @@ def evaluate_robust(
     split: bool = True,
 ) -> RobustResult:
     """Evaluate ``call`` on every row of ``x`` (n, d) in chunks of ``batch_size``; see the module doc."""
+    # imported here: rewards.robust_ledger imports this module's RobustResult (and robust_calls its CallFailure)
+    from rewards.robust_ledger import Ledger, run_jobs
+
     x = np.asarray(x)
     _check_args(x, batch_size, max_in_flight, retries, backoff_s)
-    ledger = _Ledger(x.shape[0], batch_size=batch_size, retries=retries, backoff_s=backoff_s, split=split)
+    ledger = Ledger(x.shape[0], batch_size=batch_size, retries=retries, backoff_s=backoff_s, split=split)
     pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="reward-call") if max_in_flight > 1 else None
     try:
-        _run_jobs(ledger, call, x, pool, max_in_flight)
+        run_jobs(ledger, call, x, pool, max_in_flight)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

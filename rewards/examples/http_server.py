@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from rewards.examples.http_request import MAX_BODY_BYTES, BadRequest, Request, request_of
+
 __all__ = ["FAULTS", "REASON_OF_FAULT", "Logged", "RewardServer", "fault_of", "reward_of", "serve", "main"]
 
 FAULTS = ("hang", "error", "bad_request", "transient", "garbage", "null")  # in order of precedence
@@ -57,7 +59,6 @@ REASON_OF_FAULT = {
     "": "", "hang": "timeout", "error": "crash", "bad_request": "exception", "transient": "", "garbage": "malformed",
     "null": "nan",
 }
-MAX_BODY_BYTES = 64 << 20
 _HANG_S = 3600.0
 
 
@@ -96,35 +97,6 @@ class Logged:
     status: int
 
 
-class _BadRequest(Exception):
-    pass
-
-
-_Request = tuple[list[list[float]], Any]  # (rows, cond) of a request
-
-
-def _request_of(body: bytes) -> tuple[list[list[float]], list[Any] | None]:
-    """The rows and cond of a request body; _BadRequest when it does not follow the protocol."""
-    try:
-        request = json.loads(body)
-    except ValueError as exc:
-        raise _BadRequest(f"body is not JSON: {exc}") from None
-    if not isinstance(request, dict) or "x" not in request:
-        raise _BadRequest('body must be an object {"x": [[...], ...], "cond": ...}')
-    x, cond = request["x"], request.get("cond")
-    if not isinstance(x, list) or not all(isinstance(row, list) and row for row in x):
-        raise _BadRequest("x must be a list of non-empty lists of numbers")
-    if len({len(row) for row in x}) > 1:
-        raise _BadRequest("rows of x must have the same length")
-    for row in x:
-        for v in row:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise _BadRequest(f"x must hold finite numbers, got {v!r}")
-    if cond is not None and (not isinstance(cond, list) or len(cond) != len(x)):
-        raise _BadRequest("cond must be null or a list with one entry per row of x")
-    return [[float(v) for v in row] for row in x], cond
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: one connection per client thread
     # headers and body leave in two writes: with Nagle's algorithm on, the body would wait for the
@@ -144,11 +116,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _answer(self, status: int, request: _Request, body: bytes, content_type: str = "application/json") -> None:
+    def _answer(self, status: int, request: Request, body: bytes, content_type: str = "application/json") -> None:
         self.server.count(status, *request)
         self._send(status, body, content_type)
 
-    def _error(self, status: int, message: str, request: _Request = ([], None)) -> None:
+    def _error(self, status: int, message: str, request: Request = ([], None)) -> None:
         self._answer(status, request, json.dumps({"error": message}).encode())
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
@@ -168,8 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not hmac.compare_digest(given.encode(), f"Bearer {server.token}".encode()):
                 return self._error(401, "missing or wrong bearer token")
         try:
-            request = _request_of(body)
-        except _BadRequest as exc:
+            request = request_of(body)
+        except BadRequest as exc:
             return self._error(400, str(exc))
         rows = request[0]
         if server.delay_s > 0:
