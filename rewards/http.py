@@ -65,7 +65,8 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import Timeout
 
 from rewards.base import Reward, RewardBatch
-from rewards.http_checks import as_float, as_int, check_token_env, check_url
+from rewards.http_checks import check_token_env, check_url
+from rewards.kwarg_checks import as_float, as_int
 from rewards.http_transport import Late, Sessions, excerpt, read_body, session_for
 from rewards.robust import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, CallFailure, RobustResult, evaluate_robust
 
@@ -135,11 +136,11 @@ class Endpoint(Reward):
         version: str = "1",
     ):
         self.url = check_url(url)
-        self.timeout_s = as_float("timeout_s", timeout_s, positive=True)
-        self.retries = as_int("retries", retries, 0)
-        self.backoff_s = as_float("backoff_s", backoff_s, positive=False)
-        self.batch_size = as_int("batch_size", batch_size, 1)
-        self.max_in_flight = as_int("max_in_flight", max_in_flight, 1)
+        self.timeout_s = as_float("Endpoint", "timeout_s", timeout_s, positive=True)
+        self.retries = as_int("Endpoint", "retries", retries, 0)
+        self.backoff_s = as_float("Endpoint", "backoff_s", backoff_s, positive=False)
+        self.batch_size = as_int("Endpoint", "batch_size", batch_size, 1)
+        self.max_in_flight = as_int("Endpoint", "max_in_flight", max_in_flight, 1)
         self.token_env = check_token_env(token_env)
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"Endpoint: name must be a non-empty string or None, got {name!r}")

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from rewards.base import Reward, RewardBatch
+from rewards.kwarg_checks import as_float, as_int
 from rewards.robust import (
     DEFAULT_BACKOFF_S,
     DEFAULT_MAX_IN_FLIGHT,
@@ -119,20 +120,6 @@ def _read_rewards(path: str, size: int) -> np.ndarray:
     return out.astype(np.float64)
 
 
-def _as_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"Command: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _as_float(name: str, value: Any, positive: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"Command: {name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
 class Command(Reward):
     """An external command evaluated on chunks of samples (see the module doc for the protocol).
 
@@ -187,11 +174,11 @@ class Command(Reward):
             raise ValueError(
                 f"Command: argv[0] {program!r} is not a program on PATH (for Python use '{{python}}')"
             )
-        self.timeout_s = _as_float("timeout_s", timeout_s, positive=True)
-        self.retries = _as_int("retries", retries, 0)
-        self.batch_size = _as_int("batch_size", batch_size, 1)
-        self.max_in_flight = _as_int("max_in_flight", max_in_flight, 1)
-        self.backoff_s = _as_float("backoff_s", backoff_s, positive=False)
+        self.timeout_s = as_float("Command", "timeout_s", timeout_s, positive=True)
+        self.retries = as_int("Command", "retries", retries, 0)
+        self.batch_size = as_int("Command", "batch_size", batch_size, 1)
+        self.max_in_flight = as_int("Command", "max_in_flight", max_in_flight, 1)
+        self.backoff_s = as_float("Command", "backoff_s", backoff_s, positive=False)
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"Command: name must be a non-empty string or None, got {name!r}")
         self.name = name or "command:" + " ".join(self.argv)
