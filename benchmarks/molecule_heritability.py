@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "right_tail_kept": _tail_kept(a, b, True), "left_tail_kept": _tail_kept(a, b, False)})
         print(f"[heritability] {rows[-1]}", flush=True)
     return {"smiles": cfg.task["smiles"], "seed": args.seed, "n": n, "sampler_steps": steps, "rows": rows,
-            "seconds": time.time() - started, "overrides": list(args.override), "reward": repr(reward)}
+            "seconds": time.time() - started, "overrides": list(args.override), "reward": repr(reward),
+            "model": cfg.model.target or "tfft.model:VelocityMLP"}
 
 
 def _table(result: dict[str, Any]) -> str:
@@ -81,7 +82,8 @@ def _table(result: dict[str, Any]) -> str:
         f"{''.join(' --override ' + o for o in result.get('overrides', []))}` in {result['seconds'] / 60:.1f} min. "
         f"Alanine dipeptide, GFN1-xTB reward (minus the energy above the reference; `{result.get('reward', '')}`), "
         f"{result['n']} trajectories of the "
-        f"{result['sampler_steps']}-step law-preserving SDE of the base model, seed {result['seed']}. A tail kept "
+        f"{result['sampler_steps']}-step law-preserving SDE of the base model (`{result.get('model', '')}`), "
+        f"seed {result['seed']}. A tail kept "
         "by chance alone would be 0.10.",
         "",
         "| continued from t | rank correlation of the reward | right 10% tail kept | left 10% tail kept |",

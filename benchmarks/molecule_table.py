@@ -43,6 +43,13 @@ def _run(name: str, seed: int, work: Path, overrides: list[str]) -> dict[str, An
     return run_pipeline(cfg, out)
 
 
+def _model_name(summary: dict[str, Any]) -> str:
+    """The base model's factory and settings as ``summary.json["model"]`` records them."""
+    model = summary.get("model", {})
+    kwargs = {k: v for k, v in model.get("kwargs", {}).items() if k not in ("smiles", "scale")}
+    return f"{model.get('target', '?')}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
 def _timed_bank(work: Path, overrides: list[str], actors: int, n: int) -> float:
     from pipelines.bank import generate_bank
     from pipelines.config import load_config
@@ -212,7 +219,7 @@ def main() -> None:
         f"{''.join(f' --override {o}' for o in args.override)}{f' --name {args.name}' if args.name else ''}`; "
         f"one run (bank, fine-tuning, evaluation) took "
         f"{statistics.median(s['wall_seconds'] for v in summaries.values() for s in v) / 60:.1f} min "
-        f"(median) on this machine.",
+        f"(median) on this machine. Base model: `{_model_name(s0)}`.",
         "",
     ]
     footer = [
