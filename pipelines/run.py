@@ -26,7 +26,7 @@ from pipelines.schema import Config
 from pipelines.stage_record import BUILT, StageRecord
 from pipelines.stages.base import BaseStage, prepare_base, served_reward
 from pipelines.stages.evaluate import EvaluateStage, evaluate
-from pipelines.stages.preflight import RunPlan, preflight, sampler_warnings
+from pipelines.stages.preflight import RunPlan, preflight
 from pipelines.stages.record import record_summary
 from pipelines.stages.threshold import solve_objective
 from pipelines.stages.train import TrainStage, train
@@ -92,7 +92,7 @@ def run_from_bank(
     if trained.refinement is not None:
         summary["refinement"] = trained.refinement
     summary["stages"] = stages_record(base, solved, trained, final)
-    summary["warnings"] = [warning.to_dict() for warning in sampler_warnings(cfg, plan.solver)]
+    summary["warnings"] = [warning.to_dict() for warning in plan.warnings]
     return summary
 
 

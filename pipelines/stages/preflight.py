@@ -30,10 +30,12 @@ class RunPlan:
     Attributes:
         solver: the fine-tuning solver, ``finetune.solver`` with "auto" resolved.
         differentiable: whether the loaded reward has gradients (what "auto" was resolved by).
+        warnings: :func:`sampler_warnings` for that solver (logged by preflight, kept in ``summary.json``).
     """
 
     solver: Literal["adjoint", "weighted"]
     differentiable: bool
+    warnings: tuple[SamplerWarning, ...] = ()
 
 
 def preflight(cfg: Config, *, log: Callable[[str], None] = print) -> RunPlan:
@@ -42,7 +44,7 @@ def preflight(cfg: Config, *, log: Callable[[str], None] = print) -> RunPlan:
     plan = resolve_plan(cfg)
     check_address(cfg.ray)
     check_local_capacity(cfg.ray, cfg.finetune)
-    for warning in sampler_warnings(cfg, plan.solver):
+    for warning in plan.warnings:
         log(f"[config] WARNING: {warning}")
     return plan
 
@@ -62,7 +64,7 @@ def resolve_plan(cfg: Config) -> RunPlan:
             f"'finetune.solver' is 'adjoint' but reward {cfg.reward.target!r} has no gradients; "
             "use 'weighted' or 'auto'"
         )
-    return RunPlan(solver, differentiable)
+    return RunPlan(solver, differentiable, tuple(sampler_warnings(cfg, solver)))
 
 
 def training_steps(cfg: Config) -> int:
