@@ -48,7 +48,11 @@ def conformer_velocity(smiles: str, scale: float, hidden: int = 256, depth: int 
     """The velocity of ``smiles``'s conformers on its sample space (module docstring; the arguments as
     :class:`tfft.restoring.RestoringVelocity`)."""
     reference = reference_structure(smiles)
-    minimised = relax(reference[None].astype(np.float64), smiles, _MINIMISE_STEPS)[0]
+    try:
+        minimised = relax(reference[None].astype(np.float64), smiles, _MINIMISE_STEPS)[0]
+    except ValueError:  # relax's own message names the reward's setting
+        raise ValueError(f"MMFF94 has no parameters for {smiles!r}: the restoring forces take their rest lengths "
+                         "from an MMFF94 minimum; use the plain MLP (remove model.target and model.kwargs)") from None
     pairs, kinds = restoring_pairs(smiles)
     rest = np.linalg.norm(minimised[pairs[:, 0]] - minimised[pairs[:, 1]], axis=-1)
     return RestoringVelocity(

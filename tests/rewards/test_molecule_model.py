@@ -4,6 +4,7 @@ factory through the user-model contract."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from rewards.molecule.conformers import reference_structure
@@ -44,3 +45,8 @@ def test_the_factorys_force_vanishes_at_the_mmff_minimum_and_restores_a_stretche
     assert float(bond_force @ towards_carbon) > 0.9 * np.linalg.norm(bond_force) > 0
     out = model(torch.zeros(3, 27), torch.rand(3))
     assert out.shape == (3, 27)
+
+
+def test_a_molecule_without_mmff_parameters_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="MMFF94 has no parameters for 'OB\\(O\\)O'.*plain MLP"):
+        conformer_velocity("OB(O)O", 0.3)
