@@ -15,6 +15,7 @@ import inspect
 import io
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,11 +145,12 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
         stage = StageRecord(REUSED, time.time() - started, {"steps": cfg.pretrain.steps})
         return BaseModel(blob["config"], blob["state_dict"], cache.path_of(name), cached=True, stage=stage)
 
-    # without training a few draws tell the data dimension (and check model.sample_shape against it)
-    drawn, cond = _draw_conditional(cfg, cfg.pretrain.n_samples if trains else min(cfg.pretrain.n_samples, 16))
-    data = torch.from_numpy(drawn)
+    # a few draws tell the data dimension, so that the model is built (a bad model.target fails) before the full
+    # draw, which then sees the random state these saw: its data are what they would be without them
+    entry = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    probe, _ = _draw_conditional(cfg, min(cfg.pretrain.n_samples, 16))
     torch.manual_seed(cfg.seed)
-    config = model_config(cfg.model, int(data.shape[1]), conditions_of(cfg))
+    config = model_config(cfg.model, int(probe.shape[1]), conditions_of(cfg))
     model = _build_base(cfg, config)
     if not trains:
         why = f"loaded {cfg.model.checkpoint}" if cfg.model.checkpoint else "pretrain.steps=0: the model as built"
@@ -156,7 +158,13 @@ def load_or_pretrain(cfg: Config, *, log: Callable[[str], None] = print) -> Base
             why += f" (pretrain.steps={cfg.pretrain.steps} ignored: a checkpoint is never pretrained)"
         log(f"[pretrain] base model {why}")
         return BaseModel(config, _detached(model), cfg.model.checkpoint, cached=False)
-    _fit(cfg, model, data, log, None if cond is None else torch.from_numpy(cond))
+    built = torch.get_rng_state()
+    torch.set_rng_state(entry[0])
+    np.random.set_state(entry[1])
+    random.setstate(entry[2])
+    drawn, cond = _draw_conditional(cfg, cfg.pretrain.n_samples)
+    torch.set_rng_state(built)
+    _fit(cfg, model, torch.from_numpy(drawn), log, None if cond is None else torch.from_numpy(cond))
     state = _detached(model)
     buffer = io.BytesIO()
     torch.save({"config": config, "state_dict": state}, buffer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,3 +170,43 @@ def test_editing_the_user_models_file_changes_the_cache_key(tmp_path, import_pat
     assert pretrain_key(_cfg(tmp_path, *overrides)) == before  # stable while the file is unchanged
     module.write_text(body + "# edited\n")
     assert pretrain_key(_cfg(tmp_path, *overrides)) != before
+
+
+_GLOBAL_RNG_MODULE = '''
+import numpy as np
+
+CALLS = []
+
+
+def source(n, seed):
+    """Data from numpy's global generator (a source that ignores its seed), recording each call's n and rows."""
+    x = np.random.standard_normal((n, 2))
+    CALLS.append((n, x))
+    return x
+
+
+def broken(**kwargs):
+    raise RuntimeError("no such layer")
+'''
+
+
+def test_a_broken_model_fails_before_the_full_data_draw_and_the_draw_is_unchanged(tmp_path, import_path):
+    """The model is built from a 16-row probe of the data, so a factory error comes before pretraining draws
+    its n rows; the full draw then sees the random state the probe saw, so its data are what they were."""
+    (tmp_path / "global_rng_source.py").write_text(_GLOBAL_RNG_MODULE)
+    import_path(tmp_path)
+    import global_rng_source
+
+    common = ["data.source=global_rng_source:source", "pretrain.n_samples=500", "pretrain.steps=2",
+              "pretrain.batch_size=8"]
+    with pytest.raises(ConfigError, match="'model.target' 'global_rng_source:broken' failed"):
+        load_or_pretrain(_cfg(tmp_path, *common, "model.target=global_rng_source:broken"), log=lambda _: None)
+    assert [n for n, _ in global_rng_source.CALLS] == [16]  # the 500 rows were never drawn
+    global_rng_source.CALLS.clear()
+    np.random.seed(7)
+    load_or_pretrain(_cfg(tmp_path, *common, "pretrain.cache_dir=" + str(tmp_path / "other")), log=lambda _: None)
+    (probe_n, probe), (full_n, full) = global_rng_source.CALLS
+    np.random.seed(7)
+    assert (probe_n, full_n) == (16, 500)
+    np.testing.assert_array_equal(full, np.random.standard_normal((500, 2)))  # as if the probe had not run
+    np.testing.assert_array_equal(probe, full[:16])
