@@ -49,12 +49,10 @@ def pair_forces(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, weigh
     delta = x[:, pairs[:, 0]] - x[:, pairs[:, 1]]  # (n, P, 3)
     length = delta.norm(dim=-1).clamp_min(1e-6)  # (n, P)
     push = (weights * (length - rest) / scale / length)[..., None] * delta  # w e u: (n, P, 3)
-    out = z.new_zeros(n_kinds, n, atoms, 3)
-    slot_i = kinds * atoms + pairs[:, 0]
-    slot_j = kinds * atoms + pairs[:, 1]
-    flat = out.permute(0, 2, 1, 3).reshape(n_kinds * atoms, n, 3)
-    flat = flat.index_add(0, slot_i, -push.transpose(0, 1)).index_add(0, slot_j, push.transpose(0, 1))
-    return flat.view(n_kinds, atoms, n, 3).permute(0, 2, 1, 3).reshape(n_kinds, n, 3 * atoms)
+    # each pair pushes its two atoms in the rows of its kind: slot k * atoms + atom of an (n, K * atoms, 3) buffer
+    forces = z.new_zeros(n, n_kinds * atoms, 3)
+    forces = forces.index_add(1, kinds * atoms + pairs[:, 0], -push).index_add(1, kinds * atoms + pairs[:, 1], push)
+    return forces.view(n, n_kinds, 3 * atoms).transpose(0, 1)
 
 
 def laplacian_bound(pairs: Tensor, weights: Tensor, atoms: int) -> float:

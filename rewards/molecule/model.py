@@ -18,7 +18,7 @@ import torch
 
 from rewards.molecule.conformers import reference_structure
 from rewards.molecule.molecule import molecular_graph
-from rewards.molecule.relax import relax
+from rewards.molecule.relax import has_mmff_parameters, relax
 from tfft.restoring import RestoringVelocity
 
 __all__ = ["restoring_pairs", "conformer_velocity"]
@@ -48,11 +48,10 @@ def conformer_velocity(smiles: str, scale: float, hidden: int = 256, depth: int 
     """The velocity of ``smiles``'s conformers on its sample space (module docstring; the arguments as
     :class:`tfft.restoring.RestoringVelocity`)."""
     reference = reference_structure(smiles)
-    try:
-        minimised = relax(reference[None].astype(np.float64), smiles, _MINIMISE_STEPS)[0]
-    except ValueError:  # relax's own message names the reward's setting
+    if not has_mmff_parameters(smiles):
         raise ValueError(f"MMFF94 has no parameters for {smiles!r}: the restoring forces take their rest lengths "
-                         "from an MMFF94 minimum; use the plain MLP (remove model.target and model.kwargs)") from None
+                         "from an MMFF94 minimum; use the plain MLP (remove model.target and model.kwargs)")
+    minimised = relax(reference[None].astype(np.float64), smiles, _MINIMISE_STEPS)[0]
     pairs, kinds = restoring_pairs(smiles)
     rest = np.linalg.norm(minimised[pairs[:, 0]] - minimised[pairs[:, 1]], axis=-1)
     return RestoringVelocity(

@@ -22,7 +22,7 @@ from rdkit.Chem import rdchem, rdForceFieldHelpers
 
 from rewards.molecule.molecule import molecule_with_hydrogens
 
-__all__ = ["relax"]
+__all__ = ["relax", "has_mmff_parameters"]
 
 
 @lru_cache(maxsize=8)
@@ -31,9 +31,18 @@ def _molecule(smiles: str) -> tuple[Any, Any]:
     mol = molecule_with_hydrogens(smiles)
     properties = rdForceFieldHelpers.MMFFGetMoleculeProperties(mol)
     if properties is None:
-        raise ValueError(f"MMFF94 has no parameters for {smiles!r}: 'reward.kwargs.relax_steps' needs them")
+        raise ValueError(f"MMFF94 has no parameters for {smiles!r}")
     mol.AddConformer(rdchem.Conformer(mol.GetNumAtoms()), assignId=True)
     return mol, properties
+
+
+def has_mmff_parameters(smiles: str) -> bool:
+    """Whether MMFF94 parameterises every atom of ``smiles`` (callers check it up front and name their setting)."""
+    try:
+        _molecule(smiles)
+    except ValueError:
+        return False
+    return True
 
 
 def relax(coords: np.ndarray, smiles: str, steps: int) -> np.ndarray:

@@ -47,7 +47,7 @@ from rewards.molecule.geometry import mean_pairwise_rmsd
 from rewards.molecule.molecule import ALANINE_DIPEPTIDE, molecular_graph
 from rewards.molecule.ramachandran import phi_psi_angles, plot_ramachandran
 from rewards.molecule.reference import reference_energy
-from rewards.molecule.relax import relax
+from rewards.molecule.relax import has_mmff_parameters, relax
 from rewards.molecule.topology import BOND_TOLERANCE, bonded_topology_ok
 from rewards.molecule.xtb_backend import XTBSettings, single_points, tblite_version
 
@@ -96,9 +96,8 @@ class XTBEnergy(Reward):
         max_below_reference: kcal/mol; a structure whose energy lies further below E_ref is invalid
             ('implausible', module docstring); ``inf`` switches the check off.
         relax_steps: 0 scores the structure as generated; n > 0 first relaxes it by at most n MMFF94 steps
-            (:func:`rewards.molecule.relax.relax`) and scores the relaxed structure: the energy of its
-            conformation. Then the reward has no gradient with respect to the sample (fine-tuning uses the
-            weighted solver).
+            (:func:`rewards.molecule.relax.relax`; MMFF94 must parameterise the molecule) and scores the relaxed
+            structure, the energy of its conformation, without a gradient (the weighted solver fine-tunes it).
     """
 
     name = "xtb_energy"
@@ -157,6 +156,8 @@ class XTBEnergy(Reward):
         if isinstance(relax_steps, bool) or int(relax_steps) != relax_steps or relax_steps < 0:
             raise ValueError(f"'reward.kwargs.relax_steps' must be an integer >= 0, got {relax_steps!r}")
         self.relax_steps = int(relax_steps)
+        if self.relax_steps and not has_mmff_parameters(smiles):
+            raise ValueError(f"'reward.kwargs.relax_steps' needs MMFF94 parameters, which {smiles!r} lacks")
         self.differentiable = self.relax_steps == 0  # the relaxation's Jacobian is not computed
 
     # -- identity -------------------------------------------------------------------------------

@@ -50,3 +50,11 @@ def test_the_factorys_force_vanishes_at_the_mmff_minimum_and_restores_a_stretche
 def test_a_molecule_without_mmff_parameters_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="MMFF94 has no parameters for 'OB\\(O\\)O'.*plain MLP"):
         conformer_velocity("OB(O)O", 0.3)
+
+
+def test_a_relaxed_xtb_reward_on_such_a_molecule_names_its_setting() -> None:
+    from rewards.molecule import XTBEnergy
+
+    with pytest.raises(ValueError, match="'reward.kwargs.relax_steps' needs MMFF94 parameters, which 'OB\\(O\\)O'"):
+        XTBEnergy(smiles="OB(O)O", relax_steps=10)
+    assert XTBEnergy(smiles="OB(O)O").relax_steps == 0  # unrelaxed, MMFF94 is not needed
