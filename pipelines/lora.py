@@ -208,10 +208,8 @@ def check_lora(lora: Any, model_config: dict[str, Any]) -> None:
     try:
         with torch.device("meta"):
             network = _network(model_config, None)
-    except ConfigError:
-        raise
-    except Exception:  # a factory that cannot build on the meta device (it reads a file, calls .item(), ...)
-        network = _network(model_config, None)
+    except Exception:  # noqa: BLE001 - a factory that cannot build on the meta device (reads a file, calls .item()):
+        network = _network(model_config, None)  # built for real, where a broken factory raises its ConfigError
     resolve_targets(settings, network)
     try:
         get_peft_model(network, _peft_config(settings, network))

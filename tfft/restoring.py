@@ -115,7 +115,10 @@ class RestoringVelocity(nn.Module):
     def forward(self, z: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
         """z (n, 3N), t scalar or (n,) -> (n, 3N)."""
         t = _expand_time(t, z)
+        return self.mlp(z, t, cond) + self.correction(z, t)
+
+    def correction(self, z: Tensor, t: Tensor) -> Tensor:
+        """sum_k c_k(t) F_k(z): z (n, 3N), t (n,) -> (n, 3N)."""
         forces = pair_forces(z, self.reference.to(z.dtype), self.pairs, self.rest.to(z.dtype),
                              self.weights.to(z.dtype), self.kinds, self.n_kinds, self.scale)
-        correction = torch.einsum("nk,knd->nd", self.rates(t).to(z.dtype), forces)
-        return self.mlp(z, t, cond) + correction
+        return torch.einsum("nk,knd->nd", self.rates(t).to(z.dtype), forces)

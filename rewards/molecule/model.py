@@ -19,11 +19,13 @@ import torch
 from rewards.molecule.conformers import reference_structure
 from rewards.molecule.molecule import molecular_graph
 from rewards.molecule.relax import has_mmff_parameters, relax
+from tfft.projection import ProjectingVelocity
 from tfft.restoring import RestoringVelocity
 
 __all__ = ["restoring_pairs", "conformer_velocity"]
 
 _MINIMISE_STEPS = 2000
+_CORRECTIONS = {"projection": ProjectingVelocity, "force": RestoringVelocity}
 
 
 def restoring_pairs(smiles: str) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +46,14 @@ def restoring_pairs(smiles: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def conformer_velocity(smiles: str, scale: float, hidden: int = 256, depth: int = 3, time_features: int = 16,
-                       floor: float = 0.02, initial_rate: float = 0.1) -> RestoringVelocity:
+                       floor: float = 0.02, initial_rate: float = 0.1,
+                       correction: str = "projection") -> RestoringVelocity:
     """The velocity of ``smiles``'s conformers on its sample space (module docstring; the arguments as
-    :class:`tfft.restoring.RestoringVelocity`)."""
+    :class:`tfft.restoring.RestoringVelocity`). ``correction``: 'projection' (a learnt fraction of a Gauss-Newton
+    step onto the rest lengths, :class:`tfft.projection.ProjectingVelocity`) or 'force' (a learnt step along the
+    harmonic restoring force, bounded by its stiffest mode)."""
+    if correction not in _CORRECTIONS:
+        raise ValueError(f"model.kwargs.correction must be one of {sorted(_CORRECTIONS)}, got {correction!r}")
     reference = reference_structure(smiles)
     if not has_mmff_parameters(smiles):
         raise ValueError(f"MMFF94 has no parameters for {smiles!r}: the restoring forces take their rest lengths "
@@ -54,7 +61,7 @@ def conformer_velocity(smiles: str, scale: float, hidden: int = 256, depth: int 
     minimised = relax(reference[None].astype(np.float64), smiles, _MINIMISE_STEPS)[0]
     pairs, kinds = restoring_pairs(smiles)
     rest = np.linalg.norm(minimised[pairs[:, 0]] - minimised[pairs[:, 1]], axis=-1)
-    return RestoringVelocity(
+    return _CORRECTIONS[correction](
         torch.tensor(np.array(reference).reshape(-1), dtype=torch.float32), torch.as_tensor(pairs),
         torch.as_tensor(rest, dtype=torch.float32), torch.ones(len(pairs)), torch.as_tensor(kinds),
         scale=float(scale), hidden=hidden, depth=depth, time_features=time_features, floor=floor,

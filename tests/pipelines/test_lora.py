@@ -298,3 +298,17 @@ def test_fresh_adapters_do_not_depend_on_the_global_random_state():
     a = {n: p for n, p in first.velocity.named_parameters() if "lora_A" in n}
     b = {n: p for n, p in second.velocity.named_parameters() if "lora_A" in n}
     assert a and all(torch.equal(a[n], b[n]) for n in a) and any(bool(p.abs().sum() > 0) for p in a.values())
+
+
+def test_a_factory_that_cannot_build_on_the_meta_device_is_checked_on_the_cpu():
+    """conformer_velocity computes its rates' bound with .item(): the check builds it for real and accepts its
+    rate head as a target; a factory that fails for real still names model.target."""
+    from pipelines.lora import check_lora
+
+    model = {"dim": 27, "target": "rewards.molecule.model:conformer_velocity", "sample_shape": [27],
+             "kwargs": {"smiles": "CCO", "scale": 0.3, "hidden": 8, "depth": 1}}
+    lora = dataclasses.replace(load_config(None, ["finetune.lora.enabled=true"]).finetune.lora,
+                               rank=2, target_modules=["rate_head"])
+    check_lora(lora, model)
+    with pytest.raises(ConfigError, match="model.target"):
+        check_lora(lora, {**model, "kwargs": {**model["kwargs"], "correction": "spring"}})
