@@ -1,11 +1,16 @@
-"""The conformer model with a learnt restoring force, for ``model.target`` (README "Molecules").
+"""The conformer model with a learnt correction onto the rest lengths, for ``model.target`` (README "Molecules").
 
-``conformer_velocity(smiles, scale, ...)`` returns a :class:`tfft.restoring.RestoringVelocity` on the molecule's
-sample space (displacements from :func:`rewards.molecule.conformers.reference_structure` in ``scale`` Å units):
-the plain MLP plus two learnt time-dependent rates along the restoring forces of
+``conformer_velocity(smiles, scale, ...)`` returns, on the molecule's sample space (displacements from
+:func:`rewards.molecule.conformers.reference_structure` in ``scale`` Å units), the plain MLP plus a correction
+towards the rest lengths of
 
 - the bonds (kind 0), rest lengths those of the MMFF94-minimised reference structure;
-- the 1-3 pairs (kind 1: two atoms bonded to a common one), which hold the bond angles.
+- the 1-3 pairs (kind 1: two atoms bonded to a common one), which hold the bond angles;
+
+each kind with its own learnt time-dependent rate. ``correction='projection'`` (default,
+:class:`tfft.projection.ProjectingVelocity`): a fraction of the Gauss-Newton step that puts every pair at its rest
+length; ``'force'`` (:class:`tfft.restoring.RestoringVelocity`): a step along the harmonic restoring force, whose
+size the stiffest mode bounds.
 
 Nothing else is molecule-specific: the pairs come from the SMILES's graph and the rest lengths from RDKit, so any
 molecule that MMFF94 parameterises works by ``task.smiles`` alone.

@@ -99,3 +99,23 @@ def test_a_non_positive_damping_names_itself() -> None:
     reference, pairs, rest, kinds = _chain()
     with pytest.raises(ValueError, match="damping"):
         ProjectingVelocity(reference, pairs, rest, torch.ones(5), kinds, scale=SCALE, damping=0.0)
+
+
+def test_the_sparse_projection_step_equals_the_dense_gauss_newton_step() -> None:
+    """What the model runs (no dense Jacobian) against the reference form, on a chain and on a star whose four
+    bonds and six 1-3 pairs about one centre are redundant (J J^T singular without the damping)."""
+    from tfft.projection import projection_step, shared_atom_pairs
+
+    star = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [-0.4, 0.9, 0.1], [-0.3, -0.5, 0.8], [-0.2, -0.4, -0.9]])
+    bonds = [[0, 1], [0, 2], [0, 3], [0, 4]]
+    angles = [[a, b] for a in range(1, 5) for b in range(a + 1, 5)]
+    cases = [_chain()[:3], (star.reshape(-1), torch.tensor(bonds + angles), torch.tensor([1.1] * 4 + [1.8] * 6))]
+    for reference, pairs, rest in cases:
+        dim = reference.numel()
+        z = 0.3 * torch.randn(6, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        fraction = torch.rand(6, len(pairs), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        errors, jac = pair_jacobian(z, reference.double(), pairs, rest.double(), SCALE)
+        dense = gauss_newton_step(errors, jac, fraction, damping=1e-2)
+        sparse = projection_step(z, reference.double(), pairs, rest.double(), SCALE, fraction,
+                                 shared_atom_pairs(pairs), damping=1e-2)
+        torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-11)
