@@ -98,7 +98,13 @@ def projection_step(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, s
     gram = torch.diag_embed(z.new_full((n, n_pairs), 2.0 + damping))
     gram = gram.index_put((torch.arange(n, device=z.device)[:, None], p_idx[None], q_idx[None]),
                           sign.to(z.dtype) * (unit[:, p_idx] * unit[:, q_idx]).sum(-1))
-    y = torch.cholesky_solve((fraction * errors)[..., None], torch.linalg.cholesky(gram)).squeeze(-1)
+    # a row with a non-finite structure (a diverged sample) gets a NaN step instead of stopping the batch: the
+    # sample stays non-finite and its reward marks it invalid; no host synchronisation
+    failed = torch.linalg.cholesky_ex(torch.nan_to_num(gram))
+    bad = (failed.info != 0) | ~torch.isfinite(gram).flatten(1).all(dim=1)
+    chol = torch.where(bad[:, None, None], torch.eye(n_pairs, dtype=z.dtype, device=z.device), failed.L)
+    y = torch.cholesky_solve((fraction * errors)[..., None], chol).squeeze(-1)
+    y = torch.where(bad[:, None], torch.full_like(y, float("nan")), y)
     push = y[..., None] * unit  # J^T y: +y_p u_p at atom i, -y_p u_p at atom j
     step = z.new_zeros(n, atoms, 3).index_add(1, pairs[:, 1], push).index_add(1, pairs[:, 0], -push)
     return step.view(n, dim)

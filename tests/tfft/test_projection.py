@@ -119,3 +119,18 @@ def test_the_sparse_projection_step_equals_the_dense_gauss_newton_step() -> None
         sparse = projection_step(z, reference.double(), pairs, rest.double(), SCALE, fraction,
                                  shared_atom_pairs(pairs), damping=1e-2)
         torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-11)
+
+
+def test_a_diverged_row_gets_a_nan_step_and_leaves_the_others_alone() -> None:
+    """A non-finite structure in a batch (a diverged sample) must not stop the sampler: its row is NaN, the rest
+    are what they are alone."""
+    reference, pairs, rest, kinds = _chain()
+    model = ProjectingVelocity(reference, pairs, rest, torch.ones(5), kinds, scale=SCALE, hidden=8, depth=1)
+    z, t = torch.randn(4, 12, generator=torch.Generator().manual_seed(6)), torch.rand(4)
+    alone = model.correction(z, t)
+    z_bad = z.clone()
+    z_bad[1, 0] = float("inf")
+    z_bad[2, 3] = float("nan")
+    out = model.correction(z_bad, t)
+    assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
+    torch.testing.assert_close(out[[0, 3]], alone[[0, 3]])
