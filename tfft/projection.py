@@ -38,17 +38,21 @@ def pair_jacobian(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, sca
     """Pair errors and their Jacobian: z (n, 3N), reference (3N,) Å, pairs (P, 2), rest (P,) Å ->
     e (n, P) = (|x_i - x_j| - d0) / scale and J (n, P, 3N) = d e / d z (module docstring)."""
     n, dim = z.shape
-    atoms = dim // 3
-    x = (reference + scale * z).view(n, atoms, 3)
-    delta = x[:, pairs[:, 0]] - x[:, pairs[:, 1]]  # (n, P, 3)
-    length = delta.norm(dim=-1).clamp_min(1e-6)
-    unit = delta / length[..., None]
+    errors, unit = _pair_geometry(z, reference, pairs, rest, scale)
     n_pairs = pairs.shape[0]
     rows = torch.arange(n_pairs, device=z.device)
-    jac = z.new_zeros(n, n_pairs, atoms, 3)
+    jac = z.new_zeros(n, n_pairs, dim // 3, 3)
     jac[:, rows, pairs[:, 0]] = unit
     jac[:, rows, pairs[:, 1]] = -unit
-    return (length - rest) / scale, jac.view(n, n_pairs, dim)
+    return errors, jac.view(n, n_pairs, dim)
+
+
+def _pair_geometry(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """errors e (n, P) = (|x_i - x_j| - d0) / scale and unit vectors u (n, P, 3) from j to i, x = x_ref + scale z."""
+    x = (reference + scale * z).view(z.shape[0], -1, 3)
+    delta = x[:, pairs[:, 0]] - x[:, pairs[:, 1]]  # (n, P, 3)
+    length = delta.norm(dim=-1).clamp_min(1e-6)
+    return (length - rest) / scale, delta / length[..., None]
 
 
 def gauss_newton_step(errors: Tensor, jac: Tensor, fraction: Tensor, damping: float = 1e-2) -> Tensor:
@@ -87,12 +91,7 @@ def projection_step(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, s
     delta (n, 3N); the same numbers as the dense form (``tests/tfft/test_projection.py``) at a fraction of its
     cost (a 22-atom molecule: no (n, P, 3N) Jacobian)."""
     n, dim = z.shape
-    atoms = dim // 3
-    x = (reference + scale * z).view(n, atoms, 3)
-    delta = x[:, pairs[:, 0]] - x[:, pairs[:, 1]]  # (n, P, 3)
-    length = delta.norm(dim=-1).clamp_min(1e-6)
-    unit = delta / length[..., None]
-    errors = (length - rest) / scale
+    errors, unit = _pair_geometry(z, reference, pairs, rest, scale)
     p_idx, q_idx, sign = shared
     n_pairs = pairs.shape[0]
     gram = torch.diag_embed(z.new_full((n, n_pairs), 2.0 + damping))
@@ -106,7 +105,7 @@ def projection_step(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, s
     y = torch.cholesky_solve((fraction * errors)[..., None], chol).squeeze(-1)
     y = torch.where(bad[:, None], torch.full_like(y, float("nan")), y)
     push = y[..., None] * unit  # J^T y: +y_p u_p at atom i, -y_p u_p at atom j
-    step = z.new_zeros(n, atoms, 3).index_add(1, pairs[:, 1], push).index_add(1, pairs[:, 0], -push)
+    step = z.new_zeros(n, dim // 3, 3).index_add(1, pairs[:, 1], push).index_add(1, pairs[:, 0], -push)
     return step.view(n, dim)
 
 
