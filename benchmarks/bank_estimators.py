@@ -24,6 +24,7 @@ Both models and the base are evaluated on the same fresh noise (common random nu
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from typing import Any, Callable
 
@@ -83,8 +84,6 @@ def _fit(base: Any, bank: dict[str, Any], tilt: dict[str, Any], loss_of: Callabl
          steps: int, lr: float, seed: int) -> Any:
     """A copy of the base fitted by sum share * ``loss_of(u, rows, k, h)`` on stratified batches of 256 (cosine
     lr); ``loss_of`` returns each row's term, its tilt rho included."""
-    import copy
-
     from tfft.sampling import sigma, velocity_gain
 
     model = copy.deepcopy(base).train()

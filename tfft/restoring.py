@@ -36,7 +36,16 @@ from torch import Tensor, nn
 
 from tfft.model import VelocityMLP, _expand_time
 
-__all__ = ["pair_forces", "laplacian_bound", "RestoringVelocity"]
+__all__ = ["pair_geometry", "pair_forces", "laplacian_bound", "RestoringVelocity"]
+
+
+def pair_geometry(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The pairs' errors e (n, P) = (|x_i - x_j| - d0) / scale and unit vectors u (n, P, 3) from j to i, for
+    z (n, 3N), x = x_ref + scale z (Å), reference (3N,), pairs (P, 2), rest (P,) Å."""
+    x = (reference + scale * z).view(z.shape[0], -1, 3)
+    delta = x[:, pairs[:, 0]] - x[:, pairs[:, 1]]  # (n, P, 3)
+    length = delta.norm(dim=-1).clamp_min(1e-6)
+    return (length - rest) / scale, delta / length[..., None]
 
 
 def pair_forces(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, weights: Tensor, kinds: Tensor,
@@ -45,10 +54,8 @@ def pair_forces(z: Tensor, reference: Tensor, pairs: Tensor, rest: Tensor, weigh
     kinds (P,) long in [0, n_kinds) -> (n_kinds, n, 3N) (module docstring)."""
     n = z.shape[0]
     atoms = reference.numel() // 3
-    x = (reference + scale * z).view(n, atoms, 3)
-    delta = x[:, pairs[:, 0]] - x[:, pairs[:, 1]]  # (n, P, 3)
-    length = delta.norm(dim=-1).clamp_min(1e-6)  # (n, P)
-    push = (weights * (length - rest) / scale / length)[..., None] * delta  # w e u: (n, P, 3)
+    errors, unit = pair_geometry(z, reference, pairs, rest, scale)
+    push = (weights * errors)[..., None] * unit  # w e u: (n, P, 3)
     # each pair pushes its two atoms in the rows of its kind: slot k * atoms + atom of an (n, K * atoms, 3) buffer
     forces = z.new_zeros(n, n_kinds * atoms, 3)
     forces = forces.index_add(1, kinds * atoms + pairs[:, 0], -push).index_add(1, kinds * atoms + pairs[:, 1], push)
@@ -107,10 +114,14 @@ class RestoringVelocity(nn.Module):
         nn.init.zeros_(self.rate_head.weight)
         nn.init.constant_(self.rate_head.bias, float(torch.logit(torch.tensor(initial_rate))))
 
-    def rates(self, t: Tensor) -> Tensor:
-        """c_k(t): t (n,) -> (n, K)."""
+    def fractions(self, t: Tensor) -> Tensor:
+        """beta_k(t) / (1 - t + floor): t (n,) -> (n, K), the rates before the force's step size."""
         beta = torch.sigmoid(self.rate_head(self.mlp.time_embedding(t)))
-        return beta * (self.step_size / (1.0 - t + self.floor))[:, None]
+        return beta / (1.0 - t + self.floor)[:, None]
+
+    def rates(self, t: Tensor) -> Tensor:
+        """c_k(t) = step_size beta_k(t) / (1 - t + floor): t (n,) -> (n, K)."""
+        return self.step_size * self.fractions(t)
 
     def forward(self, z: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
         """z (n, 3N), t scalar or (n,) -> (n, 3N)."""
