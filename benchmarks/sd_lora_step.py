@@ -25,11 +25,13 @@ VJPs are checkpointed too), the loss evaluated and backpropagated ``--loss-chunk
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +133,37 @@ def time_forward(model: nn.Module, batch: int, device: str, repeats: int) -> tup
     return out[0], out[1]
 
 
-def time_steps(lora: Any, batch: int, steps: int, device: str, n_early: int, loss_chunk: int) -> dict[str, Any]:
-    """Median ms per fine-tuning step (solver step, backward, AdamW) and peak CUDA memory at this batch."""
+@dataclass(frozen=True)
+class Setting:
+    """One measured configuration: the batch and the memory options (``finetune`` keys in brackets)."""
+
+    batch: int
+    loss_chunk: int  # finetune.loss_chunk
+    adjoint_chunk: int  # finetune.adjoint_chunk
+    checkpoint_adjoint: bool  # finetune.checkpoint_adjoint (with gradient checkpointing on)
+    channels_last: bool  # the UNet's convolutions in channels-last memory format
+    checkpointing: bool = True  # finetune.gradient_checkpointing
+
+    def label(self) -> str:
+        parts = [f"loss chunk {self.loss_chunk or 'off'}"]
+        if not self.checkpointing:
+            parts.append("no checkpointing")
+        else:
+            parts.append("adjoint checkpointed" if self.checkpoint_adjoint else "adjoint not checkpointed")
+        parts.append(f"adjoint chunk {self.adjoint_chunk or 'off'}")
+        if self.channels_last:
+            parts.append("channels-last")
+        return ", ".join(parts)
+
+
+def time_steps(lora: Any, setting: Setting, steps: int, device: str, n_early: int) -> dict[str, Any]:
+    """Median ms per fine-tuning step (solver step, backward, AdamW) and peak CUDA memory for one setting."""
     from tfft.solvers import AdjointMatchingConfig, AdjointMatchingSolver
 
-    model, base = lora.velocity, lora.base
-    config = AdjointMatchingConfig(kl_weight=1.0, steps=K, n_early=n_early, loss_chunk=loss_chunk)
+    model, base, batch = lora.velocity, lora.base, setting.batch
+    base.checkpoint = setting.checkpoint_adjoint
+    config = AdjointMatchingConfig(kl_weight=1.0, steps=K, n_early=n_early, loss_chunk=setting.loss_chunk,
+                                   adjoint_chunk=setting.adjoint_chunk)
     solver = AdjointMatchingSolver(model, base, stand_in_reward, config)
     optimiser = torch.optim.AdamW(lora.trainable(), lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -173,6 +200,19 @@ def time_steps(lora: Any, batch: int, steps: int, device: str, n_early: int, los
     }
 
 
+def settings_of(args: argparse.Namespace, batches: list[int]) -> list[Setting]:
+    """The settings to measure: the command line's at each batch; with ``--variants`` also the adjoint's
+    activations kept (in chunks of half the batch), that with channels-last convolutions, and no checkpointing
+    at all with the loss one chosen step at a time."""
+    one = [Setting(b, args.loss_chunk, args.adjoint_chunk, not args.no_checkpoint_adjoint, args.channels_last,
+                   not args.no_checkpointing) for b in batches]
+    if not args.variants:
+        return one
+    kept = [Setting(b, args.loss_chunk, max(1, b // 2), False, False) for b in batches]
+    fastest = [Setting(b, 1, max(1, b // 2), False, True, checkpointing=False) for b in batches]
+    return one + kept + [dataclasses.replace(s, channels_last=True) for s in kept] + fastest
+
+
 def write(rows: list[dict[str, Any]], device_name: str, trainable: int, args: argparse.Namespace, path: Path) -> None:
     lines = [
         f"# SD-1.5-sized LoRA fine-tuning step (adjoint matching) on {device_name}",
@@ -181,22 +221,25 @@ def write(rows: list[dict[str, Any]], device_name: str, trainable: int, args: ar
         f"{', '.join(LORA_TARGETS)} ({trainable:,} trainable parameters); bf16 autocast; K = {K} SDE steps, loss on "
         f"the last 25% of steps plus {args.n_early} early ones; expected-reward objective on a stand-in latent "
         f"reward (every trajectory carries an adjoint); AdamW step included; median over {args.steps} steps after "
-        "2 warm-up steps. Written by `python -m benchmarks.sd_lora_step`.",
+        "2 warm-up steps. Written by `python -m benchmarks.sd_lora_step"
+        + (" --variants`" if args.variants else "`") + ", all rows in one process.",
         "",
-        f"Gradient checkpointing of the UNet: {'off' if args.no_checkpointing else 'on'}; loss chunk: "
-        f"{args.loss_chunk or 'off (all chosen steps at once)'}; UNet weights: "
-        f"{args.weights if torch.cuda.is_available() else 'float32 (tiny pipeline)'}. 'forward ms' is one plain "
-        "no-grad forward of the velocity at the batch (CFG off), 'step / forward' the step time in such forwards "
-        "(the step itself makes K sampler forwards, the adjoint's VJPs and the loss's forwards and backwards).",
+        f"Gradient checkpointing of the UNet's blocks: on unless a row says otherwise; UNet weights: "
+        f"{args.weights if torch.cuda.is_available() else 'float32 (tiny pipeline)'}. 'adjoint (not) checkpointed': "
+        "whether the lean adjoint's vector-Jacobian products (the base, adapters off) recompute each block "
+        "(`finetune.checkpoint_adjoint`); 'adjoint chunk': trajectories per product (`finetune.adjoint_chunk`); "
+        "'loss chunk': chosen steps per loss backward (`finetune.loss_chunk`). 'forward ms' is one plain no-grad "
+        "forward of the velocity at the batch (CFG off), 'step / forward' the step time in such forwards (the step "
+        "itself makes K sampler forwards, the adjoint's VJPs and the loss's forwards and backwards).",
         "",
-        "| batch | ms/step | peak memory (GiB) | forward ms | forward+backward ms | step / forward | loops |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | setting | ms/step | peak memory (GiB) | forward ms | forward+backward ms | step / forward | loops |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['batch']} | {row['error']} | | | | | |")
+            lines.append(f"| {row['batch']} | {row['setting']} | {row['error']} | | | | | |")
         else:
-            lines.append(f"| {row['batch']} | {row['ms_per_step']:,.0f} | {row['peak_gib']:.1f} | "
+            lines.append(f"| {row['batch']} | {row['setting']} | {row['ms_per_step']:,.0f} | {row['peak_gib']:.1f} | "
                          f"{row['forward_ms']:,.1f} | {row['forward_backward_ms']:,.1f} | "
                          f"{row['step_over_forward']:.0f} | {row['graphs']} |")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 8 16 on CUDA, 2 on the CPU")
     parser.add_argument("--n-early", type=int, default=3, help="random early steps in the loss")
     parser.add_argument("--loss-chunk", type=int, default=2, help="chosen steps per loss backward (0: all at once)")
+    parser.add_argument("--adjoint-chunk", type=int, default=0, help="trajectories per adjoint VJP (0: all at once)")
+    parser.add_argument("--no-checkpoint-adjoint", action="store_true",
+                        help="the adjoint's VJPs keep their activations (the loss stays checkpointed)")
+    parser.add_argument("--channels-last", action="store_true", help="the UNet in channels-last memory format")
+    parser.add_argument("--variants", action="store_true",
+                        help="also: the adjoint not checkpointed, in chunks of half the batch; and with channels-last")
     parser.add_argument("--weights", choices=["bfloat16", "float32"], default="bfloat16",
                         help="dtype of the UNet's frozen weights on CUDA (the LoRA weights stay float32)")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation (no recompute)")
@@ -231,19 +280,23 @@ def main(argv: list[str] | None = None) -> None:
         lora = lora_model(flow)
         trainable = sum(p.numel() for p in lora.trainable())
         unet.to(device)
-        if not args.no_checkpointing:
-            enable_checkpointing(lora.velocity)
         rows = []
-        for batch in batches:
+        for setting in settings_of(args, batches):
+            if setting.checkpointing:
+                enable_checkpointing(lora.velocity)
+            else:
+                unet.disable_gradient_checkpointing()
+            unet.to(memory_format=torch.channels_last if setting.channels_last else torch.contiguous_format)
             try:
-                row = time_steps(lora, batch, args.steps, device, args.n_early, args.loss_chunk)
+                row = time_steps(lora, setting, args.steps, device, args.n_early)
             except torch.cuda.OutOfMemoryError:
-                row = {"batch": batch, "error": "out of memory"}
-            except Exception as error:  # noqa: BLE001 - record it and go on with the next batch
-                row = {"batch": batch, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+                row = {"batch": setting.batch, "error": "out of memory"}
+            except Exception as error:  # noqa: BLE001 - record it and go on with the next setting
+                row = {"batch": setting.batch, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+            row["setting"] = setting.label()
             if cuda:
                 torch.cuda.empty_cache()
-            print(f"[sd_lora_step] {device} batch {batch}: {row}", flush=True)
+            print(f"[sd_lora_step] {device} {row}", flush=True)
             rows.append(row)
     if cuda:
         path = Path(args.out) if args.out else RESULTS / "sd_lora_step.md"

@@ -35,6 +35,11 @@ class AdapterOffVelocity(nn.Module):
     Args:
         velocity: the flat LoRA velocity v(x (n, d), t (n,)) -> (n, d) (not a DDP wrapper).
         peft_model: the ``PeftModel`` inside it whose adapters are switched off.
+
+    Attributes:
+        checkpoint: whether blocks checkpointed by `enable_checkpointing` stay checkpointed in the base's call
+            (``finetune.checkpoint_adjoint``): True, the lean adjoint's vector-Jacobian products recompute each
+            block (least memory); False, they keep their activations (one forward pass less per adjoint step).
     """
 
     def __init__(self, velocity: nn.Module, peft_model: nn.Module) -> None:
@@ -42,14 +47,15 @@ class AdapterOffVelocity(nn.Module):
         object.__setattr__(self, "_velocity", velocity)
         object.__setattr__(self, "_peft", peft_model)
         object.__setattr__(self, "_checkpointable", None)
+        self.checkpoint = True
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
         """x (n, d), t scalar or (n,), cond (n,) condition indices or None -> the base velocity (n, d), in eval
         mode like a separate frozen base."""
         velocity = self._velocity
         training = velocity.training
-        suspended = [m for m in self._checkpointed_blocks() if m.gradient_checkpointing
-                     and getattr(m, "_gradient_checkpointing_func", None) is not adapter_aware_checkpoint]
+        suspended = [m for m in self._checkpointed_blocks() if m.gradient_checkpointing and (
+            not self.checkpoint or getattr(m, "_gradient_checkpointing_func", None) is not adapter_aware_checkpoint)]
         if training:
             velocity.eval()
         for module in suspended:

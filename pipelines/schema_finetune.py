@@ -60,8 +60,11 @@ class FinetuneConfig:
     float32) | high (TF32 matmuls on GPUs that have them; ``benchmarks/results/step_speed_cuda_tf32.md``).
     Memory of large models (adjoint solver): ``loss_chunk`` evaluates and backpropagates the loss this many
     chosen time steps at a time (same gradient; 0: all at once); ``gradient_checkpointing`` recomputes the
-    network's activations in the backward pass (modules that support it: diffusers and transformers models; the
-    base velocity with LoRA adapters off is never checkpointed, ``pipelines.lora.AdapterOffVelocity``).
+    network's activations in the backward pass (modules that support it: diffusers models); with LoRA,
+    ``checkpoint_adjoint`` says whether the base's calls (the lean adjoint's vector-Jacobian products, adapters
+    off: ``pipelines.lora.AdapterOffVelocity``) are checkpointed too (least memory) or keep their activations (one
+    forward pass less per adjoint step); ``adjoint_chunk`` runs those products this many trajectories at a time
+    (same numbers, the activations of fewer rows alive; 0: all at once).
     ``reweight`` (adjoint solver): weight each path's regression by exp(g / gamma) times the path likelihood ratio
     of base to model (self-normalised per batch), so that the target is the optimal control from the first step;
     on a right tail the plain on-policy regression overshoots and oscillates (``benchmarks/results/
@@ -103,7 +106,9 @@ class FinetuneConfig:
     oversample: int = 1
     fast_path: bool = True
     loss_chunk: int = 0
+    adjoint_chunk: int = 0
     gradient_checkpointing: bool = False
+    checkpoint_adjoint: bool = True
     autocast: Literal["none", "bfloat16"] = "none"
     reweight: bool = False
     matmul_precision: Literal["highest", "high"] = "highest"

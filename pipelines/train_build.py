@@ -35,6 +35,7 @@ def build_models(job: FinetuneJob, device: Any) -> tuple[Any, Any, Any]:
         lora = build_lora_model(job.model_config, job.base_state, job.lora, adapter=job.init_adapter)
         if checkpointing:
             enable_checkpointing(lora.velocity)
+            lora.base.checkpoint = job.settings.checkpoint_adjoint
         return lora.velocity.to(device), lora.base, lora
     from pipelines.models import build_model
 
@@ -60,7 +61,7 @@ def build_solver(job: FinetuneJob, model: torch.nn.Module, base: torch.nn.Module
     am = AdjointMatchingConfig(
         kl_weight=job.tilt.kl_weight, steps=job.sde_steps, late_fraction=ft.late_fraction, n_early=ft.n_early,
         normalize=ft.normalize, clip_quantile=ft.clip_quantile, clip_factor=ft.clip_factor, oversample=ft.oversample,
-        fast=ft.fast_path, loss_chunk=ft.loss_chunk,
+        fast=ft.fast_path, loss_chunk=ft.loss_chunk, adjoint_chunk=ft.adjoint_chunk,
         autocast=None if ft.autocast == "none" else getattr(torch, ft.autocast), reweight=ft.reweight,
     )
     adjoint = AdjointMatchingSolver(model, base, pseudo_reward_fn(job), am)

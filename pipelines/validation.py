@@ -88,6 +88,8 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _require(ft.oversample >= 1, "finetune.oversample", f"must be >= 1, got {ft.oversample}")
     _require(ft.loss_chunk >= 0, "finetune.loss_chunk", f"must be >= 0 (0: one loss over every chosen step), "
              f"got {ft.loss_chunk}")
+    _require(ft.adjoint_chunk >= 0, "finetune.adjoint_chunk", f"must be >= 0 (0: every trajectory at once), "
+             f"got {ft.adjoint_chunk}")
     _require(0 <= ft.guard_validity_drop <= 1, "finetune.guard_validity_drop",
              f"must be in [0, 1], got {ft.guard_validity_drop}")
     _require(ft.guard_patience >= 0, "finetune.guard_patience", f"must be >= 0 (0: never), got {ft.guard_patience}")

@@ -36,7 +36,7 @@ class Adjoint:
     base_velocities: Tensor
 
 
-def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tensor) -> Adjoint:
+def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tensor, *, chunk: int = 0) -> Adjoint:
     """Exact discrete adjoint of the sampler's recursion with the base drift (DESIGN.md section 6).
 
         a_K = terminal,   a_k = a_{k+1} + h_K VJP_x[b_base(X_k, t_k)](a_{k+1}),   k = K - 1, ..., 0,
@@ -50,6 +50,8 @@ def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tenso
         base_velocity: the pretrained v_base(x (n, d), t (n,)) -> (n, d).
         traj: trajectory with xs (K + 1, n, d), ts (K + 1,), step h and offset.
         terminal: a_K, (n, d); the caller passes -grad g(X_K) / gamma.
+        chunk: rows per vector-Jacobian product (0: all n at once). The same numbers; a large network keeps the
+            activations of ``chunk`` rows alive instead of n.
 
     Returns:
         `Adjoint` with states (K + 1, n, d) and base velocities (K, n, d).
@@ -62,15 +64,21 @@ def lean_adjoint(base_velocity: VelocityField, traj: Trajectory, terminal: Tenso
     states = torch.empty_like(xs)
     base_velocities = torch.empty((steps, *xs.shape[1:]), device=xs.device, dtype=xs.dtype)
     states[steps] = terminal.detach().to(dtype=xs.dtype)
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0, got {chunk}")
+    blocks = [slice(i, min(n, i + chunk)) for i in range(0, n, chunk)] if 0 < chunk < n else [slice(0, n)]
     for k in range(steps - 1, -1, -1):
         # b = lambda v - kappa x, so a_k = (1 - h kappa) a_{k+1} + h lambda J_v^T a_{k+1} = c_x a + c_v J_v^T a
-        a = states[k + 1]
-        with torch.enable_grad():
-            x = xs[k].detach().requires_grad_(True)
-            v_base = call_velocity(base_velocity, x, traj.ts[k].expand(n), traj.cond)
-            (vjp,) = torch.autograd.grad(v_base, x, grad_outputs=a)
-        torch.mul(a, c_x[k], out=states[k]).add_(vjp, alpha=c_v[k])
-        base_velocities[k] = v_base.detach()
+        for rows in blocks:
+            a = states[k + 1, rows]
+            with torch.enable_grad():
+                x = xs[k, rows].detach().requires_grad_(True)
+                cond = None if traj.cond is None else traj.cond[rows]
+                v_base = call_velocity(base_velocity, x, traj.ts[k].expand(x.shape[0]), cond)
+                (vjp,) = torch.autograd.grad(v_base, x, grad_outputs=a)
+            torch.mul(a, c_x[k], out=states[k, rows]).add_(vjp, alpha=c_v[k])
+            base_velocities[k, rows] = v_base.detach()
+            del v_base, vjp, x  # a chunk's activations go before the next chunk's
     return Adjoint(states=states, base_velocities=base_velocities)
 
 

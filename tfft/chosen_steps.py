@@ -39,7 +39,7 @@ def adjoint_at_steps(
     """
     m, (n, d) = indices.numel(), terminal.shape
     if not fast:
-        adjoint = lean_adjoint(loops.base, sub, terminal)
+        adjoint = lean_adjoint(loops.base, sub, terminal, chunk=loops.adjoint_chunk)
         return adjoint.states[indices + 1], adjoint.base_velocities[indices]
     moving = (terminal != 0).any(dim=1)
     rows = torch.nonzero(moving).flatten()

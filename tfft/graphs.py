@@ -21,6 +21,7 @@ Rules the captures rely on (all kept by the solver):
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -50,17 +51,35 @@ def bucket_rows(rows: int, capacity: int, buckets: int = 8) -> int:
     return min(capacity, -(-rows // quantum) * quantum)
 
 
+def _uncached_autocast() -> Any:
+    """The caller's CUDA autocast state with autocast's weight cache off, for a warm-up and a capture.
+
+    Inside one autocast region, autocast casts a trainable weight to the low dtype once and reuses that copy.
+    A copy made in the warm-up would be read by the captured graph at its address (the cast itself is not
+    captured): the replays would use the weights of the capture, not the optimiser's updates, and read freed
+    memory once the region ends and clears its cache. Without the cache the cast kernels are part of the graph.
+    (A model that opens its own autocast region turns the cache back on inside it: `_capture` also clears the
+    cache between the warm-up and the capture.)
+    """
+    if not torch.is_autocast_enabled("cuda"):
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
 def _capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Warm `fn` up on a side stream (allocator and library handles), then capture it; returns (graph, output)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    with _uncached_autocast():
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.clear_autocast_cache()  # a model's own nested autocast region may have cached a warm-up cast
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        torch.clear_autocast_cache()  # copies made in the capture live in the graph's memory: not for eager code
     return graph, out
 
 
@@ -113,11 +132,12 @@ class GraphedAdjoint:
         rows, d: the captured batch shape (a bucket from `bucket_rows`).
         steps, offset: K and the SDE's offset of the trajectories it will receive.
         device, dtype: where the capture runs (a CUDA device).
+        chunk: rows per vector-Jacobian product (`lean_adjoint`'s ``chunk``; 0: all rows at once).
     """
 
     def __init__(
         self, base: VelocityField, rows: int, d: int, steps: int, *, offset: float,
-        device: torch.device | str = "cuda", dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cuda", dtype: torch.dtype = torch.float32, chunk: int = 0,
     ) -> None:
         if not graphs_available(device):
             raise ValueError(f"CUDA graphs need a CUDA device, got {device!r}")
@@ -128,7 +148,7 @@ class GraphedAdjoint:
         self.trajectory = Trajectory(
             xs=self.xs, ts=time_grid(steps, device=device, dtype=dtype), h=1.0 / steps, offset=offset
         )
-        self.graph, self.adjoint = _capture(lambda: lean_adjoint(base, self.trajectory, self.terminal))
+        self.graph, self.adjoint = _capture(lambda: lean_adjoint(base, self.trajectory, self.terminal, chunk=chunk))
 
     def __call__(self, xs: Tensor, terminal: Tensor) -> Adjoint:
         """Replay on states xs (K + 1, r, d) and terminal a_K (r, d), r <= rows; returns views of the first r rows."""

@@ -39,12 +39,15 @@ class SolverLoops:
         steps: K, the SDE steps.
         offset: the SDE's offset h (None: 1/K).
         fast: the solver's fast path (`AdjointMatchingConfig.fast`); False: never a CUDA graph.
+        adjoint_chunk: rows per vector-Jacobian product of the adjoint (0: all rows at once).
     """
 
     def __init__(
-        self, model: VelocityField, base: VelocityField, *, steps: int, offset: float | None, fast: bool
+        self, model: VelocityField, base: VelocityField, *, steps: int, offset: float | None, fast: bool,
+        adjoint_chunk: int = 0,
     ) -> None:
         self.model, self.base, self.steps, self.offset, self.fast = model, base, steps, offset, fast
+        self.adjoint_chunk = adjoint_chunk
         self.samplers: dict[tuple[Any, ...], GraphedSampler] = {}
         self.adjoints: dict[tuple[Any, ...], GraphedAdjoint] = {}
         self.graph_error: str | None = None
@@ -89,16 +92,16 @@ class SolverLoops:
         """The lean adjoint of traj (K + 1, n, d) from a_K = terminal (n, d) (`tfft.adjoint.lean_adjoint`);
         capacity: the most rows a call may have (the pool size), which sets the row buckets."""
         if not self.graphs(terminal) or traj.cond is not None:
-            return lean_adjoint(self.base, traj, terminal)
+            return lean_adjoint(self.base, traj, terminal, chunk=self.adjoint_chunk)
         rows = bucket_rows(terminal.shape[0], capacity)
         key = (rows, terminal.shape[1], terminal.dtype, terminal.device)
         try:
             if key not in self.adjoints:
                 self.adjoints[key] = GraphedAdjoint(
                     self.base, rows, terminal.shape[1], self.steps, offset=traj.offset,
-                    device=terminal.device, dtype=terminal.dtype,
+                    device=terminal.device, dtype=terminal.dtype, chunk=self.adjoint_chunk,
                 )
             return self.adjoints[key](traj.xs, terminal)
         except RuntimeError as error:
             self._capture_failed(error)
-            return lean_adjoint(self.base, traj, terminal)
+            return lean_adjoint(self.base, traj, terminal, chunk=self.adjoint_chunk)

@@ -75,6 +75,8 @@ class AdjointMatchingConfig:
             (`tfft.matching.chunked_matching_backward`: same gradient, the activations of ``loss_chunk * n`` rows
             alive at once instead of ``m * n``: the memory of a large model's step). The step then returns a
             backpropagated `StepResult` (call ``result.backward()``, a no-op). 0: one loss over every chosen step.
+        adjoint_chunk: the lean adjoint's vector-Jacobian products this many trajectories at a time (same
+            numbers; the activations of ``adjoint_chunk`` rows alive instead of the batch's). 0: all at once.
         autocast: run every network call (sampler, adjoint VJPs, loss) under ``torch.autocast`` with this dtype
             (e.g. ``torch.bfloat16``; None: full precision). The SDE state, the adjoint and the regression stay in
             the trajectory's dtype. Measured on the closed-form test (`tests/tfft/test_adjoint.py`): see the README.
@@ -99,6 +101,7 @@ class AdjointMatchingConfig:
     oversample: int = 1
     fast: bool = True
     loss_chunk: int = 0
+    adjoint_chunk: int = 0
     autocast: torch.dtype | None = None
     reweight: bool = False
 
@@ -109,6 +112,8 @@ class AdjointMatchingConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
+        if self.adjoint_chunk < 0:
+            raise ValueError(f"adjoint_chunk must be >= 0, got {self.adjoint_chunk}")
         if self.oversample < 1:
             raise ValueError(f"oversample must be >= 1, got {self.oversample}")
 
@@ -167,7 +172,8 @@ class AdjointMatchingSolver:
             config.steps, normalize=config.normalize, clip_quantile=config.clip_quantile,
             clip_factor=config.clip_factor, decay=config.decay,
         )
-        self._loops = SolverLoops(model, base, steps=config.steps, offset=config.offset, fast=config.fast)
+        self._loops = SolverLoops(model, base, steps=config.steps, offset=config.offset, fast=config.fast,
+                                  adjoint_chunk=config.adjoint_chunk)
 
     def step(self, x0: Tensor, generator: torch.Generator | None = None, cond: Tensor | None = None) -> StepResult:
         """One loss on fresh trajectories (`_step`), under autocast when ``config.autocast`` is set."""

@@ -258,7 +258,7 @@ def test_finetune_defaults_are_the_solvers_own():
     config = FinetuneConfig()
     renamed = {"fast_path": "fast"}
     shared = ("late_fraction", "n_early", "normalize", "clip_quantile", "clip_factor", "oversample", "fast_path",
-              "loss_chunk", "reweight")
+              "loss_chunk", "adjoint_chunk", "reweight")
     assert {k: getattr(config, k) for k in shared} == {k: solver[renamed.get(k, k)] for k in shared}
     assert config.autocast == "none" and solver["autocast"] is None
 

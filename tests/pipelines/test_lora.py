@@ -190,6 +190,7 @@ def test_saved_adapter_and_merged_weights_load_back(config, tmp_path):
     (["finetune.lora.target_modules=[proj]", "model.target=user_flow_model:gaussian_flow",
       "model.sample_shape=[2,1]"], "'finetune.lora.target_modules' pattern 'proj' matches no module"),
     (["finetune.loss_chunk=-1"], "'finetune.loss_chunk' must be >= 0"),
+    (["finetune.adjoint_chunk=-1"], "'finetune.adjoint_chunk' must be >= 0"),
     (["finetune.gradient_checkpointing=true"], "'finetune.gradient_checkpointing' needs a model.target"),
 ])
 def test_config_errors_name_the_key(overrides, message):

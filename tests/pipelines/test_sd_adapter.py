@@ -153,13 +153,14 @@ def test_builds_through_the_pipelines_model_config(sd_dir):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("checkpointing", ["adapter-aware", "diffusers"])
-def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir, checkpointing):
+@pytest.mark.parametrize("checkpointing", ["adapter-aware", "adapter-aware, base not", "diffusers"])
+def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir, checkpointing, monkeypatch):
     """benchmarks.sd_lora_step's setting (`pipelines.lora.wrap_lora` on the flow, UNet gradient checkpointing on):
     v_base's values and vector-Jacobian products are the plain UNet's, although checkpointing recomputes the
     forward in the backward pass, after the adapters are back on: `enable_checkpointing`'s blocks recompute with
     the adapters as they were, and diffusers' own checkpointing is suspended for the base's call. One
-    adjoint-matching step trains only the LoRA weights."""
+    adjoint-matching step trains only the LoRA weights. With ``base.checkpoint = False``
+    (``finetune.checkpoint_adjoint: false``) the base's calls keep their activations: no block is checkpointed."""
     pytest.importorskip("peft")
     from benchmarks.sd_lora_step import lora_model, stand_in_reward
     from pipelines.lora import enable_checkpointing
@@ -175,6 +176,12 @@ def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir, checkpointing):
     else:
         assert enable_checkpointing(lora.velocity) == 1  # the UNet (the text encoder is not part of the module)
     model, base = lora.velocity, lora.base
+    base.checkpoint = checkpointing != "adapter-aware, base not"
+    import torch.utils.checkpoint as torch_checkpoint
+
+    calls = []
+    original = torch_checkpoint.checkpoint
+    monkeypatch.setattr(torch_checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
     assert sum(p.numel() for p in lora.trainable()) == sum(
         p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
     x, t = torch.randn(3, 256), torch.rand(3)
@@ -191,6 +198,11 @@ def test_lora_base_is_the_unet_with_adapters_disabled(sd_dir, checkpointing):
         return torch.autograd.grad(velocity(xg, t), xg, cotangent)[0]
 
     torch.testing.assert_close(vjp(base), vjp(plain), rtol=1e-4, atol=1e-5)
+    assert (len(calls) > 0) == (checkpointing == "adapter-aware")  # diffusers' own function is suspended
+    if checkpointing != "diffusers":  # (diffusers calls its own reference to torch's checkpoint)
+        calls.clear()
+        vjp(model)
+        assert calls  # the model's own calls stay checkpointed
     assert not torch.allclose(vjp(model), vjp(plain), atol=1e-3)  # the adapters change the VJP: the check can fail
     assert unet.is_gradient_checkpointing  # (still) on after the base call
     solver = AdjointMatchingSolver(model, base, stand_in_reward, AdjointMatchingConfig(kl_weight=1.0, steps=4, n_early=1))

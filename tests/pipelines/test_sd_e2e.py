@@ -26,7 +26,8 @@ CONFIG = ROOT / "tune_configs/sd_tiny_clip.yaml"
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
 SMALL = ["bank.size=64", "bank.shard_size=64", "eval.size=64", "finetune.steps=4", "finetune.batch_size=8",
          "sampler.steps=8", "finetune.log_every=2", "finetune.checkpoint_every=2", "finetune.backend=local",
-         "finetune.loss_chunk=2", "finetune.gradient_checkpointing=true"]  # the large-model memory options run
+         "finetune.loss_chunk=2", "finetune.gradient_checkpointing=true", "finetune.adjoint_chunk=3",
+         "finetune.checkpoint_adjoint=false"]  # the large-model memory options run
 
 
 @pytest.fixture(scope="module")
