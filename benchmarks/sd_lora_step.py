@@ -3,6 +3,7 @@
     python -m benchmarks.sd_lora_step                 # CUDA: SD1.5-size UNet, batch 8 and 16 -> results/sd_lora_step.md
     python -m benchmarks.sd_lora_step --steps 2       # without CUDA: the tiny random pipeline, 2 steps (smoke check)
     python -m benchmarks.sd_lora_step --write         # ... and write the CPU numbers (results/sd_lora_step_cpu.md)
+    python -m benchmarks.sd_lora_step --variants      # also the faster memory settings (--help), one table
 
 The model is the adapter of ``pipelines.adapters.stable_diffusion`` (``TextToImageFlow``) around a UNet with LoRA
 (peft, rank 16, on the attention projections to_q, to_k, to_v, to_out.0; only the LoRA weights train), under
@@ -298,10 +299,10 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
             print(f"[sd_lora_step] {device} {row}", flush=True)
             rows.append(row)
-    if cuda:
-        path = Path(args.out) if args.out else RESULTS / "sd_lora_step.md"
-        write(rows, torch.cuda.get_device_name(), trainable, args, path)
-    elif args.write:
+            if cuda:  # after every setting: a run stopped at a time limit keeps what it measured
+                write(rows, torch.cuda.get_device_name(), trainable, args,
+                      Path(args.out) if args.out else RESULTS / "sd_lora_step.md")
+    if not cuda and args.write:
         write(rows, f"CPU ({platform.processor() or platform.machine()}), tiny pipeline", trainable, args,
               Path(args.out) if args.out else RESULTS / "sd_lora_step_cpu.md")
 
