@@ -33,11 +33,12 @@ from rewards.molecule.molecule import (
     molecular_graph,
     molecule_with_hydrogens,
 )
-from rewards.molecule.topology import BOND_TOLERANCE, bonded_topology_ok
+from rewards.molecule.topology import BOND_MIN_RATIO, BOND_TOLERANCE, bonded_topology_ok
 from rewards.molecule.xtb import XTBEnergy
 
 __all__ = [
     "ALANINE_DIPEPTIDE",
+    "BOND_MIN_RATIO",
     "BOND_TOLERANCE",
     "MolecularGraph",
     "XTBEnergy",

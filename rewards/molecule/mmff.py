@@ -40,7 +40,7 @@ class MMFFEnergy(Reward):
     """
 
     name = "mmff_energy"
-    version = "1"
+    version = "2"  # 2: collapsed bonds are invalid (rewards.molecule.topology.BOND_MIN_RATIO)
     differentiable = False
 
     def __init__(self, smiles: str = ALANINE_DIPEPTIDE, scale: float | None = None, tolerance: float = BOND_TOLERANCE,

@@ -101,7 +101,7 @@ class XTBEnergy(Reward):
     """
 
     name = "xtb_energy"
-    version = "1"
+    version = "2"  # 2: collapsed bonds are invalid (rewards.molecule.topology.BOND_MIN_RATIO)
     differentiable = True
 
     def __init__(

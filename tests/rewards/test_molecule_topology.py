@@ -7,6 +7,7 @@ import pytest
 
 from rewards.molecule import (
     ALANINE_DIPEPTIDE,
+    BOND_MIN_RATIO,
     BOND_TOLERANCE,
     bonded_topology_ok,
     molecular_graph,
@@ -41,6 +42,7 @@ def test_every_etkdg_structure_passes_and_the_tolerance_sits_in_the_gap(raw_stru
     ratios = distance_ratios(raw_structures, g.covalent_radii)
     off = ~np.eye(g.n_atoms, dtype=bool)
     assert ratios[:, g.adjacency].max() < 1.15 < BOND_TOLERANCE  # bonds: at most ~1.09 observed
+    assert ratios[:, g.adjacency].min() > 0.8 > BOND_MIN_RATIO  # C=O at ~0.87
     # non-bonded: typically >= 1.55; rare ETKDG outliers with squeezed methyl hydrogens reach ~1.43
     assert ratios[:, off & ~g.adjacency].min() > 1.35 > BOND_TOLERANCE
 
@@ -56,6 +58,22 @@ def test_broken_bond_extra_bond_and_nan_fail_without_affecting_the_others(raw_st
     ok = bonded_topology_ok(x, ALANINE_DIPEPTIDE)
     assert ok.tolist() == [False, False, False, True]
     assert bonded_topology_ok(x.reshape(4, -1), ALANINE_DIPEPTIDE).tolist() == ok.tolist()  # flat input
+
+
+def test_a_collapsed_bond_fails(raw_structures):
+    # A hydrogen pulled towards its carbon: valid down to 0.6 of the radii sum (1.07 Å for C-H), not below.
+    g = molecular_graph(ALANINE_DIPEPTIDE)
+    h, c = next((i, j) for i, j in g.bonds if g.numbers[i] == 1 or g.numbers[j] == 1)
+    h, c = (h, c) if g.numbers[h] == 1 else (c, h)
+    x = np.repeat(raw_structures[:1], 3, axis=0)
+    unit = (x[0, h] - x[0, c]) / np.linalg.norm(x[0, h] - x[0, c])
+    radii = g.covalent_radii[h] + g.covalent_radii[c]
+    for k, ratio in enumerate((0.62, 0.55)):
+        x[k, h] = x[k, c] + ratio * radii * unit
+    assert bonded_topology_ok(x, ALANINE_DIPEPTIDE).tolist() == [True, False, True]
+    assert bonded_topology_ok(x, ALANINE_DIPEPTIDE, min_ratio=0.0).tolist() == [True, True, True]
+    with pytest.raises(ValueError, match="min_ratio"):
+        bonded_topology_ok(x, ALANINE_DIPEPTIDE, min_ratio=1.5)
 
 
 def test_wrong_atom_count_is_an_error():
