@@ -2,7 +2,9 @@
 and cached by content.
 
 The cache key is a hash of everything that determines the weights (data source, model and pretraining
-settings, seed), so any later run with the same settings reuses the file instead of training again. A model
+settings, seed, and the source code of the data source and of a user model's factory with the project modules
+they import: `pipelines.source_hash`), so any later run with the same settings and code reuses the file instead
+of training again. A model
 loaded from a checkpoint, or taken as built (``pretrain.steps: 0``), is not cached: nothing was trained.
 With ``data.conditions`` the source is called once per condition (``cond=value``, ``pretrain.n_samples`` each),
 the model is conditional and flow matching passes each sample's condition; the key then includes the list.
@@ -11,7 +13,7 @@ the model is conditional and flow matching passes each sample's condition; the k
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.util
 import io
 import json
 import math
@@ -28,6 +30,7 @@ from pipelines.conditions import conditions_of
 from pipelines.config import ConfigError
 from pipelines.models import build_model, checkpoint_identity, load_checkpoint, model_config
 from pipelines.schema import Config
+from pipelines.source_hash import source_hash
 from pipelines.stage_record import BUILT, REUSED, StageRecord
 from pipelines.storage import Store
 from rewards.base import import_object
@@ -58,6 +61,9 @@ def pretrain_key(cfg: Config) -> str:
         "seed": cfg.seed,
         "torch": torch.__version__.split("+")[0],
     }
+    data_code = _code(cfg.data.source)
+    if data_code:
+        payload["data_code"] = data_code
     if cfg.data.kwargs:  # only when set: caches made before data.kwargs existed keep their key
         payload["data_kwargs"] = dict(cfg.data.kwargs)
     if conditions_of(cfg):  # likewise: unconditional keys are unchanged
@@ -71,7 +77,7 @@ def _model_key(cfg: Config) -> dict[str, Any]:
     model = cfg.model
     key: dict[str, Any] = {"hidden": model.hidden, "depth": model.depth, "time_features": model.time_features}
     if model.target:
-        key = {"target": model.target, "kwargs": dict(model.kwargs), "code": _factory_code(model.target)}
+        key = {"target": model.target, "kwargs": dict(model.kwargs), "code": _code(model.target)}
     if model.sample_shape:
         key["sample_shape"] = list(model.sample_shape)
     if model.checkpoint:
@@ -79,17 +85,21 @@ def _model_key(cfg: Config) -> dict[str, Any]:
     return key
 
 
-def _factory_code(target: str) -> str:
-    """Hash of the source file that defines ``model.target``'s factory: editing the user's model file trains a new
-    base model instead of loading weights made by the old code (modules the factory imports are not covered:
-    change a ``model.kwargs`` value, or delete the cache entry, after editing those)."""
-    try:
-        path = inspect.getsourcefile(import_object(target))
-    except (TypeError, ValueError):  # a builtin, or not importable (validation names the latter)
+def _code(target: str) -> str:
+    """Hash of the source of ``target``'s module ("pkg.module:name") and of the project modules it imports
+    (`pipelines.source_hash`): editing a user's model or data file, or a helper module it imports, trains a new
+    base model instead of loading weights made by the old code. The project's roots are the folder holding the
+    module's top-level package and the folder holding `tfft`; installed packages are not followed. "" when the
+    module cannot be found (validation names it)."""
+    import tfft
+
+    module = target.partition(":")[0]
+    top = importlib.util.find_spec(module.split(".")[0]) if module else None
+    if top is None or not top.origin:
         return ""
-    if path is None:
-        return ""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    origin = Path(top.origin).resolve()
+    root = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+    return source_hash(module, [root, Path(tfft.__file__).resolve().parent.parent])
 
 
 def _draw_conditional(cfg: Config, n: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -4,6 +4,7 @@ with strict loading, the pretrain cache key, and the config errors that name the
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,14 +31,19 @@ def test_builtin_model_config_and_cache_key_are_unchanged(tmp_path):
     cfg = _cfg(tmp_path)
     assert model_config(cfg.model, 2) == {"dim": 2, "hidden": 128, "depth": 3, "time_features": 16}
     assert isinstance(build_model(model_config(cfg.model, 2)), VelocityMLP)
-    # the key of the default config as computed before user models existed (same payload, same hash)
+    # the key of the default config: the payload as before user models existed, plus the data source's code
     import hashlib
     import json
     from dataclasses import asdict
 
+    from pipelines.source_hash import source_hash
+
+    root = Path(__file__).resolve().parents[2]
     payload = {"source": cfg.data.source, "model": {"hidden": 128, "depth": 3, "time_features": 16},
                "pretrain": {k: v for k, v in asdict(cfg.pretrain).items() if k != "cache_dir"}, "seed": 0,
-               "torch": torch.__version__.split("+")[0]}
+               "torch": torch.__version__.split("+")[0],
+               "data_code": source_hash(cfg.data.source.partition(":")[0], [root])}
+    assert len(payload["data_code"]) == 16
     assert pretrain_key(cfg) == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -169,6 +175,25 @@ def test_editing_the_user_models_file_changes_the_cache_key(tmp_path, import_pat
     before = pretrain_key(_cfg(tmp_path, *overrides))
     assert pretrain_key(_cfg(tmp_path, *overrides)) == before  # stable while the file is unchanged
     module.write_text(body + "# edited\n")
+    assert pretrain_key(_cfg(tmp_path, *overrides)) != before
+
+
+def test_editing_a_module_the_factory_imports_changes_the_cache_key(tmp_path, import_path):
+    """The factory's own file is unchanged; a project module it imports (directly or through another) is edited."""
+    folder = tmp_path / "pkgmods"
+    (folder / "mypkg").mkdir(parents=True)
+    (folder / "mypkg" / "__init__.py").write_text("")
+    helper = folder / "mypkg" / "layers.py"
+    helper.write_text("WIDTH = 1\n")
+    (folder / "mypkg" / "middle.py").write_text("from .layers import WIDTH\n")
+    (folder / "mypkg" / "flow.py").write_text(
+        "from mypkg.middle import WIDTH\nfrom user_flow_model import gaussian_flow\n\n"
+        "def make(**kwargs):\n    return gaussian_flow(**kwargs)\n")
+    import_path(folder)
+    overrides = [*USER, "model.target=mypkg.flow:make"]
+    before = pretrain_key(_cfg(tmp_path, *overrides))
+    assert pretrain_key(_cfg(tmp_path, *overrides)) == before
+    helper.write_text("WIDTH = 2\n")
     assert pretrain_key(_cfg(tmp_path, *overrides)) != before
 
 
