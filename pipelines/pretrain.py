@@ -4,8 +4,8 @@ and cached by content.
 The cache key is a hash of everything that determines the weights (data source, model and pretraining
 settings, seed, and the source code of the data source and of a user model's factory with the project modules
 they import: `pipelines.source_hash`), so any later run with the same settings and code reuses the file instead
-of training again. A model
-loaded from a checkpoint, or taken as built (``pretrain.steps: 0``), is not cached: nothing was trained.
+of training again. A model loaded from a checkpoint, or taken as built (``pretrain.steps: 0``), is not cached:
+nothing was trained.
 With ``data.conditions`` the source is called once per condition (``cond=value``, ``pretrain.n_samples`` each),
 the model is conditional and flow matching passes each sample's condition; the key then includes the list.
 """
