@@ -32,7 +32,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +133,7 @@ def time_forward(model: nn.Module, batch: int, device: str, repeats: int) -> tup
     return out[0], out[1]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Setting:
     """One measured configuration: the batch and the memory options (``finetune`` keys in brackets)."""
 

@@ -80,11 +80,10 @@ def import_closure(module: str, roots: list[Path]) -> list[Path]:
 def source_hash(module: str, roots: list[Path]) -> str:
     """sha256 (16 hex digits) over the relative paths and contents of `import_closure(module, roots)`; "" when
     the module's file cannot be found."""
-    files = import_closure(module, roots)
-    if not files:
-        return ""
+    roots = [Path(r).resolve() for r in roots]
     digest = hashlib.sha256()
+    files = import_closure(module, roots)
     for path in files:
-        root = next((r for r in (Path(x).resolve() for x in roots) if path.is_relative_to(r)), path.parent)
+        root = next((r for r in roots if path.is_relative_to(r)), path.parent)  # the module itself may lie outside
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:16] if files else ""
