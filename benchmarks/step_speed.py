@@ -13,7 +13,15 @@ For each model shape (batch n, K = 40 SDE steps, Adam step included) it times:
   of the loss, one Adam step;
 - the bank's SDE sampler (samples/s at 100 steps) and the weighted flow-matching step;
 - with ``--baseline DIR``, the same adjoint steps of the library in DIR (e.g. a `git worktree` of an older
-  commit), in a child process on the same machine, so that "faster than before" is a ratio from one run.
+  commit), in a child process on the same machine, so that "faster than before" is a ratio from one run. The
+  comparison runs in ``--rounds`` rounds (default 3), each timing DIR's steps and then this library's fast steps
+  (float32 and bf16); a speed-up is the median of the rounds' ratios, shown with their range, so that a
+  neighbour's load on a shared machine during one round moves one ratio, not the result;
+- on CPU, the matrix-product work of each step (``torch.utils.flop_counter``, forward and backward: the
+  products are nearly all of a small MLP's arithmetic) and this machine's rate for products of the model's own
+  shape (batch x hidden by hidden x hidden), measured in the same process. Their quotient is the least time the
+  step's arithmetic can take in float32 here, whatever its loops cost: a step already near it can only get
+  faster by doing less arithmetic (or by doing it in bf16).
 
 Results go to ``benchmarks/results/step_speed_<device>.{json,md}`` with the machine, the GPU and torch's version.
 Times are medians over repetitions after warm-up; every ratio compares numbers from this one run.
@@ -99,9 +107,50 @@ def _reward_fn(objective: str, model: Any, dim: int, device: str) -> Any:
     return fn
 
 
+def _flops(fn: Any) -> float:
+    """Floating-point operations of the matrix products in one call of ``fn`` (forward and backward), by
+    torch's own per-operator formulas (`torch.utils.flop_counter`'s registry). A plain dispatch mode: the
+    library's `FlopCounterMode` also tracks modules with hooks that ``torch.autograd.grad`` on a leaf rejects."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0.0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with Count() as counter:
+        fn()
+    return float(counter.total)
+
+
+def _gemm_gflops(shape: str, device: str, reps: int) -> float:
+    """This process's rate (GFLOP/s) for the model's hidden-layer product, (batch, hidden) @ (hidden, hidden): the
+    best of at least 15 timings (a ceiling: another process on the machine only ever slows a timing down)."""
+    _, hidden, _, batch = SHAPES[shape]
+    a, b = torch.randn(batch, hidden, device=device), torch.randn(hidden, hidden, device=device)
+    inner = 20  # products per timing: one product of the 2-D MLP takes tens of microseconds
+
+    def products() -> None:
+        for _ in range(inner):
+            a @ b
+
+    best = min(_median_ms(products, device, 1, warmup=0 if k else 2) for k in range(max(reps, 15)))
+    return inner * 2.0 * batch * hidden * hidden / (best * 1e6)
+
+
 def _adjoint_step_ms(shape: str, device: str, objective: str, fast: bool | None, reps: int,
-                     autocast: torch.dtype | None = None) -> tuple[float, float]:
+                     autocast: torch.dtype | None = None, flops: dict[str, float] | None = None) -> tuple[float, float]:
     """One solver step, backward and Adam step: (median ms, active fraction of the last step).
+
+    ``flops``: on CPU, ``flops["flops"]`` is set to the step's matrix-product work (`_flops`), counted on one
+    more step after the timing.
 
     ``fast=None``: a library without the switch (a baseline). ``autocast``: the network calls under
     ``torch.autocast`` with this dtype (`AdjointMatchingConfig.autocast`, ``finetune.autocast``)."""
@@ -126,6 +175,8 @@ def _adjoint_step_ms(shape: str, device: str, objective: str, fast: bool | None,
         active.append(result.metrics["active_fraction"])
 
     ms = _median_ms(step, device, reps, warmup=3)
+    if flops is not None and device == "cpu":
+        flops["flops"] = _flops(step)
     return ms, float(active[-1])
 
 
@@ -181,6 +232,12 @@ def _weighted_ms(shape: str, device: str, reps: int) -> float:
     return _median_ms(step, device, reps)
 
 
+def _keep_flops(row: dict[str, Any], key: str, counted: dict[str, float]) -> None:
+    """Move a counted step's work (`_adjoint_step_ms`'s ``flops``) into ``row[key]``, if it was counted."""
+    if "flops" in counted:
+        row[key] = counted.pop("flops")
+
+
 def measure(device: str, shapes: list[str], reps: int, *, baseline_mode: bool = False) -> dict[str, Any]:
     """All timings of this process's `tfft` on `device`; ``baseline_mode`` times only the adjoint steps."""
     from tfft.solvers import AdjointMatchingConfig
@@ -190,20 +247,57 @@ def measure(device: str, shapes: list[str], reps: int, *, baseline_mode: bool = 
     for shape in shapes:
         row: dict[str, Any] = {}
         for objective in ("tail", "mean"):
+            counted: dict[str, float] = {}
             if baseline_mode:
-                row[f"{objective}_ms"], _ = _adjoint_step_ms(shape, device, objective, None, reps)
+                row[f"{objective}_ms"], _ = _adjoint_step_ms(shape, device, objective, None, reps, flops=counted)
+                _keep_flops(row, f"{objective}_flops", counted)
                 continue
-            row[f"{objective}_fast_ms"], row[f"{objective}_active"] = _adjoint_step_ms(shape, device, objective, True, reps)
+            row[f"{objective}_fast_ms"], row[f"{objective}_active"] = _adjoint_step_ms(
+                shape, device, objective, True, reps, flops=counted)
+            _keep_flops(row, f"{objective}_fast_flops", counted)
             reference = False if has_switch else None
-            row[f"{objective}_reference_ms"], _ = _adjoint_step_ms(shape, device, objective, reference, reps)
+            row[f"{objective}_reference_ms"], _ = _adjoint_step_ms(shape, device, objective, reference, reps,
+                                                                   flops=counted)
+            _keep_flops(row, f"{objective}_reference_flops", counted)
             row[f"{objective}_bf16_ms"], _ = _adjoint_step_ms(shape, device, objective, True, reps, torch.bfloat16)
         if not baseline_mode:
             row["floor_ms"] = _floor_ms(shape, device, reps)
             row["sampler_samples_per_s"] = _sampler_rate(shape, device, reps)
             row["weighted_ms"] = _weighted_ms(shape, device, reps)
+            if device == "cpu":
+                row["gemm_gflops"] = _gemm_gflops(shape, device, reps)
         out[shape] = row
         print(f"[step_speed] {device} {shape}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
     return out
+
+
+def _fast_steps(device: str, shapes: list[str], reps: int) -> dict[str, Any]:
+    """This library's fast steps, float32 and bf16, for one comparison round: {shape: {name: ms}}."""
+    return {shape: {f"{objective}{suffix}_ms": _adjoint_step_ms(shape, device, objective, True, reps, autocast)[0]
+                    for objective in ("tail", "mean")
+                    for suffix, autocast in (("", None), ("_bf16", torch.bfloat16))}
+            for shape in shapes}
+
+
+def _compare(directory: str, device: str, shapes: list[str], reps: int, rounds: int) -> dict[str, Any]:
+    """``rounds`` rounds of DIR's steps then this library's fast steps; per shape the median baseline times
+    (``tail_ms``, ``mean_ms``, the work counted in the first round) and each speed-up's median and range."""
+    runs = []
+    for k in range(rounds):
+        runs.append({"baseline": _baseline(directory, device, shapes, reps), "current": _fast_steps(device, shapes, reps)})
+        print(f"[step_speed] comparison round {k + 1}/{rounds}: {json.dumps(runs[-1])}", flush=True)
+    out: dict[str, Any] = {}
+    for shape in shapes:
+        row = dict(runs[0]["baseline"][shape])
+        for objective in ("tail", "mean"):
+            row[f"{objective}_ms"] = statistics.median(r["baseline"][shape][f"{objective}_ms"] for r in runs)
+            for suffix in ("", "_bf16"):
+                ratios = [r["baseline"][shape][f"{objective}_ms"] / r["current"][shape][f"{objective}{suffix}_ms"]
+                          for r in runs]
+                row[f"{objective}{suffix}_speedup"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                                      "max": max(ratios)}
+        out[shape] = row
+    return {"summary": out, "rounds": runs}
 
 
 def _baseline(directory: str, device: str, shapes: list[str], reps: int) -> dict[str, Any]:
@@ -255,17 +349,60 @@ def _markdown(result: dict[str, Any]) -> str:
             f"{row['mean_fast_ms'] / row['floor_ms']:.2f} | {row['sampler_samples_per_s']:,.0f} | {row['weighted_ms']:.1f} |"
         )
     if result.get("baseline"):
-        lines += ["", f"Against the library in `{result['baseline_label']}` (same machine, same run):", "",
+        lines += ["", f"Against the library in `{result['baseline_label']}` (same machine, same run; "
+                  f"{result.get('rounds', 1)} rounds, each timing the baseline's steps and then this library's: "
+                  "baseline ms is the median over the rounds, a speed-up the median of the rounds' ratios with "
+                  "their range):", "",
                   "| model | tail: baseline ms | tail: speed-up | tail: bf16 speed-up | mean: baseline ms | "
                   "mean: speed-up | mean: bf16 speed-up |", "|---|---|---|---|---|---|---|"]
         for shape, row in result["current"].items():
             old = result["baseline"][shape]
             lines.append(
-                f"| {shape} | {old['tail_ms']:.1f} | {old['tail_ms'] / row['tail_fast_ms']:.2f}x | "
-                f"{old['tail_ms'] / row['tail_bf16_ms']:.2f}x | {old['mean_ms']:.1f} | "
-                f"{old['mean_ms'] / row['mean_fast_ms']:.2f}x | {old['mean_ms'] / row['mean_bf16_ms']:.2f}x |"
+                f"| {shape} | {old['tail_ms']:.1f} | {_speedup(old, 'tail')} | {_speedup(old, 'tail_bf16')} | "
+                f"{old['mean_ms']:.1f} | {_speedup(old, 'mean')} | {_speedup(old, 'mean_bf16')} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _arithmetic_lines(result)) + "\n"
+
+
+def _speedup(old: dict[str, Any], name: str) -> str:
+    """A comparison's speed-up, 'median (min-max)x' over the rounds."""
+    ratio = old[f"{name}_speedup"]
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
+
+
+def _arithmetic_lines(result: dict[str, Any]) -> list[str]:
+    """The table of each step's matrix-product work against this machine's rate for the model's products (CPU)."""
+    rows = [(shape, row) for shape, row in result["current"].items() if "gemm_gflops" in row]
+    if not rows:
+        return []
+    old = result.get("baseline") or {}
+    lines = [
+        "", "Arithmetic (float32): the matrix-product work of one step (forward and backward, "
+        "`torch.utils.flop_counter`) and this machine's rate for the model's hidden-layer product "
+        "(batch x hidden by hidden x hidden) measured in the same run (the best of 15 timings). 'least ms' is the work divided by that "
+        "rate: what the step's products take if they run at the rate the same products reach when done plainly, "
+        "whatever the loops around them cost.", "",
+        "| model | objective | GFLOP: baseline | GFLOP: reference | GFLOP: fast | product rate GFLOP/s | "
+        "fast: achieved GFLOP/s | fast: least ms | fast ms | baseline ms / 1.5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, row in rows:
+        rate = row["gemm_gflops"]
+        for objective in ("tail", "mean"):
+            fast = row.get(f"{objective}_fast_flops")
+            if fast is None:
+                continue
+            before = old.get(shape, {})
+            base_flops = before.get(f"{objective}_flops")
+            base_ms = before.get(f"{objective}_ms")
+            ms = row[f"{objective}_fast_ms"]
+            lines.append(
+                f"| {shape} | {objective} | {'n/a' if base_flops is None else f'{base_flops / 1e9:.2f}'} | "
+                f"{row[f'{objective}_reference_flops'] / 1e9:.2f} | {fast / 1e9:.2f} | {rate:.0f} | "
+                f"{fast / (ms * 1e6):.0f} | {fast / (rate * 1e6):.1f} | {ms:.1f} | "
+                f"{'n/a' if base_ms is None else f'{base_ms / 1.5:.1f}'} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--baseline", help="a directory holding another version of the `tfft` package")
     parser.add_argument("--baseline-label", help="how to name the baseline in the results (default: DIR)")
+    parser.add_argument("--rounds", type=int, default=3, help="comparison rounds against --baseline")
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 7")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -282,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.set_float32_matmul_precision(args.matmul_precision)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -295,10 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result: dict[str, Any] = {"machine": _machine(device), "reps": reps, "steps": STEPS,
                               "matmul_precision": args.matmul_precision}
-    if args.baseline:
-        result["baseline"] = _baseline(args.baseline, device, shapes, reps)
-        result["baseline_label"] = args.baseline_label or args.baseline
     result["current"] = measure(device, shapes, reps)
+    if args.baseline:
+        compared = _compare(args.baseline, device, shapes, reps, args.rounds)
+        result["baseline"], result["comparison_rounds"] = compared["summary"], compared["rounds"]
+        result["baseline_label"], result["rounds"] = args.baseline_label or args.baseline, args.rounds
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"step_speed_{device}" + ("" if args.matmul_precision == "highest" else "_tf32")
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
