@@ -95,6 +95,29 @@ class FinetuneJob:
         return "adjoint" if self.weighted is None else "weighted"
 
     @property
+    def holds_out(self) -> bool:
+        """Whether the solver holds bank rows out to check the model (`tfft.holdout`): the anchored weighted solver
+        with ``finetune.holdout_fraction`` > 0."""
+        return self.weighted is not None and self.settings.anchor and self.settings.holdout_fraction > 0
+
+    @property
+    def guard_metric(self) -> str:
+        """The window metric the guard follows: ``holdout_gain`` (L(base) - L(model) on the held-out rows) when
+        the solver holds rows out, else ``finetune.guard_metric``."""
+        return "holdout_gain" if self.holds_out else self.settings.guard_metric
+
+    @property
+    def guard_start(self) -> float | None:
+        """The guard's starting value: 0 for the held-out gain (the base's own), else :attr:`guard_baseline`."""
+        return 0.0 if self.holds_out else self.guard_baseline
+
+    @property
+    def guard_margin(self) -> float:
+        """Standard errors by which the best window must beat the start (`pipelines.guard.Guard.margin`): 0 for
+        the held-out gain, 2 otherwise."""
+        return 0.0 if self.holds_out else 2.0
+
+    @property
     def dim(self) -> int:
         """The network's flat sample dimension d."""
         return int(self.model_config["dim"])

@@ -6,13 +6,19 @@ the best so far and with the first window (the base model's value, KL = 0):
 
 - the state of the best window is kept; at the end the last state is returned unless it is worse than the best
   by more than two standard errors of the window means (then the best is returned, and the summary says so);
-- when no window beat the base model's objective by two standard errors, the starting state is returned: a
-  fine-tuned model never silently ends worse than its start;
+- when no window beat the base model's objective by two standard errors (``margin``), the starting state is
+  returned: a fine-tuned model never silently ends worse than its start;
 - training stops early when the validity of the training samples falls below ``min_valid_fraction``, or when
   the objective has stayed below its start by more than two standard errors for ``patience`` windows.
 
-The weighted solver has no running objective: this guard keeps its last state. For every solver the
-evaluation check (`pipelines.eval_guard`) then compares the fine-tuned samples with the base bank.
+The weighted solver has no running objective. Its anchored form holds a fraction of the bank out of training
+(``finetune.holdout_fraction``) and reports the held-out gain L(base) - L(model) of its loss (`tfft.holdout`;
+0 at the base, positive when the model is closer to the tilted target): the guard follows that gain the same way,
+with 0 as the start, except that the best window need only beat 0 (``margin`` 0: the gain's standard error
+spans the held-out rows' spread of tilts and is wide; a margin of two would return the base after most runs
+that did improve). Without held-out rows (``holdout_fraction`` 0, or the plain loss) this guard keeps the last
+state. For every solver the evaluation check (`pipelines.eval_guard`) then compares the fine-tuned samples with
+the base bank.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ class Guard:
         patience: stop after this many consecutive windows below the start (0: never).
         baseline: the base model's objective E_q[g] (KL = 0), e.g. from the bank: the start to compare with;
             None: the first window.
+        margin: the standard errors by which the best window must beat ``baseline`` for a fine-tuned state to
+            be kept (0: it must beat it at all; the held-out gain, whose standard error across held-out rows is
+            wide next to the windows' training statistics).
     """
 
     enabled: bool = True
@@ -50,6 +59,7 @@ class Guard:
     min_valid_fraction: float = 0.0
     patience: int = 5
     baseline: float | None = None
+    margin: float = 2.0
     first: tuple[float, float] | None = None
     best: tuple[float, float, int] | None = None  # (mean, se, step)
     last: tuple[float, float, int] | None = None
@@ -90,9 +100,10 @@ class Guard:
             return "last", "no running objective to compare" if self.enabled else "guard off"
         best, best_se, best_step = self.best
         last, last_se, last_step = self.last
-        if self.baseline is not None and best <= self.baseline + 2.0 * best_se:
+        if self.baseline is not None and best <= self.baseline + self.margin * best_se:
+            by = f"by {self.margin:g} standard errors" if self.margin else "at all"
             return "base", (
-                f"no window's {self.metric} beat the base model's {self.baseline:.4g} by two standard errors "
+                f"no window's {self.metric} beat the base model's {self.baseline:.4g} {by} "
                 f"(best {best:.4g} +- {best_se:.2g} at step {best_step}); the starting state is returned"
             )
         if self.stopped:

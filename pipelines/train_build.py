@@ -14,7 +14,7 @@ import torch
 
 from pipelines.finetune_job import FinetuneJob
 
-__all__ = ["build_models", "build_solver", "pseudo_reward_fn", "model_state", "load_model_state", "no_buffer_sync"]
+__all__ = ["build_models", "build_solver", "pseudo_reward_fn", "model_state", "load_model_state", "no_buffer_sync", "holdout_metrics"]
 
 Step = Callable[[int, torch.Generator, int], Any]  # (local batch, the step's generator, its seed) -> StepResult
 
@@ -79,15 +79,25 @@ def build_solver(job: FinetuneJob, model: torch.nn.Module, base: torch.nn.Module
     return adjoint, adjoint_step
 
 
+def holdout_metrics(solver: Any) -> dict[str, float]:
+    """``holdout_gain`` and ``holdout_gain_se`` of a solver that holds rows out (`tfft.holdout`), else nothing.
+    Every worker computes them on the same rows with the same draws and the same (all-reduced) weights."""
+    gain = getattr(solver, "holdout_gain", lambda: None)()
+    return {} if gain is None else {"holdout_gain": gain[0], "holdout_gain_se": gain[1]}
+
+
 def _weighted(job: FinetuneJob, model: torch.nn.Module, base: torch.nn.Module, device: Any) -> tuple[Any, Step]:
-    """The weighted flow-matching solver on ``job.weighted``, anchored to the base with ``finetune.anchor``."""
+    """The weighted flow-matching solver on ``job.weighted``, anchored to the base with ``finetune.anchor``; the
+    anchored one holds ``finetune.holdout_fraction`` of the rows out (the same split on every worker: the run's
+    seed) for the guard's held-out check (`tfft.holdout`)."""
     from tfft.solvers import WeightedFlowMatchingSolver
 
     bank = job.weighted
     weighted = WeightedFlowMatchingSolver(
         model, torch.as_tensor(np.array(bank.x), dtype=torch.float32, device=device),  # a writable copy
         torch.as_tensor(np.array(bank.weights)), base=base if job.settings.anchor else None,
-        time_power=job.settings.time_power, bank_cond=None if bank.cond is None else torch.as_tensor(np.array(bank.cond)))
+        time_power=job.settings.time_power, bank_cond=None if bank.cond is None else torch.as_tensor(np.array(bank.cond)),
+        holdout_fraction=job.settings.holdout_fraction if job.holds_out else 0.0, holdout_seed=job.seed)
 
     def weighted_step(local_batch: int, gen: torch.Generator, seed: int) -> Any:
         return weighted.step(local_batch, gen, index_generator=torch.Generator().manual_seed(seed))

@@ -75,7 +75,8 @@ def run_finetune(
     lora_model = driver_lora(job.lora, job.model_config, job.base_state, job.init_adapter, log)
     fit = _fit_local if local else _fit_ray
     blob, history, where = fit(job, name=name, storage_path=storage_path, callbacks=callbacks)
-    guard = Guard(enabled=settings.guard, metric=settings.guard_metric, baseline=job.guard_baseline)
+    guard = Guard(enabled=settings.guard, metric=job.guard_metric, baseline=job.guard_start,
+                  margin=job.guard_margin)
     guard.load_state_dict(blob["guard"])
     kept, why = guard.keep()
     log(f"[finetune] kept the {kept} state: {why}")

@@ -79,6 +79,8 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _require(ft.lr > 0, "finetune.lr", f"must be > 0, got {ft.lr}")
     _require(ft.warmup_steps >= 0, "finetune.warmup_steps", f"must be >= 0, got {ft.warmup_steps}")
     _require(ft.time_power > 0, "finetune.time_power", f"must be > 0, got {ft.time_power}")
+    _require(0 <= ft.holdout_fraction <= 0.5, "finetune.holdout_fraction",
+             f"must be in [0, 0.5] (0: no held-out check), got {ft.holdout_fraction}")
     _require(ft.grad_clip > 0, "finetune.grad_clip", f"must be > 0, got {ft.grad_clip}")
     _require(ft.reward_grad_clip >= 0, "finetune.reward_grad_clip", f"must be >= 0, got {ft.reward_grad_clip}")
     _require(ft.sde_steps == 0 or ft.sde_steps >= 2, "finetune.sde_steps",

@@ -6,7 +6,7 @@ network and flow matching (:mod:`tfft.model`),
 samplers (:mod:`tfft.sampling`), adjoint matching (§6, :mod:`tfft.adjoint`, :mod:`tfft.matching`, :mod:`tfft.conditioning`), the pseudo-reward signal
 (:mod:`tfft.pseudo`), a user's model of any sample shape in the flat interface (:mod:`tfft.user_model`), a VP
 diffusion network as a flow (:mod:`tfft.diffusion`), the solvers behind one ``step`` interface (§6-7,
-:mod:`tfft.solvers`), the CUDA-graph captures of the sampler and the adjoint (:mod:`tfft.graphs`), the rule for
+:mod:`tfft.solvers`), the held-out check of weighted flow matching (:mod:`tfft.holdout`), the CUDA-graph captures of the sampler and the adjoint (:mod:`tfft.graphs`), the rule for
 failed samples (:mod:`tfft.invalid`), the objective as one typed value (:mod:`tfft.objective`), screened reward
 evaluation (:mod:`tfft.screen`) and conditions (class labels, prompts) as an optional ``cond`` axis
 (:mod:`tfft.conditions`).
@@ -25,6 +25,7 @@ from tfft.matching import adjoint_matching_loss, matching_loss
 from tfft.conditions import call_velocity, per_condition_weights, row_values, uniform_conditions
 from tfft.diffusion import VPDiffusionFlow
 from tfft.graphs import GraphedAdjoint, GraphedSampler
+from tfft.holdout import HoldOut, split_rows
 from tfft.invalid import InvalidRule, TailBothWays, assign_invalid, tail_both_ways, tilt_rewards
 from tfft.objective import Tilt
 from tfft.pseudo import PseudoReward, pseudo_reward_signal
@@ -85,6 +86,8 @@ __all__ = [
     "Conditioning",
     "GraphedAdjoint",
     "GraphedSampler",
+    "HoldOut",
+    "split_rows",
     "PseudoReward",
     "RefineResult",
     "TailMeasurement",

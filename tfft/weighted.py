@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from tfft.conditions import call_velocity, per_condition_weights
+from tfft.holdout import HoldOut, split_rows
 from tfft.model import VelocityField, flow_matching_loss
 from tfft.step import StepResult
 
@@ -109,9 +110,12 @@ class WeightedFlowMatchingSolver:
         active_share: anchored only: the least share of each batch drawn from the rows with rho != 1.
         time_power: the density of the flow-matching times (:func:`draw_times`); 1: uniform.
         bank_cond: optional condition index of each bank row, (N,) (module docstring).
+        holdout_fraction: anchored only: this fraction of the bank's rows is held out of training
+            (`tfft.holdout.split_rows` with ``holdout_seed``) and checks the model (:meth:`holdout_gain`); 0: none.
+        holdout_draws: the times and noises drawn once per held-out row for the check.
 
     ``step`` metrics: loss, weights_ess (ESS of the frozen weights), batch; anchored also delta_v (mean
-    ||v_theta - v_base||^2 on the batch) and active_fraction (bank fraction of rows with rho != 1).
+    ||v_theta - v_base||^2 on the batch) and active_fraction (fraction of the training rows with rho != 1).
     """
 
     def __init__(
@@ -124,6 +128,9 @@ class WeightedFlowMatchingSolver:
         active_share: float = 0.5,
         time_power: float = 1.0,
         bank_cond: Tensor | None = None,
+        holdout_fraction: float = 0.0,
+        holdout_seed: int = 0,
+        holdout_draws: int = 4,
     ) -> None:
         if bank_x.dim() != 2 or bank_weights.shape != (bank_x.shape[0],):
             raise ValueError(
@@ -147,13 +154,44 @@ class WeightedFlowMatchingSolver:
         self.model, self.bank_x, self.weights = model, bank_x, w
         self.ess = float(1.0 / self.weights.pow(2).sum())
         self.base, self.active_share = base, float(active_share)
+        self.holdout: HoldOut | None = None
+        if holdout_fraction and base is None:
+            raise ValueError("holdout_fraction needs the anchored estimator (pass base)")
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        if holdout_draws < 1:
+            raise ValueError(f"holdout_draws must be >= 1, got {holdout_draws}")
         if base is not None:
             rho = self.weights / self._medians()
             self.rho = rho.to(bank_x.device)
             active = (rho - 1.0).abs() > 1e-9
-            self.active_rows = torch.nonzero(active).flatten()
-            self.rest_rows = torch.nonzero(~active).flatten()
-            self.active_fraction = float(active.double().mean())
+            train = torch.ones_like(active)
+            if holdout_fraction:
+                train_rows, held = split_rows(len(rho), holdout_fraction, seed=holdout_seed)
+                train = torch.zeros_like(active)
+                train[train_rows] = True
+                self.holdout = self._holdout(held, holdout_seed, holdout_draws)
+            self.active_rows = torch.nonzero(active & train).flatten()
+            self.rest_rows = torch.nonzero(~active & train).flatten()
+            self.active_fraction = float(active[train].double().mean())
+
+    def _holdout(self, rows: Tensor, seed: int, draws: int) -> HoldOut:
+        """The held-out check on ``rows``: times and noises drawn once from ``seed + 1`` (CPU), then moved."""
+        assert self.base is not None
+        gen = torch.Generator().manual_seed(seed + 1)
+        x1 = self.bank_x[rows.to(self.bank_x.device)]
+        times = draw_times(draws * len(rows), self.time_power, generator=gen, dtype=x1.dtype).reshape(draws, -1)
+        noise = torch.randn((draws, *x1.shape), generator=gen, dtype=x1.dtype)
+        cond = None if self.bank_cond is None else self.bank_cond[rows.to(self.bank_cond.device)]
+        return HoldOut.draw(self.base, x1, self.rho[rows.to(self.rho.device)], times=times.to(x1.device),
+                            noise=noise.to(x1.device), cond=cond)
+
+    def holdout_gain(self) -> tuple[float, float] | None:
+        """(mean, standard error) of L(base) - L(model) on the held-out rows (`tfft.holdout`); None without them."""
+        if self.holdout is None:
+            return None
+        model = getattr(self.model, "module", None)  # the module inside a DDP wrapper: no hooks for a no-grad pass
+        return self.holdout.gain(model if isinstance(model, torch.nn.Module) else self.model)
 
     def _medians(self) -> Tensor:
         """Each row's reference weight c: the median positive weight of the bank, or of the row's condition."""

@@ -63,6 +63,7 @@ def test_shipped_configs_validate(path, tmp_path):
         ("bank.reward.num_cpus=-1", "bank.reward.num_cpus"),
         ("finetune.solver=magic", "finetune.solver"),
         ("finetune.sde_steps=1", "finetune.sde_steps"),
+        ("finetune.holdout_fraction=0.7", "finetune.holdout_fraction"),
         ("finetune.clip_quantile=1.5", "finetune.clip_quantile"),
         ("finetune.oversample=0", "finetune.oversample"),
         ("finetune.poll_interval_s=0", "finetune.poll_interval_s"),

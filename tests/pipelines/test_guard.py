@@ -64,3 +64,21 @@ def test_returns_the_starting_state_when_nothing_beat_the_base_model():
     clear = Guard(baseline=1.0, patience=0)
     clear.update(10, 1.5, se=0.1, valid_fraction=1.0)
     assert clear.keep()[0] == "last"
+
+
+def test_a_zero_margin_keeps_any_state_that_beat_the_start():
+    """The held-out gain's guard (margin 0): a best window above the start by less than its standard error is
+    kept; one that never rose above the start is not."""
+    wide = Guard(metric="holdout_gain", baseline=0.0, margin=0.0)
+    for step, gain in ((25, 0.03), (50, 0.06), (75, 0.05)):
+        wide.update(step, gain, se=0.06, valid_fraction=1.0)
+    assert wide.keep()[0] == "last"
+    strict = Guard(metric="holdout_gain", baseline=0.0)  # the default margin of two standard errors
+    for step, gain in ((25, 0.03), (50, 0.06), (75, 0.05)):
+        strict.update(step, gain, se=0.06, valid_fraction=1.0)
+    assert strict.keep()[0] == "base"
+    never = Guard(metric="holdout_gain", baseline=0.0, margin=0.0, patience=0)
+    for step, gain in ((25, -0.01), (50, 0.0), (75, -0.2)):
+        never.update(step, gain, se=0.06, valid_fraction=1.0)
+    kept, why = never.keep()
+    assert kept == "base" and "holdout_gain beat the base model's 0 at all" in why

@@ -146,6 +146,8 @@ def test_fine_tuned_statistics_match_the_exact_target(runs):
 def test_weighted_solver_reaches_the_target_without_reward_gradients(weighted_run, runs):
     out_dir, summary = weighted_run
     assert summary["solver"] == "weighted"
+    # the guard followed the held-out gain and kept a fine-tuned state
+    assert summary["guard"]["kept"] in ("last", "best") and "holdout_gain" in summary["guard"]["reason"]
     base = read_bank(out_dir / "bank_base.parquet")
     reward_range = float(np.ptp(base.reward[base.valid]))
     got, want = summary["finetuned"]["cvar_right"]["0.1"], summary["target"]["cvar_right"]["0.1"]
