@@ -11,14 +11,14 @@ the best so far and with the first window (the base model's value, KL = 0):
 - training stops early when the validity of the training samples falls below ``min_valid_fraction``, or when
   the objective has stayed below its start by more than two standard errors for ``patience`` windows.
 
-The weighted solver has no running objective. Its anchored form holds a fraction of the bank out of training
-(``finetune.holdout_fraction``) and reports the held-out gain L(base) - L(model) of its loss (`tfft.holdout`;
-0 at the base, positive when the model is closer to the tilted target): the guard follows that gain the same way,
-with 0 as the start, except that the best window need only beat 0 (``margin`` 0: the gain's standard error
-spans the held-out rows' spread of tilts and is wide; a margin of two would return the base after most runs
-that did improve). Without held-out rows (``holdout_fraction`` 0, or the plain loss) this guard keeps the last
-state. For every solver the evaluation check (`pipelines.eval_guard`) then compares the fine-tuned samples with
-the base bank.
+The weighted solver has no running objective. With ``finetune.holdout_fraction`` > 0 (off by default: on the
+molecule configs the held-out gain stays negative while the tail improves, README "The guard") its anchored form
+holds that fraction of the bank out of training and reports the held-out gain L(base) - L(model) of its loss
+(`tfft.holdout`; 0 at the base, positive when the model is closer to the tilted target): the guard follows that
+gain the same way, with 0 as the start, except that the best window need only beat 0 (``margin`` 0: the gain's
+standard error spans the held-out rows' spread of tilts and is wide; a margin of two would return the base after
+most runs that did improve). Without held-out rows this guard keeps the last state. For every solver the
+evaluation check (`pipelines.eval_guard`) then compares the fine-tuned samples with the base bank.
 """
 
 from __future__ import annotations

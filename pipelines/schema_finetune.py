@@ -45,7 +45,7 @@ class FinetuneConfig:
     plain loss, which refits the model to the bank's points everywhere. ``time_power`` (weighted only): draw
     the flow-matching times as t = u^(1/time_power) (1: uniform; > 1 favours late times, where a tilt on fine
     detail of the samples shows; the minimiser is unchanged, ``tfft.weighted.draw_times``).
-    ``holdout_fraction`` (anchored weighted only; 0: off): hold this fraction of the bank's rows out of training;
+    ``holdout_fraction`` (anchored weighted only; 0, the default: off): hold this fraction of the bank's rows out;
     at every logged window the guard follows the held-out gain L(base) - L(model) of the anchored loss on them
     (``tfft.holdout``: positive when the model is closer to the tilted target than the base is).
     ``sde_steps``: K of the training trajectories (0: ``sampler.steps``, one sampler for bank, training and
@@ -98,7 +98,7 @@ class FinetuneConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     anchor: bool = True
     time_power: float = 1.0
-    holdout_fraction: float = 0.1
+    holdout_fraction: float = 0.0
     grad_clip: float = 100.0
     reward_grad_clip: float = 0.0
     sde_steps: int = 0

@@ -48,11 +48,8 @@ sampler: {{steps: 20}}
 bank: {{size: {PER_BANK}, shard_size: {PER_BANK}}}
 eval: {{size: {PER_EVAL}}}
 finetune: {{solver: weighted, steps: 1200, batch_size: 512, lr: 0.003, num_workers: 1, log_every: 200,
-           checkpoint_every: 1200, backend: local, holdout_fraction: 0.0}}
+           checkpoint_every: 1200, backend: local}}
 """
-# holdout_fraction 0: every bank row trains. The weighted solver's error against the closed form spreads over seeds
-# (up to 0.15 on condition b's right tail with every row, one 0.31 in six runs with 10% held out); the test is
-# calibrated on this bank as a whole. The held-out check with conditions: tests/tfft/test_holdout.py.
 
 
 def closed_form_cvar(m: float, side: str, alpha: float = ALPHA, gamma: float = GAMMA) -> float:
