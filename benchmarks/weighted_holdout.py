@@ -1,0 +1,136 @@
+"""Does weighted flow matching generalise? The held-out gain of the anchored loss, on held-out and on training rows.
+
+    python -m benchmarks.weighted_holdout --run DIR                    # a finished `tfft run` of a weighted config
+    python -m benchmarks.weighted_holdout --run DIR --lr 1e-3 1e-4     # several learning rates
+
+DIR holds a finished run (its ``config.yaml``, ``summary.json`` and ``bank_base.parquet``), e.g.
+``tfft run tune_configs/molecule_left.yaml --out DIR seed=0``. For each learning rate, this redoes the run's
+fine-tuning in this process, as the pipeline builds it (`pipelines.train_build.build_solver` on the run's bank and
+objective; Adam, warm-up and the config's schedule, gradient clip) with ``finetune.holdout_fraction`` 0.1, and
+reports at five points of training the held-out gain L(base) - L(model) of the anchored loss (`tfft.holdout`:
+positive when the model is closer to the tilted target's velocity than the base) on the held-out rows, and the
+same gain on as many training rows (their own times and noises, drawn once). A gain higher on the training rows
+than on the held-out ones is the model fitting its bank's rows rather than the tilted law. Results go to
+``benchmarks/results/weighted_holdout[_NAME].{md,json}``; one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _setup(run: Path, lr: float) -> tuple[Any, Any, Any, Any]:
+    """(model, solver, step, training-rows check) of the run's weighted fine-tuning at learning rate ``lr``."""
+    from pipelines.bankio import read_bank
+    from pipelines.config import load_config
+    from pipelines.finetune_job import FinetuneJob
+    from pipelines.models import build_model
+    from pipelines.pretrain import load_or_pretrain
+    from pipelines.stages.preflight import training_steps
+    from pipelines.stages.train import _weighted_inputs
+    from pipelines.train_build import build_solver
+    from tfft.holdout import HoldOut, split_rows
+    from tfft.objective import Tilt
+
+    cfg = load_config(run / "config.yaml")
+    summary = json.loads((run / "summary.json").read_text())
+    if summary["solver"] != "weighted":
+        raise SystemExit(f"{run}: the run used the {summary['solver']} solver; this benchmark is for the weighted one")
+    tilt = Tilt.from_dict(summary["objective"])
+    bank = _weighted_inputs(cfg, read_bank(run / "bank_base.parquet"), tilt, lambda _: None)
+    settings = dataclasses.replace(cfg.finetune, lr=lr, holdout_fraction=0.1)
+    base_model = load_or_pretrain(cfg, log=lambda _: None)
+    job = FinetuneJob(settings, base_model.config, base_model.state_dict, tilt, cfg.reward.target,
+                      dict(cfg.reward.kwargs), cfg.seed, steps=settings.steps, sde_steps=training_steps(cfg),
+                      weighted=bank)
+    base = build_model(base_model.config, base_model.state_dict).eval().requires_grad_(False)
+    model = build_model(base_model.config, base_model.state_dict)
+    solver, step = build_solver(job, model, base, torch.device("cpu"))
+    train_rows, held = split_rows(len(bank.x), settings.holdout_fraction, seed=cfg.seed)
+    pick = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(1))[: len(held)]]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    x1 = solver.bank_x[pick]
+    check = HoldOut.draw(base, x1, solver.rho[pick], times=torch.rand(4, len(pick), generator=gen),
+                         noise=torch.randn(4, *x1.shape, generator=gen))
+    return model, solver, step, (job, check)
+
+
+def measure(run: Path, lr: float) -> list[dict[str, float]]:
+    """The run's fine-tuning at ``lr``; the held-out and training-rows gains at five points of training."""
+    from pipelines.lr_schedule import lr_factor
+
+    model, solver, step_fn, (job, check) = _setup(run, lr)
+    settings = job.settings
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+        lr_factor, total=job.steps, warmup=settings.warmup_steps, schedule=settings.lr_schedule))
+    points, started = [], time.time()
+    for step in range(1, job.steps + 1):
+        seed = job.seed * 100_003 + step * 1009
+        opt.zero_grad(set_to_none=True)
+        step_fn(settings.batch_size, torch.Generator().manual_seed(seed), seed).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        scheduler.step()
+        if step % max(job.steps // 5, 1) == 0 or step == job.steps:
+            held, held_se = solver.holdout_gain()
+            train, train_se = check.gain(model)
+            points.append({"step": step, "held_out": held, "held_out_se": held_se, "training_rows": train,
+                           "training_rows_se": train_se})
+            print(f"[weighted_holdout] lr {lr:g} step {step}/{job.steps}: held-out {held:+.4f} +- {held_se:.4f}, "
+                  f"training rows {train:+.4f} +- {train_se:.4f} ({time.time() - started:.0f} s)", flush=True)
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a finished `tfft run` directory (weighted solver)")
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument("--name", default="", help="results go to weighted_holdout_NAME.{md,json}")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if not (args.run / "summary.json").is_file():
+        parser.error(f"--run {args.run}: no summary.json there (run `tfft run CONFIG --out {args.run}` first)")
+    torch.set_num_threads(os.cpu_count() or 1)
+    result: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "run": str(args.run), "runs": {str(lr): measure(args.run, lr) for lr in args.lr},
+    }
+    stem = "weighted_holdout" + (f"_{args.name}" if args.name else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Weighted flow matching: the anchored loss's gain on held-out and on training rows",
+        "",
+        f"`python -m benchmarks.weighted_holdout --run {args.run}"
+        + (f" --name {args.name}" if args.name else "") + f" --lr {' '.join(f'{lr:g}' for lr in args.lr)}` on "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}: the run's fine-tuning redone in one process with "
+        "10% of its bank held out. Gain = L(base) - L(model) of the anchored loss (`tfft.holdout`), mean ± standard "
+        "error over rows; 'training rows' are as many rows of the training part, with their own draws.",
+        "",
+        "| lr | step | held-out gain | training-rows gain |",
+        "|---|---|---|---|",
+    ]
+    for lr, points in result["runs"].items():
+        for p in points:
+            lines.append(f"| {float(lr):g} | {p['step']} | {p['held_out']:+.4f} ± {p['held_out_se']:.4f} | "
+                         f"{p['training_rows']:+.4f} ± {p['training_rows_se']:.4f} |")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
