@@ -110,3 +110,17 @@ def test_with_conditions_each_held_out_row_is_checked_under_its_own_condition() 
     gains = check.gains(model)
     in_b = cond[held] == 1
     assert torch.all(gains[~in_b] == 0) and torch.all(gains[in_b] != 0)
+
+
+def test_one_stratum_still_never_trains_on_held_out_rows() -> None:
+    """A flat tilt leaves one stratum (every rho is 1): batches are drawn uniformly from the training rows."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 2, generator=gen)
+    base = VelocityMLP(2, hidden=8, depth=1).requires_grad_(False)
+    solver = WeightedFlowMatchingSolver(VelocityMLP(2, hidden=8, depth=1), x, torch.ones(300), base=base,
+                                        holdout_fraction=0.2, holdout_seed=1)
+    assert solver.active_fraction == 0.0
+    _, held = split_rows(300, 0.2, seed=1)
+    drawn, weights = solver._stratified(4000, torch.Generator().manual_seed(0))
+    assert not set(drawn.tolist()) & set(held.tolist()) and len(set(drawn.tolist())) == 240
+    assert torch.allclose(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
