@@ -6,7 +6,9 @@
 Each repetition fits a ``TorchTrainer`` (the pipeline's poll interval, ``finetune.poll_interval_s`` 0.25 s) whose
 loop imports the pipeline's worker module, prints the time since ``fit()`` was called, and reports once. The time
 to the loop's first line is what every fine-tuning run pays before its first step (the controller actor, the
-worker actors, torch's process group); the rest of ``fit()`` is the teardown. Compare with
+worker actors, torch's process group); the rest of ``fit()`` is the teardown. Ray Train's controller log
+(JSON lines in the Ray session's ``logs/train``) splits the start-up further: when the controller's first record
+was written, and how long the worker processes and the train context on them took. Compare with
 ``benchmarks/results/train_overhead.md``, where the same cost sits inside a whole run. Results go to
 ``benchmarks/results/train_startup.{json,md}``; one run on one machine.
 """
@@ -40,8 +42,45 @@ def _loop(config: dict[str, Any]) -> None:
     train.report({"done": 1})
 
 
+_PHASES = {  # Ray Train's controller log message -> the phase it times
+    "worker actors created in": "workers_created",
+    "Train context initialized on workers in": "train_context",
+    "Worker group startup completed in": "group_start",
+}
+
+
+def _controller_phases(called: float) -> dict[str, float]:
+    """From the newest controller log of this Ray session (Ray Train writes JSON lines to
+    ``<session>/logs/train/ray-train-sys-controller-*.log``): the controller's first record, in seconds after
+    ``fit()`` was called, and the worker group's start-up phases it times itself. Empty when the log is not there
+    (another Ray layout)."""
+    import glob
+
+    import ray
+
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()  # no public accessor in Ray 2.60
+    except AttributeError:
+        return {}
+    logs = glob.glob(os.path.join(session, "logs", "train", "ray-train-sys-controller-*.log"))
+    if not logs:
+        return {}
+    out: dict[str, float] = {}
+    with open(max(logs, key=os.path.getmtime)) as handle:
+        for k, line in enumerate(handle):
+            record = json.loads(line)
+            if k == 0:
+                stamp, _, millis = record["asctime"].partition(",")
+                out["controller_up"] = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000 - called
+            for text, phase in _PHASES.items():
+                if text in record["message"] and phase not in out:
+                    out[phase] = float(record["message"].split(" in ")[-1].split("s")[0])
+    return out
+
+
 def fit_once(workers: int, storage: str, name: str) -> dict[str, float]:
-    """One empty fit: seconds to the loop's first line, to the end of its imports, and of the whole fit."""
+    """One empty fit: seconds to the loop's first line, to the end of its imports, and of the whole fit, and
+    the controller's own phases (`_controller_phases`)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -58,7 +97,8 @@ def fit_once(workers: int, storage: str, name: str) -> dict[str, float]:
         trainer.fit()
         ended = time.time()
     seen = json.loads(Path(mark).read_text())
-    return {"to_loop": seen["loop_started"] - called, "to_imported": seen["imported"] - called, "fit": ended - called}
+    return {"to_loop": seen["loop_started"] - called, "to_imported": seen["imported"] - called, "fit": ended - called,
+            **_controller_phases(called)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = [fit_once(args.workers, storage, f"empty{k}") for k in range(args.reps)]
     finally:
         ray.shutdown()
-    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    median = {key: statistics.median(r[key] for r in runs) for key in runs[0] if all(key in r for r in runs)}
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ray": ray.__version__},
               "workers": args.workers, "runs": runs, "median": median}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| {k + 1} | {r['to_loop']:.2f} | {r['to_imported']:.2f} | {r['fit']:.2f} |" for k, r in enumerate(runs)],
         f"| median | {median['to_loop']:.2f} | {median['to_imported']:.2f} | {median['fit']:.2f} |",
     ]
+    if "group_start" in median:
+        lines += [
+            "",
+            "Where the time to the loop's first line goes, from Ray Train's controller log (its first record, seconds "
+            "after `fit()`; then the worker group's start-up phases as the controller times them), medians:",
+            "",
+            "| controller's first record | worker processes created | train context initialised on them | "
+            "worker group start-up in all |",
+            "|---|---|---|---|",
+            f"| {median['controller_up']:.2f} | {median['workers_created']:.2f} | {median['train_context']:.2f} | "
+            f"{median['group_start']:.2f} |",
+        ]
     (args.out / "train_startup.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
