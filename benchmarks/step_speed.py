@@ -145,12 +145,19 @@ def _gemm_gflops(shape: str, device: str, reps: int) -> float:
     return inner * 2.0 * batch * hidden * hidden / (best * 1e6)
 
 
-def _adjoint_step_ms(shape: str, device: str, objective: str, fast: bool | None, reps: int,
-                     autocast: torch.dtype | None = None, flops: dict[str, float] | None = None) -> tuple[float, float]:
-    """One solver step, backward and Adam step: (median ms, active fraction of the last step).
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """One solver step's median ms, the active fraction of its last step, and on CPU in float32 its
+    matrix-product work (`_flops`, counted on one more step after the timing; None elsewhere)."""
 
-    ``flops``: on CPU, ``flops["flops"]`` is set to the step's matrix-product work (`_flops`), counted on one
-    more step after the timing.
+    ms: float
+    active: float
+    flops: float | None
+
+
+def _adjoint_step_ms(shape: str, device: str, objective: str, fast: bool | None, reps: int,
+                     autocast: torch.dtype | None = None, *, count_work: bool = True) -> StepTiming:
+    """One solver step, backward and Adam step, timed (`StepTiming`; ``count_work`` False: no work counted).
 
     ``fast=None``: a library without the switch (a baseline). ``autocast``: the network calls under
     ``torch.autocast`` with this dtype (`AdjointMatchingConfig.autocast`, ``finetune.autocast``)."""
@@ -175,9 +182,8 @@ def _adjoint_step_ms(shape: str, device: str, objective: str, fast: bool | None,
         active.append(result.metrics["active_fraction"])
 
     ms = _median_ms(step, device, reps, warmup=3)
-    if flops is not None and device == "cpu":
-        flops["flops"] = _flops(step)
-    return ms, float(active[-1])
+    flops = _flops(step) if count_work and device == "cpu" and autocast is None else None
+    return StepTiming(ms, float(active[-1]), flops)
 
 
 def _floor_ms(shape: str, device: str, reps: int) -> float:
@@ -232,10 +238,11 @@ def _weighted_ms(shape: str, device: str, reps: int) -> float:
     return _median_ms(step, device, reps)
 
 
-def _keep_flops(row: dict[str, Any], key: str, counted: dict[str, float]) -> None:
-    """Move a counted step's work (`_adjoint_step_ms`'s ``flops``) into ``row[key]``, if it was counted."""
-    if "flops" in counted:
-        row[key] = counted.pop("flops")
+def _record(row: dict[str, Any], prefix: str, timing: StepTiming) -> None:
+    """``row[prefix_ms]`` and, when counted, ``row[prefix_flops]``."""
+    row[f"{prefix}_ms"] = timing.ms
+    if timing.flops is not None:
+        row[f"{prefix}_flops"] = timing.flops
 
 
 def measure(device: str, shapes: list[str], reps: int, *, baseline_mode: bool = False) -> dict[str, Any]:
@@ -247,19 +254,15 @@ def measure(device: str, shapes: list[str], reps: int, *, baseline_mode: bool = 
     for shape in shapes:
         row: dict[str, Any] = {}
         for objective in ("tail", "mean"):
-            counted: dict[str, float] = {}
             if baseline_mode:
-                row[f"{objective}_ms"], _ = _adjoint_step_ms(shape, device, objective, None, reps, flops=counted)
-                _keep_flops(row, f"{objective}_flops", counted)
+                _record(row, objective, _adjoint_step_ms(shape, device, objective, None, reps))
                 continue
-            row[f"{objective}_fast_ms"], row[f"{objective}_active"] = _adjoint_step_ms(
-                shape, device, objective, True, reps, flops=counted)
-            _keep_flops(row, f"{objective}_fast_flops", counted)
+            fast = _adjoint_step_ms(shape, device, objective, True, reps)
+            _record(row, f"{objective}_fast", fast)
+            row[f"{objective}_active"] = fast.active
             reference = False if has_switch else None
-            row[f"{objective}_reference_ms"], _ = _adjoint_step_ms(shape, device, objective, reference, reps,
-                                                                   flops=counted)
-            _keep_flops(row, f"{objective}_reference_flops", counted)
-            row[f"{objective}_bf16_ms"], _ = _adjoint_step_ms(shape, device, objective, True, reps, torch.bfloat16)
+            _record(row, f"{objective}_reference", _adjoint_step_ms(shape, device, objective, reference, reps))
+            _record(row, f"{objective}_bf16", _adjoint_step_ms(shape, device, objective, True, reps, torch.bfloat16))
         if not baseline_mode:
             row["floor_ms"] = _floor_ms(shape, device, reps)
             row["sampler_samples_per_s"] = _sampler_rate(shape, device, reps)
@@ -273,10 +276,14 @@ def measure(device: str, shapes: list[str], reps: int, *, baseline_mode: bool = 
 
 def _fast_steps(device: str, shapes: list[str], reps: int) -> dict[str, Any]:
     """This library's fast steps, float32 and bf16, for one comparison round: {shape: {name: ms}}."""
-    return {shape: {f"{objective}{suffix}_ms": _adjoint_step_ms(shape, device, objective, True, reps, autocast)[0]
-                    for objective in ("tail", "mean")
-                    for suffix, autocast in (("", None), ("_bf16", torch.bfloat16))}
-            for shape in shapes}
+    out: dict[str, Any] = {}
+    for shape in shapes:
+        out[shape] = {}
+        for objective in ("tail", "mean"):
+            for suffix, autocast in (("", None), ("_bf16", torch.bfloat16)):
+                timing = _adjoint_step_ms(shape, device, objective, True, reps, autocast, count_work=False)
+                out[shape][f"{objective}{suffix}_ms"] = timing.ms
+    return out
 
 
 def _compare(directory: str, device: str, shapes: list[str], reps: int, rounds: int) -> dict[str, Any]:

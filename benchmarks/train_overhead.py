@@ -36,29 +36,13 @@ RESULTS = Path(__file__).parent / "results"
 
 def in_process_seconds(work: Path) -> dict[str, Any]:
     """The fine-tuning of the run in ``work`` redone as a plain loop in this process; wall seconds and steps."""
-    from pipelines.config import load_config
-    from pipelines.finetune_job import FinetuneJob
-    from pipelines.models import build_model
-    from pipelines.pretrain import load_or_pretrain
-    from pipelines.stages.preflight import training_steps
-    from pipelines.train_build import build_solver
-    from tfft.objective import Tilt
+    from benchmarks.run_job import job_from_run
 
-    cfg = load_config(work / "config.yaml")
-    summary = json.loads((work / "summary.json").read_text())
-    if summary["solver"] != "adjoint":
-        raise SystemExit(f"{work}: the in-process loop is written for the adjoint solver, the run used {summary['solver']}")
-    ft = cfg.finetune
-    base_model = load_or_pretrain(cfg, log=lambda _: None)
-    job = FinetuneJob(ft, base_model.config, base_model.state_dict, Tilt.from_dict(summary["objective"]),
-                      cfg.reward.target, dict(cfg.reward.kwargs), cfg.seed, steps=ft.steps,
-                      sde_steps=training_steps(cfg))
-    base = build_model(base_model.config, base_model.state_dict).eval().requires_grad_(False)
-    model = build_model(base_model.config, base_model.state_dict)
-    solver, _ = build_solver(job, model, base, torch.device("cpu"))
+    built = job_from_run(work, "adjoint")
+    cfg, ft, model, solver = built.cfg, built.job.settings, built.model, built.solver
     opt = torch.optim.Adam(model.parameters(), lr=ft.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(ft.warmup_steps, 1)))
-    dim = int(base_model.config["dim"])
+    dim = built.job.dim
     started = time.perf_counter()
     for step in range(1, ft.steps + 1):
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step * 1009)

@@ -20,7 +20,6 @@ toward the base's make what the model learns generalise? Results go to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -34,50 +33,29 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def _setup(run: Path, lr: float) -> tuple[Any, Any, Any, Any]:
-    """(model, solver, step, training-rows check) of the run's weighted fine-tuning at learning rate ``lr``."""
-    from pipelines.bankio import read_bank
-    from pipelines.config import load_config
-    from pipelines.finetune_job import FinetuneJob
-    from pipelines.models import build_model
-    from pipelines.pretrain import load_or_pretrain
-    from pipelines.stages.preflight import training_steps
-    from pipelines.stages.train import _weighted_inputs
-    from pipelines.train_build import build_solver
+def _training_rows_check(built: Any) -> Any:
+    """`tfft.holdout.HoldOut` on as many training rows as are held out, with their own draws (seed + 2)."""
     from tfft.holdout import HoldOut, split_rows
-    from tfft.objective import Tilt
 
-    cfg = load_config(run / "config.yaml")
-    summary = json.loads((run / "summary.json").read_text())
-    if summary["solver"] != "weighted":
-        raise SystemExit(f"{run}: the run used the {summary['solver']} solver; this benchmark is for the weighted one")
-    tilt = Tilt.from_dict(summary["objective"])
-    bank = _weighted_inputs(cfg, read_bank(run / "bank_base.parquet"), tilt, lambda _: None)
-    settings = dataclasses.replace(cfg.finetune, lr=lr, holdout_fraction=0.1)
-    base_model = load_or_pretrain(cfg, log=lambda _: None)
-    job = FinetuneJob(settings, base_model.config, base_model.state_dict, tilt, cfg.reward.target,
-                      dict(cfg.reward.kwargs), cfg.seed, steps=settings.steps, sde_steps=training_steps(cfg),
-                      weighted=bank)
-    base = build_model(base_model.config, base_model.state_dict).eval().requires_grad_(False)
-    model = build_model(base_model.config, base_model.state_dict)
-    solver, step = build_solver(job, model, base, torch.device("cpu"))
-    train_rows, held = split_rows(len(bank.x), settings.holdout_fraction, seed=cfg.seed)
+    solver, seed = built.solver, built.job.seed
+    train_rows, held = split_rows(len(solver.bank_x), built.job.settings.holdout_fraction, seed=seed)
     pick = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(1))[: len(held)]]
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    gen = torch.Generator().manual_seed(seed + 2)
     x1 = solver.bank_x[pick]
-    check = HoldOut.draw(base, x1, solver.rho[pick], times=torch.rand(4, len(pick), generator=gen),
-                         noise=torch.randn(4, *x1.shape, generator=gen))
-    return model, solver, step, (job, check)
+    return HoldOut.draw(built.base, x1, solver.rho[pick], times=torch.rand(4, len(pick), generator=gen),
+                        noise=torch.randn(4, *x1.shape, generator=gen))
 
 
 def measure(run: Path, lr: float, l2: float = 0.0) -> list[dict[str, float]]:
     """The run's fine-tuning at ``lr`` with ``l2`` ||theta - theta_base||^2 added to the loss; the held-out and
     training-rows gains at five points of training."""
+    from benchmarks.run_job import job_from_run
     from pipelines.lr_schedule import lr_factor
 
-    model, solver, step_fn, (job, check) = _setup(run, lr)
+    built = job_from_run(run, "weighted", lr=lr, holdout_fraction=0.1)
+    model, solver, job, settings = built.model, built.solver, built.job, built.job.settings
+    check = _training_rows_check(built)
     start = [p.detach().clone() for p in model.parameters()]
-    settings = job.settings
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
         lr_factor, total=job.steps, warmup=settings.warmup_steps, schedule=settings.lr_schedule))
@@ -85,7 +63,7 @@ def measure(run: Path, lr: float, l2: float = 0.0) -> list[dict[str, float]]:
     for step in range(1, job.steps + 1):
         seed = job.seed * 100_003 + step * 1009
         opt.zero_grad(set_to_none=True)
-        step_fn(settings.batch_size, torch.Generator().manual_seed(seed), seed).backward()
+        built.step(settings.batch_size, torch.Generator().manual_seed(seed), seed).backward()
         if l2:
             (l2 * sum((p - p0).pow(2).sum() for p, p0 in zip(model.parameters(), start))).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)

@@ -157,8 +157,7 @@ def _start(job: FinetuneJob, session: TrainSession) -> _Worker:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, functools.partial(lr_factor, total=job.steps, warmup=settings.warmup_steps,
                                schedule=settings.lr_schedule))
-    guard = Guard(enabled=settings.guard, metric=job.guard_metric, min_valid_fraction=job.min_valid_fraction,
-                  patience=settings.guard_patience, baseline=job.guard_start, margin=job.guard_margin)
+    guard = job.guard()
     start_step, solver_state, best_state, blob_call, reused = _resume(session, model, lora, opt, scheduler, guard)
     call = job.call
     reused = reused if blob_call == call else start_step  # another call's checkpoint: all its steps are reused
@@ -197,7 +196,7 @@ def _end_window(job: FinetuneJob, session: TrainSession, worker: _Worker, step: 
                 *, last: bool, loop_started: float) -> bool:
     """The guard's decision on the window, the progress line and MLflow (rank 0), the report with a checkpoint
     every ``checkpoint_every`` steps, at the last step and on a stop; returns whether the guard stops training."""
-    metric, rank = job.guard_metric, session.world_rank
+    metric, rank = worker.guard.metric, session.world_rank
     decision = worker.guard.update(step, window.get(metric), window.get(f"{metric}_se", 0.0),
                                    window.get("valid_fraction", 1.0))
     if decision.improved and rank == 0:
@@ -232,8 +231,8 @@ def _peak_memory(device: Any) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
-_SHOWN = ("holdout_gain", "loss_ratio", "objective", "kl", "mean_reward", "active_fraction", "valid_fraction", "clipped_fraction",
-          "grad_clipped", "loss")
+_SHOWN = ("holdout_gain", "loss_ratio", "objective", "kl", "mean_reward", "active_fraction", "valid_fraction",
+          "clipped_fraction", "grad_clipped", "loss")
 
 
 def _progress(step: int, total: int, window: dict[str, float], reason: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pipelines.guard import Guard
 from pipelines.lora import LoraSettings
 from pipelines.schema_finetune import FinetuneConfig
 from tfft.objective import Tilt
@@ -100,22 +101,18 @@ class FinetuneJob:
         with ``finetune.holdout_fraction`` > 0."""
         return self.weighted is not None and self.settings.anchor and self.settings.holdout_fraction > 0
 
-    @property
-    def guard_metric(self) -> str:
-        """The window metric the guard follows: ``holdout_gain`` (L(base) - L(model) on the held-out rows) when
-        the solver holds rows out, else ``finetune.guard_metric``."""
-        return "holdout_gain" if self.holds_out else self.settings.guard_metric
-
-    @property
-    def guard_start(self) -> float | None:
-        """The guard's starting value: 0 for the held-out gain (the base's own), else :attr:`guard_baseline`."""
-        return 0.0 if self.holds_out else self.guard_baseline
-
-    @property
-    def guard_margin(self) -> float:
-        """Standard errors by which the best window must beat the start (`pipelines.guard.Guard.margin`): 0 for
-        the held-out gain, 2 otherwise."""
-        return 0.0 if self.holds_out else 2.0
+    def guard(self) -> Guard:
+        """A fresh guard for this job (`pipelines.guard.Guard`). It follows ``holdout_gain`` from 0 with no
+        margin when the solver holds rows out (L(base) - L(model) on the held-out rows: the base's own gain is
+        0, and its standard error is wide), else ``finetune.guard_metric`` from :attr:`guard_baseline` with a
+        margin of two standard errors."""
+        s = self.settings
+        if self.holds_out:
+            metric, start, margin = "holdout_gain", 0.0, 0.0
+        else:
+            metric, start, margin = s.guard_metric, self.guard_baseline, 2.0
+        return Guard(enabled=s.guard, metric=metric, min_valid_fraction=self.min_valid_fraction,
+                     patience=s.guard_patience, baseline=start, margin=margin)
 
     @property
     def dim(self) -> int:

@@ -14,7 +14,8 @@ import torch
 
 from pipelines.finetune_job import FinetuneJob
 
-__all__ = ["build_models", "build_solver", "pseudo_reward_fn", "model_state", "load_model_state", "no_buffer_sync", "holdout_metrics"]
+__all__ = ["build_models", "build_solver", "pseudo_reward_fn", "model_state", "load_model_state", "no_buffer_sync",
+           "holdout_metrics"]
 
 Step = Callable[[int, torch.Generator, int], Any]  # (local batch, the step's generator, its seed) -> StepResult
 

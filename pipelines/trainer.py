@@ -18,7 +18,6 @@ import torch
 from pipelines.config import ConfigError
 from pipelines.finetune import run_loop, train_loop
 from pipelines.finetune_job import FinetuneJob
-from pipelines.guard import Guard
 from pipelines.lora_io import driver_lora, lora_outcome
 from pipelines.schema_finetune import FinetuneConfig
 
@@ -75,8 +74,7 @@ def run_finetune(
     lora_model = driver_lora(job.lora, job.model_config, job.base_state, job.init_adapter, log)
     fit = _fit_local if local else _fit_ray
     blob, history, where = fit(job, name=name, storage_path=storage_path, callbacks=callbacks)
-    guard = Guard(enabled=settings.guard, metric=job.guard_metric, baseline=job.guard_start,
-                  margin=job.guard_margin)
+    guard = job.guard()
     guard.load_state_dict(blob["guard"])
     kept, why = guard.keep()
     log(f"[finetune] kept the {kept} state: {why}")

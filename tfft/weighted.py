@@ -166,13 +166,12 @@ class WeightedFlowMatchingSolver:
             self.rho = rho.to(bank_x.device)
             active = (rho - 1.0).abs() > 1e-9
             train = torch.ones_like(active)
-            self.train_rows: Tensor | None = None  # None: every row trains
             if holdout_fraction:
                 train_rows, held = split_rows(len(rho), holdout_fraction, seed=holdout_seed)
                 train = torch.zeros_like(active)
                 train[train_rows] = True
-                self.train_rows = train_rows
                 self.holdout = self._holdout(held, holdout_seed, holdout_draws)
+            self.train_rows = torch.nonzero(train).flatten()  # every row without a held-out part
             self.active_rows = torch.nonzero(active & train).flatten()
             self.rest_rows = torch.nonzero(~active & train).flatten()
             self.active_fraction = float(active[train].double().mean())
@@ -242,9 +241,8 @@ class WeightedFlowMatchingSolver:
         """Rows and their estimator weights: n_a from the rows with rho != 1, the rest from the others."""
         frac = self.active_fraction
         if not 0.0 < frac < 1.0 or n == 1:  # one stratum, or one row: uniform over the training rows
-            pool = self.train_rows
-            idx = torch.randint(0, len(self.rho) if pool is None else len(pool), (n,), generator=generator)
-            return idx if pool is None else pool[idx], torch.full((n,), 1.0 / n, dtype=torch.float64)
+            idx = self.train_rows[torch.randint(0, len(self.train_rows), (n,), generator=generator)]
+            return idx, torch.full((n,), 1.0 / n, dtype=torch.float64)
         n_a = min(max(round(n * max(frac, self.active_share)), 1), n - 1)
         a = self.active_rows[torch.randint(0, len(self.active_rows), (n_a,), generator=generator)]
         b = self.rest_rows[torch.randint(0, len(self.rest_rows), (n - n_a,), generator=generator)]

@@ -177,11 +177,13 @@ def test_a_job_names_its_solver_by_what_it_carries_and_refuses_bad_fields():
     assert dataclasses.replace(job, weighted=bank).solver == "weighted"
     # the guard follows the held-out gain of the anchored weighted solver, from 0 with no margin
     held = dataclasses.replace(job, weighted=bank, settings=dataclasses.replace(job.settings, holdout_fraction=0.1))
-    assert (held.holds_out, held.guard_metric, held.guard_start, held.guard_margin) == (True, "holdout_gain", 0.0, 0.0)
-    assert (job.holds_out, job.guard_metric, job.guard_start, job.guard_margin) == (False, "objective", None, 2.0)
+    held_guard, job_guard = held.guard(), job.guard()
+    assert (held.holds_out, held_guard.metric, held_guard.baseline, held_guard.margin) == (True, "holdout_gain", 0.0, 0.0)
+    assert (job.holds_out, job_guard.metric, job_guard.baseline, job_guard.margin) == (False, "objective", None, 2.0)
+    assert job_guard.patience == job.settings.guard_patience and job_guard.enabled == job.settings.guard
     plain = dataclasses.replace(held, settings=dataclasses.replace(held.settings, anchor=False))
     off = dataclasses.replace(held, settings=job.settings)  # the default: no held-out rows
-    assert not plain.holds_out and not off.holds_out and off.guard_metric == "objective"
+    assert not plain.holds_out and not off.holds_out and off.guard().metric == "objective"
     assert dataclasses.replace(job).call == job.call  # a copy is the same call: its checkpoints are its own
     assert FinetuneJob(job.settings, MODEL, base, TILT, "x:y", {}, seed=0, steps=1, sde_steps=1).call != job.call
     with pytest.raises(ValueError, match="sde_steps"):
