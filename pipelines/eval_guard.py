@@ -10,11 +10,13 @@ compared with the base bank's. Both are means of an influence function, so each 
     left:   CVaR- = mean(phi),  phi_i = q - (q - r_i)_+ / alpha,  q the alpha-quantile;
     mean:   phi_i = r_i;        se = std(phi) / sqrt(n).
 
-The fine-tuned model is rejected when its statistic is below the base's by more than two standard errors of
-the difference, or when its fraction of valid samples is below the base's by more than ``finetune.
+The fine-tuned model is rejected when its statistic is below the base's by more than ``finetune.
+guard_eval_margin`` standard errors of the difference (default 0: below it at all, so that no run ends with a
+model measured worse than its base on its own statistic; 2: only a clear loss), or when its fraction of valid samples is below the base's by more than ``finetune.
 guard_validity_drop`` plus two standard errors (binomial) of the difference (a model whose samples mostly fail
 would otherwise pass on its few valid ones; with ``objective.invalid_reward`` set the failures are scored and
-count in the statistic too); :func:`apply_evaluation_check` then keeps the base model in the run directory.
+count in the statistic too); :func:`apply_evaluation_check` then keeps the base model in the run directory, and
+the final bank is the base bank itself, so that the kept model's statistics are the base's to the digit.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class EvaluationCheck:
     base_validity: float = math.nan
     finetuned_validity: float = math.nan
     validity_worse: bool = False
+    margin: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,18 +70,22 @@ def check_evaluation(
     final_valid: np.ndarray,
     tilt: Tilt,
     validity_drop: float = 0.05,
+    margin: float = 0.0,
 ) -> EvaluationCheck:
     """Compare the objective's own statistic, and the fraction of valid samples, of the fine-tuned samples with
-    the base bank's (module docstring). ``worse`` is set by either."""
+    the base bank's (module docstring). ``worse`` is set by either; ``margin``: the standard errors of the
+    difference by which the statistic may fall below the base's (0: not at all)."""
+    if not (margin >= 0 and math.isfinite(margin)):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin}")
     base, base_se = tilt.statistic(base_rewards, base_valid)
     final, final_se = tilt.statistic(final_rewards, final_valid)
-    margin = 2.0 * math.hypot(base_se, final_se)
-    stat_worse = bool(final < base - margin) if all(map(math.isfinite, (base, final, margin))) else False
+    allowed = margin * math.hypot(base_se, final_se)
+    stat_worse = bool(final < base - allowed) if all(map(math.isfinite, (base, final, allowed))) else False
     p0, p1 = _validity(base_rewards, base_valid), _validity(final_rewards, final_valid)
     se = math.hypot(math.sqrt(p0 * (1 - p0) / max(len(base_valid), 1)), math.sqrt(p1 * (1 - p1) / max(len(final_valid), 1)))
     validity_worse = bool(p1 < p0 - validity_drop - 2.0 * se) if len(final_valid) else False
     return EvaluationCheck(tilt.name, base, base_se, final, final_se, stat_worse or validity_worse, p0, p1,
-                           validity_worse)
+                           validity_worse, margin)
 
 
 def _validity(rewards: np.ndarray, valid: np.ndarray) -> float:
@@ -104,7 +111,7 @@ def apply_evaluation_check(
         return final_bank
     invalid_reward = cfg.objective.invalid_reward
     check = check_evaluation(*base_bank.scored(invalid_reward), *final_bank.scored(invalid_reward), tilt,
-                             validity_drop=cfg.finetune.guard_validity_drop)
+                             validity_drop=cfg.finetune.guard_validity_drop, margin=cfg.finetune.guard_eval_margin)
     blob = torch.load(model_path, map_location="cpu", weights_only=True)
     guard = dict(blob.get("guard") or {})
     if guard.get("evaluation") == check.to_dict():
@@ -117,11 +124,12 @@ def apply_evaluation_check(
                 path.replace(out / path.name.replace("bank_final", "bank_rejected"))
         model_path.replace(rejected)
         _set_aside_lora(model_path.parent)
-        guard.update(kept="base", reason=f"evaluation: {check.describe()}, below it by more than two standard "
-                     "errors (validity: by more than finetune.guard_validity_drop and two standard errors); the base "
-                     "model is returned")
+        below = f"by more than {check.margin:g} standard errors" if check.margin else "at all"
+        guard.update(kept="base", reason=f"evaluation: {check.describe()}, below it {below} (finetune."
+                     "guard_eval_margin; validity: by more than finetune.guard_validity_drop and two standard errors); "
+                     "the base model is returned")
         blob = {**blob, "state_dict": base_state}
-        final_bank = base_bank.take(slice(0, min(cfg.eval.size, len(base_bank))))
+        final_bank = base_bank
         write_atomic(final_bank, out / "bank_final.parquet")
     tmp = model_path.with_suffix(".tmp")
     torch.save({**blob, "guard": guard}, tmp)

@@ -78,7 +78,9 @@ class FinetuneConfig:
     pseudo_reward: E[g] alone) when the last is worse by more than two standard errors, and the starting state
     when no window beat the base model's value; stop early when the training samples' validity falls more than
     ``guard_validity_drop`` below the base bank's, or when the metric stays below its start for
-    ``guard_patience`` logged windows. The objective's KL is the path KL along the SDE, an upper bound of
+    ``guard_patience`` logged windows. After the evaluation the base model is kept when the fine-tuned samples'
+    own statistic is below the base bank's by more than ``guard_eval_margin`` standard errors of the difference
+    (0: at all; ``pipelines.eval_guard``). The objective's KL is the path KL along the SDE, an upper bound of
     KL(p || q) that counts late-time velocity changes the samples barely feel; where that bound dominates
     (molecules), guard on pseudo_reward. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every``
     steps. Workers: ``num_workers`` (DDP), ``cpus_per_worker``, one GPU each when ``use_gpu``, plus custom
@@ -118,6 +120,7 @@ class FinetuneConfig:
     matmul_precision: Literal["highest", "high"] = "highest"
     guard: bool = True
     guard_validity_drop: float = 0.05
+    guard_eval_margin: float = 0.0
     guard_patience: int = 5
     guard_metric: Literal["objective", "pseudo_reward"] = "objective"
     num_workers: int = 2

@@ -94,6 +94,8 @@ def _check_finetune(ft: FinetuneConfig) -> None:
              f"got {ft.adjoint_chunk}")
     _require(0 <= ft.guard_validity_drop <= 1, "finetune.guard_validity_drop",
              f"must be in [0, 1], got {ft.guard_validity_drop}")
+    _require(0 <= ft.guard_eval_margin <= 10, "finetune.guard_eval_margin",
+             f"must be in [0, 10] standard errors (0: any measured loss keeps the base), got {ft.guard_eval_margin}")
     _require(ft.guard_patience >= 0, "finetune.guard_patience", f"must be >= 0 (0: never), got {ft.guard_patience}")
     _require(0 < ft.late_fraction <= 1, "finetune.late_fraction", f"must be in (0, 1], got {ft.late_fraction}")
     _require(ft.n_early >= 0, "finetune.n_early", f"must be >= 0, got {ft.n_early}")

@@ -37,7 +37,7 @@ class EvaluateStage:
 
 def evaluate(cfg: Config, out: Path, base: BaseStage, trained: TrainStage, *,
              log: Callable[[str], None] = print) -> EvaluateStage:
-    """The final bank, samples of ``trained.state`` (a `Bank`, frozen), or the base bank's first rows when the
+    """The final bank, samples of ``trained.state`` (a `Bank`, frozen), or the base bank itself when the
     evaluation check rejected the fine-tuned model; with the record of what this call did."""
     started = time.time()
     final_bank, record = bank_for(

@@ -69,6 +69,7 @@ def test_shipped_configs_validate(path, tmp_path):
         ("finetune.poll_interval_s=0", "finetune.poll_interval_s"),
         ("finetune.clip_factor=0.5", "finetune.clip_factor"),
         ("finetune.guard_validity_drop=2", "finetune.guard_validity_drop"),
+        ("finetune.guard_eval_margin=-1", "finetune.guard_eval_margin"),
         ("finetune.guard_patience=-1", "finetune.guard_patience"),
         ("finetune.warmup_steps=-1", "finetune.warmup_steps"),
         ("sampler.steps=1", "sampler.steps"),

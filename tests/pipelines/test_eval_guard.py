@@ -18,11 +18,11 @@ RIGHT = Tilt(1.0, "right", 0.1, 1.0)
 LEFT = Tilt(-1.0, "left", 0.1, 1.0)
 
 
-def test_check_evaluation_flags_only_a_clear_loss() -> None:
+def test_check_evaluation_with_a_margin_flags_only_a_clear_loss() -> None:
     rng = np.random.default_rng(1)
     base, ok = rng.normal(size=2000), np.ones(2000, dtype=bool)
-    same = check_evaluation(base, ok, rng.normal(size=2000), ok, RIGHT)
-    assert not same.worse and same.statistic == "right-CVaR(0.1)"
+    same = check_evaluation(base, ok, rng.normal(size=2000), ok, RIGHT, margin=2.0)
+    assert not same.worse and same.statistic == "right-CVaR(0.1)" and same.margin == 2.0
     worse = check_evaluation(base, ok, rng.normal(size=2000) - 0.5, ok, RIGHT)
     assert worse.worse and worse.finetuned < worse.base
     better_left = check_evaluation(base, ok, rng.normal(size=2000) * 0.5, ok, LEFT)
@@ -36,6 +36,21 @@ def test_check_evaluation_flags_only_a_clear_loss() -> None:
     slight = np.arange(2000) % 50 != 0  # 98% valid: within the allowed drop
     kept = check_evaluation(base, ok, rng.normal(size=2000) + 1.0, slight, RIGHT, validity_drop=0.05)
     assert not kept.worse and kept.finetuned_validity == pytest.approx(0.98)
+
+
+def test_without_a_margin_any_measured_loss_is_worse() -> None:
+    """The default margin 0: a statistic below the base's at all rejects; at or above it passes. The margin
+    scales with the standard error of the difference: the same small loss passes at 2 standard errors."""
+    rng = np.random.default_rng(4)
+    base, ok = rng.normal(size=4000), np.ones(4000, dtype=bool)
+    stat, se = RIGHT.statistic(base, ok)
+    slightly = base - 0.2 * se  # the same samples, every reward lower by a fifth of the statistic's error
+    lower = check_evaluation(base, ok, slightly, ok, RIGHT)
+    assert lower.worse and not lower.validity_worse and lower.finetuned == pytest.approx(stat - 0.2 * se)
+    assert not check_evaluation(base, ok, slightly, ok, RIGHT, margin=2.0).worse
+    assert not check_evaluation(base, ok, base.copy(), ok, RIGHT).worse  # equal is not below
+    with pytest.raises(ValueError, match="margin"):
+        check_evaluation(base, ok, base, ok, RIGHT, margin=-1.0)
 
 
 def _bank(rewards: np.ndarray, shift: float) -> Bank:
@@ -55,7 +70,7 @@ def test_a_worse_model_is_set_aside_and_the_base_kept(tmp_path) -> None:
     final_bank = _bank(rng.normal(size=300) - 1.0, 1.0)  # clearly worse on the right tail
     write_atomic(final_bank, tmp_path / "bank_final.parquet")
     kept = apply_evaluation_check(cfg, tmp_path, base_state, base_bank, final_bank, RIGHT, log=lambda line: None)
-    assert len(kept) == 300 and float(kept.x.max()) == 0.0  # the base bank's first rows
+    assert kept is base_bank  # the base bank itself: the kept model's statistics are the base's
     assert float(read_bank(tmp_path / "bank_final.parquet").x.max()) == 0.0
     assert float(read_bank(tmp_path / "bank_rejected.parquet").x.min()) == 1.0
     blob = torch.load(tmp_path / "checkpoint" / "model.pt", weights_only=True)
@@ -65,7 +80,7 @@ def test_a_worse_model_is_set_aside_and_the_base_kept(tmp_path) -> None:
     assert torch.equal(rejected["state_dict"]["w"], tuned_state["w"])
     # A rerun finds the decision made: nothing moves again.
     again = apply_evaluation_check(cfg, tmp_path, base_state, base_bank, kept, RIGHT, log=lambda line: None)
-    assert len(again) == 300 and (tmp_path / "bank_rejected.parquet").is_file()
+    assert len(again) == 1000 and (tmp_path / "bank_rejected.parquet").is_file()
 
 
 def test_a_model_that_holds_is_kept_and_the_check_recorded(tmp_path) -> None:
