@@ -36,19 +36,6 @@ from pipelines.train_session import TrainSession
 __all__ = ["train_loop", "run_loop"]
 
 
-def _quiet_train_logs() -> None:
-    import logging
-
-    # Train logs every report at INFO; rank 0 prints one progress line per report instead.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # this module names its logger by file path ("Reporting training result ..." on every report)
-        from ray.train.v2._internal.execution import context as _train_context
-
-        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray layout: only the noise stays
-        pass
-
-
 _GUARDED = ("objective", "pseudo_reward")  # metrics whose standard error over a window is reported
 
 
@@ -74,10 +61,10 @@ def _window_metrics(sums: dict[str, torch.Tensor], count: int, world: int) -> di
 def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the TorchTrainer: :func:`run_loop` of ``config["job"]`` in a
     `RayTrainSession`."""
-    from pipelines.train_session import RayTrainSession
+    from pipelines.train_session import RayTrainSession, quiet_train_logs
 
     loop_started = time.time()  # the loop's own time, without the worker group's start-up
-    _quiet_train_logs()
+    quiet_train_logs()
     run_loop(config["job"], RayTrainSession(), loop_started=loop_started)
 
 
@@ -108,8 +95,18 @@ def run_loop(job: FinetuneJob, session: TrainSession, *, loop_started: float | N
     running statistics, the guard's state and the best state so far.
     """
     loop_started = time.time() if loop_started is None else loop_started
-    rank, world, device = session.world_rank, session.world_size, session.device
     worker = _start(job, session)
+    try:
+        _steps(job, session, worker, loop_started)
+    finally:
+        if worker.tracker is not None:
+            worker.tracker.close()  # every queued window reaches MLflow before the worker returns
+
+
+def _steps(job: FinetuneJob, session: TrainSession, worker: _Worker, loop_started: float) -> None:
+    """The steps from the worker's start step: solver step, backward, clip, optimiser and schedule; a window's
+    metrics all-reduced and handed to :func:`_end_window` every ``log_every`` steps and at the last."""
+    rank, world, device = session.world_rank, session.world_size, session.device
     settings = job.settings
     model, opt = worker.model, worker.opt
     local_batch = max(1, settings.batch_size // world)
@@ -171,7 +168,8 @@ def _start(job: FinetuneJob, session: TrainSession) -> _Worker:
     if session.world_rank == 0 and job.mlflow:
         from pipelines.tracking import MetricLogger
 
-        tracker = MetricLogger(**job.mlflow)
+        tracker = MetricLogger(**job.mlflow, background=True)
+        tracker.start()  # MLflow's import and client open in the background, beside the first steps
     return _Worker(model, lora, opt, scheduler, guard, solver, step, tracker, start_step, best_state, call, reused)
 
 

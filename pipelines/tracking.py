@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,25 +33,81 @@ def resolve_tracking_uri(uri: str) -> str:
 
 
 class MetricLogger:
-    """Logs metric dicts into an existing run; picklable (it holds only the URI and the run id)."""
+    """Logs metric dicts into an existing run; picklable (it holds only the URI, the run id and the mode).
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-        self._client = None
+    ``background=False``: each :meth:`log` writes before it returns (with :func:`retry_store_write`'s retries).
+    ``background=True`` (the training loop's rank 0): :meth:`log` only queues the metrics, and one daemon thread
+    imports MLflow, opens the client and writes the queue in order, so that neither the import (about a second
+    in a fresh worker process) nor a store's latency (SQLite's lock, a remote server's round trip) stalls the
+    training step, which holds every DDP worker at its next all-reduce. :meth:`close` waits for the queue (up to
+    ``timeout`` seconds). A write that still fails after the retries is dropped with one warning and the thread
+    goes on: tracking never stops a training run.
+    """
+
+    def __init__(self, uri: str, run_id: str, *, background: bool = False):
+        self.uri, self.run_id, self.background = uri, run_id, background
+        self._client: Any = None
+        self._queue: queue.Queue[tuple[list[tuple[str, float, int, int]], bool] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self.dropped = 0  # batches whose write failed (background)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self.uri, "run_id": self.run_id, "background": self.background}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uri"], state["run_id"], background=state.get("background", False))  # type: ignore[misc]
+
+    def start(self) -> None:
+        """Start the background thread now (it imports MLflow and opens the client before the first metrics
+        arrive); a no-op when writing in the foreground or already started."""
+        if self.background and self._thread is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._drain, name="tfft-mlflow", daemon=True)
+            self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        rows = [(key, float(value), now, step) for key, value in metrics.items()
+                if value is not None and math.isfinite(float(value))]
+        if not self.background:
+            self._write(rows)
+            return
+        self.start()
+        assert self._queue is not None
+        self._queue.put((rows, True))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait (up to ``timeout`` s) until every queued batch is written, then stop the thread."""
+        if self._thread is None or self._queue is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            warnings.warn(f"MLflow: metrics still queued after {timeout:g} s were not written", stacklevel=2)
+        self._thread, self._queue = None, None
+
+    def _write(self, rows: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.uri)
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(key, float(value), now, step)
-            for key, value in metrics.items()
-            if value is not None and math.isfinite(float(value))
-        ]
-        retry_store_write(self._client.log_batch, self.run_id, metrics=batch)
+        if rows:
+            retry_store_write(self._client.log_batch, self.run_id, metrics=[Metric(*row) for row in rows])
+
+    def _drain(self) -> None:
+        """The background thread: open the client, then write the queued batches in order until ``None``."""
+        assert self._queue is not None
+        work: Any = ([], True)  # an empty batch first: the import and the client, before any metrics
+        while work is not None:
+            try:
+                self._write(work[0])
+            except Exception as error:  # noqa: BLE001 - tracking must not stop training
+                self.dropped += 1
+                if self.dropped == 1:
+                    warnings.warn(f"MLflow: a metrics batch could not be written and was dropped ({error!r}); "
+                                  "training goes on", stacklevel=1)
+            work = self._queue.get()
 
 
 STORE_WRITE_TRIES = 8

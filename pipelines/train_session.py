@@ -25,12 +25,25 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-__all__ = ["TrainSession", "RayTrainSession", "LocalSession", "local_checkpoints", "forwarding_reports"]
+__all__ = ["quiet_train_logs", "TrainSession", "RayTrainSession", "LocalSession", "local_checkpoints", "forwarding_reports"]
 
 _CHECKPOINT = re.compile(r"^checkpoint_(\d{6})$")
 METRICS_FILE = "metrics.json"
 # Listeners of this process's local reports (forwarding_reports); a process runs one local loop at a time.
 _LISTENERS: list[Callable[[dict[str, Any]], None]] = []
+
+
+def quiet_train_logs() -> None:
+    """Ray Train's per-report INFO lines off (rank 0 prints its own progress line)."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this module names its logger by file path ("Reporting training result ..." on every report)
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: only the noise stays
+        pass
 
 
 @contextlib.contextmanager
