@@ -9,7 +9,11 @@ to the loop's first line is what every fine-tuning run pays before its first ste
 worker actors, torch's process group); the rest of ``fit()`` is the teardown. Ray Train's controller log
 (JSON lines in the Ray session's ``logs/train``) splits the start-up further: when the controller's first record
 was written, and how long the worker processes and the train context on them took. Compare with
-``benchmarks/results/train_overhead.md``, where the same cost sits inside a whole run. Results go to
+``benchmarks/results/train_overhead.md``, where the same cost sits inside a whole run. Then, in fresh Python
+processes (``--reps`` of them, after one that creates the SQLite store), what a fine-tuning worker's loop pays once
+after torch is imported: the first optimiser (its first ``add_param_group`` imports ``torch._dynamo``, which
+the in-process loop of ``train_overhead`` has paid before its clock starts), a second one for comparison, and
+MLflow's import and client on an existing SQLite store (rank 0's logger, on its background thread). Results go to
 ``benchmarks/results/train_startup.{json,md}``; one run on one machine.
 """
 
@@ -101,6 +105,38 @@ def fit_once(workers: int, storage: str, name: str) -> dict[str, float]:
             **_controller_phases(called)}
 
 
+_FIRST_USE = """
+import json, sys, time
+import torch
+t0 = time.perf_counter()
+torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
+t1 = time.perf_counter()
+torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
+t2 = time.perf_counter()
+from mlflow.tracking import MlflowClient
+t3 = time.perf_counter()
+MlflowClient(tracking_uri=sys.argv[1]).search_experiments()
+t4 = time.perf_counter()
+print(json.dumps({"first_optimiser": t1 - t0, "second_optimiser": t2 - t1, "mlflow_import": t3 - t2,
+                  "mlflow_open": t4 - t3}))
+"""
+
+
+def first_use_costs(reps: int) -> list[dict[str, float]]:
+    """Seconds of the once-per-process costs inside a worker's loop (module docstring), one fresh process per
+    repetition after a first one that creates the store."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        runs = []
+        for _ in range(reps + 1):
+            out = subprocess.run([sys.executable, "-c", _FIRST_USE, uri], check=True, capture_output=True, text=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
@@ -116,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0] if all(key in r for r in runs)}
+    first = first_use_costs(args.reps)
+    first_median = {key: statistics.median(r[key] for r in first) for key in first[0]}
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ray": ray.__version__},
-              "workers": args.workers, "runs": runs, "median": median}
+              "workers": args.workers, "runs": runs, "median": median, "first_use": first,
+              "first_use_median": first_median}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_startup.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -143,9 +182,22 @@ def main(argv: list[str] | None = None) -> int:
             f"| {median['controller_up']:.2f} | {median['workers_created']:.2f} | {median['train_context']:.2f} | "
             f"{median['group_start']:.2f} |",
         ]
+    lines += _first_use_lines(first_median, args.reps)
     (args.out / "train_startup.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _first_use_lines(median: dict[str, float], reps: int) -> list[str]:
+    return [
+        "",
+        f"Once per worker process, inside the loop (fresh Python processes with torch imported, median of {reps}):",
+        "",
+        "| first optimiser (imports torch._dynamo) | second optimiser | MLflow import | MLflow client on the store |",
+        "|---|---|---|---|",
+        f"| {median['first_optimiser']:.2f} | {median['second_optimiser']:.4f} | {median['mlflow_import']:.2f} | "
+        f"{median['mlflow_open']:.2f} |",
+    ]
 
 
 if __name__ == "__main__":
