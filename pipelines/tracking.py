@@ -47,9 +47,9 @@ class MetricLogger:
     def __init__(self, uri: str, run_id: str, *, background: bool = False):
         self.uri, self.run_id, self.background = uri, run_id, background
         self._client: Any = None
-        self._queue: queue.Queue[tuple[list[tuple[str, float, int, int]], bool] | None] | None = None
+        self._queue: queue.Queue[list[tuple[str, float, int, int]] | None] | None = None
         self._thread: threading.Thread | None = None
-        self.dropped = 0  # batches whose write failed (background)
+        self.dropped = 0  # metric batches whose write failed (background)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"uri": self.uri, "run_id": self.run_id, "background": self.background}
@@ -62,7 +62,7 @@ class MetricLogger:
         arrive); a no-op when writing in the foreground or already started."""
         if self.background and self._thread is None:
             self._queue = queue.Queue()
-            self._thread = threading.Thread(target=self._drain, name="tfft-mlflow", daemon=True)
+            self._thread = threading.Thread(target=self._drain, args=(self._queue,), name="tfft-mlflow", daemon=True)
             self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -74,7 +74,7 @@ class MetricLogger:
             return
         self.start()
         assert self._queue is not None
-        self._queue.put((rows, True))
+        self._queue.put(rows)
 
     def close(self, timeout: float = 60.0) -> None:
         """Wait (up to ``timeout`` s) until every queued batch is written, then stop the thread."""
@@ -95,19 +95,20 @@ class MetricLogger:
         if rows:
             retry_store_write(self._client.log_batch, self.run_id, metrics=[Metric(*row) for row in rows])
 
-    def _drain(self) -> None:
-        """The background thread: open the client, then write the queued batches in order until ``None``."""
-        assert self._queue is not None
-        work: Any = ([], True)  # an empty batch first: the import and the client, before any metrics
-        while work is not None:
+    def _drain(self, work: queue.Queue[list[tuple[str, float, int, int]] | None]) -> None:
+        """The background thread: open the client, then write the batches of ``work`` in order until ``None``."""
+        try:
+            self._write([])  # the import and the client, before the first metrics arrive
+        except Exception:  # noqa: BLE001 - the first batch's write opens it again and reports the failure
+            pass
+        while (rows := work.get()) is not None:
             try:
-                self._write(work[0])
+                self._write(rows)
             except Exception as error:  # noqa: BLE001 - tracking must not stop training
                 self.dropped += 1
                 if self.dropped == 1:
                     warnings.warn(f"MLflow: a metrics batch could not be written and was dropped ({error!r}); "
                                   "training goes on", stacklevel=1)
-            work = self._queue.get()
 
 
 STORE_WRITE_TRIES = 8
