@@ -1,6 +1,8 @@
 """The rows of a sweep's report: one per trial of ``DIR/sweep.json``, with every CVaR at the trial's own ``alpha``
 on both sides for the base model (its bank), the fine-tuned model (its final bank) and the exact target (the base
-bank under the tilt weights, DESIGN §5), and ``kl_target``, KL(p* ‖ q) of the exact target (:func:`tilt_kl`).
+bank under the tilt weights, DESIGN §5), ``kl_target``, KL(p* ‖ q) of the exact target (:func:`tilt_kl`), and
+``kept``, the state the guard kept (``last`` | ``best`` | ``base``: with ``base`` the trial's fine-tuned statistics
+are its base model's).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ COLUMNS = (
     + [f"{m}_mean" for m in _MODELS]
     + [f"{m}_cvar_{s}" for s in ("right", "left") for m in _MODELS]
     + [f"target_cvar_{s}_{b}" for s in ("right", "left") for b in ("lo", "hi")]
-    + ["wall_seconds"]
+    + ["wall_seconds", "kept"]
 )
 INTERVAL_NOTE = (
     "target_cvar_*_lo/hi: the percentile-bootstrap interval of the target CVaR over the base bank, as recorded in "
@@ -81,6 +83,9 @@ def _trial_row(sweep_dir: Path, trial: dict[str, Any], banks: dict[str, Any]) ->
     row.update({k: threshold.get(k, math.nan) for k in ("eta", "ess", "tail_mass")})
     row.update({f"{m}_mean": summary[m]["mean"] for m in _MODELS})
     row["wall_seconds"] = summary.get("wall_seconds", math.nan)
+    # the state the guard kept: last | best | base (no window beat the base, or the evaluation check set the
+    # fine-tuned model aside: then the trial's "finetuned" statistics are the base's)
+    row["kept"] = (summary.get("guard") or {}).get("kept", "")
     if trial["bank"] not in banks:
         banks[trial["bank"]] = bank_rewards(sweep_dir / trial["bank"])
     base_r, base_valid = banks[trial["bank"]]

@@ -62,6 +62,7 @@ def sweep_dir(tmp_path):
                 "target": target_summary(base, valid=np.isfinite(base), **objective).to_dict(),
                 "objective": {"kind": "cvar", **objective},
                 "wall_seconds": 12.5,
+                "guard": {"kept": "base" if (alpha, kl) == (ALPHAS[0], KL_WEIGHTS[1]) else "last"},
             }
             (d / "summary.json").write_text(json.dumps(summary))
     for name, status in (("alpha=0.3_kl_weight=2", "failed"), ("alpha=0.3_kl_weight=8", None)):
@@ -108,6 +109,7 @@ def test_rows_hold_each_trials_cvars_at_its_own_alpha(sweep_dir):
             n = int(valid.sum())
             kl_direct = float(np.sum(w[w > 0] * np.log(n * w[w > 0])))
             assert r["kl_target"] == pytest.approx(kl_direct) and r["kl_target"] > 0
+            assert r["kept"] == ("base" if (alpha, kl) == (ALPHAS[0], KL_WEIGHTS[1]) else "last")
         # a weaker KL weight lets the target move further from the base
         assert rows[_name(alpha, KL_WEIGHTS[0])]["kl_target"] > rows[_name(alpha, KL_WEIGHTS[1])]["kl_target"]
 
