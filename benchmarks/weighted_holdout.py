@@ -34,16 +34,12 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _training_rows_check(built: Any) -> Any:
-    """`tfft.holdout.HoldOut` on as many training rows as are held out, with their own draws (seed + 2)."""
-    from tfft.holdout import HoldOut, split_rows
-
-    solver, seed = built.solver, built.job.seed
-    train_rows, held = split_rows(len(solver.bank_x), built.job.settings.holdout_fraction, seed=seed)
-    pick = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(1))[: len(held)]]
-    gen = torch.Generator().manual_seed(seed + 2)
-    x1 = solver.bank_x[pick]
-    return HoldOut.draw(built.base, x1, solver.rho[pick], times=torch.rand(4, len(pick), generator=gen),
-                        noise=torch.randn(4, *x1.shape, generator=gen))
+    """The solver's gain check (`tfft.weighted.WeightedFlowMatchingSolver.holdout_check`) on as many training rows
+    as are held out, with their own draws (seed + 2)."""
+    solver = built.solver
+    train = solver.train_rows
+    pick = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: solver.holdout.rows]]
+    return solver.holdout_check(pick, seed=built.job.seed + 2, draws=4)
 
 
 def measure(run: Path, lr: float, l2: float = 0.0) -> list[dict[str, float]]:

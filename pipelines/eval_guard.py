@@ -12,11 +12,12 @@ compared with the base bank's. Both are means of an influence function, so each 
 
 The fine-tuned model is rejected when its statistic is below the base's by more than ``finetune.
 guard_eval_margin`` standard errors of the difference (default 0: below it at all, so that no run ends with a
-model measured worse than its base on its own statistic; 2: only a clear loss), or when its fraction of valid samples is below the base's by more than ``finetune.
-guard_validity_drop`` plus two standard errors (binomial) of the difference (a model whose samples mostly fail
-would otherwise pass on its few valid ones; with ``objective.invalid_reward`` set the failures are scored and
-count in the statistic too); :func:`apply_evaluation_check` then keeps the base model in the run directory, and
-the final bank is the base bank itself, so that the kept model's statistics are the base's to the digit.
+model measured worse than its base on its own statistic; 2: only a clear loss), or when its fraction of valid
+samples is below the base's by more than ``finetune.guard_validity_drop`` plus two standard errors (binomial) of
+the difference (a model whose samples mostly fail would otherwise pass on its few valid ones; with
+``objective.invalid_reward`` set the failures are scored and count in the statistic too);
+:func:`apply_evaluation_check` then keeps the base model in the run directory, and the final bank is the base bank
+itself, so that the kept model's statistics are the base's to the digit.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from torch import Tensor
 from tfft.conditions import call_velocity, per_condition_weights
 from tfft.holdout import HoldOut, split_rows
 from tfft.model import VelocityField, flow_matching_loss
+from tfft.solver_loops import unwrap
 from tfft.step import StepResult
 
 __all__ = ["WeightedFlowMatchingSolver", "anchored_flow_matching_loss", "draw_times"]
@@ -170,16 +171,19 @@ class WeightedFlowMatchingSolver:
                 train_rows, held = split_rows(len(rho), holdout_fraction, seed=holdout_seed)
                 train = torch.zeros_like(active)
                 train[train_rows] = True
-                self.holdout = self._holdout(held, holdout_seed, holdout_draws)
+                self.holdout = self.holdout_check(held, seed=holdout_seed + 1, draws=holdout_draws)
             self.train_rows = torch.nonzero(train).flatten()  # every row without a held-out part
             self.active_rows = torch.nonzero(active & train).flatten()
             self.rest_rows = torch.nonzero(~active & train).flatten()
             self.active_fraction = float(active[train].double().mean())
 
-    def _holdout(self, rows: Tensor, seed: int, draws: int) -> HoldOut:
-        """The held-out check on ``rows``: times and noises drawn once from ``seed + 1`` (CPU), then moved."""
-        assert self.base is not None
-        gen = torch.Generator().manual_seed(seed + 1)
+    def holdout_check(self, rows: Tensor, *, seed: int, draws: int) -> HoldOut:
+        """The anchored loss's gain check (`tfft.holdout.HoldOut`) on bank ``rows``, ``draws`` times and noises per
+        row drawn once from a CPU generator seeded ``seed`` (times by :func:`draw_times` with this solver's
+        ``time_power``), then moved to the bank's device. The solver's own check is on its held-out rows."""
+        if self.base is None:
+            raise ValueError("the gain check needs the anchored estimator (pass base)")
+        gen = torch.Generator().manual_seed(seed)
         x1 = self.bank_x[rows.to(self.bank_x.device)]
         times = draw_times(draws * len(rows), self.time_power, generator=gen, dtype=x1.dtype).reshape(draws, -1)
         noise = torch.randn((draws, *x1.shape), generator=gen, dtype=x1.dtype)
@@ -191,8 +195,7 @@ class WeightedFlowMatchingSolver:
         """(mean, standard error) of L(base) - L(model) on the held-out rows (`tfft.holdout`); None without them."""
         if self.holdout is None:
             return None
-        model = getattr(self.model, "module", None)  # the module inside a DDP wrapper: no hooks for a no-grad pass
-        return self.holdout.gain(model if isinstance(model, torch.nn.Module) else self.model)
+        return self.holdout.gain(unwrap(self.model))  # inside a DDP wrapper: no hooks for a no-grad pass
 
     def _medians(self) -> Tensor:
         """Each row's reference weight c: the median positive weight of the bank, or of the row's condition."""
