@@ -27,7 +27,7 @@ from tfft.objective import Tilt
 from tfft.bracket import TailMeasurement
 from tfft.refine import RefineRound
 
-__all__ = ["refine_threshold", "FineTune", "SampleBank"]
+__all__ = ["refine_threshold", "final_round_dir", "FineTune", "SampleBank"]
 
 FineTune = Callable[[Path, Tilt, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 # (cfg, (model config, state), *, size, label, out_path, log) -> the model's scored bank (`generate_bank`'s shape)
@@ -67,6 +67,12 @@ class _Rounds:
         if r.size == 0:
             raise RuntimeError(f"refine round {k}: no valid reward in {self.dir / f'bank-{k}.parquet'}")
         return self.tilt.with_eta(eta).measure(r)
+
+
+def final_round_dir(out: Path, rounds: list[dict[str, Any]]) -> Path:
+    """The directory whose ``checkpoint/model.pt`` holds the refined model: ``out/refine/round-K`` after K measured
+    rounds (:meth:`_Rounds.advance` fine-tunes there after the loop), ``out`` itself without rounds."""
+    return out / "refine" / f"round-{len(rounds)}" if rounds else out
 
 
 def refine_threshold(

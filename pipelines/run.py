@@ -87,7 +87,8 @@ def run_from_bank(
     solved = StageRecord(BUILT, time.time() - started, {"samples": len(base.bank), "valid": base.bank.n_valid})
     trained = train(cfg, out, base, threshold, plan=plan, run=run, log=log, callbacks=finetune_callbacks)
     final = evaluate(cfg, out, base, trained, log=log)
-    summary = record_summary(cfg, out, run, base.bank, final.bank, threshold.threshold, trained.tilt, plan.solver)
+    summary = record_summary(cfg, out, run, base.bank, final.bank, threshold.threshold, trained.tilt, plan.solver,
+                             model_dir=trained.model_dir)
     summary["model"] = model_record(base.model.config, cfg.model.checkpoint)  # banks hold samples flattened
     if trained.refinement is not None:
         summary["refinement"] = trained.refinement

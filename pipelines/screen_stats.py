@@ -22,7 +22,7 @@ from pipelines.bankio import Bank
 from tfft.objective import Tilt
 from tfft.target import summarize
 
-__all__ = ["covered", "audit_entries", "plain_interval", "audit_statistics", "flatten_screen", "RECORD_KEYS"]
+__all__ = ["covered", "check_rows", "audit_entries", "plain_interval", "audit_statistics", "flatten_screen", "RECORD_KEYS"]
 
 RECORD_KEYS = ("expensive_calls", "skipped", "audited", "miss_rate", "miss_rate_upper")
 
@@ -32,6 +32,28 @@ def covered(reward: np.ndarray, weights: np.ndarray, *, side: str, level: float,
     w = np.asarray(weights, dtype=np.float64)
     beyond = reward > cut if side == "right" else reward < cut
     return bool(w[beyond].sum() / w.sum() >= level * (1.0 - tolerance))
+
+
+Rows = tuple[np.ndarray, np.ndarray]  # (rewards (m,), mask (m,))
+
+
+def check_rows(bank: Bank, reward: np.ndarray, valid: np.ndarray, *, side: str, alpha: float,
+               tolerance: float) -> tuple[Rows, Rows, str]:
+    """The rows the evaluation check (`pipelines.eval_guard`) reads from one bank, scored as (reward (n,), valid
+    (n,)): (rows for the objective's statistic, rows for the valid fraction, where the statistic comes from).
+
+    A plain bank, or a screened one evaluated in full: every row ("all"). A screened bank whose certified tail
+    covers the objective's alpha-tail (:func:`covered`, uniform weights): its working view, exact for the CVaR
+    ("certified tail"); otherwise the audit ("audit"). The valid fraction of a screened bank is always the
+    audit's: its skipped rows were never scored and count as valid in the working view."""
+    if not bank.screened or bank.screening is None or bank.screening.get("full"):
+        return (reward, valid), (reward, valid), "all"
+    assert bank.audited is not None
+    audit = (reward[bank.audited], valid[bank.audited])
+    if covered(np.where(valid, reward, np.nan), valid.astype(np.float64), side=side, level=alpha,
+               cut=bank.screening["eta"], tolerance=tolerance):
+        return (reward, valid), audit, "certified tail"
+    return audit, audit, "audit"
 
 
 def _entries(stats: dict[str, Any]) -> list[str]:

@@ -53,13 +53,17 @@ class Statistics:
 
 def record_summary(
     cfg: Config, out: Path, run: TrackedRun, base_bank: Bank, final_bank: Bank, threshold: Threshold | None,
-    tilt: Tilt, solver: str,
+    tilt: Tilt, solver: str, *, model_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """The run's summary dict; logs its metrics (at step ``finetune.steps``) and figures to ``run``."""
+    """The run's summary dict; logs its metrics (at step ``finetune.steps``) and figures to ``run``.
+    ``model_dir``: the directory whose checkpoint holds the final model (refinement's last round), whose guard
+    record the summary reports (None: ``out``'s)."""
     banks = {"base": base_bank, "finetuned": final_bank}
     scored = {label: bank.scored(cfg.objective.invalid_reward) for label, bank in banks.items()}
     stats = _statistics(cfg, banks, scored, threshold, tilt)
     summary = _summary(cfg, out, banks, threshold, tilt, solver, stats)
+    if model_dir is not None:
+        summary["guard"] = checkpoint_record(model_dir).get("guard")
     reward = load_reward(cfg.reward.target, cfg.reward.kwargs)
     extras = _reward_record(reward, banks)
     summary.update(extras)

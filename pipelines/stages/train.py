@@ -23,7 +23,7 @@ from pipelines.bankio import Bank
 from pipelines.conditions import conditions_of
 from pipelines.finetune_job import FinetuneJob, WeightedBank
 from pipelines.lora import lora_settings, read_adapter, save_lora_checkpoint
-from pipelines.refinement import FineTune, refine_threshold
+from pipelines.refinement import FineTune, final_round_dir, refine_threshold
 from pipelines.schema import Config
 from pipelines.stage_record import BUILT, RESUMED, REUSED, StageRecord, combined_status
 from pipelines.stages.base import BaseStage
@@ -43,12 +43,14 @@ State = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class TrainStage:
     """The fine-tuned network's state, the objective it was fine-tuned for (refinement's eta when refined),
-    what the stage did (``record``: :func:`train`) and refinement's rounds (None without refinement)."""
+    what the stage did (``record``: :func:`train`), refinement's rounds (None without refinement) and the
+    directory whose ``checkpoint/model.pt`` holds the state (None: the run's own; refinement's last round)."""
 
     state: State
     tilt: Tilt
     record: StageRecord
     refinement: list[dict[str, Any]] | None = None
+    model_dir: Path | None = None
 
 
 def train(
@@ -72,7 +74,7 @@ def train(
         cfg, out, base.model, base.bank, threshold.tilt, state, run=run, log=log,
         finetune=_warm_rounds(cfg, out, finetune, runs),
     )
-    return TrainStage(state, tilt, _stage_record(runs, started), rounds)
+    return TrainStage(state, tilt, _stage_record(runs, started), rounds, final_round_dir(out, rounds))
 
 
 def _stage_record(runs: list[StageRecord], started: float) -> StageRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -111,3 +112,95 @@ def test_a_rejected_lora_run_sets_its_adapter_aside(tmp_path) -> None:
     apply_evaluation_check(cfg, tmp_path, {"w": torch.zeros(2)}, base_bank, final_bank, RIGHT, log=lambda line: None)
     assert not any((ckpt / name).exists() for name in names)
     assert all((ckpt / "rejected" / name).read_text() == name for name in names)
+
+
+def test_with_conditions_the_statistic_is_the_mean_over_conditions() -> None:
+    """With one threshold per condition the objective is (1/C) sum_c CVaR_c: a model that lifts condition 0's
+    tail by 1 and lowers condition 1's by 0.1 is better on it, though the pooled CVaR (made of condition 1's
+    rows) fell; one that lowers condition 0's by 0.5 and lifts condition 1's by 0.1 is worse."""
+    rng = np.random.default_rng(5)
+    base_c, final_c = np.repeat([0, 1], 2000), np.repeat([0, 1], 1000)
+    base = np.where(base_c == 0, 0.0, 10.0) + rng.normal(size=4000)
+    fresh = np.where(final_c == 0, 0.0, 10.0) + rng.normal(size=2000)
+    ok_b, ok_f = np.ones(4000, dtype=bool), np.ones(2000, dtype=bool)
+    tilt = Tilt((1.3, 11.3), "right", 0.1, 1.0)
+    better = fresh + np.where(final_c == 0, 1.0, -0.1)
+    check = check_evaluation(base, ok_b, better, ok_f, tilt, base_cond=base_c, final_cond=final_c)
+    per_base = [RIGHT.statistic(base[base_c == c], ok_b[base_c == c]) for c in (0, 1)]
+    per_final = [RIGHT.statistic(better[final_c == c], ok_f[final_c == c]) for c in (0, 1)]
+    assert check.base == pytest.approx(np.mean([v for v, _ in per_base]))
+    assert check.finetuned == pytest.approx(np.mean([v for v, _ in per_final]))
+    assert check.base_se == pytest.approx(math.hypot(*[e for _, e in per_base]) / 2)
+    assert check.finetuned_per_condition == pytest.approx(tuple(v for v, _ in per_final))
+    assert not check.worse and "mean over 2 conditions" in check.describe()
+    assert check_evaluation(base, ok_b, better, ok_f, RIGHT).worse  # pooled, the same samples read worse
+    worse = fresh + np.where(final_c == 0, -0.5, 0.1)
+    assert check_evaluation(base, ok_b, worse, ok_f, tilt, base_cond=base_c, final_cond=final_c).worse
+    # one pooled threshold (objective.per_condition: false): the pooled statistic, no per-condition values
+    pooled = check_evaluation(base, ok_b, better, ok_f, Tilt(10.5, "right", 0.1, 1.0), base_cond=base_c,
+                              final_cond=final_c)
+    assert pooled.worse and pooled.base_per_condition == ()
+    with pytest.raises(ValueError, match="base_cond and final_cond"):
+        check_evaluation(base, ok_b, better, ok_f, tilt, base_cond=base_c)
+
+
+def test_after_refinement_the_refined_model_is_judged(tmp_path) -> None:
+    """model_dir: refinement's last round holds the final model; its checkpoint records the decision and is the
+    one set aside, while the run's banks stay in out."""
+    cfg = load_config(None, ["eval.size=300"])
+    first, last = tmp_path / "checkpoint", tmp_path / "refine" / "round-2" / "checkpoint"
+    for directory, value in ((first, 1.0), (last, 2.0)):
+        directory.mkdir(parents=True)
+        torch.save({"state_dict": {"w": torch.full((2,), value)}, "guard": {}}, directory / "model.pt")
+    rng = np.random.default_rng(6)
+    base_bank, final_bank = _bank(rng.normal(size=1000), 0.0), _bank(rng.normal(size=300) - 1.0, 1.0)
+    write_atomic(final_bank, tmp_path / "bank_final.parquet")
+    kept = apply_evaluation_check(cfg, tmp_path, {"w": torch.zeros(2)}, base_bank, final_bank, RIGHT,
+                                  log=lambda line: None, model_dir=last.parent)
+    assert kept is base_bank and (tmp_path / "bank_rejected.parquet").is_file()
+    assert float(torch.load(last / "model_rejected.pt", weights_only=True)["state_dict"]["w"][0]) == 2.0
+    assert float(torch.load(last / "model.pt", weights_only=True)["state_dict"]["w"][0]) == 0.0
+    untouched = torch.load(first / "model.pt", weights_only=True)
+    assert float(untouched["state_dict"]["w"][0]) == 1.0 and "evaluation" not in untouched["guard"]
+
+
+def _screened_bank(rewards: np.ndarray, shift: float, cut: float) -> Bank:
+    """A screened bank (working view) whose rows below ``cut`` were skipped, except an audit of every 10th row."""
+    n = len(rewards)
+    audited = np.arange(n) % 10 == 0
+    evaluated = audited | (rewards > cut)
+    filled = np.where(evaluated, rewards, rewards[evaluated].min())
+    bank = _bank(filled, shift)
+    record = {"full": False, "eta": cut, "expensive_calls": int(evaluated.sum()), "certified": {"side": "right"}}
+    return Bank(**{**bank.__dict__, "screen": rewards, "evaluated": evaluated, "audited": audited,
+                   "screening": record})
+
+
+def test_a_screened_run_is_checked_and_its_bank_files_set_aside(tmp_path) -> None:
+    """Screened banks: the base's cut covers its 10% tail (certified tail), the fine-tuned bank's cut does not
+    (audit). A clearly worse model is rejected; every bank_final* file (the bank, its screen bank, its record,
+    its journal) becomes bank_rejected*, and the base bank with its record becomes the final bank."""
+    cfg = load_config(None, ["eval.size=3000"])
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "guard": {}}, tmp_path / "checkpoint" / "model.pt")
+    rng = np.random.default_rng(7)
+    base_r, final_r = rng.normal(size=6000), rng.normal(size=3000) - 1.0
+    base_bank = _screened_bank(base_r, 0.0, float(np.quantile(base_r, 0.8)))
+    final_bank = _screened_bank(final_r, 1.0, float(np.quantile(final_r, 0.95)))
+    write_atomic(final_bank, tmp_path / "bank_final.parquet")
+    for name in ("bank_final.screen.json", "bank_final.screen.parquet"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "bank_final.evaluated").mkdir()
+    kept = apply_evaluation_check(cfg, tmp_path, {"w": torch.zeros(2)}, base_bank, final_bank, RIGHT,
+                                  log=lambda line: None)
+    check = torch.load(tmp_path / "checkpoint" / "model.pt", weights_only=True)["guard"]["evaluation"]
+    assert kept is base_bank and check["worse"] and check["rows"] == "base: certified tail; fine-tuned: audit"
+    assert check["base"] == pytest.approx(RIGHT.statistic(base_r)[0])  # exact: the tail was all scored
+    audit = final_bank.audited
+    assert check["finetuned"] == pytest.approx(RIGHT.statistic(final_r[audit])[0])
+    assert (tmp_path / "bank_rejected.evaluated").is_dir()
+    assert (tmp_path / "bank_rejected.screen.parquet").read_text() == "bank_rejected.screen.parquet".replace(
+        "rejected", "final")
+    assert float(read_bank(tmp_path / "bank_rejected.parquet").x.min()) == 1.0
+    assert read_bank(tmp_path / "bank_final.parquet").screened
+    assert json.loads((tmp_path / "bank_final.screen.json").read_text())["eta"] == base_bank.screening["eta"]

@@ -38,9 +38,11 @@ def test_refinement_fine_tunes_at_each_rounds_tilt_and_returns_the_refined_one(t
     quantiles = norm.ppf((np.arange(size) + 0.5) / size)
     cfg = load_config(None, ["threshold.refine_rounds=8", f"threshold.refine_size={size}"])
     tuned: list[Tilt] = []
+    dirs: list = []
 
     def finetune(out, tilt, init):
         tuned.append(tilt)
+        dirs.append(out)
         return {"eta": torch.tensor(tilt.eta, dtype=torch.float64)}
 
     start = Tilt(0.0, "right", 0.1, 2.0)
@@ -52,5 +54,6 @@ def test_refinement_fine_tunes_at_each_rounds_tilt_and_returns_the_refined_one(t
     assert [r["round"] for r in rounds] == list(range(1, 9))
     assert all(t == start.with_eta(t.eta) for t in tuned)  # only eta changes between rounds
     assert tilt == tuned[-1] and float(state["eta"]) == tilt.eta  # the state fine-tuned at the returned tilt
+    assert dirs[-1] == refinement.final_round_dir(tmp_path, rounds) == tmp_path / "refine" / "round-8"
     assert rounds[0]["eta"] == 0.0 and rounds[0]["tail_mass"] == pytest.approx(0.5, abs=1e-4)
     assert tilt.eta == pytest.approx(norm.ppf(0.9), abs=0.02)  # m(eta) = alpha at the 0.9-quantile

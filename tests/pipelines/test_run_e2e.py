@@ -194,6 +194,28 @@ def test_rerun_with_same_out_reuses_every_stage(runs, env):
     assert (out_dir / "bank_final.parquet").stat().st_mtime == mtime
 
 
+def test_a_model_the_evaluation_check_rejects_is_replaced_by_the_base_also_on_a_rerun(env):
+    """A fine-tuning wrecked by a step size 1,000 times the default (weighted solver: no running metric for the
+    in-training guard) ends below its base on the right tail: the base model is returned, the final bank is the
+    base bank, and a rerun reuses that decision and that bank instead of sampling the base model again."""
+    out_dir = env["root"] / "rejected"
+    args = ["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), "finetune.solver=weighted",
+            "finetune.lr=3", "finetune.steps=60", "bank.size=2000", "eval.size=1000", "sampler.steps=20", *LOCAL,
+            *env["common"]]
+    assert main(args) == 0
+    before = json.loads((out_dir / "summary.json").read_text())
+    check = before["guard"]["evaluation"]
+    assert before["guard"]["kept"] == "base" and check["worse"] and check["finetuned"] < check["base"]
+    assert before["finetuned"] == before["base"] and before["finetuned"]["n"] == 2000
+    assert len(read_bank(out_dir / "bank_rejected.parquet")) == 1000
+    assert (out_dir / "checkpoint" / "model_rejected.pt").is_file()
+    assert main(args) == 0
+    after = json.loads((out_dir / "summary.json").read_text())
+    final = after["stages"]["bank_final"]
+    assert (final["status"], final["sampled"], final["from_file"]) == ("reused", 0, 2000)
+    assert after["finetuned"] == before["finetuned"] and after["guard"] == before["guard"]
+
+
 def test_changed_config_in_same_out_is_refused(runs, env, capsys):
     out_dir, _ = runs["left"]
     args = ["run", str(ROOT / "tune_configs/toy2d_left.yaml"), "--out", str(out_dir), "objective.alpha=0.2", *SMOKE,

@@ -12,7 +12,7 @@ import torch
 from pipelines.bankio import Bank, read_bank
 from pipelines.config import ConfigError, load_config
 from pipelines.schema import ScreenConfig
-from pipelines.screen_stats import audit_statistics, covered
+from pipelines.screen_stats import audit_statistics, check_rows, covered
 from pipelines.screening import Journal, evaluate_screened, working_view
 from rewards.gaussian import noisy_identity, unrelated_score
 from tfft.objective import Tilt
@@ -142,6 +142,28 @@ def test_audit_statistics_keep_the_certified_tail_and_take_the_rest_from_the_aud
     assert covered(r, np.ones(n), side="right", level=0.05, cut=np.quantile(r, 0.9), tolerance=0.05)
 
 
+def test_the_evaluation_check_reads_the_certified_tail_where_it_covers_the_objective_else_the_audit(tmp_path):
+    """`pipelines.screen_stats.check_rows`: at alpha 0.05 the certified tail holds the objective's whole tail, and
+    the statistic of the working view is the full evaluation's to within its standard error; at alpha 0.5 it does
+    not, and the audit (800 rows) gives the statistic. The valid fraction always comes from the audit."""
+    n = 8000
+    screens = _screens(n, noisy_identity)
+    bank, result = _screened(tmp_path, screens, CountingPool())
+    bank = working_view(Bank(**{**bank.__dict__, "screening": {**result.record(), "certified": {"side": "right"}}}),
+                        "right")
+    reward, valid = bank.scored(None)
+    r = screens.x[:, 0]
+    for alpha, source in ((0.05, "certified tail"), (0.5, "audit")):
+        stat_rows, valid_rows, got = check_rows(bank, reward, valid, side="right", alpha=alpha, tolerance=0.05)
+        assert got == source and len(valid_rows[0]) == 800 == int(bank.audited.sum())
+        tilt = Tilt(0.0, "right", alpha, 1.0)
+        value, se = tilt.statistic(*stat_rows)
+        assert len(stat_rows[0]) == (n if source == "certified tail" else 800)
+        assert abs(value - tilt.statistic(r)[0]) < 3 * se
+    plain = _plain(np.arange(n), screens.x, r)
+    assert check_rows(plain, r, np.ones(n, dtype=bool), side="right", alpha=0.5, tolerance=0.05)[2] == "all"
+
+
 @pytest.mark.parametrize("override, key", [
     ("reward.screen.audit=0", "reward.screen.audit"),
     ("reward.screen.audit=1.5", "reward.screen.audit"),
@@ -228,6 +250,12 @@ def test_a_screened_run_records_its_accounting_and_matches_full_evaluation(scree
     assert "base.mean" in summary["screened_from_audit"] and "target.cvar_right.0.1" not in summary["screened_from_audit"]
     assert abs(summary["base"]["mean"] - r.mean()) < 0.15
     _assert_table_stars_the_audited_cells(summary)
+    # the evaluation check reads what each bank can give: the base bank's cut (certified for the tilted target)
+    # leaves part of its untilted 10% tail unscored, so its audit; the evaluation bank's certified tail
+    check = summary["guard"]["evaluation"]
+    assert check["rows"] == "base: audit; fine-tuned: certified tail" and not check["worse"]
+    for column in ("base", "finetuned"):
+        assert check[column] == pytest.approx(summary[column]["cvar_right"]["0.1"], abs=0.02), column
     first, rerun = summary["stages"], again["stages"]
     calls = screen["expensive_calls"]
     assert first["bank_base"]["status"] == "built" and (first["bank_base"]["sampled"], first["bank_base"]["shards"]) == (n, 2)
