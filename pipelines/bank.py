@@ -73,8 +73,10 @@ def build_bank(
     label: str,
     out_path: str | Path,
     log: Callable[[str], None] = print,
+    noise_key: str | None = None,
 ) -> tuple[Bank, StageRecord]:
-    """:func:`generate_bank` and its record: status ``reused`` (the file), ``resumed`` (shards stored before) or
+    """:func:`generate_bank` and its record (``noise_key``: each row's noise a function of (seed, key, id),
+    `pipelines.sampler_actor.row_noise`; None: of its batch): status ``reused`` (the file), ``resumed`` (shards stored before) or
     ``built``; counts ``samples``, ``sampled`` (drawn and scored in this call), ``from_cache`` (of those, rewards
     from the reward cache), ``from_shards`` (rows of shards stored by an earlier call), ``from_file`` (rows of
     the reused file), ``shards`` and ``shards_resumed``."""
@@ -103,7 +105,7 @@ def build_bank(
     if done:
         log(f"[bank {label}] resuming: {len(done)}/{n_shards} shards already stored")
     if todo:
-        _run_pools(cfg, model, label, shard_dir, [shard_ranges[k] + (k,) for k in todo], size, log)
+        _run_pools(cfg, model, label, shard_dir, [shard_ranges[k] + (k,) for k in todo], size, log, noise_key)
     shards = [read_bank(_shard_path(shard_dir, k)) for k in range(n_shards)]
     bank = concat_banks(shards)
     if conditions:
@@ -130,10 +132,11 @@ def _run_pools(
     shards: list[tuple[int, int, int]],
     size: int,
     log: Callable[[str], None],
+    noise_key: str | None = None,
 ) -> None:
     """Sample and score the ids of ``shards`` ((first id, end id, shard index) each) through the two pools,
     writing each shard as soon as all its rows are back."""
-    ds = _pipeline(cfg, model, label, shards, size)
+    ds = _pipeline(cfg, model, label, shards, size, noise_key)
     bounds = np.array([a for a, _, _ in shards] + [shards[-1][1]])
     pending: dict[int, list[dict[str, np.ndarray]]] = {k: [] for _, _, k in shards}
     filled: dict[int, int] = {k: 0 for _, _, k in shards}
@@ -157,7 +160,7 @@ def _run_pools(
 
 def _pipeline(
     cfg: Config, model: tuple[dict[str, Any], dict[str, torch.Tensor]], label: str,
-    shards: list[tuple[int, int, int]], size: int,
+    shards: list[tuple[int, int, int]], size: int, noise_key: str | None = None,
 ) -> Any:
     """The Ray Data pipeline: blocks of ids -> sampler pool (:class:`SamplerActor`) -> reward pool
     (`pipelines.reward_actor.RewardActor`)."""
@@ -185,6 +188,7 @@ def _pipeline(
         "dim": int(model[0]["dim"]),
         "use_gpu": sampler_pool.num_gpus > 0,
         "per_condition": size // len(conditions) if conditions else 0,
+        "noise_key": noise_key,
     }
     ds = ray.data.from_numpy(blocks)
     for actor, kwargs, pool, batch_size in ((SamplerActor, sampler, sampler_pool, block),

@@ -46,7 +46,8 @@ from pipelines.screen_stats import check_rows
 from pipelines.screening import record_path
 from tfft.objective import Tilt
 
-__all__ = ["EvaluationCheck", "check_evaluation", "objective_statistic", "apply_evaluation_check", "kept_base"]
+__all__ = ["EvaluationCheck", "check_evaluation", "objective_statistic", "validity_loss", "apply_evaluation_check",
+           "kept_base"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class EvaluationCheck:
     base_per_condition: tuple[float, ...] = ()
     finetuned_per_condition: tuple[float, ...] = ()
     rows: str = ""
+    paired_n: int = 0
+    difference_se: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +77,9 @@ class EvaluationCheck:
         over = f" (mean over {len(self.base_per_condition)} conditions)" if self.base_per_condition else ""
         text = (f"{self.statistic}{over} of the fine-tuned samples {self.finetuned:.4g} +- {self.finetuned_se:.2g} "
                 f"against the base model's {self.base:.4g} +- {self.base_se:.2g}")
+        if self.paired_n:
+            text += (f" (paired over {self.paired_n} samples with common noise: difference "
+                     f"{self.finetuned - self.base:+.3g} +- {self.difference_se:.2g})")
         if self.validity_worse:
             text += (f"; valid samples {100 * self.finetuned_validity:.1f}% against the base model's "
                      f"{100 * self.base_validity:.1f}%")
@@ -106,14 +112,23 @@ def check_evaluation(
     count = 0 if base_cond is None else int(max(np.max(base_cond, initial=-1), np.max(final_cond, initial=-1))) + 1
     base, base_se, base_per = objective_statistic(tilt, base_rewards, base_valid, base_cond, count)
     final, final_se, final_per = objective_statistic(tilt, final_rewards, final_valid, final_cond, count)
-    allowed = margin * math.hypot(base_se, final_se)
+    difference_se = math.hypot(base_se, final_se)
+    allowed = margin * difference_se
     stat_worse = bool(final < base - allowed) if all(map(math.isfinite, (base, final, allowed))) else False
-    (r0, v0), (r1, v1) = base_validity or (base_rewards, base_valid), final_validity or (final_rewards, final_valid)
+    p0, p1, validity_worse = validity_loss(base_validity or (base_rewards, base_valid),
+                                           final_validity or (final_rewards, final_valid), validity_drop)
+    return EvaluationCheck(tilt.name, base, base_se, final, final_se, stat_worse or validity_worse, p0, p1,
+                           validity_worse, margin, base_per, final_per, difference_se=difference_se)
+
+
+def validity_loss(base: tuple[np.ndarray, np.ndarray], final: tuple[np.ndarray, np.ndarray],
+                  validity_drop: float) -> tuple[float, float, bool]:
+    """(p0, p1, worse): the valid fractions of base and final (rewards, mask) rows, and whether p1 is below p0
+    by more than ``validity_drop`` plus two binomial standard errors of the difference."""
+    (r0, v0), (r1, v1) = base, final
     p0, p1 = _validity(r0, v0), _validity(r1, v1)
     se = math.hypot(math.sqrt(p0 * (1 - p0) / max(len(v0), 1)), math.sqrt(p1 * (1 - p1) / max(len(v1), 1)))
-    validity_worse = bool(p1 < p0 - validity_drop - 2.0 * se) if len(v1) else False
-    return EvaluationCheck(tilt.name, base, base_se, final, final_se, stat_worse or validity_worse, p0, p1,
-                           validity_worse, margin, base_per, final_per)
+    return p0, p1, bool(p1 < p0 - validity_drop - 2.0 * se) if len(v1) else False
 
 
 def objective_statistic(
@@ -142,6 +157,7 @@ def _validity(rewards: np.ndarray, valid: np.ndarray) -> float:
 def apply_evaluation_check(
     cfg: Config, out: Path, base_state: dict[str, torch.Tensor], base_bank: Bank, final_bank: Bank,
     tilt: Tilt, *, log: Callable[[str], None] = print, model_dir: Path | None = None,
+    check: EvaluationCheck | None = None,
 ) -> Bank:
     """Record :func:`check_evaluation` in the final model's checkpoint (``model_dir/checkpoint/model.pt``,
     ``model_dir`` = ``out`` unless threshold refinement's last round holds the final model) and act on it;
@@ -151,13 +167,14 @@ def apply_evaluation_check(
     ``out/bank_rejected.parquet``; ``checkpoint/model.pt`` then holds ``base_state`` and the final bank is the base
     bank itself (samples of the model kept). A rerun finds the decision made. A screened bank's statistic comes
     from its certified tail, or from its audit where that tail does not cover the objective's
-    (`pipelines.screen_stats.check_rows`; ``EvaluationCheck.rows`` says which).
+    (`pipelines.screen_stats.check_rows`; ``EvaluationCheck.rows`` says which). ``check``: a check already made
+    (the paired one, `pipelines.eval_paired.check_paired`) instead of :func:`check_evaluation` on the two banks.
     """
     model_path = (out if model_dir is None else model_dir) / "checkpoint" / "model.pt"
     rejected = model_path.with_name("model_rejected.pt")
     if rejected.is_file():
         return final_bank
-    check = _check(cfg, base_bank, final_bank, tilt)
+    check = check or _check(cfg, base_bank, final_bank, tilt)
     blob = torch.load(model_path, map_location="cpu", weights_only=True)
     guard = dict(blob.get("guard") or {})
     if guard.get("evaluation") == check.to_dict():

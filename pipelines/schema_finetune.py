@@ -80,7 +80,9 @@ class FinetuneConfig:
     ``guard_validity_drop`` below the base bank's, or when the metric stays below its start for
     ``guard_patience`` logged windows. After the evaluation the base model is kept when the fine-tuned samples'
     own statistic is below the base bank's by more than ``guard_eval_margin`` standard errors of the difference
-    (0: at all; ``pipelines.eval_guard``). The objective's KL is the path KL along the SDE, an upper bound of
+    (0: at all; ``pipelines.eval_guard``); with ``guard_paired_size`` N > 0 that check instead draws N samples
+    (per condition) of the base and of the fine-tuned model with common noise and compares them pairwise (a far
+    smaller standard error; N more reward calls for each model). The objective's KL is the path KL along the SDE, an upper bound of
     KL(p || q) that counts late-time velocity changes the samples barely feel; where that bound dominates
     (molecules), guard on pseudo_reward. Metrics every ``log_every`` steps; checkpoint every ``checkpoint_every``
     steps. Workers: ``num_workers`` (DDP), ``cpus_per_worker``, one GPU each when ``use_gpu``, plus custom
@@ -121,6 +123,7 @@ class FinetuneConfig:
     guard: bool = True
     guard_validity_drop: float = 0.05
     guard_eval_margin: float = 0.0
+    guard_paired_size: int = 0
     guard_patience: int = 5
     guard_metric: Literal["objective", "pseudo_reward"] = "objective"
     num_workers: int = 2

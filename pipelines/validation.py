@@ -96,6 +96,8 @@ def _check_finetune(ft: FinetuneConfig) -> None:
              f"must be in [0, 1], got {ft.guard_validity_drop}")
     _require(0 <= ft.guard_eval_margin <= 10, "finetune.guard_eval_margin",
              f"must be in [0, 10] standard errors (0: any measured loss keeps the base), got {ft.guard_eval_margin}")
+    _require(ft.guard_paired_size >= 0, "finetune.guard_paired_size",
+             f"must be >= 0 samples (0: the check compares the final bank with the base bank), got {ft.guard_paired_size}")
     _require(ft.guard_patience >= 0, "finetune.guard_patience", f"must be >= 0 (0: never), got {ft.guard_patience}")
     _require(0 < ft.late_fraction <= 1, "finetune.late_fraction", f"must be in (0, 1], got {ft.late_fraction}")
     _require(ft.n_early >= 0, "finetune.n_early", f"must be >= 0, got {ft.n_early}")
@@ -182,3 +184,5 @@ def _check_screen(cfg: Config) -> None:
              "screen out; use objective.kind=cvar or leave reward.screen.target empty")
     _require(cfg.objective.alpha < 1.0, "reward.screen.target",
              "is set but objective.alpha is 1 (the mean): every sample is in the tail; use alpha < 1 or no screen")
+    _require(cfg.finetune.guard_paired_size == 0, "finetune.guard_paired_size",
+             "is not supported with reward.screen (a screened bank scores only its tail and an audit); set it to 0")

@@ -176,23 +176,28 @@ class Tilt:
 
     # ------------------------------------------------------------------------- the objective's statistic
     def statistic(self, rewards: Any, valid: Any = None) -> tuple[float, float]:
-        """(value, standard error) of the objective's own statistic on the valid finite rewards: the mean, or
-        CVaR_alpha as the mean of its influence function phi_i = q + (r_i - q)_+ / alpha (right; left:
-        q - (q - r_i)_+ / alpha) at the empirical quantile q; NaN with fewer than two rewards."""
+        """(value, standard error) of the objective's own statistic on the valid finite rewards: the mean of its
+        influence function (:meth:`influence`), std / sqrt(n); NaN with fewer than two rewards."""
         r = np.asarray(rewards, dtype=np.float64).reshape(-1)
         keep = np.isfinite(r) if valid is None else np.asarray(valid, dtype=bool) & np.isfinite(r)
         r = r[keep]
         if r.size < 2:
             return math.nan, math.nan
-        if self.is_mean:
-            phi = r
-        elif self.side == "right":
-            q = float(np.quantile(r, 1.0 - self.alpha))
-            phi = q + np.maximum(r - q, 0.0) / self.alpha
-        else:
-            q = float(np.quantile(r, self.alpha))
-            phi = q - np.maximum(q - r, 0.0) / self.alpha
+        phi = self.influence(r)
         return float(phi.mean()), float(phi.std(ddof=1) / math.sqrt(phi.size))
+
+    def influence(self, rewards: Any) -> np.ndarray:
+        """phi (n,) of finite rewards (n,), whose mean is the objective's own statistic: the rewards for the mean,
+        for CVaR_alpha phi_i = q + (r_i - q)_+ / alpha (right; left: q - (q - r_i)_+ / alpha) at the empirical
+        quantile q."""
+        r = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if self.is_mean:
+            return r
+        if self.side == "right":
+            q = float(np.quantile(r, 1.0 - self.alpha))
+            return q + np.maximum(r - q, 0.0) / self.alpha
+        q = float(np.quantile(r, self.alpha))
+        return q - np.maximum(q - r, 0.0) / self.alpha
 
     # ------------------------------------------------------------------------------ threshold refinement
     def measure(self, rewards: Any) -> TailMeasurement:

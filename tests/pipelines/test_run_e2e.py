@@ -8,6 +8,7 @@ The session's shared local Ray (``local_ray``, conftest.py). The shipped configs
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from pipelines.bankio import read_bank
 from pipelines.cli import main
+from tfft.objective import Tilt
 from tfft.tail import cvar
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -214,6 +216,30 @@ def test_a_model_the_evaluation_check_rejects_is_replaced_by_the_base_also_on_a_
     final = after["stages"]["bank_final"]
     assert (final["status"], final["sampled"], final["from_file"]) == ("reused", 0, 2000)
     assert after["finetuned"] == before["finetuned"] and after["guard"] == before["guard"]
+
+
+def test_the_paired_check_reads_two_banks_of_common_noise(env):
+    """finetune.guard_paired_size: the check draws its own base and fine-tuned samples, row by row with one noise
+    (so each fine-tuned sample sits near its base sample), and compares them pairwise: the difference is the
+    mean paired difference of the influence functions, its error far below the unpaired one."""
+    out_dir = env["root"] / "paired"
+    args = ["run", str(ROOT / "tune_configs/toy2d_right.yaml"), "--out", str(out_dir), "finetune.solver=weighted",
+            "finetune.steps=100", "bank.size=2000", "eval.size=1000", "sampler.steps=20",
+            "finetune.guard_paired_size=500", *LOCAL, *env["common"]]
+    assert main(args) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    check = summary["guard"]["evaluation"]
+    base, tuned = (read_bank(out_dir / "guard" / f"check_{name}.parquet") for name in ("base", "finetuned"))
+    assert len(base) == len(tuned) == 500 and check["rows"] == "paired" and check["paired_n"] == 500
+    tilt = Tilt.from_dict({k: v for k, v in summary["objective"].items() if k != "kind"})
+    ob, of = np.argsort(base.ids), np.argsort(tuned.ids)
+    phi_b, phi_f = tilt.influence(base.reward[ob]), tilt.influence(tuned.reward[of])
+    assert check["finetuned"] - check["base"] == pytest.approx(float((phi_f - phi_b).mean()), abs=1e-9)
+    assert check["difference_se"] < 0.5 * math.hypot(check["base_se"], check["finetuned_se"])
+    paired_gap = np.linalg.norm(tuned.x[of] - base.x[ob], axis=1).mean()
+    independent = np.linalg.norm(tuned.x[of] - base.x[ob][::-1], axis=1).mean()
+    assert paired_gap < 0.3 * independent
+    assert summary["finetuned"]["n"] == (2000 if check["worse"] else 1000)  # the final bank only reports
 
 
 def test_changed_config_in_same_out_is_refused(runs, env, capsys):
