@@ -101,7 +101,8 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
         for s in summaries[name]:
             rows[label].append({"stats": s["finetuned"], "samples": s.get("samples", {}).get("finetuned", {}),
                                 "failures": s["failures"]["final"], "target": s["target"],
-                                "interval": s.get("target_interval")})
+                                "interval": s.get("target_interval"),
+                                "check": (s.get("guard") or {}).get("evaluation") or {}})
             if name == "mean":
                 rows["base"].append({"stats": s["base"], "samples": s.get("samples", {}).get("base", {}),
                                      "failures": s["failures"]["base"]})
@@ -116,6 +117,11 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
             "diversity_rmsd": float(entry["samples"].get("diversity_rmsd", float("nan"))),
             "target_r_cvar_0.1": float(entry["target"]["cvar_right"]["0.1"]) if "target" in entry else float("nan"),
             "target_l_cvar_0.1": float(entry["target"]["cvar_left"]["0.1"]) if "target" in entry else float("nan"),
+            # the evaluation check's fine-tuned minus base (paired: its own samples of common noise)
+            "check_difference": float(entry["check"]["finetuned"] - entry["check"]["base"])
+            if entry.get("check") else float("nan"),
+            "check_se": float(entry["check"].get("difference_se", float("nan"))) if entry.get("check") else float("nan"),
+            "check_paired": bool(entry.get("check", {}).get("paired_n")),
             **{f"target_{key}_{end}": float(entry["interval"][end][f"cvar_{side}"]["0.1"]) if entry.get("interval")
                else float("nan") for key, side in (("r_cvar_0.1", "right"), ("l_cvar_0.1", "left")) for end in ("lo", "hi")},
         }
@@ -133,6 +139,31 @@ def table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[s
     return lines, record
 
 
+def _check_text(check: dict[str, Any] | None) -> str:
+    """`, check +0.19 +- 0.03 (paired)`: the evaluation check's difference and its error ('' without a check)."""
+    if not check:
+        return ""
+    se = check.get("difference_se") or (check["base_se"] ** 2 + check["finetuned_se"] ** 2) ** 0.5
+    return f", check {check['finetuned'] - check['base']:+.2f} ± {se:.2f}{' (paired)' if check.get('paired_n') else ''}"
+
+
+def paired_versus(work: Path, seeds: list[int], config: str, other: str, side: str) -> tuple[float, float] | None:
+    """``config``'s model minus ``other``'s on the tail ``side`` at alpha 0.1, paired: each run's evaluation-check
+    samples of its fine-tuned model (``guard/check_finetuned.parquet``), drawn with one noise per row for every
+    run of a seed (`pipelines.eval_paired`). (mean over seeds, its standard error); None without those banks."""
+    from pipelines.bankio import read_bank
+    from pipelines.eval_paired import check_paired
+    from tfft.objective import Tilt
+
+    paths = [(work / f"{other}_seed{s}" / "guard" / "check_finetuned.parquet",
+              work / f"{config}_seed{s}" / "guard" / "check_finetuned.parquet") for s in seeds]
+    if not all(a.is_file() and b.is_file() for a, b in paths):
+        return None
+    checks = [check_paired(read_bank(a), read_bank(b), Tilt(0.0, side, 0.1, 1.0)) for a, b in paths]
+    diff = statistics.mean(c.finetuned - c.base for c in checks)
+    return diff, sum(c.difference_se ** 2 for c in checks) ** 0.5 / len(checks)
+
+
 def _gap_closed(own: float, base: float, target: float) -> float:
     """Fraction of the base-to-target gap closed: (own - base) / (target - base)."""
     return (own - base) / (target - base) if target != base else float("nan")
@@ -148,6 +179,15 @@ def claims(record: dict[str, Any]) -> list[str]:
         own, base, exp = m(model, key), m("base", key), m("expected reward", key)
         target, lo, hi = m(model, f"target_{key}"), m(model, f"target_{key}_lo"), m(model, f"target_{key}_hi")
         closed, closed_lo, closed_hi = (_gap_closed(own, base, t) for t in (target, hi, lo))
+        paired = [c for c in record[model] if c.get("check_paired")]
+        if paired and len(paired) == len(record[model]):
+            diff = statistics.mean(c["check_difference"] for c in paired)
+            se = sum(c["check_se"] ** 2 for c in paired) ** 0.5 / len(paired)
+            out.append(
+                f"- {model}, paired (the evaluation check's own samples, base and fine-tuned of common noise): "
+                f"fine-tuned minus base {diff:+.2f} ± {se:.2f} (mean over seeds, its standard error), "
+                f"{100 * diff / (target - base):.0f}% ± {100 * se / abs(target - base):.0f}% of the gap to the target "
+                f"(claim: >= 70%; the base side is the check's own base samples).")
         out.append(
             f"- {model} raises {side[0].upper()}-CVaR(0.1) above the base model: {'yes' if own > base else 'NO'} "
             f"({own:.2f} vs {base:.2f}); above the expected-reward model: {'yes' if own > exp else 'NO'} "
@@ -207,6 +247,12 @@ def main() -> None:
     summaries = {name: [_run(name, seed, work, overrides) for seed in args.seeds] for name in CONFIGS}
     lines, record = table(summaries)
     lines += ["", "Claims, on the means over seeds:", *claims(record)]
+    for config, side in (("right", "right"), ("left", "left")):
+        versus = paired_versus(work, args.seeds, config, "mean", side)
+        if versus is not None:
+            lines.append(f"- {config}-TFFT minus the expected-reward model on {side[0].upper()}-CVaR(0.1), paired (each "
+                         f"run's check samples of its fine-tuned model, one noise per seed): {versus[0]:+.2f} ± "
+                         f"{versus[1]:.2f} (mean over seeds, its standard error).")
     s0 = dict(summaries["right"][0], task_smiles=args.smiles or "CC(=O)N[C@@H](C)C(=O)NC")
     header = [
         f"# {(args.smiles and args.name) or 'Alanine dipeptide'} ({s0['task_smiles']}), GFN1-xTB energy"
@@ -234,10 +280,12 @@ def main() -> None:
             for seed, r, lf in zip(args.seeds, summaries["right"], summaries["left"])
         ),
         "",
-        "The guard's choice per run (kept state; early stop): "
+        "The guard's choice per run (kept state; early stop; the evaluation check's difference fine-tuned minus "
+        "base on the run's own statistic, with its standard error, paired when `finetune.guard_paired_size` is set): "
         + "; ".join(
             f"{name} seed {seed}: {(s.get('guard') or {}).get('kept', '?')}"
             + (f" (stopped: {s['guard']['stopped_early']})" if (s.get("guard") or {}).get("stopped_early") else "")
+            + _check_text((s.get("guard") or {}).get("evaluation"))
             for name in CONFIGS for seed, s in zip(args.seeds, summaries[name])
         ),
     ]
