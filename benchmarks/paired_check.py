@@ -7,7 +7,7 @@ with the same noise, on the molecule table's runs.
 The evaluation check (`pipelines.eval_guard`) compares the fine-tuned samples' own statistic S_f with the base
 bank's S_b, two independent samples: the standard error of S_f - S_b is sqrt(se_f^2 + se_b^2). If the base and
 the fine-tuned model drew their samples from the same start points and Brownian increments, each statistic is
-still the mean of its influence function phi (`tfft.objective.Tilt.statistic`), and the difference
+still the mean of its influence function phi (`tfft.objective.Tilt.influence`), and the difference
 mean(phi_f - phi_b) has the standard error std(phi_f - phi_b) / sqrt(n), small when the rewards of the two
 samples of one noise are correlated.
 
@@ -58,17 +58,6 @@ def _rewards(cfg: Any, x: Any) -> tuple[np.ndarray, np.ndarray]:
     return batch.rewards.double().numpy(), batch.valid.numpy().astype(bool)
 
 
-def _phi(tilt: Any, r: np.ndarray) -> np.ndarray:
-    """The influence function of the tilt's own statistic at the sample's own quantile (n,)."""
-    if tilt.is_mean:
-        return r
-    if tilt.side == "right":
-        q = float(np.quantile(r, 1.0 - tilt.alpha))
-        return q + np.maximum(r - q, 0.0) / tilt.alpha
-    q = float(np.quantile(r, tilt.alpha))
-    return q - np.maximum(q - r, 0.0) / tilt.alpha
-
-
 def paired(run: Path, n: int, seed: int) -> dict[str, Any]:
     """One run's comparison (module doc)."""
     import torch
@@ -88,7 +77,7 @@ def paired(run: Path, n: int, seed: int) -> dict[str, Any]:
     (rb, vb), (rf, vf) = _rewards(cfg, xb), _rewards(cfg, xf)
     both = vb & vf & np.isfinite(rb) & np.isfinite(rf)
     rb, rf = rb[both], rf[both]
-    pb, pf = _phi(tilt, rb), _phi(tilt, rf)
+    pb, pf = tilt.influence(rb), tilt.influence(rf)
     m = int(both.sum())
     unpaired = math.hypot(pb.std(ddof=1), pf.std(ddof=1)) / math.sqrt(m)
     return {"run": run.name, "n": m, "statistic": tilt.name, "base": float(pb.mean()), "finetuned": float(pf.mean()),

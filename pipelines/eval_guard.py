@@ -19,6 +19,9 @@ A screened bank (``reward.screen``) scored the expensive reward on its certified
 its statistic is exact from the working view when the certified tail covers the objective's alpha-tail, and
 otherwise comes from the audit; its valid fraction always comes from the audit (`pipelines.screen_stats.check_rows`).
 
+With ``finetune.guard_paired_size`` the evaluation stage makes the check on its own samples of both models, drawn
+with common noise and compared pairwise (`pipelines.eval_paired.check_paired`), and passes it here.
+
 The fine-tuned model is rejected when its statistic is below the base's by more than ``finetune.
 guard_eval_margin`` standard errors of the difference (default 0: below it at all, so that no run ends with a
 model measured worse than its base on its own statistic; 2: only a clear loss), or when its fraction of valid
