@@ -72,14 +72,13 @@ def collect(work: Path, seeds: list[int], log: Any = print) -> dict[str, list[di
             summary = json.loads((run / "summary.json").read_text())
             fresh = fresh_statistics(run, log)
             check = (summary.get("guard") or {}).get("evaluation") or {}
-            kept_base = (summary.get("guard") or {}).get("kept") == "base" and fresh["checkpoint"] != "model.pt"
+            kept_base = fresh["checkpoint"] == "model_rejected.pt"  # the evaluation check set the model aside
             out[config].append({
                 "seed": seed, "base": _own(summary["base"], config), "target": _own(summary["target"], config),
                 "fresh": _own(fresh["stats"], config), "fresh_stats": fresh["stats"],
                 "fresh_validity_pct": fresh["validity_pct"], "kept_base": kept_base,
                 "kept": _own(summary["base"] if kept_base else fresh["stats"], config),
                 "check": check.get("finetuned"), "reported": _own(summary["finetuned"], config),
-                "base_stats": summary["base"],
             })
     return out
 
@@ -158,8 +157,7 @@ def main() -> None:
     lines = header + report(runs)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(
-        {"seeds": args.seeds, "work": _shown(work), "runs": {c: [{k: v for k, v in r.items() if k != "base_stats"}
-                                                                 for r in runs[c]] for c in CONFIGS}}, indent=2))
+        {"seeds": args.seeds, "work": _shown(work), "runs": runs}, indent=2))
     print("\n".join(lines))
 
 

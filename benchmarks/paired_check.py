@@ -62,6 +62,7 @@ def paired(run: Path, n: int, seed: int) -> dict[str, Any]:
     """One run's comparison (module doc)."""
     import torch
 
+    from pipelines.eval_paired import paired_statistics
     from tfft.objective import Tilt
     from tfft.sampling import sample_sde
 
@@ -77,14 +78,12 @@ def paired(run: Path, n: int, seed: int) -> dict[str, Any]:
     (rb, vb), (rf, vf) = _rewards(cfg, xb), _rewards(cfg, xf)
     both = vb & vf & np.isfinite(rb) & np.isfinite(rf)
     rb, rf = rb[both], rf[both]
-    pb, pf = tilt.influence(rb), tilt.influence(rf)
-    m = int(both.sum())
-    unpaired = math.hypot(pb.std(ddof=1), pf.std(ddof=1)) / math.sqrt(m)
-    return {"run": run.name, "n": m, "statistic": tilt.name, "base": float(pb.mean()), "finetuned": float(pf.mean()),
-            "difference": float(pf.mean() - pb.mean()), "se_unpaired": unpaired,
-            "se_paired": float((pf - pb).std(ddof=1) / math.sqrt(m)), "reward_correlation": float(np.corrcoef(rb, rf)[0, 1]),
-            "tail_correlation": float(np.corrcoef(pb, pf)[0, 1]), "check_kept_base": (run / "checkpoint" / "model_rejected.pt").is_file(),
-            "seconds": time.time() - started}
+    (stat_b, se_b), (stat_f, se_f), (diff, se_d) = paired_statistics(tilt, rb, rf)  # the pipeline's paired check
+    return {"run": run.name, "n": int(both.sum()), "statistic": tilt.name, "base": stat_b, "finetuned": stat_f,
+            "difference": diff, "se_unpaired": math.hypot(se_b, se_f), "se_paired": se_d,
+            "reward_correlation": float(np.corrcoef(rb, rf)[0, 1]),
+            "tail_correlation": float(np.corrcoef(tilt.influence(rb), tilt.influence(rf))[0, 1]),
+            "check_kept_base": (run / "checkpoint" / "model_rejected.pt").is_file(), "seconds": time.time() - started}
 
 
 def main() -> None:

@@ -14,11 +14,12 @@ whole comparison runs R times in paired rounds: each round runs every variant af
 once, and each ratio is taken within its round; the tables give the median over rounds with the range. This
 machine's speed drifts by more than the effect measured (the same in-process loop took 27.1 s in one run and
 30.0 s in the next), so a ratio of a run and a loop timed minutes apart is not one number. With one round the
-in-process loop runs twice after the runs and the faster counts. Results go to ``benchmarks/results/train_overhead.{json,md}``; all times are from one run on one
-machine. Besides the config as it is, the same config also runs (unless switched off) on Ray Train with one
-worker holding every core (``finetune.num_workers=1``, ``finetune.cpus_per_worker`` = the cores; no DDP, one
-worker process to start) and with ``finetune.backend=local`` (the loop in the driver process, no worker group),
-and each fine-tuning stage is compared with the same in-process loop.
+in-process loop runs twice after the runs and the faster counts. Results go to
+``benchmarks/results/train_overhead.{json,md}``; all times are from one run on one machine. Besides the config
+as it is, the same config also runs (unless switched off) on Ray Train with one worker holding every core
+(``finetune.num_workers=1``, ``finetune.cpus_per_worker`` = the cores; no DDP, one worker process to start) and
+with ``finetune.backend=local`` (the loop in the driver process, no worker group), and each fine-tuning stage is
+compared with the same in-process loop.
 """
 
 from __future__ import annotations

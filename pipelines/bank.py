@@ -33,7 +33,7 @@ from pipelines.sampler_actor import SamplerActor
 from pipelines.schema import Config, PoolConfig
 from pipelines.stage_record import BUILT, RESUMED, REUSED, StageRecord
 
-__all__ = ["generate_bank", "build_bank", "pool_strategy", "remote_args"]
+__all__ = ["generate_bank", "build_bank", "reused_counts", "pool_strategy", "remote_args"]
 
 
 def pool_strategy(pool: PoolConfig) -> Any:
@@ -94,7 +94,7 @@ def build_bank(
         bank = read_bank(out_path)
         if len(bank) == size:
             log(f"[bank {label}] reusing {out_path} ({size} samples)")
-            counts = _counts(size, n_shards, sampled=0, from_cache=0, from_shards=0, from_file=size, resumed=0)
+            counts = reused_counts(bank, shard_size)
             bank = dataclasses.replace(bank, conditions=conditions) if conditions else bank
             return bank, StageRecord(REUSED, time.time() - started, counts)
     shard_dir = out_path.with_name(out_path.name + ".shards")
@@ -115,6 +115,18 @@ def build_bank(
                      from_cache=sum(int(shards[k].cached.sum()) for k in todo),
                      from_shards=sum(len(shards[k]) for k in done), from_file=0, resumed=len(done))
     return bank, StageRecord(RESUMED if done else BUILT, time.time() - started, counts)
+
+
+def reused_counts(bank: Bank, shard_size: int) -> dict[str, int]:
+    """The counts of a bank a stage reused whole (every row from the file, nothing sampled); a screened bank's
+    (its ``screening`` record) adds its expensive calls, all stored before (`pipelines.screening`)."""
+    n = len(bank)
+    counts: dict[str, int] = _counts(n, -(-n // shard_size), sampled=0, from_cache=0, from_shards=0, from_file=n,
+                                     resumed=0)
+    if bank.screening is not None:
+        calls = int(bank.screening["expensive_calls"])
+        counts.update(expensive_calls=calls, expensive_stored=calls, expensive_new=0)
+    return counts
 
 
 def _counts(size: int, n_shards: int, *, sampled: int, from_cache: int, from_shards: int, from_file: int,

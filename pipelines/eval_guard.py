@@ -49,8 +49,8 @@ from pipelines.screen_stats import check_rows
 from pipelines.screening import record_path
 from tfft.objective import Tilt
 
-__all__ = ["EvaluationCheck", "check_evaluation", "objective_statistic", "validity_loss", "apply_evaluation_check",
-           "kept_base"]
+__all__ = ["EvaluationCheck", "check_evaluation", "objective_statistic", "mean_over_conditions", "validity_loss",
+           "apply_evaluation_check", "kept_base"]
 
 
 @dataclass(frozen=True)
@@ -146,9 +146,13 @@ def objective_statistic(
         return value, se, ()
     cond = np.asarray(cond)
     per = [tilt.statistic(rewards[cond == c], valid[cond == c]) for c in range(count)]
-    value = float(np.mean([v for v, _ in per]))
-    se = float(math.sqrt(sum(e * e for _, e in per)) / count)
+    value, se = mean_over_conditions(per)
     return value, se, tuple(float(v) for v, _ in per)
+
+
+def mean_over_conditions(parts: list[tuple[float, float]]) -> tuple[float, float]:
+    """(S, se) of the mean of C independent (S_c, se_c): S = (1/C) sum_c S_c, se = sqrt(sum_c se_c^2) / C."""
+    return float(np.mean([v for v, _ in parts])), float(math.sqrt(sum(e * e for _, e in parts)) / len(parts))
 
 
 def _validity(rewards: np.ndarray, valid: np.ndarray) -> float:

@@ -23,10 +23,10 @@ import math
 import numpy as np
 
 from pipelines.bankio import Bank
-from pipelines.eval_guard import EvaluationCheck, validity_loss
+from pipelines.eval_guard import EvaluationCheck, mean_over_conditions, validity_loss
 from tfft.objective import Tilt
 
-__all__ = ["check_paired", "NOISE_KEY"]
+__all__ = ["check_paired", "paired_statistics", "NOISE_KEY"]
 
 NOISE_KEY = "guard-paired"  # the row-noise key both check banks share
 
@@ -47,22 +47,22 @@ def check_paired(
     both = vb & vf & np.isfinite(rb) & np.isfinite(rf)
     per_condition = base.cond is not None and not isinstance(tilt.eta, float)
     groups = [base.cond[ob] == c for c in range(int(base.cond.max()) + 1)] if per_condition else [np.ones_like(both)]
-    parts = [_paired(tilt, rb[g & both], rf[g & both]) for g in groups]
-    stat_b, stat_f = (float(np.mean([p[k] for p in parts])) for k in (0, 2))
-    se_b, se_f, se_d = (math.sqrt(sum(p[k] ** 2 for p in parts)) / len(parts) for k in (1, 3, 4))
-    stat_worse = bool(stat_f - stat_b < -margin * se_d) if all(map(math.isfinite, (stat_b, stat_f, se_d))) else False
+    parts = [paired_statistics(tilt, rb[g & both], rf[g & both]) for g in groups]
+    (stat_b, se_b), (stat_f, se_f), (diff, se_d) = (mean_over_conditions([p[k] for p in parts]) for k in range(3))
+    stat_worse = bool(diff < -margin * se_d) if all(map(math.isfinite, (diff, se_d))) else False
     p0, p1, validity_worse = validity_loss((rb, vb), (rf, vf), validity_drop)
-    per = (tuple(p[0] for p in parts), tuple(p[2] for p in parts)) if per_condition else ((), ())
+    per = (tuple(p[0][0] for p in parts), tuple(p[1][0] for p in parts)) if per_condition else ((), ())
     return EvaluationCheck(tilt.name, stat_b, se_b, stat_f, se_f, stat_worse or validity_worse, p0, p1, validity_worse,
                            margin, per[0], per[1], rows="paired", paired_n=int(both.sum()), difference_se=se_d)
 
 
-def _paired(tilt: Tilt, rb: np.ndarray, rf: np.ndarray) -> tuple[float, float, float, float, float]:
-    """(S_b, se_b, S_f, se_f, se(D)) of one group's paired rewards (m,) each; NaN with fewer than two pairs."""
+def paired_statistics(tilt: Tilt, rb: np.ndarray, rf: np.ndarray) -> tuple[tuple[float, float], ...]:
+    """((S_b, se_b), (S_f, se_f), (D, se(D))) of paired finite rewards rb, rf (m,) (row i of both drawn with one
+    noise): each statistic the mean of its influence function (`tfft.objective.Tilt.influence`), D = S_f - S_b the
+    mean of the paired differences, every error std / sqrt(m); NaN with fewer than two pairs."""
     m = rb.size
     if m < 2:
-        return (math.nan,) * 5
+        return ((math.nan, math.nan),) * 3
     pb, pf = tilt.influence(rb), tilt.influence(rf)
     root = math.sqrt(m)
-    return (float(pb.mean()), float(pb.std(ddof=1) / root), float(pf.mean()), float(pf.std(ddof=1) / root),
-            float((pf - pb).std(ddof=1) / root))
+    return tuple((float(phi.mean()), float(phi.std(ddof=1) / root)) for phi in (pb, pf, pf - pb))

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines.bank import build_bank
+from pipelines.bank import build_bank, reused_counts
 from pipelines.bankio import Bank, concat_banks, read_bank, write_atomic
 from pipelines.schema import Config, ScreenConfig
 from pipelines.stage_record import BUILT, RESUMED, REUSED, StageRecord
@@ -160,12 +160,8 @@ def screened_bank(
         bank = read_bank(out_path)
         if len(bank) == size and bank.screened:
             log(f"[bank {label}] reusing {out_path} ({size} samples, screened)")
-            info = json.loads(record.read_text())
-            calls = int(info["expensive_calls"])
-            counts = {"samples": size, "sampled": 0, "from_cache": 0, "from_shards": 0, "from_file": size,
-                      "shards": -(-size // cfg.bank.shard_size), "shards_resumed": 0, "expensive_calls": calls,
-                      "expensive_stored": calls, "expensive_new": 0}
-            return dataclasses.replace(bank, screening=info), StageRecord(REUSED, time.time() - started, counts)
+            bank = dataclasses.replace(bank, screening=json.loads(record.read_text()))
+            return bank, StageRecord(REUSED, time.time() - started, reused_counts(bank, cfg.bank.shard_size))
     sc, obj = cfg.reward.screen, cfg.objective
     screen_cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, target=sc.target, kwargs=dict(sc.kwargs)))
     screens, stage_one = build_bank(screen_cfg, model, size=size, label=label,

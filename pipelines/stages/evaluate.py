@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.bankio import Bank
+from pipelines.bank import build_bank, reused_counts
 from pipelines.conditions import condition_count
-from pipelines.bank import build_bank
 from pipelines.eval_guard import EvaluationCheck, apply_evaluation_check, kept_base
 from pipelines.eval_paired import NOISE_KEY, check_paired
 from pipelines.schema import Config
@@ -48,11 +48,7 @@ def evaluate(cfg: Config, out: Path, base: BaseStage, trained: TrainStage, *,
     started = time.time()
     if kept_base(trained.model_dir or out):
         log("[bank final] the evaluation check kept the base model: the final bank is the base bank")
-        counts = {"samples": len(base.bank), "sampled": 0, "from_cache": 0, "from_shards": 0,
-                  "from_file": len(base.bank)}
-        if base.bank.screening is not None:  # a screened bank's counts: no expensive call in this stage
-            calls = int(base.bank.screening["expensive_calls"])
-            counts.update(expensive_calls=calls, expensive_stored=calls, expensive_new=0)
+        counts = reused_counts(base.bank, cfg.bank.shard_size)
         return EvaluateStage(base.bank, StageRecord(REUSED, time.time() - started, counts))
     final_bank, record = bank_for(
         cfg, (base.model.config, trained.state), size=cfg.eval.size * condition_count(cfg), label="final",
